@@ -1,0 +1,263 @@
+"""Reads and writes of runs, batches and predictions.
+
+Writes of results are idempotent: a batch's rows go in with insert-or-ignore on
+(run_id, path) in one transaction that also marks the batch done and re-derives the run's
+counts, status and accuracies from ``predictions`` with SQL aggregates. A redelivered batch
+therefore never duplicates a row or skews a count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.models import Batch, Prediction, Run, utcnow
+
+PREDICTORS = ("l1", "l2", "sgd")
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def create_run(conn: Connection, model_id: int, source_dir: str, backend: str) -> int:
+    return conn.execute(
+        Run.__table__.insert()
+        .values(
+            model_id=model_id,
+            source_dir=source_dir,
+            backend=backend,
+            status="queued",
+            n_skipped=0,
+            n_scored=0,
+            n_failed=0,
+            created_at=utcnow(),
+        )
+        .returning(Run.__table__.c.id)
+    ).scalar_one()
+
+
+def record_batch(conn: Connection, run_id: int, seq: int, paths: Sequence[str], n_bytes: int):
+    conn.execute(
+        Batch.__table__.insert().values(
+            run_id=run_id,
+            seq=seq,
+            paths=list(paths),
+            n_images=len(paths),
+            n_bytes=n_bytes,
+            status="queued",
+            deliveries=0,
+            enqueued_at=utcnow(),
+        )
+    )
+
+
+def _insert_ignore(conn: Connection, table):
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=["run_id", "path"])
+
+
+def store_batch_results(
+    engine: Engine, run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
+    were new. One transaction: lock the run, insert-or-ignore, mark the batch, refresh the run.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        # Serialise result writes of one run so that every refresh sees every earlier commit.
+        locked = conn.execute(
+            select(Run.id).where(Run.id == run_id).with_for_update()
+        ).scalar_one_or_none()
+        if locked is None:
+            raise RunNotFound(f"run {run_id} does not exist")
+        inserted = 0
+        if rows:
+            full = [{"run_id": run_id, "batch_seq": batch_seq, "scored_at": now, **r} for r in rows]
+            result = conn.execute(_insert_ignore(conn, Prediction.__table__), full)
+            inserted = max(result.rowcount, 0)
+        conn.execute(
+            update(Batch)
+            .where(Batch.run_id == run_id, Batch.seq == batch_seq)
+            .values(status="done", finished_at=now)
+        )
+        refresh_run(conn, run_id)
+    return inserted
+
+
+def count_delivery(engine: Engine, run_id: int, batch_seq: int) -> int:
+    """Add one to a batch's delivery count (committed at once) and return the new count."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Batch)
+            .where(Batch.run_id == run_id, Batch.seq == batch_seq)
+            .values(deliveries=Batch.deliveries + 1)
+        )
+        return int(
+            conn.execute(
+                select(Batch.deliveries).where(Batch.run_id == run_id, Batch.seq == batch_seq)
+            ).scalar_one_or_none()
+            or 0
+        )
+
+
+def _correct(column) -> Any:
+    scored_labelled = and_(Prediction.error.is_(None), Prediction.label.is_not(None))
+    return func.avg(case((scored_labelled, case((column == Prediction.label, 1.0), else_=0.0))))
+
+
+def aggregate(conn: Connection, run_id: int) -> dict[str, Any]:
+    """Counts and accuracies of a run recomputed from its prediction rows."""
+    row = conn.execute(
+        select(
+            func.count().label("n_rows"),
+            func.coalesce(func.sum(case((Prediction.error.is_(None), 1), else_=0)), 0).label(
+                "n_scored"
+            ),
+            func.coalesce(func.sum(case((Prediction.error.is_not(None), 1), else_=0)), 0).label(
+                "n_failed"
+            ),
+            _correct(Prediction.pred_l1).label("accuracy_l1"),
+            _correct(Prediction.pred_l2).label("accuracy_l2"),
+            _correct(Prediction.pred_sgd).label("accuracy_sgd"),
+        ).where(Prediction.run_id == run_id)
+    ).one()
+    out = dict(row._mapping)
+    for key in ("accuracy_l1", "accuracy_l2", "accuracy_sgd"):
+        out[key] = None if out[key] is None else float(out[key])
+    out["n_scored"] = int(out["n_scored"])
+    out["n_failed"] = int(out["n_failed"])
+    return out
+
+
+def refresh_run(conn: Connection, run_id: int) -> str:
+    """Re-derive a run's counts, accuracies and status from its predictions; return status."""
+    run = conn.execute(
+        select(Run.status, Run.n_images, Run.started_at).where(Run.id == run_id)
+    ).one()
+    agg = aggregate(conn, run_id)
+    values: dict[str, Any] = {
+        "n_scored": agg["n_scored"],
+        "n_failed": agg["n_failed"],
+        "accuracy_l1": agg["accuracy_l1"],
+        "accuracy_l2": agg["accuracy_l2"],
+        "accuracy_sgd": agg["accuracy_sgd"],
+    }
+    status = run.status
+    if agg["n_rows"] and run.started_at is None:
+        values["started_at"] = utcnow()
+    if run.n_images is not None and agg["n_rows"] >= run.n_images:
+        if status != "done":
+            status = "done"
+            values["finished_at"] = utcnow()
+    elif agg["n_rows"] and status == "queued":
+        status = "running"
+    values["status"] = status
+    conn.execute(update(Run).where(Run.id == run_id).values(**values))
+    return status
+
+
+def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:
+    """The producer has sent every batch: fix the run's size and re-derive its status."""
+    with engine.begin() as conn:
+        conn.execute(select(Run.id).where(Run.id == run_id).with_for_update())
+        conn.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=utcnow())
+        )
+        return refresh_run(conn, run_id)
+
+
+def set_run_status(engine: Engine, run_id: int, status: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id).values(status=status))
+
+
+def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
+    row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().one_or_none()
+    if row is None:
+        raise RunNotFound(f"run {run_id} does not exist")
+    return dict(row)
+
+
+def latest_run_id(conn: Connection) -> int | None:
+    return conn.execute(select(func.max(Run.id))).scalar_one_or_none()
+
+
+def list_runs(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+    rows = conn.execute(select(Run.__table__).order_by(Run.id.desc()).limit(limit)).mappings()
+    return [dict(r) for r in rows]
+
+
+def unfinished_batches(conn: Connection, run_id: int) -> list[tuple[int, list[str]]]:
+    rows = conn.execute(
+        select(Batch.seq, Batch.paths)
+        .where(Batch.run_id == run_id, Batch.status == "queued")
+        .order_by(Batch.seq)
+    )
+    return [(int(seq), list(paths)) for seq, paths in rows]
+
+
+def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
+    for (paths,) in conn.execute(select(Batch.paths).where(Batch.run_id == run_id)):
+        yield from paths
+
+
+def next_batch_seq(conn: Connection, run_id: int) -> int:
+    top = conn.execute(select(func.max(Batch.seq)).where(Batch.run_id == run_id)).scalar()
+    return 0 if top is None else int(top) + 1
+
+
+def per_class(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """Accuracy of each predictor per labelled class, over scored images."""
+    rows = conn.execute(
+        select(
+            Prediction.label,
+            func.count().label("n"),
+            *[
+                func.avg(
+                    case((getattr(Prediction, f"pred_{p}") == Prediction.label, 1.0), else_=0.0)
+                ).label(f"accuracy_{p}")
+                for p in PREDICTORS
+            ],
+        )
+        .where(
+            Prediction.run_id == run_id,
+            Prediction.error.is_(None),
+            Prediction.label.is_not(None),
+        )
+        .group_by(Prediction.label)
+        .order_by(Prediction.label)
+    ).mappings()
+    return [{k: (float(v) if k.startswith("accuracy") else v) for k, v in r.items()} for r in rows]
+
+
+def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        select(Prediction.path, Prediction.error)
+        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
+        .order_by(Prediction.path)
+        .limit(limit)
+    )
+    return [(p, e) for p, e in rows]
+
+
+@dataclass(frozen=True)
+class Progress:
+    status: str
+    n_images: int | None
+    done: int
+
+
+def progress(conn: Connection, run_id: int) -> Progress:
+    row = conn.execute(
+        select(Run.status, Run.n_images, Run.n_scored, Run.n_failed).where(Run.id == run_id)
+    ).one_or_none()
+    if row is None:
+        raise RunNotFound(f"run {run_id} does not exist")
+    return Progress(row.status, row.n_images, int(row.n_scored) + int(row.n_failed))

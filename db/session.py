@@ -1,0 +1,113 @@
+"""Engines and sessions: SQLite tuned for several writing processes, PostgreSQL via psycopg 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from worker import defaults
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Any 64-bit number of our own: serialises schema upgrades of processes starting at once.
+_PG_MIGRATION_LOCK = 7_300_173_020_001
+
+
+class DatabaseURLError(ValueError):
+    pass
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL; bare ``postgresql://`` means the psycopg 3 driver."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise DatabaseURLError(f"not a database URL: {mask_url(url)}") from e
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with any password replaced by ``***``: the only form we ever print or log."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+        return parsed.render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def make_engine(url: str) -> Engine:
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    memory = parsed.database in (None, "", ":memory:")
+    if memory:
+        engine = create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        timeout = defaults.SQLITE_BUSY_TIMEOUT_MS / 1000
+        engine = create_engine(parsed, connect_args={"timeout": timeout})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+        # Let SQLAlchemy, not the driver, open transactions, so that we can make them IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={defaults.SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # pragma: no cover - trivial
+        # IMMEDIATE takes the write lock up front, where the busy timeout applies; a deferred
+        # transaction that upgrades to writing can fail at once with "database is locked".
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Create or migrate the schema to the newest Alembic revision (safe to run concurrently)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+_engines: dict[str, Engine] = {}
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process, with the schema brought up to date on first use."""
+    key = normalize_url(url).render_as_string(hide_password=False)
+    engine = _engines.get(key)
+    if engine is None:
+        engine = make_engine(url)
+        upgrade_schema(engine)
+        _engines[key] = engine
+    return engine
+
+
+def dispose_engines() -> None:
+    """Forget every engine (after a fork, or between tests)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,224 @@
+"""``producer``: train models, submit directories of images, read results back.
+
+Every command is a thin wrapper over plain functions in ``producer/``, ``worker/`` and ``db/``.
+Nothing here touches a database or a broker before its arguments have been checked, so
+``--help`` and usage errors need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.options import HELP, BadInput, database_option, echo_err
+from worker import defaults
+
+
+@click.group(context_settings=HELP, epilog="Run `producer COMMAND --help` for examples.")
+def cli() -> None:
+    """Score directories of small images with the ideal digits and an SGD linear model.
+
+    \b
+    Quick start (everything in this process, results in ./digitscore.db):
+      producer sample-data ./mnist
+      producer train ./mnist/train --valid ./mnist/valid
+      producer submit ./mnist/valid --wait
+      producer report latest
+
+    Set DIGITSCORE_BROKER_URL to send batches to `worker` processes instead, and
+    DIGITSCORE_DATABASE_URL (postgresql://...) to share results between hosts.
+    """
+
+
+@cli.command("sample-data")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--classes",
+    default="3,7",
+    show_default=True,
+    help="Digits to write, comma separated, or 'all' for 0-9.",
+)
+def sample_data_cmd(directory: Path, classes: str) -> None:
+    """Write the shipped real MNIST digits as 28x28 PNGs: DIRECTORY/{train,valid}/<digit>/.
+
+    A fixed 80/20 split of 500 digits per class; nothing is downloaded.
+
+    \b
+    Example:
+      producer sample-data ./mnist --classes all
+    """
+    from producer.sample_data import parse_classes, write_sample
+
+    try:
+        digits = parse_classes(classes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--classes") from None
+    with click.progressbar(length=500 * len(digits), label="writing PNGs", file=sys.stderr) as bar:
+        written = write_sample(directory, digits, on_file=lambda: bar.update(1))
+    click.echo(
+        f"wrote {written['train']} training and {written['valid']} validation images of "
+        f"digits {','.join(map(str, digits))} to {directory}"
+    )
+
+
+@cli.command("train")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--valid",
+    "valid_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Labelled folders to measure accuracy on; default: hold out part of DIRECTORY.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=defaults.EPOCHS, show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=defaults.LEARNING_RATE,
+    show_default=True,
+    help="SGD learning rate.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=defaults.TRAIN_BATCH_SIZE,
+    show_default=True,
+    help="SGD mini-batch size.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=defaults.SEED,
+    show_default=True,
+    help="Seed for initialisation, shuffling and the hold-out split.",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=defaults.HOLDOUT_FRACTION,
+    show_default=True,
+    help="Fraction held out for validation when --valid is not given.",
+)
+@database_option
+def train_cmd(
+    directory: Path,
+    valid_dir: Path | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    holdout: float,
+    engine: Any,
+) -> None:
+    """Train both models from class folders (DIRECTORY/3/*.png, DIRECTORY/7/*.png, ...).
+
+    The class of an image is its folder's name; any number (>= 2) of classes. Stores a new
+    model version and prints its id and validation accuracy for L1, L2 and SGD.
+
+    \b
+    Example:
+      producer train ./mnist/train --valid ./mnist/valid --epochs 20 --lr 0.5
+    """
+    from producer.files import DirectoryError
+    from producer.training import (
+        accuracies,
+        fit,
+        holdout_split,
+        load_labelled,
+        require_every_class,
+        subset,
+    )
+    from worker.model_store import TrainingRecord, save_classifier
+
+    try:
+        data = load_labelled(directory)
+        require_every_class(data, directory)
+        if valid_dir is not None:
+            train, valid = data, load_labelled(valid_dir, data.classes)
+        else:
+            train_idx, valid_idx = holdout_split(len(data.labels), holdout, seed)
+            train, valid = subset(data, train_idx), subset(data, valid_idx)
+            require_every_class(train, directory)
+    except DirectoryError as e:
+        raise BadInput(str(e)) from None
+    if data.n_unreadable:
+        echo_err(f"warning: {data.n_unreadable} file(s) in {directory} could not be used")
+    echo_err(
+        f"training on {len(train.labels)} images of classes {', '.join(data.classes)}; "
+        f"validating on {len(valid.labels)}"
+    )
+
+    def on_epoch(stats: Any) -> None:
+        echo_err(
+            f"  epoch {stats.epoch:>3}/{epochs}  loss {stats.loss:.4f}  "
+            f"train accuracy {stats.accuracy:.4f}"
+        )
+
+    clf = fit(train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch)
+    acc = accuracies(clf, valid)
+    record = TrainingRecord(
+        train_dir=str(directory.resolve()),
+        n_train=len(train.labels),
+        n_valid=len(valid.labels),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        accuracy_l1=acc["l1"],
+        accuracy_l2=acc["l2"],
+        accuracy_sgd=acc["sgd"],
+    )
+    with engine.begin() as conn:
+        model_id = save_classifier(conn, clf, record)
+    click.echo(f"model {model_id}")
+    click.echo(
+        f"validation accuracy on {len(valid.labels)} images:  "
+        f"L1 {acc['l1']:.4f}  L2 {acc['l2']:.4f}  SGD {acc['sgd']:.4f}"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@database_option
+def models_cmd(as_json: bool, engine: Any) -> None:
+    """List trained models, newest first.
+
+    \b
+    Example:
+      producer models --json
+    """
+    from producer.report import printable
+    from worker.model_store import list_models
+
+    with engine.connect() as conn:
+        rows = list_models(conn)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        click.echo("no models yet: run `producer train DIR`")
+        return
+    click.echo(
+        f"{'id':>4}  {'created':<19}  {'classes':<20}  {'train':>6}  "
+        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
+    )
+    for r in rows:
+        classes = ",".join(json.loads(r["classes"]))
+        click.echo(
+            f"{r['id']:>4}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {printable(classes)[:20]:<20}  "
+            f"{r['n_train']:>6}  {_pct(r['accuracy_l1']):>6}  {_pct(r['accuracy_l2']):>6}  "
+            f"{_pct(r['accuracy_sgd']):>6}  {printable(r['train_dir'])}"
+        )
+
+
+from producer.run_commands import report_cmd, resume_cmd, runs_cmd, status_cmd, submit_cmd  # noqa: E402
+
+for _command in (submit_cmd, resume_cmd, status_cmd, runs_cmd, report_cmd):
+    cli.add_command(_command)

@@ -1,0 +1,298 @@
+"""``producer submit``, ``resume``, ``status``, ``runs`` and ``report``: thin commands over
+producer.submit, producer.report and db.queries."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.options import (
+    HELP,
+    BadInput,
+    batch_options,
+    broker_option,
+    database_option,
+    echo_err,
+)
+from worker import defaults
+
+
+class RunArg(click.ParamType):
+    """A run id, or ``latest``."""
+
+    name = "RUN"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or str(value).lower() == "latest":
+            return value if isinstance(value, int) else "latest"
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a run id (a number, or 'latest')", param, ctx)
+
+
+def _run_id(conn: Any, run: int | str) -> int:
+    from db.queries import get_run, latest_run_id
+
+    if run == "latest":
+        found = latest_run_id(conn)
+        if found is None:
+            raise BadInput("no runs yet: run `producer submit DIR`")
+        return found
+    try:
+        get_run(conn, int(run))
+    except LookupError:
+        raise BadInput(f"run {run} does not exist: see `producer runs`") from None
+    return int(run)
+
+
+def _sender(engine: Any, broker_url: str | None, model_id: int) -> Any:
+    if broker_url:
+        from producer.queue import BrokerUnreachable, CelerySender
+
+        sender = CelerySender(broker_url)
+        try:
+            sender.check()
+        except BrokerUnreachable as e:
+            raise click.ClickException(str(e)) from None
+        return sender
+    from producer.submit import EmbeddedSender
+    from worker.model_store import load_classifier
+
+    with engine.connect() as conn:
+        clf = load_classifier(conn, model_id)
+    return EmbeddedSender(engine, clf)
+
+
+class Counter:
+    """Counts images sent and, on a terminal, shows it on one line of stderr."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.n = 0
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if self.tty:
+            rate = self.n / max(time.monotonic() - self.start, 1e-9)
+            click.echo(f"\r{self.label} {self.n:,} images ({rate:,.0f}/s)", err=True, nl=False)
+
+    def close(self) -> None:
+        if self.tty and self.n:
+            click.echo("", err=True)
+
+
+@click.command("submit", context_settings=HELP)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model_id", type=int, help="Model id to score with; default: newest.")
+@click.option("--wait", is_flag=True, help="Wait until the run is done, then print its report.")
+@batch_options
+@broker_option
+@database_option
+def submit_cmd(
+    directory: Path,
+    model_id: int | None,
+    wait: bool,
+    batch_size: int,
+    batch_bytes: int,
+    broker_url: str | None,
+    engine: Any,
+) -> None:
+    """Score every image below DIRECTORY (recursively) as a new run; prints the run id.
+
+    An image's label is its parent folder's name when that is one of the model's classes.
+    With no broker set, scores in this process; with one, enqueues stacked batches (image
+    bytes inline) for `worker` processes.
+
+    \b
+    Examples:
+      producer submit ./mnist/valid --wait
+      DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit ./images --model 3
+    """
+    from producer.files import DirectoryError, check_directory
+    from producer.submit import submit_directory
+    from worker.model_store import ModelNotFound, resolve_model_id
+
+    try:
+        check_directory(directory)
+    except DirectoryError as e:
+        raise BadInput(str(e)) from None
+    try:
+        with engine.connect() as conn:
+            model_id = resolve_model_id(conn, model_id)
+    except ModelNotFound as e:
+        raise BadInput(str(e)) from None
+    sender = _sender(engine, broker_url, model_id)
+    if sender.backend == "embedded":
+        echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
+    counter = Counter("sent" if sender.backend == "celery" else "scored")
+    try:
+        sub = submit_directory(
+            engine,
+            directory,
+            model_id,
+            sender,
+            batch_size=batch_size,
+            batch_bytes=batch_bytes,
+            on_run=lambda r: echo_err(f"run {r} created"),
+            on_batch=counter,
+        )
+    except DirectoryError as e:
+        raise BadInput(str(e)) from None
+    finally:
+        counter.close()
+    click.echo(
+        f"run {sub.run_id}: {sub.n_images} images in {sub.n_batches} batches "
+        f"({sub.n_skipped} other files skipped), status {sub.status}"
+    )
+    if wait:
+        _wait_and_report(engine, sub.run_id)
+
+
+def _wait_and_report(engine: Any, run_id: int) -> None:
+    from producer.progress import wait_for_run
+    from producer.report import build_report, format_report
+
+    try:
+        status = wait_for_run(engine, run_id)
+    except KeyboardInterrupt:
+        echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
+        sys.exit(130)
+    with engine.connect() as conn:
+        click.echo(format_report(build_report(conn, run_id)))
+    if status == "failed":
+        sys.exit(1)
+
+
+@click.command("resume", context_settings=HELP)
+@click.argument("run", type=RunArg())
+@click.option("--wait", is_flag=True, help="Wait until the run is done, then print its report.")
+@batch_options
+@broker_option
+@database_option
+def resume_cmd(
+    run: int | str,
+    wait: bool,
+    batch_size: int,
+    batch_bytes: int,
+    broker_url: str | None,
+    engine: Any,
+) -> None:
+    """Re-send the batches of RUN that have no results yet, and finish an interrupted walk.
+
+    Use it when the broker lost its queue (Redis restarted) or the producer died mid-submit.
+    Files are re-read from the run's source directory; nothing is scored twice into the
+    results.
+
+    \b
+    Example:
+      producer resume 12 --wait
+    """
+    from db.queries import get_run
+    from producer.files import DirectoryError
+    from producer.submit import resume_run
+
+    with engine.connect() as conn:
+        run_id = _run_id(conn, run)
+        model_id = get_run(conn, run_id)["model_id"]
+    sender = _sender(engine, broker_url, model_id)
+    try:
+        resent, sub = resume_run(
+            engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes
+        )
+    except DirectoryError as e:
+        raise BadInput(str(e)) from None
+    click.echo(
+        f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
+    )
+    if wait:
+        _wait_and_report(engine, run_id)
+
+
+@click.command("status", context_settings=HELP)
+@click.argument("run", type=RunArg())
+@database_option
+def status_cmd(run: int | str, engine: Any) -> None:
+    """One line on RUN: status and counts.
+
+    \b
+    Example:
+      producer status latest
+    """
+    from db.queries import get_run
+
+    with engine.connect() as conn:
+        r = get_run(conn, _run_id(conn, run))
+    total = "?" if r["n_images"] is None else r["n_images"]
+    click.echo(
+        f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
+        f"({r['n_scored']} scored, {r['n_failed']} failed)"
+    )
+
+
+@click.command("runs", context_settings=HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@database_option
+def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
+    """List runs, newest first.
+
+    \b
+    Example:
+      producer runs --limit 10
+    """
+    from db.queries import list_runs
+    from producer.report import printable
+
+    with engine.connect() as conn:
+        rows = list_runs(conn, limit)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        click.echo("no runs yet: run `producer submit DIR`")
+        return
+    click.echo(
+        f"{'id':>4}  {'status':<8}  {'model':>5}  {'images':>7}  {'failed':>6}  "
+        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
+    )
+    for r in rows:
+
+        def pct(v: float | None) -> str:
+            return "n/a" if v is None else f"{100 * v:.1f}%"
+
+        n = "?" if r["n_images"] is None else r["n_images"]
+        click.echo(
+            f"{r['id']:>4}  {r['status']:<8}  {r['model_id']:>5}  {n:>7}  {r['n_failed']:>6}  "
+            f"{pct(r['accuracy_l1']):>6}  {pct(r['accuracy_l2']):>6}  "
+            f"{pct(r['accuracy_sgd']):>6}  {printable(r['source_dir'])}"
+        )
+
+
+@click.command("report", context_settings=HELP)
+@click.argument("run", type=RunArg())
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@database_option
+def report_cmd(run: int | str, as_json: bool, engine: Any) -> None:
+    """Accuracy of L1, L2 and SGD on RUN, overall and per class; counts; failures.
+
+    \b
+    Examples:
+      producer report 1
+      producer report latest --json
+    """
+    from producer.report import build_report, format_report
+
+    with engine.connect() as conn:
+        report = build_report(conn, _run_id(conn, run))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_report(report))

@@ -1,0 +1,166 @@
+"""Submitting a directory as a run: walk, batch, record each batch, hand it to a sender.
+
+A sender either scores the batch in this process (the embedded default) or enqueues it for
+the Celery workers; both end in the same batch function, ``worker.batch.process_batch``.
+Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
+what was sent and re-send what has no results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import Engine
+
+from db import queries
+from producer.files import Batch, DirectoryError, DirectoryWalk, batches, check_directory, read_file
+from worker import defaults
+from worker.batch import process_batch
+from worker.classifier import Classifier
+
+
+class Sender(Protocol):
+    backend: str
+
+    def send(self, run_id: int, seq: int, model_id: int, batch: Batch) -> None: ...
+
+
+class EmbeddedSender:
+    """Scores each batch in this process, at once."""
+
+    backend = "embedded"
+
+    def __init__(self, engine: Engine, classifier: Classifier) -> None:
+        self.engine = engine
+        self.classifier = classifier
+
+    def send(self, run_id: int, seq: int, model_id: int, batch: Batch) -> None:
+        process_batch(
+            self.engine, self.classifier, run_id, seq, batch.paths, batch.blobs, batch.errors
+        )
+
+
+@dataclass(frozen=True)
+class Submission:
+    run_id: int
+    n_images: int
+    n_skipped: int
+    n_batches: int
+    status: str
+
+
+OnBatch = Callable[[int], None]  # called with the number of images just sent
+
+
+def submit_directory(
+    engine: Engine,
+    root: Path,
+    model_id: int,
+    sender: Sender,
+    *,
+    batch_size: int = defaults.BATCH_SIZE,
+    batch_bytes: int = defaults.BATCH_BYTES,
+    on_run: Callable[[int], None] | None = None,
+    on_batch: OnBatch | None = None,
+) -> Submission:
+    """Create a run for every image below ``root`` and send it in batches.
+
+    Raises :class:`DirectoryError` (and creates no run) when ``root`` is missing or holds no
+    image.
+    """
+    root = check_directory(root)
+    walk = DirectoryWalk(root)
+    stream = batches(walk, batch_size, batch_bytes)
+    first = next(stream, None)
+    if first is None:
+        suffixes = ", ".join(sorted(defaults.IMAGE_SUFFIXES))
+        raise DirectoryError(f"no images in {str(root)!r} (looked for files ending {suffixes})")
+    with engine.begin() as conn:
+        run_id = queries.create_run(conn, model_id, str(root), sender.backend)
+    if on_run is not None:
+        on_run(run_id)
+    n_batches = _send_all(engine, run_id, model_id, chain([first], stream), 0, sender, on_batch)
+    return _finish(engine, run_id, walk.n_skipped, n_batches)
+
+
+def _send_all(
+    engine: Engine,
+    run_id: int,
+    model_id: int,
+    stream: Iterable[Batch],
+    first_seq: int,
+    sender: Sender,
+    on_batch: OnBatch | None,
+) -> int:
+    seq = first_seq
+    for batch in stream:
+        with engine.begin() as conn:
+            queries.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
+        sender.send(run_id, seq, model_id, batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+        seq += 1
+    return seq - first_seq
+
+
+def _finish(engine: Engine, run_id: int, n_skipped: int, n_batches: int) -> Submission:
+    with engine.connect() as conn:
+        n_images = sum(1 for _ in queries.batch_paths(conn, run_id))
+    status = queries.finish_submission(engine, run_id, n_images, n_skipped)
+    return Submission(run_id, n_images, n_skipped, n_batches, status)
+
+
+def reread(root: Path, paths: Iterable[str]) -> Batch:
+    batch = Batch()
+    for rel in paths:
+        data, error = read_file(os.path.join(root, rel))
+        batch.add(rel, data, error)
+    return batch
+
+
+def _unsent(walk: Iterable[tuple[str, str]], sent: set[str]) -> Iterator[tuple[str, str]]:
+    return ((path, rel) for path, rel in walk if rel not in sent)
+
+
+def resume_run(
+    engine: Engine,
+    run_id: int,
+    sender: Sender,
+    *,
+    batch_size: int = defaults.BATCH_SIZE,
+    batch_bytes: int = defaults.BATCH_BYTES,
+    on_batch: OnBatch | None = None,
+) -> tuple[int, Submission]:
+    """Re-send every batch of a run that has no results yet, re-reading its files from the
+    run's source directory; if the producer died mid-walk, walk again and send the rest.
+    Returns the number of batches re-sent and the submission as it now stands."""
+    with engine.connect() as conn:
+        run = queries.get_run(conn, run_id)
+        pending = queries.unfinished_batches(conn, run_id)
+    root = Path(run["source_dir"])
+    if not root.is_dir():
+        raise DirectoryError(
+            f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
+        )
+    for seq, paths in pending:
+        batch = reread(root, paths)
+        sender.send(run_id, seq, run["model_id"], batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    n_skipped = run["n_skipped"]
+    if run["submitted_at"] is None:
+        with engine.connect() as conn:
+            sent = set(queries.batch_paths(conn, run_id))
+            first_seq = queries.next_batch_seq(conn, run_id)
+        walk = DirectoryWalk(root)
+        stream = batches(_unsent(walk, sent), batch_size, batch_bytes)
+        _send_all(engine, run_id, run["model_id"], stream, first_seq, sender, on_batch)
+        n_skipped = walk.n_skipped
+    with engine.connect() as conn:
+        n_batches = queries.next_batch_seq(conn, run_id)
+    return len(pending), _finish(engine, run_id, n_skipped, n_batches)

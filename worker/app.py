@@ -1,0 +1,46 @@
+"""The Celery application: Redis broker, msgpack only, at-least-once delivery.
+
+Configuration comes from ``DIGITSCORE_*`` env vars (see worker/defaults.py), read when the
+app is made, so the producer and every worker agree on them.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker import defaults
+
+TASK_NAME = "digitscore.score_batch"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+
+def make_app(broker_url: str | None = None) -> Celery:
+    broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, DEFAULT_BROKER)
+    timeout = defaults.visibility_timeout()
+    app = Celery("digitscore", broker=broker, set_as_current=False)
+    # The visibility timeout is read from the broker's and the result backend's transport
+    # options; we keep no results, but set both so no part of Celery falls back to 1 hour.
+    transport = {
+        "visibility_timeout": timeout,
+        "socket_connect_timeout": defaults.BROKER_CONNECT_TIMEOUT,
+        "socket_timeout": 30,
+    }
+    app.conf.update(
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack"],  # anything else (pickle!) is rejected and logged
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,  # ack after the rows are committed
+        task_reject_on_worker_lost=True,  # a killed worker's batch goes back to the queue
+        worker_prefetch_multiplier=1,
+        task_default_queue=defaults.QUEUE,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": timeout},
+        broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,  # for flower
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,65 @@
+"""The trained classifier a worker scores with: ideal digits plus a linear SGD model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """Everything needed to score a batch.
+
+    ``classes[k]`` names row ``k`` of ``ideals`` (``K x H x W``, pixel values 0-1) and column
+    ``k`` of ``weights`` (``H*W x K``); ``bias`` has ``K`` entries.
+    """
+
+    classes: tuple[str, ...]
+    ideals: torch.Tensor
+    weights: torch.Tensor
+    bias: torch.Tensor
+
+    @property
+    def height(self) -> int:
+        return int(self.ideals.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.ideals.shape[2])
+
+    def to(self, device: torch.device | str) -> Classifier:
+        return Classifier(
+            self.classes,
+            self.ideals.to(device),
+            self.weights.to(device),
+            self.bias.to(device),
+        )
+
+
+# Storage without pickle: float32 little-endian bytes plus the shape kept in plain columns.
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    array = np.frombuffer(data, dtype="<f4")
+    expected = int(np.prod(shape))
+    if array.size != expected:
+        raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
+    return torch.from_numpy(array.astype(np.float32).reshape(shape))
+
+
+def classes_to_json(classes: tuple[str, ...]) -> str:
+    return json.dumps(list(classes))
+
+
+def classes_from_json(text: str) -> tuple[str, ...]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ValueError("stored classes must be a JSON list of strings")
+    return tuple(value)

@@ -1,0 +1,73 @@
+"""Every default of digitscore in one place, with its unit and the env var that overrides it.
+
+A command-line flag and its ``DIGITSCORE_*`` env var are one setting: Click reads the env var
+through ``envvar=``; code that has no flags (the Celery app) reads it with :func:`setting`.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: SQLAlchemy URL of the results database (env ``DIGITSCORE_DATABASE_URL``).
+DATABASE_URL = "sqlite:///digitscore.db"
+DATABASE_URL_ENV = "DIGITSCORE_DATABASE_URL"
+
+#: Celery broker URL (env ``DIGITSCORE_BROKER_URL``). ``None``: score in this process.
+BROKER_URL: str | None = None
+BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
+
+#: Seconds a delivered, unacknowledged batch stays invisible before Redis hands it to
+#: another worker (env ``DIGITSCORE_VISIBILITY_TIMEOUT``). Must exceed the slowest batch.
+VISIBILITY_TIMEOUT = 600
+VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
+
+#: Celery queue the producer sends batches to and the workers consume.
+QUEUE = "digitscore"
+
+#: Most images in one batch (images).
+BATCH_SIZE = 512
+#: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
+BATCH_BYTES = 8 * 1024 * 1024
+#: Files larger than this are not read; they get an error row (bytes).
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+#: File name endings the producer treats as images; other files are skipped and counted.
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+
+#: Training defaults for the SGD model.
+EPOCHS = 20
+LEARNING_RATE = 0.5
+TRAIN_BATCH_SIZE = 256
+SEED = 42
+#: Fraction of the training images held out for validation when no ``--valid`` is given.
+HOLDOUT_FRACTION = 0.2
+
+#: Seconds between progress polls of ``submit --wait`` (seconds).
+POLL_INTERVAL = 0.5
+#: Seconds to wait for the broker before ``submit`` gives up (seconds).
+BROKER_CONNECT_TIMEOUT = 3.0
+#: Deliveries of one batch after which it is declared poison and its images get error rows.
+MAX_DELIVERIES = 3
+#: SQLite busy timeout (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def setting(env: str, default: str | None) -> str | None:
+    """The value of a ``DIGITSCORE_*`` env var, or ``default`` when it is unset or empty."""
+    value = os.environ.get(env, "").strip()
+    return value or default
+
+
+def visibility_timeout() -> int:
+    raw = setting(VISIBILITY_TIMEOUT_ENV, str(VISIBILITY_TIMEOUT))
+    try:
+        value = int(raw or VISIBILITY_TIMEOUT)
+    except ValueError as e:
+        raise ValueError(
+            f"{VISIBILITY_TIMEOUT_ENV}={raw!r} is not a whole number of seconds"
+        ) from e
+    if value <= 0:
+        raise ValueError(f"{VISIBILITY_TIMEOUT_ENV} must be a positive number of seconds")
+    return value

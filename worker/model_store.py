@@ -1,0 +1,93 @@
+"""Storing trained classifiers in the ``models`` table and loading them back, without pickle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from db.models import Model, utcnow
+from worker.classifier import (
+    Classifier,
+    classes_from_json,
+    classes_to_json,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+
+LOSS_NAME = "softmax_cross_entropy"
+
+
+class ModelNotFound(LookupError):
+    """No such model, or none trained yet; the message says to run ``producer train``."""
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    train_dir: str
+    n_train: int
+    n_valid: int
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    accuracy_l1: float | None
+    accuracy_l2: float | None
+    accuracy_sgd: float | None
+
+
+def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
+    return conn.execute(
+        Model.__table__.insert()
+        .values(
+            created_at=utcnow(),
+            classes=classes_to_json(clf.classes),
+            height=clf.height,
+            width=clf.width,
+            loss=LOSS_NAME,
+            ideal_images=tensor_to_bytes(clf.ideals),
+            sgd_weights=tensor_to_bytes(clf.weights),
+            sgd_bias=tensor_to_bytes(clf.bias),
+            **record.__dict__,
+        )
+        .returning(Model.__table__.c.id)
+    ).scalar_one()
+
+
+def resolve_model_id(conn: Connection, model_id: int | None) -> int:
+    """The given model id if it exists, else the newest model's id."""
+    if model_id is None:
+        newest = conn.execute(select(func.max(Model.id))).scalar_one_or_none()
+        if newest is None:
+            raise ModelNotFound("no model trained yet: run `producer train DIR` first")
+        return int(newest)
+    found = conn.execute(select(Model.id).where(Model.id == model_id)).scalar_one_or_none()
+    if found is None:
+        raise ModelNotFound(
+            f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
+        )
+    return model_id
+
+
+def load_classifier(conn: Connection, model_id: int) -> Classifier:
+    row = conn.execute(select(Model.__table__).where(Model.id == model_id)).mappings().first()
+    if row is None:
+        raise ModelNotFound(
+            f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
+        )
+    classes = classes_from_json(row["classes"])
+    k, h, w = len(classes), row["height"], row["width"]
+    return Classifier(
+        classes=classes,
+        ideals=tensor_from_bytes(row["ideal_images"], (k, h, w)),
+        weights=tensor_from_bytes(row["sgd_weights"], (h * w, k)),
+        bias=tensor_from_bytes(row["sgd_bias"], (k,)),
+    )
+
+
+def list_models(conn: Connection) -> list[dict[str, Any]]:
+    table = Model.__table__
+    cols = [c for c in table.c if c.name not in ("ideal_images", "sgd_weights", "sgd_bias")]
+    rows = conn.execute(select(*cols).order_by(Model.id.desc())).mappings()
+    return [dict(r) for r in rows]

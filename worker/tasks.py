@@ -1,0 +1,67 @@
+"""The Celery task: a thin wrapper over :func:`worker.batch.process_batch`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from db.session import dispose_engines, get_engine
+from worker import defaults
+from worker.app import TASK_NAME, make_app
+from worker.batch import process_batch
+from worker.classifier import Classifier
+from worker.devices import current_device
+from worker.model_store import load_classifier
+
+log = logging.getLogger("digitscore.worker")
+app = make_app()
+
+
+def database_url() -> str:
+    return defaults.setting(defaults.DATABASE_URL_ENV, defaults.DATABASE_URL) or ""
+
+
+@lru_cache(maxsize=8)
+def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
+    """Each process loads a model once, on first use, and keeps it by id."""
+    with get_engine(url).connect() as conn:
+        clf = load_classifier(conn, model_id)
+    log.info("loaded model %s onto %s", model_id, device)
+    return clf.to(device)
+
+
+@worker_process_init.connect
+def _on_process_start(**_kwargs) -> None:
+    # Connections must not cross a fork; CUDA is first touched here, in the pool process.
+    dispose_engines()
+    if current_device() == "cpu":
+        torch.set_num_threads(1)
+    log.info("worker process %s scores on %s", os.getpid(), current_device())
+
+
+@app.task(
+    name=TASK_NAME,
+    autoretry_for=(OperationalError,),  # the database is away: back off and try again
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def score_batch_task(
+    run_id: int,
+    seq: int,
+    model_id: int,
+    paths: list[str],
+    blobs: list[bytes | None],
+    errors: list[str | None],
+) -> int:
+    url = database_url()
+    device = current_device()
+    clf = cached_classifier(url, model_id, device)
+    return process_batch(
+        get_engine(url), clf, run_id, seq, paths, blobs, errors, torch.device(device)
+    )
