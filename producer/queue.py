@@ -44,6 +44,6 @@ class CelerySender:
         self.app.send_task(
             TASK_NAME,
             args=[run_id, seq, model_id, batch.paths, batch.blobs, batch.errors],
-            queue=defaults.QUEUE,
+            queue=defaults.queue(),
             serializer="msgpack",
         )

@@ -54,7 +54,7 @@ def write_sample(
     images, labels = load_digits()
     written = {"train": 0, "valid": 0}
     for digit in classes:
-        for part, idx in zip(("train", "valid"), split(labels, digit)):
+        for part, idx in zip(("train", "valid"), split(labels, digit), strict=True):
             folder = root / part / str(digit)
             folder.mkdir(parents=True, exist_ok=True)
             for i in idx:

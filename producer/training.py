@@ -75,7 +75,7 @@ def load_labelled(root: Path, classes: tuple[str, ...] | None = None) -> Labelle
 def require_every_class(data: LabelledImages, root: Path) -> None:
     """Training needs at least one image per class, or that class has no ideal image."""
     counts = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
-    empty = [c for c, n in zip(data.classes, counts) if n == 0]
+    empty = [c for c, n in zip(data.classes, counts, strict=True) if n == 0]
     if empty:
         raise DirectoryError(
             f"class folder(s) {', '.join(map(repr, empty))} of {str(root)!r} hold no readable "

@@ -24,7 +24,7 @@ def celery_command(spec: DeviceSpec, concurrency: int, extra: tuple[str, ...]) -
         "worker.tasks",
         "worker",
         "--queues",
-        defaults.QUEUE,
+        defaults.queue(),
         "--concurrency",
         str(concurrency),
         "--pool",

@@ -21,8 +21,10 @@ BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
 VISIBILITY_TIMEOUT = 600
 VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
 
-#: Celery queue the producer sends batches to and the workers consume.
+#: Celery queue the producer sends batches to and the workers consume
+#: (env ``DIGITSCORE_QUEUE``; separate fleets sharing one Redis use separate queues).
 QUEUE = "digitscore"
+QUEUE_ENV = "DIGITSCORE_QUEUE"
 
 #: Most images in one batch (images).
 BATCH_SIZE = 512
@@ -58,6 +60,10 @@ def setting(env: str, default: str | None) -> str | None:
     """The value of a ``DIGITSCORE_*`` env var, or ``default`` when it is unset or empty."""
     value = os.environ.get(env, "").strip()
     return value or default
+
+
+def queue() -> str:
+    return setting(QUEUE_ENV, QUEUE) or QUEUE
 
 
 def visibility_timeout() -> int:
