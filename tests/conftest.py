@@ -1,0 +1,198 @@
+"""Shared fixtures: real digit files, databases (in-memory SQLite, a fresh PostgreSQL database
+per session), Redis, and real ``worker`` processes.
+
+A test that needs a service skips when it is missing, except under CI (``CI=true``), where it
+fails: CI must never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from db.session import dispose_engines, make_engine, upgrade_schema
+from producer.cli import cli
+from producer.sample_data import write_sample
+from producer.training import LabelledImages, fit, load_labelled
+
+PG_ADMIN_URL = os.environ.get(
+    "DIGITSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def service_missing(what: str) -> None:
+    """Skip locally, fail under CI."""
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not available")
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines() -> Iterator[None]:
+    yield
+    dispose_engines()
+
+
+@pytest.fixture(autouse=True)
+def _no_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their own broker and database; the developer's shell must not leak in."""
+    for var in ("DIGITSCORE_BROKER_URL", "DIGITSCORE_DATABASE_URL", "DIGITSCORE_QUEUE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# ---------------------------------------------------------------- real digit files
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped 3s and 7s as PNG files: ``train/{3,7}/*.png`` (800), ``valid/...`` (200)."""
+    root = tmp_path_factory.mktemp("mnist")
+    write_sample(root, [3, 7])
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_data(sample_dir: Path) -> LabelledImages:
+    return load_labelled(sample_dir / "train")
+
+
+@pytest.fixture(scope="session")
+def valid_data(sample_dir: Path, train_data: LabelledImages) -> LabelledImages:
+    return load_labelled(sample_dir / "valid", train_data.classes)
+
+
+@pytest.fixture(scope="session")
+def classifier(train_data: LabelledImages):
+    return fit(train_data, epochs=20, lr=0.5, batch_size=256, seed=42)
+
+
+# ---------------------------------------------------------------- databases
+
+
+@pytest.fixture
+def memory_engine():
+    engine = make_engine("sqlite://")
+    upgrade_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'digitscore.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
+            pass
+    except Exception:
+        service_missing(f"PostgreSQL at {PG_ADMIN_URL}")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"digitscore_test_{uuid.uuid4().hex[:12]}"
+    admin = postgres_server.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_server.rpartition("/")
+    yield f"{base}/{name}"
+    dispose_engines()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'digitscore.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# ---------------------------------------------------------------- Redis and workers
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_BASE_URL, socket_connect_timeout=2).ping()
+    except Exception:
+        service_missing(f"Redis at {REDIS_BASE_URL}")
+    return REDIS_BASE_URL
+
+
+@pytest.fixture
+def broker_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A broker URL and a queue of this test's own, so tests never see each other's tasks."""
+    queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
+    env = {"DIGITSCORE_BROKER_URL": f"{redis_server}/9", "DIGITSCORE_QUEUE": queue}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield env
+    import redis
+
+    redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"]).delete(queue)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start real ``worker`` processes (the console script's code) with the given env."""
+    procs: list[subprocess.Popen] = []
+
+    def start(env: dict[str, str], *args: str, name: str = "w") -> subprocess.Popen:
+        log = open(tmp_path / f"worker-{name}-{len(procs)}.log", "wb")  # noqa: SIM115
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from worker.cli import main; main()", *args],
+            env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+        runner = CliRunner()
+        result = runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+        dispose_engines()
+        return result
+
+    return invoke

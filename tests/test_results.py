@@ -1,0 +1,87 @@
+"""Storing results: idempotent batches, accuracies that SQL recomputes, both databases."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from db import queries
+from db.session import get_engine
+from producer.submit import EmbeddedSender, submit_directory
+from worker.batch import label_for, process_batch
+from worker.model_store import TrainingRecord, load_classifier, save_classifier
+
+
+def save(engine, classifier) -> int:
+    record = TrainingRecord("train", 800, 200, 20, 0.5, 256, 42, 0.9, 0.9, 0.9)
+    with engine.begin() as conn:
+        return save_classifier(conn, classifier, record)
+
+
+RECOMPUTE = """
+SELECT
+  COUNT(*) FILTER (WHERE error IS NULL)                         AS n_scored,
+  COUNT(*) FILTER (WHERE error IS NOT NULL)                     AS n_failed,
+  AVG(CASE WHEN pred_l1 = label THEN 1.0 ELSE 0.0 END)
+      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_l1,
+  AVG(CASE WHEN pred_l2 = label THEN 1.0 ELSE 0.0 END)
+      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_l2,
+  AVG(CASE WHEN pred_sgd = label THEN 1.0 ELSE 0.0 END)
+      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_sgd
+FROM predictions WHERE run_id = :run
+"""
+
+
+def test_run_accuracy_columns_equal_sql_recomputation(any_db_url, sample_dir, classifier):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    (sample_dir / "valid" / "3" / "broken.png").write_bytes(b"not a png")
+    try:
+        sub = submit_directory(engine, sample_dir / "valid", model_id,
+                               EmbeddedSender(engine, classifier), batch_size=64)
+    finally:
+        (sample_dir / "valid" / "3" / "broken.png").unlink()
+    assert sub.status == "done" and sub.n_images == 201 and sub.n_batches == 4
+    with engine.connect() as conn:
+        run = queries.get_run(conn, sub.run_id)
+        sql = conn.execute(text(RECOMPUTE), {"run": sub.run_id}).mappings().one()
+        rows = conn.execute(text("SELECT COUNT(*) FROM predictions WHERE run_id = :r"),
+                            {"r": sub.run_id}).scalar()
+    assert rows == 201
+    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (200, 1)
+    for p in ("l1", "l2", "sgd"):
+        assert abs(run[f"accuracy_{p}"] - float(sql[f"accuracy_{p}"])) < 1e-9
+    assert run["accuracy_sgd"] >= 0.95
+
+
+def test_redelivered_batch_duplicates_nothing(memory_engine, classifier, sample_dir):
+    engine = memory_engine
+    model_id = save(engine, classifier)
+    files = sorted((sample_dir / "valid" / "7").glob("*.png"))[:10]
+    paths = [f"7/{f.name}" for f in files]
+    blobs = [f.read_bytes() for f in files]
+    with engine.begin() as conn:
+        run_id = queries.create_run(conn, model_id, str(sample_dir / "valid"), "embedded")
+        queries.record_batch(conn, run_id, 0, paths, sum(map(len, blobs)))
+    assert process_batch(engine, classifier, run_id, 0, paths, blobs) == 10
+    assert process_batch(engine, classifier, run_id, 0, paths, blobs) == 0  # redelivery
+    queries.finish_submission(engine, run_id, 10, 0)
+    with engine.connect() as conn:
+        run = queries.get_run(conn, run_id)
+        n = conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar()
+    assert n == 10
+    assert (run["status"], run["n_scored"], run["n_images"]) == ("done", 10, 10)
+
+
+def test_model_round_trips_through_the_database(memory_engine, classifier):
+    model_id = save(memory_engine, classifier)
+    with memory_engine.connect() as conn:
+        loaded = load_classifier(conn, model_id)
+    assert loaded.classes == classifier.classes
+    for name in ("ideals", "weights", "bias"):
+        assert (getattr(loaded, name) == getattr(classifier, name)).all()
+
+
+def test_label_is_parent_folder_only_when_it_is_a_class():
+    assert label_for("valid/3/a.png", ("3", "7")) == "3"
+    assert label_for("a.png", ("3", "7")) is None
+    assert label_for("3/x/a.png", ("3", "7")) is None
