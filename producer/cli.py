@@ -7,7 +7,6 @@ Nothing here touches a database or a broker before its arguments have been check
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -180,45 +179,8 @@ def train_cmd(
     )
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+from producer.report_commands import models_cmd, report_cmd, runs_cmd  # noqa: E402
+from producer.run_commands import resume_cmd, status_cmd, submit_cmd  # noqa: E402
 
-
-@cli.command("models")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-@database_option
-def models_cmd(as_json: bool, engine: Any) -> None:
-    """List trained models, newest first.
-
-    \b
-    Example:
-      producer models --json
-    """
-    from producer.report import printable
-    from worker.model_store import list_models
-
-    with engine.connect() as conn:
-        rows = list_models(conn)
-    if as_json:
-        click.echo(json.dumps(rows, default=str, indent=2))
-        return
-    if not rows:
-        click.echo("no models yet: run `producer train DIR`")
-        return
-    click.echo(
-        f"{'id':>4}  {'created':<19}  {'classes':<20}  {'train':>6}  "
-        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
-    )
-    for r in rows:
-        classes = ",".join(json.loads(r["classes"]))
-        click.echo(
-            f"{r['id']:>4}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {printable(classes)[:20]:<20}  "
-            f"{r['n_train']:>6}  {_pct(r['accuracy_l1']):>6}  {_pct(r['accuracy_l2']):>6}  "
-            f"{_pct(r['accuracy_sgd']):>6}  {printable(r['train_dir'])}"
-        )
-
-
-from producer.run_commands import report_cmd, resume_cmd, runs_cmd, status_cmd, submit_cmd  # noqa: E402
-
-for _command in (submit_cmd, resume_cmd, status_cmd, runs_cmd, report_cmd):
+for _command in (submit_cmd, resume_cmd, status_cmd, runs_cmd, report_cmd, models_cmd):
     cli.add_command(_command)

@@ -3,7 +3,6 @@ producer.submit, producer.report and db.queries."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ class RunArg(click.ParamType):
             self.fail(f"{value!r} is not a run id (a number, or 'latest')", param, ctx)
 
 
-def _run_id(conn: Any, run: int | str) -> int:
+def resolve_run(conn: Any, run: int | str) -> int:
     from db.queries import get_run, latest_run_id
 
     if run == "latest":
@@ -200,7 +199,7 @@ def resume_cmd(
     from producer.submit import resume_run
 
     with engine.connect() as conn:
-        run_id = _run_id(conn, run)
+        run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
     sender = _sender(engine, broker_url, model_id)
     try:
@@ -229,70 +228,9 @@ def status_cmd(run: int | str, engine: Any) -> None:
     from db.queries import get_run
 
     with engine.connect() as conn:
-        r = get_run(conn, _run_id(conn, run))
+        r = get_run(conn, resolve_run(conn, run))
     total = "?" if r["n_images"] is None else r["n_images"]
     click.echo(
         f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
         f"({r['n_scored']} scored, {r['n_failed']} failed)"
     )
-
-
-@click.command("runs", context_settings=HELP)
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-@database_option
-def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
-    """List runs, newest first.
-
-    \b
-    Example:
-      producer runs --limit 10
-    """
-    from db.queries import list_runs
-    from producer.report import printable
-
-    with engine.connect() as conn:
-        rows = list_runs(conn, limit)
-    if as_json:
-        click.echo(json.dumps(rows, default=str, indent=2))
-        return
-    if not rows:
-        click.echo("no runs yet: run `producer submit DIR`")
-        return
-    click.echo(
-        f"{'id':>4}  {'status':<8}  {'model':>5}  {'images':>7}  {'failed':>6}  "
-        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
-    )
-    for r in rows:
-
-        def pct(v: float | None) -> str:
-            return "n/a" if v is None else f"{100 * v:.1f}%"
-
-        n = "?" if r["n_images"] is None else r["n_images"]
-        click.echo(
-            f"{r['id']:>4}  {r['status']:<8}  {r['model_id']:>5}  {n:>7}  {r['n_failed']:>6}  "
-            f"{pct(r['accuracy_l1']):>6}  {pct(r['accuracy_l2']):>6}  "
-            f"{pct(r['accuracy_sgd']):>6}  {printable(r['source_dir'])}"
-        )
-
-
-@click.command("report", context_settings=HELP)
-@click.argument("run", type=RunArg())
-@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
-@database_option
-def report_cmd(run: int | str, as_json: bool, engine: Any) -> None:
-    """Accuracy of L1, L2 and SGD on RUN, overall and per class; counts; failures.
-
-    \b
-    Examples:
-      producer report 1
-      producer report latest --json
-    """
-    from producer.report import build_report, format_report
-
-    with engine.connect() as conn:
-        report = build_report(conn, _run_id(conn, run))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(format_report(report))

@@ -165,7 +165,10 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-c", "from worker.cli import main; main()", *args],
-            env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         proc.log_path = log.name  # type: ignore[attr-defined]
         procs.append(proc)

@@ -36,16 +36,22 @@ def test_run_accuracy_columns_equal_sql_recomputation(any_db_url, sample_dir, cl
     model_id = save(engine, classifier)
     (sample_dir / "valid" / "3" / "broken.png").write_bytes(b"not a png")
     try:
-        sub = submit_directory(engine, sample_dir / "valid", model_id,
-                               EmbeddedSender(engine, classifier), batch_size=64)
+        sub = submit_directory(
+            engine,
+            sample_dir / "valid",
+            model_id,
+            EmbeddedSender(engine, classifier),
+            batch_size=64,
+        )
     finally:
         (sample_dir / "valid" / "3" / "broken.png").unlink()
     assert sub.status == "done" and sub.n_images == 201 and sub.n_batches == 4
     with engine.connect() as conn:
         run = queries.get_run(conn, sub.run_id)
         sql = conn.execute(text(RECOMPUTE), {"run": sub.run_id}).mappings().one()
-        rows = conn.execute(text("SELECT COUNT(*) FROM predictions WHERE run_id = :r"),
-                            {"r": sub.run_id}).scalar()
+        rows = conn.execute(
+            text("SELECT COUNT(*) FROM predictions WHERE run_id = :r"), {"r": sub.run_id}
+        ).scalar()
     assert rows == 201
     assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (200, 1)
     for p in ("l1", "l2", "sgd"):
