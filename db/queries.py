@@ -78,8 +78,9 @@ def store_batch_results(
         inserted = 0
         if rows:
             full = [{"run_id": run_id, "batch_seq": batch_seq, "scored_at": now, **r} for r in rows]
-            result = conn.execute(_insert_ignore(conn, Prediction.__table__), full)
-            inserted = max(result.rowcount, 0)
+            table = Prediction.__table__
+            stmt = _insert_ignore(conn, table).returning(table.c.id)
+            inserted = len(conn.execute(stmt, full).all())  # only rows not already there
         conn.execute(
             update(Batch)
             .where(Batch.run_id == run_id, Batch.seq == batch_seq)

@@ -187,6 +187,20 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
             proc.wait()
 
 
+def wait_for_log(proc: subprocess.Popen, text: str, timeout: float = 60, count: int = 1) -> str:
+    """Wait until a started worker's log holds ``text`` (``count`` times); return the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+        if log.count(text) >= count:
+            return log
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode} before {text!r}:\n{log[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in the worker log after {timeout} s:\n{log[-3000:]}")
+        time.sleep(0.2)
+
+
 # ---------------------------------------------------------------- the CLI
 
 
