@@ -179,8 +179,23 @@ def train_cmd(
     )
 
 
-from producer.report_commands import models_cmd, report_cmd, runs_cmd  # noqa: E402
+from producer.report_commands import (  # noqa: E402
+    compare_cmd,
+    models_cmd,
+    report_cmd,
+    runs_cmd,
+    show_model_cmd,
+)
 from producer.run_commands import resume_cmd, status_cmd, submit_cmd  # noqa: E402
 
-for _command in (submit_cmd, resume_cmd, status_cmd, runs_cmd, report_cmd, models_cmd):
+for _command in (
+    submit_cmd,
+    resume_cmd,
+    status_cmd,
+    runs_cmd,
+    report_cmd,
+    models_cmd,
+    show_model_cmd,
+    compare_cmd,
+):
     cli.add_command(_command)

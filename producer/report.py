@@ -1,13 +1,26 @@
-"""Building a run's report from the database, as a dict (for --json) and as text."""
+"""Building a run's report from the database, as a dict (for --json) and as text.
+
+Accuracies per class and the confusion matrices come from the SQL views of migration 0002
+(``run_class_accuracy``, ``run_confusion``), so the report shows exactly what a user gets
+from ``SELECT ... FROM run_class_accuracy``.
+"""
 
 from __future__ import annotations
 
+import statistics
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, func, select
 
-from db import queries
+from db import queries, views
+from db.models import Batch, Prediction
+from producer.tables import format_table, pct, printable
+from worker.classifier import classes_from_json
+
+__all__ = ["build_report", "format_report", "printable"]
+
+NAMES = {"l1": "L1", "l2": "L2", "sgd": "SGD"}
 
 
 def _iso(value: Any) -> Any:
@@ -20,60 +33,171 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds()
 
 
-def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[str, Any]:
-    run = queries.get_run(conn, run_id)
-    elapsed = _seconds(run["created_at"], run["finished_at"])
-    done = run["n_scored"] + run["n_failed"]
+def _rate(n: int, seconds: float | None) -> float | None:
+    return n / seconds if seconds else None
+
+
+def _model_classes(conn: Connection, model_id: int) -> list[str]:
+    from db.models import Model
+
+    text = conn.execute(select(Model.classes).where(Model.id == model_id)).scalar_one()
+    return list(classes_from_json(text))
+
+
+def _batch_stats(conn: Connection, run_id: int) -> dict[str, Any]:
+    rows = conn.execute(
+        select(Batch.status, Batch.deliveries, Batch.enqueued_at, Batch.finished_at).where(
+            Batch.run_id == run_id
+        )
+    ).all()
+    latencies = [s for r in rows if (s := _seconds(r.enqueued_at, r.finished_at)) is not None]
     return {
-        "run": {k: _iso(v) for k, v in run.items()},
-        "accuracy": {p: run[f"accuracy_{p}"] for p in queries.PREDICTORS},
-        "per_class": queries.per_class(conn, run_id),
-        "failures": [
-            {"path": p, "error": e} for p, e in queries.failures(conn, run_id, max_failures)
-        ],
-        "seconds": elapsed,
-        "images_per_second": (done / elapsed) if elapsed else None,
+        "n_batches": len(rows),
+        "n_done": sum(r.status == "done" for r in rows),
+        "n_redelivered": sum((r.deliveries or 0) > 1 for r in rows),
+        "median_seconds": statistics.median(latencies) if latencies else None,
+        "max_seconds": max(latencies) if latencies else None,
     }
 
 
-def printable(text: str) -> str:
-    """A file name made safe for a terminal: control characters shown as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def _failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    n = func.count().label("n")
+    rows = conn.execute(
+        select(Prediction.error, n)
+        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
+        .group_by(Prediction.error)
+        .order_by(n.desc(), Prediction.error)
+    )
+    return [{"error": e, "n": int(k)} for e, k in rows]
 
 
-def _pct(value: float | None) -> str:
-    return "   n/a" if value is None else f"{100 * value:5.1f}%"
+def _confusion_matrix(cells: dict[str, dict[str, int]], classes: list[str]) -> list[list[int]]:
+    """Rows: true label, columns: predicted, both in ``classes`` order."""
+    return [[cells.get(label, {}).get(pred, 0) for pred in classes] for label in classes]
+
+
+def _timings(run: dict[str, Any]) -> dict[str, Any]:
+    """Seconds between the run's timestamps; throughput is over the whole run."""
+    total = _seconds(run["created_at"], run["finished_at"])
+    return {
+        "sending_seconds": _seconds(run["created_at"], run["submitted_at"]),
+        "first_result_seconds": _seconds(run["created_at"], run["started_at"]),
+        "first_to_last_result_seconds": _seconds(run["started_at"], run["finished_at"]),
+        "total_seconds": total,
+        "images_per_second": _rate(run["n_scored"] + run["n_failed"], total),
+    }
+
+
+def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[str, Any]:
+    run = queries.get_run(conn, run_id)
+    classes = _model_classes(conn, run["model_id"])
+    per_predictor_class = views.class_accuracy(conn, run_id)
+    confusion = views.confusion(conn, run_id)
+    labels = sorted({r["label"] for r in per_predictor_class}, key=_class_order(classes))
+    per_class = []
+    for label in labels:
+        row: dict[str, Any] = {"label": label}
+        for r in per_predictor_class:
+            if r["label"] == label:
+                row["n"] = r["n_images"]
+                row[f"accuracy_{r['predictor']}"] = r["accuracy"]
+        per_class.append(row)
+    overall = {r["predictor"]: r for r in views.run_accuracy(conn, run_id)}
+    predictors = {
+        p: {
+            "accuracy": run[f"accuracy_{p}"],
+            "n_images": overall[p]["n_images"] if p in overall else 0,
+            "n_correct": overall[p]["n_correct"] if p in overall else 0,
+            "confusion": _confusion_matrix(confusion.get(p, {}), classes),
+        }
+        for p in queries.PREDICTORS
+    }
+    timings = _timings(run)
+    n_labelled = predictors["sgd"]["n_images"]
+    return {
+        "run": {k: _iso(v) for k, v in run.items()},
+        "classes": classes,
+        "accuracy": {p: run[f"accuracy_{p}"] for p in queries.PREDICTORS},
+        "per_class": per_class,
+        "predictors": predictors,
+        "counts": {
+            "images": run["n_images"],
+            "scored": run["n_scored"],
+            "failed": run["n_failed"],
+            "skipped": run["n_skipped"],
+            "labelled": n_labelled,
+            "unlabelled": run["n_scored"] - n_labelled,
+        },
+        "timings": timings,
+        "batches": _batch_stats(conn, run_id),
+        "failure_reasons": _failure_reasons(conn, run_id),
+        "failures": [
+            {"path": p, "error": e} for p, e in queries.failures(conn, run_id, max_failures)
+        ],
+        "seconds": timings["total_seconds"],
+        "images_per_second": timings["images_per_second"],
+    }
+
+
+def _class_order(classes: list[str]) -> Any:
+    index = {c: i for i, c in enumerate(classes)}
+    return lambda label: (index.get(label, len(index)), label)
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _per_s(value: float | None) -> str:
+    return "" if value is None else f" ({value:,.0f} images/s)"
+
+
+def format_confusion(classes: list[str], matrix: list[list[int]]) -> str:
+    headers = ["label \\ predicted", *classes]
+    rows = [[label, *counts] for label, counts in zip(classes, matrix, strict=True)]
+    return format_table(headers, rows, "l" + "r" * len(classes))
 
 
 def format_report(report: dict[str, Any]) -> str:
-    run = report["run"]
+    run, counts, t, b = report["run"], report["counts"], report["timings"], report["batches"]
     lines = [
         f"run {run['id']}  status {run['status']}  model {run['model_id']}  "
         f"backend {run['backend']}",
         f"source     {printable(run['source_dir'])}",
-        f"images     {run['n_images'] if run['n_images'] is not None else '?'}  "
-        f"scored {run['n_scored']}  failed {run['n_failed']}  skipped (not images) "
-        f"{run['n_skipped']}",
+        f"images     {counts['images'] if counts['images'] is not None else '?'}  "
+        f"scored {counts['scored']}  failed {counts['failed']}  skipped (not images) "
+        f"{counts['skipped']}  labelled {counts['labelled']}",
     ]
-    if report["seconds"] is not None:
-        rate = report["images_per_second"] or 0.0
-        lines.append(f"time       {report['seconds']:.2f} s  ({rate:,.0f} images/s)")
-    lines.append("")
-    lines.append(f"{'class':<12}{'images':>8}{'L1':>9}{'L2':>9}{'SGD':>9}")
-    for row in report["per_class"]:
-        lines.append(
-            f"{printable(str(row['label'])):<12}{row['n']:>8}{_pct(row['accuracy_l1']):>9}"
-            f"{_pct(row['accuracy_l2']):>9}{_pct(row['accuracy_sgd']):>9}"
-        )
-    acc = report["accuracy"]
-    n_labelled = sum(r["n"] for r in report["per_class"])
+    if t["total_seconds"] is not None:
+        lines.append(f"time       {_secs(t['total_seconds'])}{_per_s(t['images_per_second'])}")
     lines.append(
-        f"{'overall':<12}{n_labelled:>8}{_pct(acc['l1']):>9}{_pct(acc['l2']):>9}"
-        f"{_pct(acc['sgd']):>9}"
+        f"phases     sending {_secs(t['sending_seconds'])}, first result after "
+        f"{_secs(t['first_result_seconds'])}, first to last result "
+        f"{_secs(t['first_to_last_result_seconds'])}"
     )
+    lines.append(
+        f"batches    {b['n_batches']} ({b['n_done']} done, {b['n_redelivered']} redelivered); "
+        f"sent to stored: median {_secs(b['median_seconds'])}, max {_secs(b['max_seconds'])}"
+    )
+    lines.append("")
+    rows: list[list[Any]] = [
+        [row["label"], row["n"], *(pct(row.get(f"accuracy_{p}")) for p in NAMES)]
+        for row in report["per_class"]
+    ]
+    acc = report["accuracy"]
+    rows.append(["overall", counts["labelled"], *(pct(acc[p]) for p in NAMES)])
+    lines.append(format_table(["class", "images", *NAMES.values()], rows, "lrrrr"))
+    if counts["labelled"]:
+        for p, name in NAMES.items():
+            lines.append("")
+            lines.append(f"confusion matrix, {name} (rows: label, columns: predicted)")
+            lines.append(format_confusion(report["classes"], report["predictors"][p]["confusion"]))
     if report["failures"]:
         lines.append("")
-        lines.append(f"failures (first {len(report['failures'])}):")
+        lines.append(f"failures (first {len(report['failures'])} of {counts['failed']}):")
         for f in report["failures"]:
             lines.append(f"  {printable(f['path'])}: {printable(f['error'])}")
+        lines.append("failure reasons:")
+        reasons = [[r["n"], r["error"]] for r in report["failure_reasons"]]
+        lines.append(format_table(["n", "error"], reasons, "rl"))
     return "\n".join(lines)

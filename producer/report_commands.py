@@ -1,18 +1,24 @@
-"""Commands that read results back: ``runs``, ``report`` and ``models``."""
+"""Commands that read results back: ``runs``, ``report``, ``models``, ``show-model`` and
+``compare``: thin wrappers over producer.report, producer.html_report, producer.pictures and
+producer.compare."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
-from producer.options import HELP, database_option
+from producer.options import HELP, BadInput, database_option
 from producer.run_commands import RunArg, resolve_run
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise BadInput(f"cannot write {str(path)!r}: {e.strerror}; choose another file") from None
 
 
 @click.command("models", context_settings=HELP)
@@ -25,7 +31,7 @@ def models_cmd(as_json: bool, engine: Any) -> None:
     Example:
       producer models --json
     """
-    from producer.report import printable
+    from producer.tables import format_table, pct
     from worker.model_store import list_models
 
     with engine.connect() as conn:
@@ -36,17 +42,21 @@ def models_cmd(as_json: bool, engine: Any) -> None:
     if not rows:
         click.echo("no models yet: run `producer train DIR`")
         return
-    click.echo(
-        f"{'id':>4}  {'created':<19}  {'classes':<20}  {'train':>6}  "
-        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
-    )
-    for r in rows:
-        classes = ",".join(json.loads(r["classes"]))
-        click.echo(
-            f"{r['id']:>4}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {printable(classes)[:20]:<20}  "
-            f"{r['n_train']:>6}  {_pct(r['accuracy_l1']):>6}  {_pct(r['accuracy_l2']):>6}  "
-            f"{_pct(r['accuracy_sgd']):>6}  {printable(r['train_dir'])}"
-        )
+    table = [
+        [
+            r["id"],
+            f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
+            ",".join(json.loads(r["classes"])),
+            r["n_train"],
+            pct(r["accuracy_l1"]),
+            pct(r["accuracy_l2"]),
+            pct(r["accuracy_sgd"]),
+            r["train_dir"],
+        ]
+        for r in rows
+    ]
+    headers = ["id", "created", "classes", "train", "L1", "L2", "SGD", "source"]
+    click.echo(format_table(headers, table, "rllrrrrl"))
 
 
 @click.command("runs", context_settings=HELP)
@@ -61,7 +71,7 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
       producer runs --limit 10
     """
     from db.queries import list_runs
-    from producer.report import printable
+    from producer.tables import format_table, pct
 
     with engine.connect() as conn:
         rows = list_runs(conn, limit)
@@ -71,40 +81,156 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     if not rows:
         click.echo("no runs yet: run `producer submit DIR`")
         return
-    click.echo(
-        f"{'id':>4}  {'status':<8}  {'model':>5}  {'images':>7}  {'failed':>6}  "
-        f"{'L1':>6}  {'L2':>6}  {'SGD':>6}  source"
-    )
-    for r in rows:
-
-        def pct(v: float | None) -> str:
-            return "n/a" if v is None else f"{100 * v:.1f}%"
-
-        n = "?" if r["n_images"] is None else r["n_images"]
-        click.echo(
-            f"{r['id']:>4}  {r['status']:<8}  {r['model_id']:>5}  {n:>7}  {r['n_failed']:>6}  "
-            f"{pct(r['accuracy_l1']):>6}  {pct(r['accuracy_l2']):>6}  "
-            f"{pct(r['accuracy_sgd']):>6}  {printable(r['source_dir'])}"
-        )
+    table = [
+        [
+            r["id"],
+            r["status"],
+            r["model_id"],
+            "?" if r["n_images"] is None else r["n_images"],
+            r["n_failed"],
+            pct(r["accuracy_l1"]),
+            pct(r["accuracy_l2"]),
+            pct(r["accuracy_sgd"]),
+            r["source_dir"],
+        ]
+        for r in rows
+    ]
+    headers = ["id", "status", "model", "images", "failed", "L1", "L2", "SGD", "source"]
+    click.echo(format_table(headers, table, "rlrrrrrrl"))
 
 
 @click.command("report", context_settings=HELP)
 @click.argument("run", type=RunArg())
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write a self-contained HTML page (pictures, tables, mistakes) to this file.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=0),
+    default=24,
+    show_default=True,
+    help="Misclassified images shown per predictor in the HTML page.",
+)
 @database_option
-def report_cmd(run: int | str, as_json: bool, engine: Any) -> None:
-    """Accuracy of L1, L2 and SGD on RUN, overall and per class; counts; failures.
+def report_cmd(
+    run: int | str, as_json: bool, html_file: Path | None, max_images: int, engine: Any
+) -> None:
+    """Accuracy of L1, L2 and SGD on RUN, overall and per class; confusion matrices;
+    counts, timings and throughput; failures.
+
+    With --html FILE, also writes one HTML page that needs no network to view: the model's
+    ideal images and SGD weight maps, the tables, the most confidently misclassified images
+    (re-read from the run's source directory) and the failures.
 
     \b
     Examples:
       producer report 1
       producer report latest --json
+      producer report latest --html run.html
     """
     from producer.report import build_report, format_report
 
     with engine.connect() as conn:
-        report = build_report(conn, resolve_run(conn, run))
+        run_id = resolve_run(conn, run)
+        report = build_report(conn, run_id)
+        if html_file is not None:
+            from producer.html_report import build_html
+
+            page = build_html(conn, run_id, mistakes_per_predictor=max_images)
+            _write(html_file, page.encode("utf-8"))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_report(report))
+    if html_file is not None:
+        click.echo(f"wrote {html_file}", err=True)
+
+
+@click.command("show-model", context_settings=HELP)
+@click.argument("model_id", metavar="[ID]", type=int, required=False)
+@click.option(
+    "--png",
+    "png_file",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Draw the ideal images and SGD weight maps into this PNG file.",
+)
+@click.option(
+    "--scale", type=click.IntRange(1, 16), default=4, show_default=True, help="Pixels per pixel."
+)
+@database_option
+def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engine: Any) -> None:
+    """Describe model ID (default: the newest) and, with --png, draw it: each class's ideal
+    image above its SGD weight map (red: evidence for the class, blue: against).
+
+    \b
+    Examples:
+      producer show-model --png model.png
+      producer show-model 3 --png model3.png --scale 6
+    """
+    from producer.pictures import model_sheet, png_bytes
+    from producer.tables import format_table, pct
+    from worker.model_store import ModelNotFound, list_models, load_classifier, resolve_model_id
+
+    try:
+        with engine.connect() as conn:
+            model_id = resolve_model_id(conn, model_id)
+            clf = load_classifier(conn, model_id)
+            info = next(r for r in list_models(conn) if r["id"] == model_id)
+    except ModelNotFound as e:
+        raise BadInput(str(e)) from None
+    rows = [
+        ["classes", ", ".join(clf.classes)],
+        ["image size", f"{clf.width}x{clf.height}"],
+        ["trained", f"{info['created_at']:%Y-%m-%d %H:%M:%S} on {info['train_dir']}"],
+        ["images", f"{info['n_train']} training, {info['n_valid']} validation"],
+        [
+            "SGD",
+            f"{info['epochs']} epochs, lr {info['lr']}, batch {info['batch_size']}, "
+            f"seed {info['seed']}, loss {info['loss']}",
+        ],
+        [
+            "validation",
+            f"L1 {pct(info['accuracy_l1'])}  L2 {pct(info['accuracy_l2'])}  "
+            f"SGD {pct(info['accuracy_sgd'])}",
+        ],
+    ]
+    click.echo(format_table([f"model {model_id}", ""], rows, "ll"))
+    if png_file is not None:
+        _write(png_file, png_bytes(model_sheet(clf, scale, title=f"model {model_id}")))
+        click.echo(f"wrote {png_file}", err=True)
+
+
+@click.command("compare", context_settings=HELP)
+@click.argument("run_a", type=RunArg())
+@click.argument("run_b", type=RunArg())
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Most changed images listed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@database_option
+def compare_cmd(run_a: int | str, run_b: int | str, limit: int, as_json: bool, engine: Any) -> None:
+    """Compare RUN_A with RUN_B: accuracy deltas (B - A) per predictor and class, and the
+    images, matched by path, whose prediction changed.
+
+    \b
+    Examples:
+      producer compare 3 latest
+      producer compare 3 4 --json --limit 1000
+    """
+    from producer.compare import compare_runs, format_comparison
+
+    with engine.connect() as conn:
+        a, b = resolve_run(conn, run_a), resolve_run(conn, run_b)
+        comparison = compare_runs(conn, a, b, limit)
+    if as_json:
+        click.echo(json.dumps(comparison, indent=2))
+    else:
+        click.echo(format_comparison(comparison))

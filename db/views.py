@@ -1,0 +1,213 @@
+"""Reads over the SQL views of migration 0002 (``run_accuracy``, ``run_class_accuracy``,
+``run_confusion``) and over ``predictions`` for the questions reports ask: the most
+confidently misclassified images, and what changed between two runs.
+
+The views are a public interface documented in docs/schema.md; these helpers only select
+from them, so users get the same numbers in ``sqlite3``/``psql`` as in ``producer report``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
+from sqlalchemy.orm import aliased
+
+from db.models import Prediction
+from db.queries import PREDICTORS
+
+run_accuracy_view = table(
+    "run_accuracy",
+    column("run_id"),
+    column("predictor"),
+    column("n_images"),
+    column("n_correct"),
+    column("accuracy"),
+)
+run_class_accuracy_view = table(
+    "run_class_accuracy",
+    column("run_id"),
+    column("predictor"),
+    column("label"),
+    column("n_images"),
+    column("n_correct"),
+    column("accuracy"),
+)
+run_confusion_view = table(
+    "run_confusion",
+    column("run_id"),
+    column("predictor"),
+    column("label"),
+    column("predicted"),
+    column("n"),
+)
+
+
+def _typed(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    for key in ("n_images", "n_correct", "n"):
+        if key in out:
+            out[key] = int(out[key])
+    if "accuracy" in out:
+        out["accuracy"] = float(out["accuracy"])
+    return out
+
+
+def run_accuracy(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """``{predictor, n_images, n_correct, accuracy}`` per predictor (only if labelled)."""
+    v = run_accuracy_view.c
+    rows = conn.execute(
+        select(v.predictor, v.n_images, v.n_correct, v.accuracy)
+        .where(v.run_id == run_id)
+        .order_by(v.predictor)
+    )
+    return [_typed(r) for r in rows]
+
+
+def class_accuracy(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """``{predictor, label, n_images, n_correct, accuracy}`` per predictor and class."""
+    v = run_class_accuracy_view.c
+    rows = conn.execute(
+        select(v.predictor, v.label, v.n_images, v.n_correct, v.accuracy)
+        .where(v.run_id == run_id)
+        .order_by(v.predictor, v.label)
+    )
+    return [_typed(r) for r in rows]
+
+
+def confusion(conn: Connection, run_id: int) -> dict[str, dict[str, dict[str, int]]]:
+    """``{predictor: {label: {predicted: n}}}`` over the run's labelled, scored images."""
+    v = run_confusion_view.c
+    out: dict[str, dict[str, dict[str, int]]] = {p: {} for p in PREDICTORS}
+    rows = conn.execute(select(v.predictor, v.label, v.predicted, v.n).where(v.run_id == run_id))
+    for predictor, label, predicted, n in rows:
+        out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
+    return out
+
+
+# How sure each predictor was of its prediction, and which order puts the surest first.
+_CONFIDENCE = {
+    "l1": (Prediction.dist_l1, "asc"),
+    "l2": (Prediction.dist_l2, "asc"),
+    "sgd": (Prediction.prob_sgd, "desc"),
+}
+
+PREDICTION_COLUMNS = (
+    Prediction.path,
+    Prediction.label,
+    Prediction.pred_l1,
+    Prediction.pred_l2,
+    Prediction.pred_sgd,
+    Prediction.dist_l1,
+    Prediction.dist_l2,
+    Prediction.prob_sgd,
+)
+
+
+def confident_mistakes(
+    conn: Connection, run_id: int, predictor: str, limit: int
+) -> list[dict[str, Any]]:
+    """The labelled images ``predictor`` got wrong, surest first: highest SGD probability,
+    or smallest L1/L2 distance to the (wrong) ideal image it chose."""
+    score, direction = _CONFIDENCE[predictor]
+    predicted = getattr(Prediction, f"pred_{predictor}")
+    order = score.desc() if direction == "desc" else score.asc()
+    rows = conn.execute(
+        select(*PREDICTION_COLUMNS)
+        .where(
+            Prediction.run_id == run_id,
+            Prediction.error.is_(None),
+            Prediction.label.is_not(None),
+            predicted != Prediction.label,
+        )
+        .order_by(order, Prediction.path)
+        .limit(limit)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:
+    """Images (by path) in both runs, only in the first, only in the second."""
+    row = conn.execute(
+        text(
+            "SELECT"
+            " (SELECT COUNT(*) FROM predictions a WHERE a.run_id = :a AND EXISTS"
+            "   (SELECT 1 FROM predictions b WHERE b.run_id = :b AND b.path = a.path)),"
+            " (SELECT COUNT(*) FROM predictions WHERE run_id = :a),"
+            " (SELECT COUNT(*) FROM predictions WHERE run_id = :b)"
+        ),
+        {"a": run_a, "b": run_b},
+    ).one()
+    both, n_a, n_b = (int(x) for x in row)
+    return {"both": both, "only_a": n_a - both, "only_b": n_b - both}
+
+
+def _changed_query(run_a: int, run_b: int) -> Select[Any]:
+    """Rows in path order; ``a`` is run A's side of the join."""
+    a = aliased(Prediction, name="a")
+    b = aliased(Prediction, name="b")
+    differs = [
+        getattr(a, f"pred_{p}").is_distinct_from(getattr(b, f"pred_{p}")) for p in PREDICTORS
+    ]
+    differs.append(a.error.is_distinct_from(b.error))
+    return (
+        select(
+            a.path,
+            a.label,
+            *[getattr(a, f"pred_{p}").label(f"a_{p}") for p in PREDICTORS],
+            *[getattr(b, f"pred_{p}").label(f"b_{p}") for p in PREDICTORS],
+            a.error.label("a_error"),
+            b.error.label("b_error"),
+        )
+        .join(b, (b.path == a.path) & (b.run_id == run_b))
+        .where(a.run_id == run_a, or_(*differs))
+        .order_by(a.path)
+    )
+
+
+def count_changed(conn: Connection, run_a: int, run_b: int) -> int:
+    """How many images in both runs (by path) have any prediction or error that differs."""
+    sub = _changed_query(run_a, run_b).subquery()
+    return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
+
+
+def changed_predictions(
+    conn: Connection, run_a: int, run_b: int, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Images in both runs (matched by path) whose prediction by any predictor, or whose
+    error, differs; in path order. NULLs compare as values (``IS DISTINCT FROM``)."""
+    query = _changed_query(run_a, run_b)
+    if limit is not None:
+        query = query.limit(limit)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def change_counts(conn: Connection, run_a: int, run_b: int) -> dict[str, dict[str, int]]:
+    """Per predictor, over images scored in both runs (by path): how many predictions
+    changed, and of the labelled ones how many went wrong -> right (fixed) and right ->
+    wrong (broken)."""
+    a = aliased(Prediction, name="a")
+    b = aliased(Prediction, name="b")
+    columns = []
+    for p in PREDICTORS:
+        pa, pb = getattr(a, f"pred_{p}"), getattr(b, f"pred_{p}")
+        labelled = a.label.is_not(None)
+        columns += [
+            func.sum(case((pa != pb, 1), else_=0)).label(f"{p}_changed"),
+            func.sum(case((labelled & (pa != a.label) & (pb == a.label), 1), else_=0)).label(
+                f"{p}_fixed"
+            ),
+            func.sum(case((labelled & (pa == a.label) & (pb != a.label), 1), else_=0)).label(
+                f"{p}_broken"
+            ),
+        ]
+    row = conn.execute(
+        select(*columns)
+        .select_from(a)
+        .join(b, (b.path == a.path) & (b.run_id == run_b))
+        .where(a.run_id == run_a, a.error.is_(None), b.error.is_(None))
+    ).one()
+    m = row._mapping
+    return {
+        p: {k: int(m[f"{p}_{k}"] or 0) for k in ("changed", "fixed", "broken")} for p in PREDICTORS
+    }

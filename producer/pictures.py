@@ -1,0 +1,142 @@
+"""Pictures of a model and of scored images, drawn with Pillow (no plotting library).
+
+- :func:`gray_image`: an ideal digit (values 0-1) as an 8-bit grayscale image;
+- :func:`heat_map`: SGD weights in a diverging palette, blue (negative) - white (0) - red
+  (positive), on a scale symmetric around 0 so that white always means "no evidence";
+- :func:`model_sheet`: every class's ideal image above its weight map, with a colour bar;
+- :func:`load_thumbnail`: a scored file re-read from the run's source directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from producer.files import read_file
+from worker.classifier import Classifier
+from worker.images import ImageError, decode_gray
+
+NEGATIVE = np.array([33, 102, 172], dtype=np.float64)  # blue
+ZERO = np.array([255, 255, 255], dtype=np.float64)  # white
+POSITIVE = np.array([178, 24, 43], dtype=np.float64)  # red
+BACKGROUND = (255, 255, 255)
+INK = (30, 30, 30)
+
+
+def gray_image(values: np.ndarray) -> Image.Image:
+    """A ``H x W`` array of 0-1 values as an 8-bit grayscale image (1.0 = white)."""
+    pixels = np.clip(np.rint(np.asarray(values, dtype=np.float64) * 255), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def weight_scale(weights: np.ndarray) -> float:
+    """The symmetric colour scale shared by all weight maps of a model: max ``|w|``."""
+    top = float(np.abs(weights).max()) if weights.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def heat_map(values: np.ndarray, vmax: float) -> Image.Image:
+    """A ``H x W`` array as RGB: ``-vmax`` blue, 0 white, ``+vmax`` red, linear between."""
+    t = np.clip(np.asarray(values, dtype=np.float64) / vmax, -1.0, 1.0)[..., None]
+    rgb = np.where(t >= 0, ZERO + (POSITIVE - ZERO) * t, ZERO + (NEGATIVE - ZERO) * -t)
+    return Image.fromarray(np.rint(rgb).astype(np.uint8))
+
+
+def colour_bar(width: int, height: int) -> Image.Image:
+    """The palette of :func:`heat_map` from ``-1`` (left) to ``+1`` (right)."""
+    ramp = np.linspace(-1.0, 1.0, width)[None, :].repeat(height, axis=0)
+    return heat_map(ramp, 1.0)
+
+
+def ideal_pictures(classifier: Classifier) -> list[Image.Image]:
+    return [gray_image(ideal.numpy()) for ideal in classifier.ideals.cpu()]
+
+
+def weight_pictures(classifier: Classifier) -> tuple[list[Image.Image], float]:
+    """One heat map per class (column of the weights) and the shared scale ``vmax``."""
+    weights = classifier.weights.cpu().numpy()
+    vmax = weight_scale(weights)
+    h, w = classifier.height, classifier.width
+    return [heat_map(weights[:, k].reshape(h, w), vmax) for k in range(weights.shape[1])], vmax
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def model_sheet(classifier: Classifier, scale: int = 4, title: str = "") -> Image.Image:
+    """One picture of a model: a row of ideal images, a row of SGD weight maps under them
+    (one column per class, named), and a colour bar giving the weights' scale."""
+    ideals = ideal_pictures(classifier)
+    maps, vmax = weight_pictures(classifier)
+    cell_w, cell_h = classifier.width * scale, classifier.height * scale
+    pad, label_h, row_label_w = 12, 22, 150
+    font, small = _font(16), _font(13)
+    k = len(classifier.classes)
+    width = row_label_w + k * (cell_w + pad) + pad
+    top = pad + (label_h if title else 0)
+    bar_y = top + label_h + 2 * (cell_h + pad) + pad
+    height = bar_y + 16 + label_h + pad
+    sheet = Image.new("RGB", (max(width, row_label_w + 320), height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, pad), title, fill=INK, font=font)
+    for i, name in enumerate(classifier.classes):
+        x = row_label_w + i * (cell_w + pad)
+        draw.text((x, top), _short(name, cell_w // 8), fill=INK, font=font)
+        y = top + label_h
+        sheet.paste(ideals[i].resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
+        y += cell_h + pad
+        sheet.paste(maps[i].resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
+    draw.text((pad, top + label_h + cell_h // 2), "ideal image", fill=INK, font=small)
+    draw.text(
+        (pad, top + label_h + cell_h + pad + cell_h // 2), "SGD weights", fill=INK, font=small
+    )
+    bar_w = 300
+    sheet.paste(colour_bar(bar_w, 16), (row_label_w, bar_y))
+    draw.rectangle((row_label_w, bar_y, row_label_w + bar_w - 1, bar_y + 15), outline=INK)
+    draw.text((pad, bar_y), "weight scale", fill=INK, font=small)
+    y = bar_y + 18
+    draw.text((row_label_w, y), f"{-vmax:.3g}", fill=INK, font=small)
+    draw.text((row_label_w + bar_w // 2 - 4, y), "0", fill=INK, font=small)
+    draw.text((row_label_w + bar_w - 40, y), f"{vmax:.3g}", fill=INK, font=small)
+    return sheet
+
+
+def _short(text: str, limit: int) -> str:
+    limit = max(limit, 2)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_thumbnail(source_dir: str, path: str, height: int, width: int) -> Image.Image | None:
+    """The scored image ``path`` (relative to ``source_dir``) as grayscale, or ``None`` when
+    it is gone, unreadable, not an image of the model's size, or outside ``source_dir``."""
+    root = Path(source_dir)
+    full = Path(os.path.normpath(root / path))
+    if os.path.isabs(path) or not full.is_relative_to(root):
+        return None
+    data, error = read_file(str(full))
+    if data is None or error:
+        return None
+    try:
+        return Image.fromarray(decode_gray(data, height, width))
+    except ImageError:
+        return None
