@@ -62,7 +62,11 @@ def _insert_ignore(conn: Connection, table):
 
 
 def store_batch_results(
-    engine: Engine, run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]]
+    engine: Engine,
+    run_id: int,
+    batch_seq: int,
+    rows: Sequence[dict[str, Any]],
+    batch_status: str = "done",
 ) -> int:
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
     were new. One transaction: lock the run, insert-or-ignore, mark the batch, refresh the run.
@@ -84,7 +88,7 @@ def store_batch_results(
         conn.execute(
             update(Batch)
             .where(Batch.run_id == run_id, Batch.seq == batch_seq)
-            .values(status="done", finished_at=now)
+            .values(status=batch_status, finished_at=now)
         )
         refresh_run(conn, run_id)
     return inserted

@@ -29,6 +29,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def service_missing(what: str) -> None:
@@ -162,7 +163,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
 
     def start(env: dict[str, str], *args: str, name: str = "w") -> subprocess.Popen:
         log = open(tmp_path / f"worker-{name}-{len(procs)}.log", "wb")  # noqa: SIM115
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(
             [sys.executable, "-c", "from worker.cli import main; main()", *args],
             env=full_env,

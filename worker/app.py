@@ -22,6 +22,11 @@ def make_app(broker_url: str | None = None) -> Celery:
     # options; we keep no results, but set both so no part of Celery falls back to 1 hour.
     transport = {
         "visibility_timeout": timeout,
+        # kombu sweeps for unacked messages of dead workers every interval x throttle seconds
+        # (100 s by default, whatever the timeout): sweep every timeout/5 (1-10 s) instead, so
+        # a batch whose worker died is back in the queue within about 1.2 x the timeout.
+        "unacked_restore_interval": max(1, min(10, timeout // 5)),
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": defaults.BROKER_CONNECT_TIMEOUT,
         "socket_timeout": 30,
     }

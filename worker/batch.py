@@ -89,6 +89,28 @@ def score_items(
     return rows
 
 
+def poison_rows(paths: Sequence[str], classes: Sequence[str], deliveries: int):
+    reason = (
+        f"batch abandoned after {deliveries} deliveries: the worker process died every time "
+        "it took this batch (poison batch)"
+    )
+    return [
+        {"path": p, "label": label_for(p, classes), "pred_l1": None, "pred_l2": None,
+         "pred_sgd": None, "dist_l1": None, "dist_l2": None, "prob_sgd": None, "error": reason}
+        for p in paths
+    ]
+
+
+def abandon_batch(
+    engine: Engine, classifier: Classifier, run_id: int, seq: int, paths: Sequence[str],
+    deliveries: int,
+) -> int:
+    """Give up on a batch that killed every worker that took it: an error row per image and
+    the batch marked failed, so the run still completes."""
+    rows = poison_rows(paths, classifier.classes, deliveries)
+    return store_batch_results(engine, run_id, seq, rows, batch_status="failed")
+
+
 def process_batch(
     engine: Engine,
     classifier: Classifier,

@@ -50,7 +50,7 @@ HOLDOUT_FRACTION = 0.2
 POLL_INTERVAL = 0.5
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
-#: Deliveries of one batch after which it is declared poison and its images get error rows.
+#: Worker deaths on one batch after which it is declared poison: its images get error rows.
 MAX_DELIVERIES = 3
 #: SQLite busy timeout (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000

@@ -13,7 +13,8 @@ from sqlalchemy.exc import OperationalError
 from db.session import dispose_engines, get_engine
 from worker import defaults
 from worker.app import TASK_NAME, make_app
-from worker.batch import process_batch
+from db.queries import count_delivery
+from worker.batch import abandon_batch, process_batch
 from worker.classifier import Classifier
 from worker.devices import current_device
 from worker.model_store import load_classifier
@@ -45,6 +46,7 @@ def _on_process_start(**_kwargs) -> None:
 
 
 @app.task(
+    bind=True,
     name=TASK_NAME,
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
     retry_backoff=True,
@@ -52,6 +54,7 @@ def _on_process_start(**_kwargs) -> None:
     max_retries=None,
 )
 def score_batch_task(
+    self,
     run_id: int,
     seq: int,
     model_id: int,
@@ -60,8 +63,13 @@ def score_batch_task(
     errors: list[str | None],
 ) -> int:
     url = database_url()
+    engine = get_engine(url)
     device = current_device()
     clf = cached_classifier(url, model_id, device)
-    return process_batch(
-        get_engine(url), clf, run_id, seq, paths, blobs, errors, torch.device(device)
-    )
+    # A retry after a database error is a new message with request.retries one higher; a
+    # redelivery after a worker died is not. So this counts the deaths on this batch.
+    crashes = count_delivery(engine, run_id, seq) - 1 - self.request.retries
+    if crashes >= defaults.MAX_DELIVERIES:
+        log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
+        return abandon_batch(engine, clf, run_id, seq, paths, crashes)
+    return process_batch(engine, clf, run_id, seq, paths, blobs, errors, torch.device(device))

@@ -1,0 +1,129 @@
+"""Nothing lost, nothing duplicated: real workers killed, stopped and starved of their
+broker and database mid-run, on the real Redis and PostgreSQL of this machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from db.session import get_engine
+from tests.conftest import ROOT, wait_for_log
+
+pytestmark = pytest.mark.integration
+
+FAULTS = ("--", "--include", "tests.fault_injection")
+
+
+def train(run_cli, sample_dir: Path, db_url: str) -> None:
+    r = run_cli("train", str(sample_dir / "train"), "--epochs", "5", "--database-url", db_url)
+    assert r.exit_code == 0, r.output
+
+
+def run_row(db_url: str, run_id: int = 1) -> dict:
+    with get_engine(db_url).connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM runs WHERE id = :r"), {"r": run_id})
+                    .mappings().one())
+
+
+def wait_done(db_url: str, timeout: float, run_id: int = 1) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = run_row(db_url, run_id)
+        if run["status"] == "done":
+            return run
+        time.sleep(0.3)
+    pytest.fail(f"run {run_id} not done after {timeout} s: {run_row(db_url, run_id)}")
+
+
+def assert_exactly_once(db_url: str, files: int, run_id: int = 1) -> None:
+    with get_engine(db_url).connect() as conn:
+        n, distinct = conn.execute(text(
+            "SELECT COUNT(*), COUNT(DISTINCT path) FROM predictions WHERE run_id = :r"),
+            {"r": run_id}).one()
+    run = run_row(db_url, run_id)
+    assert (n, distinct, run["n_images"]) == (files, files, files)
+    assert run["n_scored"] + run["n_failed"] == files
+
+
+def pool_children(launcher: subprocess.Popen) -> list[int]:
+    """The Celery pool processes under a started `worker` (launcher → celery → pool)."""
+    def children(pid: int) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    return [child for master in children(launcher.pid) for child in children(master)]
+
+
+def submit_in_background(db_url: str, source: Path, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
+         "--database-url", db_url, *args],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def test_killed_workers_lose_no_image(
+    run_cli, sample_dir, postgres_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, postgres_url)
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url,
+           "DIGITSCORE_VISIBILITY_TIMEOUT": "5", "DIGITSCORE_TEST_TASK_DELAY": "0.3"}
+    workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
+    for w in workers:
+        wait_for_log(w, "ready.")
+    producer = submit_in_background(postgres_url, sample_dir, env, "--batch-size", "25")
+    start = time.monotonic()
+    # SIGKILL the processes scoring, mid-batch, three times (each delivery takes >= 0.3 s)
+    kills = 0
+    while kills < 3 and time.monotonic() - start < 60:
+        time.sleep(0.7)
+        victims = pool_children(workers[kills % 2])
+        if victims:
+            os.kill(victims[0], signal.SIGKILL)
+            kills += 1
+    # and once a whole worker (launcher, Celery main process and pool) with its batch in hand
+    wait_for_log(workers[0], "received", count=4)
+    os.killpg(workers[0].pid, signal.SIGKILL)
+    assert producer.wait(60) == 0, producer.stdout.read()
+    run = wait_done(postgres_url, timeout=5 + 60)
+    assert kills == 3
+    assert_exactly_once(postgres_url, 1000)
+    assert run["n_failed"] == 0
+    log = Path(workers[1].log_path).read_text()
+    assert "WorkerLostError" in log or "exited with" in log or "signal 9" in log
+
+
+def test_poison_batch_is_failed_after_bounded_deliveries(
+    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, sqlite_url)
+    src = tmp_path / "images"
+    shutil.copytree(sample_dir / "valid", src)
+    shutil.copy(next((src / "3").glob("*.png")), src / "3" / "poison.png")
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}
+    worker = start_worker(env, "--device", "cpu", *FAULTS)
+    wait_for_log(worker, "ready.")
+    r = run_cli("submit", str(src), "--batch-size", "20", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    run = wait_done(sqlite_url, timeout=120)
+    assert_exactly_once(sqlite_url, 201)
+    with get_engine(sqlite_url).connect() as conn:
+        failed = conn.execute(text(
+            "SELECT seq, n_images, deliveries FROM batches WHERE status = 'failed'")).all()
+        errors = conn.execute(text(
+            "SELECT COUNT(*) FROM predictions WHERE error LIKE '%poison batch%'")).scalar()
+    assert len(failed) == 1
+    seq, n_images, deliveries = failed[0]
+    assert deliveries == 4  # three deaths, then given up on
+    assert errors == n_images == run["n_failed"]
+    assert run["n_scored"] == 201 - n_images
+    assert worker.poll() is None  # the worker survived: Celery replaced each dead process
