@@ -10,10 +10,10 @@ import torch
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
+from db.queries import count_delivery
 from db.session import dispose_engines, get_engine
 from worker import defaults
 from worker.app import TASK_NAME, make_app
-from db.queries import count_delivery
 from worker.batch import abandon_batch, process_batch
 from worker.classifier import Classifier
 from worker.devices import current_device
