@@ -1,43 +1,231 @@
-"""``worker``: start one Celery worker process per device, each pinned to it."""
+"""``worker``: start one Celery worker process per device, each pinned to it, and supervise them.
+
+The launcher imports neither torch nor celery: it only counts GPUs in a throwaway child, builds
+one command line and environment per device, starts the children and relays signals to them.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import FrameType
 
 import click
 
 from worker import defaults
-from worker.devices import DeviceError, DeviceSpec, count_gpus, resolve_devices
+from worker.devices import (
+    DeviceError,
+    DeviceSpec,
+    GpuCountError,
+    count_gpus,
+    needs_gpu_count,
+    parse_devices,
+    resolve_devices,
+)
+
+#: Seconds between two looks at the children.
+POLL_INTERVAL = 0.2
+#: Signals that stop the workers: the first one warmly (SIGTERM: running batches finish),
+#: any further one coldly (SIGQUIT). SIGQUIT is always cold.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+_PR_SET_PDEATHSIG = 1
+
+EPILOG = """\b
+Signals: SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop every worker warmly:
+each finishes the batch it is scoring. A second one, or SIGQUIT, stops them
+coldly: unfinished batches go back to the queue. The workers run in sessions
+of their own, so a Ctrl-C reaches each of them once, through the launcher;
+if the launcher itself is killed, they get SIGTERM (on Linux).
+
+\b
+Exit status: 0 when every worker stopped cleanly; 2 for a usage error (an
+unknown device, or --device cuda:N that this host does not have); 1 when the
+GPUs cannot be counted. If one worker exits on its own (it crashed or was
+killed), the launcher stops the others warmly and exits with that worker's
+status (128+N for signal N), so a supervisor (systemd, a Docker restart
+policy) restarts the whole set.
+"""
 
 
-def celery_command(spec: DeviceSpec, concurrency: int, extra: tuple[str, ...]) -> list[str]:
-    node = spec.name.replace(":", "")
+def celery_command(
+    spec: DeviceSpec,
+    concurrency: int,
+    queue: str,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The ``celery worker`` command line of the worker pinned to ``spec``."""
     return [
-        sys.executable,
+        python,
         "-m",
         "celery",
-        "-A",
+        "--app",
         "worker.tasks",
         "worker",
         "--queues",
-        defaults.queue(),
+        queue,
         "--concurrency",
         str(concurrency),
         "--pool",
         "prefork",
         "--hostname",
-        f"digitscore-{node}@%h",
+        f"digitscore-{spec.node}@%h",
         "--loglevel",
         "INFO",
         *extra,
     ]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def describe_settings() -> str:
+    """One line naming the broker, queue, database and visibility timeout, passwords masked.
+
+    Raises ``ValueError`` on a setting every worker would reject, so that it fails here, once.
+    """
+    from kombu.utils.url import maybe_sanitize_url
+
+    from db.session import mask_url, normalize_url
+
+    broker = defaults.setting(defaults.BROKER_URL_ENV, None)
+    database = defaults.setting(defaults.DATABASE_URL_ENV, None)
+    timeout = defaults.visibility_timeout()
+    if broker:
+        broker_text = maybe_sanitize_url(broker, mask="***")
+    else:
+        broker_text = f"the local Redis ({defaults.BROKER_URL_ENV} is not set)"
+    if database:
+        database_text = mask_url(normalize_url(database))
+    else:
+        database_text = (
+            f"{defaults.DATABASE_URL} in {os.getcwd()} ({defaults.DATABASE_URL_ENV} is not set; "
+            "set it to a PostgreSQL URL to share results between hosts)"
+        )
+    return (
+        f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
+        f"visibility timeout {timeout} s"
+    )
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128+N when killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_launcher(launcher_pid: int, prctl: Callable[..., int] | None) -> None:
+    """Runs in each child between fork and exec: SIGTERM when the launcher dies."""
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+class WorkerGroup:
+    """The launcher's children: started together, stopped together.
+
+    Signal handlers only record the signal and relay it; all output and decisions happen
+    in :meth:`wait`, outside any handler.
+    """
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.echo = echo
+        self.signals: list[int] = []
+        #: (device, status) of the first worker that exited without being asked to.
+        self.first_exit: tuple[str, int] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.signals) or self.first_exit is not None
+
+    def start(self, name: str, argv: list[str], env: Mapping[str, str]) -> bool:
+        """Start one child; ``False`` (and nothing started) once stopping."""
+        if self.stopping:
+            return False
+        proc = subprocess.Popen(
+            argv,
+            env=dict(env),
+            start_new_session=True,  # signals reach it only through the launcher
+            preexec_fn=functools.partial(_die_with_launcher, os.getpid(), _prctl()),
+        )
+        self.children.append((name, proc))
+        self.echo(f"started the worker on {name}: pid {proc.pid}")
+        return True
+
+    def send(self, signum: int) -> None:
+        for _name, proc in self.children:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def on_signal(self, signum: int, _frame: FrameType | None = None) -> None:
+        self.signals.append(signum)
+        cold = signum == signal.SIGQUIT or len(self.signals) > 1
+        self.send(signal.SIGQUIT if cold else signal.SIGTERM)
+
+    @contextmanager
+    def relaying_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def wait(self, poll_interval: float = POLL_INTERVAL) -> int:
+        """Until every child has exited; the launcher's exit status (see ``EPILOG``)."""
+        announced = 0
+        exited: set[int] = set()
+        while True:
+            for signum in self.signals[announced:]:
+                how = "coldly" if signum == signal.SIGQUIT or announced else "warmly"
+                self.echo(f"{signal.Signals(signum).name}: stopping the workers {how}")
+                announced += 1
+            running = 0
+            for name, proc in self.children:
+                code = proc.poll()
+                if code is None:
+                    running += 1
+                    continue
+                if proc.pid in exited:
+                    continue
+                exited.add(proc.pid)
+                status = exit_status(code)
+                self.echo(f"the worker on {name} (pid {proc.pid}) exited: status {status}")
+                if not self.stopping:
+                    self.first_exit = (name, status)
+                    self.echo("stopping the other workers; the launcher exits with that status")
+                    self.send(signal.SIGTERM)
+            if not running:
+                break
+            time.sleep(poll_interval)
+        if self.first_exit is not None:
+            return self.first_exit[1]
+        return next((exit_status(p.returncode) for _, p in self.children if p.returncode), 0)
+
+
+def _echo(message: str) -> None:
+    click.echo(f"worker: {message}", err=True)
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
+)
 @click.option(
     "--device",
     "devices",
@@ -56,39 +244,46 @@ def celery_command(spec: DeviceSpec, concurrency: int, extra: tuple[str, ...]) -
 def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...]) -> None:
     """Consume batches from the broker and write predictions to the database.
 
-    One Celery worker process per device, with CUDA_VISIBLE_DEVICES set to its GPU before
-    it starts. Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL and
+    Starts one Celery worker per device, pinned to it: a GPU worker gets
+    CUDA_VISIBLE_DEVICES=<that GPU> in its environment before it starts and scores on
+    cuda:0 inside; a CPU worker sees no GPU. GPUs are counted in a throwaway child
+    process (in PCI bus order, as nvidia-smi numbers them, unless CUDA_DEVICE_ORDER is
+    set), so no process that forks ever initialises CUDA. Each worker has --concurrency
+    pool processes; each loads a model once and keeps it.
+
+    Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE and
     DIGITSCORE_VISIBILITY_TIMEOUT. Arguments after `--` go to `celery worker` as they are.
 
     \b
     Examples:
-      worker                                 # one process per GPU, or the CPU
+      worker                                 # one worker per GPU, or one on the CPU
       worker --device cuda:0 --device cuda:1 --concurrency 2
-      worker --device cpu -- --without-heartbeat
+      DIGITSCORE_BROKER_URL=redis://queue:6379/0 \\
+        DIGITSCORE_DATABASE_URL=postgresql://digitscore@db/digitscore worker
+      worker --device cpu -- --loglevel DEBUG
     """
-    wants_gpu = not devices or any(d.strip().lower() != "cpu" for d in devices)
     try:
-        specs = resolve_devices(devices, count_gpus() if wants_gpu else 0)
+        requested = parse_devices(devices)
+        settings = describe_settings()
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    if not os.environ.get(defaults.BROKER_URL_ENV):
-        click.echo(f"note: {defaults.BROKER_URL_ENV} is not set; using the local Redis", err=True)
-    children = []
-    for spec in specs:
-        click.echo(f"starting worker on {spec.name} ({concurrency} process(es))", err=True)
-        children.append(
-            subprocess.Popen(
-                celery_command(spec, concurrency, celery_args),
-                env=spec.environment(dict(os.environ)),
-            )
-        )
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
-    sys.exit(max((abs(c) for c in codes), default=0))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        gpus = count_gpus() if needs_gpu_count(requested) else 0
+        specs = resolve_devices(requested, gpus)
+    except GpuCountError as e:
+        raise click.ClickException(f"{e}; or run on the CPU with --device cpu") from None
+    except DeviceError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    _echo(settings)
+    queue = defaults.queue()
+    group = WorkerGroup(_echo)
+    with group.relaying_signals():
+        for spec in specs:
+            argv = celery_command(spec, concurrency, queue, celery_args)
+            env = spec.environment(os.environ)
+            if not group.start(spec.name, argv, env):
+                break
+        status = group.wait()
+    sys.exit(status)

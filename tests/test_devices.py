@@ -1,0 +1,311 @@
+"""Devices: parsing, resolution against a GPU count, the environment and command line of each
+worker, moving batches to the device, and CUDA never initialised before a fork.
+
+This module doubles as a probe loaded into a real worker with
+``worker -- --include tests.test_devices`` when ``DIGITSCORE_TEST_CUDA_PROBE=1``: it then
+logs, from the Celery main process and from each pool process, whether CUDA was initialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import wait_for_log
+from worker.batch import to_device
+from worker.cli import celery_command
+from worker.devices import (
+    DEVICE_ENV,
+    HOST_DEVICE_ENV,
+    DeviceError,
+    DeviceSpec,
+    GpuCountError,
+    count_gpus,
+    needs_gpu_count,
+    parse_device,
+    parse_devices,
+    resolve_devices,
+)
+
+PROBE_ENV = "DIGITSCORE_TEST_CUDA_PROBE"
+ROOT = Path(__file__).resolve().parent.parent
+HAS_GPU = torch.cuda.is_available()
+NO_GPU = "no CUDA GPU on this host: this test runs when the suite runs on a GPU host"
+
+# ---------------------------------------------------------------- the probe (in real workers)
+
+
+def _install_cuda_probe() -> None:
+    from celery.signals import task_postrun, worker_process_init, worker_ready, worker_shutdown
+
+    log = logging.getLogger("digitscore.probe")
+
+    def main_process(**_kwargs: object) -> None:
+        log.warning(
+            "probe main pid=%s cuda_initialized=%s", os.getpid(), torch.cuda.is_initialized()
+        )
+
+    def pool_process(**_kwargs: object) -> None:
+        # torch marks a child forked from a process that had initialised CUDA
+        log.warning("probe pool pid=%s bad_fork=%s", os.getpid(), torch.cuda._is_in_bad_fork())
+
+    def after_task(**_kwargs: object) -> None:
+        log.warning(
+            "probe task pid=%s cuda_initialized=%s device=%s visible=%r",
+            os.getpid(),
+            torch.cuda.is_initialized(),
+            os.environ.get(DEVICE_ENV),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+
+    worker_ready.connect(main_process, weak=False)
+    worker_shutdown.connect(main_process, weak=False)
+    worker_process_init.connect(pool_process, weak=False)
+    task_postrun.connect(after_task, weak=False)
+
+
+if os.environ.get(PROBE_ENV) == "1":
+    _install_cuda_probe()
+
+
+# ---------------------------------------------------------------- parsing and resolution
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("cpu", "cpu"),
+        ("CPU", "cpu"),
+        (" cuda:1 ", "cuda:1"),
+        ("cuda", "cuda:0"),
+        ("cuda:12", "cuda:12"),
+    ],
+)
+def test_parse_device_accepts_cpu_and_cuda_n(text, name):
+    assert parse_device(text).name == name
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:0,1", "mps", ""])
+def test_parse_device_rejects_anything_else_saying_what_is_accepted(text):
+    with pytest.raises(DeviceError, match="use cpu or cuda:N"):
+        parse_device(text)
+
+
+def test_a_device_given_twice_points_to_concurrency():
+    with pytest.raises(DeviceError, match="cuda:1 is given twice.*--concurrency"):
+        parse_devices(["cuda:1", "cpu", "CUDA:1"])
+    assert [s.name for s in parse_devices(["cuda:1", "cpu"])] == ["cuda:1", "cpu"]
+
+
+def test_no_device_means_every_gpu_or_the_cpu():
+    assert resolve_devices([], 0) == [DeviceSpec("cpu")]
+    assert resolve_devices([], 2) == [DeviceSpec("cuda", 0), DeviceSpec("cuda", 1)]
+    assert needs_gpu_count([]) and needs_gpu_count(parse_devices(["cpu", "cuda:0"]))
+    assert not needs_gpu_count(parse_devices(["cpu"]))
+
+
+def test_requested_devices_are_checked_against_the_gpus_of_this_host():
+    assert resolve_devices(parse_devices(["cuda:1", "cpu"]), 2) == [
+        DeviceSpec("cuda", 1),
+        DeviceSpec("cpu"),
+    ]
+    with pytest.raises(DeviceError, match=r"cuda:3 is not on this host.*cuda:0\.\.cuda:1"):
+        resolve_devices(parse_devices(["cuda:0", "cuda:3"]), 2)
+    with pytest.raises(DeviceError, match="cuda:0 is not on this host: no GPU.*--device cpu"):
+        resolve_devices(parse_devices(["cuda:0"]), 0)
+
+
+# ---------------------------------------------------------------- environment and command line
+
+
+def test_a_gpu_worker_sees_only_its_gpu_and_calls_it_cuda_0():
+    base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    env = DeviceSpec("cuda", 2).environment(base)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2"
+    assert env[DEVICE_ENV] == "cuda:0"
+    assert env[HOST_DEVICE_ENV] == "cuda:2"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # numbered as nvidia-smi numbers them
+    assert env["PATH"] == "/bin"
+    assert base == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}  # not modified
+
+
+def test_gpu_numbers_are_relative_to_the_launchers_own_visible_devices():
+    base = {"CUDA_VISIBLE_DEVICES": "5,GPU-8d2f", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    assert DeviceSpec("cuda", 0).environment(base)["CUDA_VISIBLE_DEVICES"] == "5"
+    env = DeviceSpec("cuda", 1).environment(base)
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-8d2f"
+    assert env["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"  # the user's choice is kept
+    assert DeviceSpec("cuda", 1).environment({})["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_a_cpu_worker_sees_no_gpu():
+    env = DeviceSpec("cpu").environment({"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env[DEVICE_ENV] == "cpu"
+    assert env[HOST_DEVICE_ENV] == "cpu"
+
+
+def test_celery_command_line_is_exact():
+    cmd = celery_command(DeviceSpec("cuda", 1), 3, "digits", ["--without-mingle"], python="py")
+    assert cmd == [
+        "py", "-m", "celery", "--app", "worker.tasks", "worker",
+        "--queues", "digits",
+        "--concurrency", "3",
+        "--pool", "prefork",
+        "--hostname", "digitscore-cuda1@%h",
+        "--loglevel", "INFO",
+        "--without-mingle",
+    ]  # fmt: skip
+    assert celery_command(DeviceSpec("cpu"), 1, "q") == [
+        sys.executable, "-m", "celery", "--app", "worker.tasks", "worker", "--queues", "q",
+        "--concurrency", "1", "--pool", "prefork", "--hostname", "digitscore-cpu@%h",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- counting GPUs
+
+
+def test_gpus_are_counted_in_a_child_that_sees_the_same_devices():
+    expected = torch.cuda.device_count() if HAS_GPU else 0
+    assert count_gpus() == expected
+    assert count_gpus({**os.environ, "CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
+def test_a_broken_torch_is_an_error_not_zero_gpus(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('libcuda.so.1: broken')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with pytest.raises(GpuCountError, match="libcuda.so.1: broken"):
+        count_gpus(env)
+
+
+# ---------------------------------------------------------------- the launcher process
+
+
+def test_importing_the_launcher_imports_neither_torch_nor_celery():
+    code = (
+        "import sys, worker.cli, worker.devices; "
+        "print(sorted(m for m in ('torch', 'celery') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_gpu_this_host_lacks_exits_2_naming_it_and_starts_no_celery(tmp_path):
+    if HAS_GPU and torch.cuda.device_count() > 3:
+        pytest.skip("this host has a cuda:3")
+    # a stand-in `celery` package that leaves a mark if the launcher ever starts it
+    fake = tmp_path / "fake" / "celery"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(f"open({str(tmp_path / 'started')!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    out = subprocess.run(
+        [sys.executable, "-c", "from worker.cli import main; main()", "--device", "cuda:3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "cuda:3" in out.stderr and "not on this host" in out.stderr
+    assert not (tmp_path / "started").exists()
+    assert "started the worker" not in out.stderr
+
+
+# ---------------------------------------------------------------- moving batches to the device
+
+
+def test_to_device_on_cpu_neither_pins_nor_copies():
+    cuda_before = torch.cuda.is_initialized()
+    stack = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    tensor = to_device(stack, torch.device("cpu"))
+    assert tensor.device.type == "cpu"
+    assert not tensor.is_pinned()
+    assert tensor.data_ptr() == stack.ctypes.data  # the numpy buffer itself: no copy was made
+    assert torch.cuda.is_initialized() == cuda_before  # a CPU batch never touches CUDA
+
+
+@pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
+def test_to_device_on_cuda_goes_through_pinned_memory_without_blocking(monkeypatch):
+    calls: list[tuple[str, object]] = []
+    real_pin, real_to = torch.Tensor.pin_memory, torch.Tensor.to
+
+    def pin_memory(self, *args, **kwargs):
+        pinned = real_pin(self, *args, **kwargs)
+        calls.append(("pin", pinned.is_pinned()))
+        return pinned
+
+    def to(self, *args, **kwargs):
+        calls.append(("to", kwargs.get("non_blocking")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    stack = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    tensor = to_device(stack, torch.device("cuda:0"))
+    monkeypatch.undo()
+    torch.cuda.synchronize()
+    assert tensor.device == torch.device("cuda:0")
+    assert calls == [("pin", True), ("to", True)]
+    assert torch.equal(tensor.cpu(), torch.from_numpy(stack))
+
+
+# ---------------------------------------------------------------- real worker processes
+
+
+def _score_through_a_real_worker(run_cli, sample_dir, sqlite_url, broker_env, start_worker, device):
+    r = run_cli("train", str(sample_dir / "train"), "--epochs", "1", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url, PROBE_ENV: "1"}
+    proc = start_worker(env, "--device", device, "--", "--include", "tests.test_devices")
+    wait_for_log(proc, "ready.")
+    r = run_cli("submit", str(sample_dir / "valid"), "--wait", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    assert "200 images" in r.stdout
+    wait_for_log(proc, "probe task")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 0
+    return Path(proc.log_path).read_text(errors="replace")
+
+
+@pytest.mark.integration
+def test_a_cpu_worker_logs_its_device_and_never_initialises_cuda(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+):
+    log = _score_through_a_real_worker(
+        run_cli, sample_dir, sqlite_url, broker_env, start_worker, "cpu"
+    )
+    assert "scores on cpu" in log
+    assert "loaded model 1 onto cpu" in log
+    assert log.count("probe main") == 2  # when ready (after the fork) and at shutdown
+    assert "cuda_initialized=True" not in log
+    assert "probe pool" in log and "bad_fork=True" not in log
+    assert "probe task" in log and "device=cpu visible=''" in log
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
+def test_a_gpu_worker_initialises_cuda_only_in_its_pool_process(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+):
+    log = _score_through_a_real_worker(
+        run_cli, sample_dir, sqlite_url, broker_env, start_worker, "cuda:0"
+    )
+    assert "scores on cuda:0" in log
+    main_lines = [line for line in log.splitlines() if "probe main" in line]
+    assert len(main_lines) == 2 and all("cuda_initialized=False" in x for x in main_lines)
+    assert "bad_fork=False" in log and "bad_fork=True" not in log
+    first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    assert f"cuda_initialized=True device=cuda:0 visible={first_gpu!r}" in log
