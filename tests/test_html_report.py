@@ -1,0 +1,171 @@
+"""`producer report RUN --html FILE`: a self-contained page, file names escaped, thumbnails
+re-read from disk (a placeholder when gone), and rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from db.session import get_engine
+from db.views import confident_mistakes
+from tests.conftest import service_missing
+from tests.populate import (
+    GONE_NAME,
+    IMG_NAME,
+    SCRIPT_NAME,
+    odd_source_dir,
+    prediction_rows,
+    save_model,
+    submit,
+)
+
+CHROMIUM = os.environ.get("DIGITSCORE_TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+class Page(HTMLParser):
+    """Elements and text of an HTML document, as a browser's parser sees them."""
+
+    def __init__(self, document: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(document)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def all(self, tag: str) -> list[dict[str, str | None]]:
+        return [attrs for t, attrs in self.tags if t == tag]
+
+    def classed(self, cls: str) -> list[dict[str, str | None]]:
+        return [a for _, a in self.tags if cls in (a.get("class") or "").split()]
+
+
+@pytest.fixture
+def html_run(sqlite_url, sample_dir, classifier, tmp_path, run_cli):
+    """A scored run whose page is written after one misclassified file was deleted."""
+    engine = get_engine(sqlite_url)
+    root = odd_source_dir(sample_dir, tmp_path / "odd")
+    run_id = submit(engine, classifier, save_model(engine, classifier), root)
+    (root / "3" / GONE_NAME).unlink()
+    page = tmp_path / "report.html"
+    r = run_cli("report", str(run_id), "--html", str(page), "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    with engine.connect() as conn:
+        mistakes = {p: confident_mistakes(conn, run_id, p, 24) for p in ("l1", "l2", "sgd")}
+    return page, mistakes, prediction_rows(engine, run_id)
+
+
+def expected_images(classifier, mistakes) -> tuple[int, int]:
+    """(img elements, placeholders): 2 pictures per class, 1 colour bar, 1 per shown mistake
+    whose file still exists."""
+    cards = [r["path"] for rows in mistakes.values() for r in rows]
+    gone = sum(p == f"3/{GONE_NAME}" for p in cards)
+    return 2 * len(classifier.classes) + 1 + len(cards) - gone, gone
+
+
+def test_html_page_is_self_contained_and_escapes_file_names(html_run, classifier):
+    path, mistakes, rows = html_run
+    document = path.read_text("utf-8")
+    page = Page(document)
+    assert page.all("script") == [] and page.all("link") == [] and page.all("iframe") == []
+    images = page.all("img")
+    n_img, n_gone = expected_images(classifier, mistakes)
+    assert len(images) == n_img
+    assert all((img["src"] or "").startswith("data:image/png;base64,") for img in images)
+    assert "http://" not in document and "https://" not in document
+    assert not [a for _, a in page.tags if any(k.startswith("on") for k in a)]
+    text = "".join(page.text)
+    assert SCRIPT_NAME in text  # shown as text in the failures table
+    assert f"3/{IMG_NAME}" in text  # shown as text under its thumbnail
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.png" in document
+    # the deleted file is a confident mistake of every predictor: a placeholder, not a picture
+    assert n_gone == 3
+    assert len(page.classed("missing")) == n_gone
+    assert len(page.classed("card")) == sum(len(v) for v in mistakes.values())
+    wrong_sgd = sum(
+        1 for r in rows if r["error"] is None and r["label"] and r["pred_sgd"] != r["label"]
+    )
+    assert f"SGD: {min(wrong_sgd, 24)} of {wrong_sgd} wrong" in text
+
+
+def test_html_thumbnail_is_the_scored_file(html_run, sample_dir):
+    """The picture under IMG_NAME's card is that file's own pixels (a re-encoded PNG)."""
+    import base64
+    import io
+
+    path, _, _ = html_run
+    page = Page(path.read_text("utf-8"))
+    thumbs = [a for a in page.all("img") if a.get("alt") == f"3/{IMG_NAME}"]
+    assert thumbs, "no thumbnail for the misclassified file"
+    data = base64.b64decode((thumbs[0]["src"] or "").split(",", 1)[1])
+    shown = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    a_seven = sorted((sample_dir / "valid" / "7").glob("*.png"))[0]
+    assert (shown == np.asarray(Image.open(a_seven).convert("L"))).all()
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_html_report_renders_in_headless_chromium(html_run, classifier, tmp_path):
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+        service_missing(f"Chromium at {CHROMIUM}")
+    path, mistakes, _ = html_run
+    url = path.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    done = _chromium(
+        f"--screenshot={shot}", "--window-size=1200,2000", url, profile=tmp_path / "p1"
+    )
+    assert shot.exists(), done.stderr[-2000:]
+    assert shot.stat().st_size > 50_000
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (2000, 1200)
+    not_white = (pixels < 240).any(axis=2).mean()
+    assert not_white > 0.05  # tables, text and black digit thumbnails, not a blank page
+    dark = (pixels < 30).all(axis=2)
+    assert dark.sum() > 20 * 84 * 84 * 0.5  # the digits' black backgrounds are on screen
+    # the weight maps' red and blue are on screen
+    r, g, b = (pixels[..., i].astype(int) for i in range(3))
+    assert ((r - b > 80) & (g < 150)).sum() > 200
+    assert ((b - r > 80) & (g < 180)).sum() > 200
+
+    dom = _chromium("--dump-dom", url, profile=tmp_path / "p2")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = Page(dom.stdout)
+    assert page.all("script") == []
+    n_img, n_gone = expected_images(classifier, mistakes)
+    assert len(page.all("img")) == n_img
+    assert len(page.classed("missing")) == n_gone
+    # run summary, accuracy, three confusion matrices, failure reasons, failures
+    assert len(page.all("table")) == 7
+    assert len(page.classed("confusion")) == 3
+    text = "".join(page.text)
+    assert SCRIPT_NAME in text and f"3/{IMG_NAME}" in text
