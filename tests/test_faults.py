@@ -127,3 +127,167 @@ def test_poison_batch_is_failed_after_bounded_deliveries(
     assert errors == n_images == run["n_failed"]
     assert run["n_scored"] == 201 - n_images
     assert worker.poll() is None  # the worker survived: Celery replaced each dead process
+
+
+class RedisServer:
+    """A real redis-server of this test's own (nothing on disk), that it may kill and restart
+    without disturbing anyone else's Redis."""
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.tcp_proxy import _free_port
+
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+                return
+            except Exception:
+                time.sleep(0.05)
+        pytest.fail("redis-server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, redis_server: str):
+    if shutil.which("redis-server") is None:
+        from tests.conftest import service_missing
+
+        service_missing("redis-server binary")
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
+
+
+def wait_scored(db_url: str, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while run_row(db_url)["n_scored"] < at_least:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {at_least} scored after {timeout} s: {run_row(db_url)}")
+        time.sleep(0.1)
+
+
+def test_redis_restart_mid_run_then_resume_completes(
+    run_cli, sample_dir, postgres_url, own_redis, start_worker
+):
+    train(run_cli, sample_dir, postgres_url)
+    env = {"DIGITSCORE_BROKER_URL": own_redis.url, "DIGITSCORE_DATABASE_URL": postgres_url,
+           "DIGITSCORE_TEST_TASK_DELAY": "0.2"}
+    workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
+    for w in workers:
+        wait_for_log(w, "ready.")
+    r = run_cli("submit", str(sample_dir), "--batch-size", "25", "--database-url", postgres_url,
+                env={"DIGITSCORE_BROKER_URL": own_redis.url})
+    assert r.exit_code == 0, r.output
+    wait_scored(postgres_url, 100)
+    own_redis.kill()  # every queued batch is gone: Redis keeps nothing on disk
+    own_redis.start()
+    time.sleep(1)
+    assert run_row(postgres_url)["status"] == "running"
+    r = run_cli("resume", "1", "--wait", "--database-url", postgres_url,
+                env={"DIGITSCORE_BROKER_URL": own_redis.url})
+    assert r.exit_code == 0, r.output
+    assert "re-sent" in r.stdout
+    assert_exactly_once(postgres_url, 1000)
+    assert run_row(postgres_url)["status"] == "done"
+
+
+def test_database_away_for_a_while_tasks_retry_and_run_completes(
+    run_cli, sample_dir, postgres_url, broker_env, start_worker
+):
+    from tests.tcp_proxy import TcpProxy
+
+    train(run_cli, sample_dir, postgres_url)
+    proxy = TcpProxy("127.0.0.1", 5432)
+    base, _, name = postgres_url.rpartition("/")
+    via_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{name}"
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": via_proxy,
+           "DIGITSCORE_TEST_TASK_DELAY": "0.1"}
+    try:
+        workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
+        for w in workers:
+            wait_for_log(w, "ready.")
+        r = run_cli("submit", str(sample_dir), "--batch-size", "25", "--database-url",
+                    postgres_url)
+        assert r.exit_code == 0, r.output
+        wait_scored(postgres_url, 100)
+        proxy.cut()
+        time.sleep(6)
+        proxy.open()
+        run = wait_done(postgres_url, timeout=120)
+    finally:
+        proxy.close()
+    assert_exactly_once(postgres_url, 1000)
+    assert run["n_failed"] == 0
+    logs = "".join(Path(w.log_path).read_text() for w in workers)
+    assert "Retry in" in logs  # the outage was seen, and ridden out with backoff
+
+
+def test_producer_killed_mid_submit_then_resume_completes(
+    run_cli, sample_dir, tmp_path, postgres_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, postgres_url)
+    src = tmp_path / "images"
+    for i in range(3):
+        shutil.copytree(sample_dir / "valid", src / f"part{i}")
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url}
+    worker = start_worker(env, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    producer = submit_in_background(postgres_url, src, broker_env, "--batch-size", "1")
+    engine = get_engine(postgres_url)
+    deadline = time.monotonic() + 60
+    while True:
+        with engine.connect() as conn:
+            sent = conn.execute(text("SELECT COUNT(*) FROM batches")).scalar()
+        if sent >= 50 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    producer.kill()
+    producer.wait()
+    run = run_row(postgres_url)
+    assert run["submitted_at"] is None and run["n_images"] is None  # killed mid-walk
+    r = run_cli("resume", "1", "--wait", "--database-url", postgres_url, env=broker_env)
+    assert r.exit_code == 0, r.output
+    assert_exactly_once(postgres_url, 600)
+
+
+def test_sigterm_finishes_the_batch_in_hand(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, sqlite_url)
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url,
+           "DIGITSCORE_TEST_TASK_DELAY": "2"}
+    worker = start_worker(env, "--device", "cpu", *FAULTS)
+    wait_for_log(worker, "ready.")
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "50",
+                "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    wait_for_log(worker, "received")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    log = Path(worker.log_path).read_text()
+    assert log.count("succeeded") == 1  # the batch in hand was finished, no other taken
+    assert run_row(sqlite_url)["n_scored"] == 50
+    replacement = start_worker(env | {"DIGITSCORE_TEST_TASK_DELAY": "0"}, "--device", "cpu")
+    wait_for_log(replacement, "ready.")
+    wait_done(sqlite_url, timeout=60)
+    assert_exactly_once(sqlite_url, 200)
