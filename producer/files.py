@@ -1,11 +1,18 @@
 """Walking a directory of images lazily and cutting it into batches capped in count and bytes.
 
 Nothing here holds more than one batch of files in memory, whatever the directory's size.
+
+File names are data: a relative path is stored as text exactly as the file system spells it,
+except that bytes which are not valid UTF-8 are written as ``\\xNN`` escapes
+(:func:`safe_name`); :func:`read_file` finds such a file again from its stored name, so
+``producer resume`` can re-read it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +25,28 @@ class DirectoryError(ValueError):
 
 
 def check_directory(root: Path) -> Path:
+    """``root`` resolved, if it is a directory this process can list and store the name of."""
     if not root.exists():
         raise DirectoryError(f"directory {str(root)!r} does not exist")
     if not root.is_dir():
         raise DirectoryError(f"{str(root)!r} is not a directory")
-    return root.resolve()
+    resolved = root.resolve()
+    try:
+        str(resolved).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DirectoryError(
+            f"the path {safe_name(str(resolved))!r} is not valid UTF-8, so a run cannot record "
+            "where its files are: rename the directory, or submit a directory whose own path "
+            "is valid UTF-8 (names inside it may be anything)"
+        ) from None
+    try:
+        with os.scandir(resolved):
+            pass
+    except OSError as e:
+        raise DirectoryError(
+            f"directory {str(resolved)!r} cannot be listed: {e.strerror or type(e).__name__}"
+        ) from None
+    return resolved
 
 
 def is_image_name(name: str) -> bool:
@@ -38,17 +62,44 @@ def safe_name(rel: str) -> str:
         return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# safe_name writes an undecodable byte (always 0x80-0xff) as a backslash, x, two lowercase hex.
+_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
+
+
+def on_disk_name(stored: str) -> str | None:
+    """The file system name a :func:`safe_name` result came from, when it differs from it.
+
+    ``None`` when ``stored`` holds no escape, or when unescaping it would not give back a
+    name that :func:`safe_name` maps to ``stored`` (then ``stored`` was spelled that way).
+    """
+    if "\\x" not in stored:
+        return None
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(stored))
+    candidate = os.fsdecode(raw)
+    if candidate == stored or safe_name(candidate) != stored:
+        return None
+    return candidate
+
+
 @dataclass
 class DirectoryWalk:
     """Iterates ``(absolute path, relative POSIX path)`` of every image file below ``root``.
 
-    Directory symlinks are not followed (no loops); files that are not images by their name
-    are counted in ``n_skipped``; directories that cannot be listed are kept in ``unreadable``.
+    Directory symlinks are not followed (no loops, no file seen twice) and are counted in
+    ``n_skipped``, as are files that are not images by their name. A subdirectory that cannot
+    be listed is yielded itself, as ``"dir/"``, so that it gets an error row (its images cannot
+    be known), and is kept in ``unreadable``.
+
+    Two different files whose stored names would be equal (an undecodable name and a name
+    spelled with the same backslash escapes) would share one row; the second one met gets
+    ``" (duplicate name N)"`` appended so that each keeps its own row.
     """
 
     root: Path
     n_skipped: int = 0
     unreadable: list[str] = field(default_factory=list)
+    # Only names holding a backslash can collide after escaping: remember just those.
+    _backslash_names: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         root = str(self.root)
@@ -58,21 +109,44 @@ class DirectoryWalk:
             try:
                 entries = os.scandir(directory)
             except OSError as e:
-                self.unreadable.append(f"{os.path.relpath(directory, root)}: {e.strerror}")
+                rel_dir = Path(os.path.relpath(directory, root)).as_posix()
+                self.unreadable.append(f"{rel_dir}: {e.strerror}")
+                if directory != root:
+                    yield directory + os.sep, self._unique(safe_name(rel_dir) + "/")
                 continue
             with entries:
                 for entry in entries:
-                    try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
-                    except OSError:
-                        is_dir = False
-                    if is_dir:
+                    kind = _kind(entry)
+                    if kind == "dir":
                         stack.append(entry.path)
-                    elif is_image_name(entry.name):
-                        rel = Path(os.path.relpath(entry.path, root)).as_posix()
-                        yield entry.path, safe_name(rel)
-                    else:
+                    elif kind == "dir-link" or not is_image_name(entry.name):
                         self.n_skipped += 1
+                    else:
+                        rel = Path(os.path.relpath(entry.path, root)).as_posix()
+                        yield entry.path, self._unique(safe_name(rel))
+
+    def _unique(self, rel: str) -> str:
+        if "\\" not in rel:
+            return rel
+        name, n = rel, 1
+        while name in self._backslash_names:
+            n += 1
+            name = f"{rel} (duplicate name {n})"
+        self._backslash_names.add(name)
+        return name
+
+
+def _kind(entry: os.DirEntry[str]) -> str:
+    """``"dir"`` (walk into it), ``"dir-link"`` (a symlink to a directory: skip it) or
+    ``"file"`` (anything else, including dangling links: reading it says what is wrong)."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        if entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+            return "dir-link"
+    except OSError:  # a symlink loop, a vanished entry: let read_file report it
+        pass
+    return "file"
 
 
 @dataclass
@@ -92,16 +166,56 @@ class Batch:
         self.n_bytes += len(data or b"")
 
 
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _open(path: str) -> int:
+    """Open for reading without blocking (a named pipe with no writer would hang a plain
+    ``open``); a stored name with ``\\xNN`` escapes falls back to its on-disk spelling."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raw = on_disk_name(path)
+        if raw is None:
+            raise
+        return os.open(raw, flags)
+
+
 def read_file(
     path: str, max_bytes: int = defaults.MAX_FILE_BYTES
 ) -> tuple[bytes | None, str | None]:
-    """The file's bytes, or ``None`` and the reason it could not be read."""
+    """The file's bytes, or ``None`` and the reason it could not be read.
+
+    Only regular files (or symlinks to them) are read; a path ending in ``/`` is a directory
+    the walk could not list.
+    """
+    unlisted = path.endswith(os.sep)
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        fd = _open(path)
     except OSError as e:
-        return None, f"file could not be read: {e.strerror or type(e).__name__}"
-    if len(data) > max_bytes:
+        what = "directory could not be listed" if unlisted else "file could not be read"
+        return None, f"{what}: {e.strerror or type(e).__name__}"
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                if unlisted:
+                    return None, "directory could not be listed"
+                kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                return None, f"not an image file: {kind}"
+            if st.st_size > max_bytes:
+                return None, f"file is larger than {max_bytes} bytes"
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            return None, f"file could not be read: {e.strerror or type(e).__name__}"
+    if len(data) > max_bytes:  # it grew after fstat
         return None, f"file is larger than {max_bytes} bytes"
     return data, None
 
