@@ -102,3 +102,27 @@ def test_pickled_message_is_refused_and_the_worker_keeps_going(
     assert worker.poll() is None
     with get_engine(sqlite_url).connect() as conn:
         assert conn.execute(text("SELECT n_scored FROM runs")).scalar() == 200
+
+
+def test_sqlite_holds_up_under_several_writing_workers(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, sqlite_url)
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}
+    # two workers with two processes each: four processes writing to one SQLite file
+    workers = [start_worker(env, "--device", "cpu", "--concurrency", "2", name=f"w{i}")
+               for i in range(2)]
+    for w in workers:
+        wait_for_log(w, "ready.")
+    r = run_cli("submit", str(sample_dir), "--batch-size", "10", "--wait",
+                "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    with get_engine(sqlite_url).connect() as conn:
+        rows = conn.execute(text("SELECT COUNT(*), COUNT(DISTINCT path) FROM predictions")).one()
+        run = conn.execute(text("SELECT status, n_scored FROM runs")).one()
+        done = conn.execute(text("SELECT COUNT(*) FROM batches WHERE status = 'done'")).scalar()
+    assert tuple(rows) == (1000, 1000)
+    assert tuple(run) == ("done", 1000)
+    assert done == 100
+    logs = "".join(open(w.log_path).read() for w in workers)
+    assert "database is locked" not in logs and "Traceback" not in logs
