@@ -1,0 +1,347 @@
+"""The ``worker`` launcher as a real process: what it starts, how it relays signals, what it
+does when a worker dies.
+
+Most tests put stand-ins for ``celery`` and ``torch`` first on the launcher's PYTHONPATH: the
+fake ``python -m celery`` records its command line, environment and the signals it gets; the
+fake ``torch`` claims ``FAKE_GPUS`` GPUs. So the GPU paths of the launcher run on a host
+without a GPU, and no Redis is needed. The last tests start real Celery workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import wait_for_log
+from worker.cli import exit_status, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_CELERY = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+out = Path(os.environ["FAKE_CELERY_DIR"])
+me = os.environ["DIGITSCORE_HOST_DEVICE"].replace(":", "")
+
+
+def on_signal(signum, _frame):
+    with (out / f"{me}.signals").open("a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGQUIT or not os.environ.get("FAKE_CELERY_IGNORE_TERM"):
+        sys.exit(0)
+
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    signal.signal(s, on_signal)
+keys = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "DIGITSCORE_DEVICE", "DIGITSCORE_HOST_DEVICE")
+record = {
+    "argv": sys.argv[1:],
+    "pid": os.getpid(),
+    "session_leader": os.getsid(0) == os.getpid(),
+    "env": {k: os.environ.get(k) for k in keys},
+}
+(out / f"{me}.tmp").write_text(json.dumps(record))
+(out / f"{me}.tmp").rename(out / f"{me}.json")
+code = os.environ.get("FAKE_CELERY_EXIT_" + me.upper())
+if code:
+    time.sleep(0.5)
+    sys.exit(int(code))
+while True:
+    time.sleep(0.05)
+"""
+
+FAKE_TORCH = """\
+import os
+
+if os.environ.get("FAKE_TORCH_BROKEN"):
+    raise ImportError("libcuda.so.1: cannot open shared object file")
+
+
+class cuda:
+    @staticmethod
+    def device_count():
+        n = int(os.environ.get("FAKE_GPUS", "0"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            n = min(n, len([e for e in visible.split(",") if e]))
+        return n
+
+    @staticmethod
+    def is_available():
+        return cuda.device_count() > 0
+"""
+
+
+class Launched:
+    def __init__(self, proc: subprocess.Popen, out: Path, log: Path) -> None:
+        self.proc, self.out, self.log = proc, out, log
+
+    def record(self, device: str, timeout: float = 60) -> dict:
+        """What the fake celery of ``device`` (``cpu``, ``cuda0``) saw, once it has started."""
+        path = self.out / f"{device}.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                pytest.fail(f"no worker on {device} after {timeout} s:\n{self.stderr()}")
+            time.sleep(0.05)
+        return json.loads(path.read_text())
+
+    def signals(self, device: str) -> list[str]:
+        path = self.out / f"{device}.signals"
+        return path.read_text().split() if path.exists() else []
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
+    """Start ``worker ARGS`` with the fake celery and torch, in a session of its own."""
+    fakes = tmp_path / "fakes"
+    (fakes / "celery").mkdir(parents=True)
+    (fakes / "celery" / "__init__.py").write_text("")
+    (fakes / "celery" / "__main__.py").write_text(FAKE_CELERY)
+    (fakes / "torch").mkdir()
+    (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    started: list[Launched] = []
+
+    def start(*args: str, gpus: int = 0, **env: str) -> Launched:
+        out = tmp_path / f"run{len(started)}"
+        out.mkdir()
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": f"{fakes}{os.pathsep}{ROOT}",
+            "FAKE_GPUS": str(gpus),
+            "FAKE_CELERY_DIR": str(out),
+            **env,
+        }
+        log = out / "launcher.log"
+        with log.open("wb") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from worker.cli import main; main()", *args],
+                env=full_env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(Launched(proc, out, log))
+        return started[-1]
+
+    yield start
+    for launched in started:
+        for record in launched.out.glob("*.json"):
+            _kill(json.loads(record.read_text())["pid"])
+        _kill(launched.proc.pid)
+        launched.proc.wait(10)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_until(check: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# ---------------------------------------------------------------- what the launcher starts
+
+
+def test_one_pinned_worker_per_visible_gpu_with_the_exact_command_line(launch):
+    w = launch("--concurrency", "2", "--", "--without-gossip", gpus=8, CUDA_VISIBLE_DEVICES="6,4")
+    for index, physical in ((0, "6"), (1, "4")):
+        record = w.record(f"cuda{index}")
+        expected = [sys.executable, "-m", "celery", "--app", "worker.tasks", "worker", "--queues"]
+        expected += ["digitscore", "--concurrency", "2", "--pool", "prefork", "--hostname"]
+        expected += [f"digitscore-cuda{index}@%h", "--loglevel", "INFO", "--without-gossip"]
+        assert record["argv"] == expected[3:]  # what follows `python -m celery`
+        assert record["env"] == {
+            "CUDA_VISIBLE_DEVICES": physical,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "DIGITSCORE_DEVICE": "cuda:0",
+            "DIGITSCORE_HOST_DEVICE": f"cuda:{index}",
+        }
+        assert record["session_leader"]
+    assert not (w.out / "cpu.json").exists()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+    assert w.signals("cuda0") == w.signals("cuda1") == ["SIGTERM"]
+
+
+def test_no_gpu_means_one_worker_on_the_cpu(launch):
+    w = launch(gpus=0)
+    assert w.record("cpu")["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+    assert "started the worker on cpu" in w.stderr()
+
+
+def test_gpus_that_cannot_be_counted_exit_1_and_start_nothing(launch):
+    w = launch(FAKE_TORCH_BROKEN="1")
+    assert w.wait(60) == 1
+    assert "could not count GPUs" in w.stderr() and "--device cpu" in w.stderr()
+    assert "libcuda.so.1" in w.stderr()
+    assert not list(w.out.glob("*.json"))
+
+
+def test_passwords_are_never_printed(launch):
+    w = launch(
+        "--device",
+        "cpu",
+        DIGITSCORE_BROKER_URL="redis://:broker-pw@queue:6379/0",
+        DIGITSCORE_DATABASE_URL="postgresql://digitscore:db-pw@db/digitscore",
+    )
+    record = w.record("cpu")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+    text = w.stderr()
+    assert "redis://:***@queue:6379/0" in text
+    assert "postgresql+psycopg://digitscore:***@db/digitscore" in text
+    assert "broker-pw" not in text + json.dumps(record)
+    assert "db-pw" not in text + json.dumps(record)
+
+
+# ---------------------------------------------------------------- signals and deaths
+
+
+def test_ctrl_c_reaches_each_worker_once_and_stops_it_warmly(launch):
+    w = launch(gpus=2)
+    w.record("cuda0"), w.record("cuda1")
+    os.killpg(w.proc.pid, signal.SIGINT)  # as a terminal does: to the whole foreground group
+    assert w.wait() == 0
+    assert w.signals("cuda0") == w.signals("cuda1") == ["SIGTERM"]
+    assert "SIGINT: stopping the workers warmly" in w.stderr()
+
+
+def test_a_second_signal_stops_the_workers_coldly(launch):
+    w = launch("--device", "cpu", FAKE_CELERY_IGNORE_TERM="1")
+    w.record("cpu")
+    w.proc.send_signal(signal.SIGINT)
+    assert _wait_until(lambda: w.signals("cpu") == ["SIGTERM"])
+    assert w.proc.poll() is None  # the worker is still finishing its batch
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+    assert w.signals("cpu") == ["SIGTERM", "SIGQUIT"]
+    assert "stopping the workers coldly" in w.stderr()
+
+
+def test_one_worker_dying_stops_the_others_and_the_launcher_exits_with_its_status(launch):
+    w = launch(gpus=2, FAKE_CELERY_EXIT_CUDA1="3")
+    w.record("cuda0")
+    assert w.wait() == 3
+    assert w.signals("cuda0") == ["SIGTERM"]
+    assert "the worker on cuda:1" in w.stderr() and "status 3" in w.stderr()
+    assert not _alive(w.record("cuda0")["pid"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_get_sigterm_when_the_launcher_is_killed(launch):
+    w = launch("--device", "cpu")
+    pid = w.record("cpu")["pid"]
+    w.proc.kill()
+    w.wait()
+    assert _wait_until(lambda: w.signals("cpu") == ["SIGTERM"])
+    assert _wait_until(lambda: not _alive(pid))
+
+
+def test_exit_status_of_a_killed_child_is_128_plus_the_signal():
+    assert exit_status(-9) == 137 and exit_status(-15) == 143
+    assert exit_status(0) == 0 and exit_status(3) == 3
+
+
+# ---------------------------------------------------------------- usage, with no service
+
+
+def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch):
+    monkeypatch.setenv("DIGITSCORE_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    assert "--device cpu|cuda:N" in r.output and "--concurrency" in r.output
+    assert "SIGQUIT" in r.output and "128+N" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--concurrency", "0"], {}, "--concurrency"),
+        (["--device", "tpu"], {}, "unknown device 'tpu'"),
+        (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "ten"}, "VISIBILITY_TIMEOUT"),
+        (["--device", "cpu"], {"DIGITSCORE_DATABASE_URL": "nonsense"}, "not a database URL"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_starts(args, env, message):
+    r = CliRunner().invoke(main, args, env=env)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "started the worker" not in r.output
+
+
+# ---------------------------------------------------------------- real Celery workers
+
+
+def _celery_pid(proc: subprocess.Popen) -> int:
+    log = wait_for_log(proc, "ready.")
+    return int(re.search(r"started the worker on cpu: pid (\d+)", log).group(1))
+
+
+def _pool_pids(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_real_worker_warmly_once(broker_env, sqlite_url, start_worker):
+    proc = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}, "--device", "cpu")
+    celery = _celery_pid(proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the launcher's whole process group, as a terminal does
+    assert proc.wait(60) == 0  # celery exits 1 on SIGINT, 0 on the SIGTERM the launcher sends
+    log = Path(proc.log_path).read_text()
+    assert log.count("Warm shutdown") == 1 and "Cold shutdown" not in log
+    assert not _alive(celery)
+
+
+@pytest.mark.integration
+def test_a_killed_real_worker_makes_the_launcher_exit_137(broker_env, sqlite_url, start_worker):
+    proc = start_worker(
+        {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url},
+        "--device",
+        "cpu",
+        "--concurrency",
+        "2",
+    )
+    celery = _celery_pid(proc)
+    pool = _pool_pids(celery)
+    assert len(pool) == 2
+    os.kill(celery, signal.SIGKILL)
+    assert proc.wait(30) == 137
+    assert "the worker on cpu" in Path(proc.log_path).read_text()
+    assert _wait_until(lambda: not any(_alive(p) for p in pool))  # no orphaned pool process
