@@ -213,6 +213,11 @@ def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
         yield from paths
 
 
+def images_sent(conn: Connection, run_id: int) -> int:
+    total = conn.execute(select(func.sum(Batch.n_images)).where(Batch.run_id == run_id)).scalar()
+    return int(total or 0)
+
+
 def next_batch_seq(conn: Connection, run_id: int) -> int:
     top = conn.execute(select(func.max(Batch.seq)).where(Batch.run_id == run_id)).scalar()
     return 0 if top is None else int(top) + 1

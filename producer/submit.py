@@ -110,7 +110,7 @@ def _send_all(
 
 def _finish(engine: Engine, run_id: int, n_skipped: int, n_batches: int) -> Submission:
     with engine.connect() as conn:
-        n_images = sum(1 for _ in queries.batch_paths(conn, run_id))
+        n_images = queries.images_sent(conn, run_id)
     status = queries.finish_submission(engine, run_id, n_images, n_skipped)
     return Submission(run_id, n_images, n_skipped, n_batches, status)
 
