@@ -103,13 +103,16 @@ class DirectoryWalk:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         root = str(self.root)
+        # Every path below root starts with this; slicing it off is the relative path
+        # (pathlib would intern every name it meets: memory that grows with the directory).
+        start = len(os.path.join(root, ""))
         stack = [root]
         while stack:
             directory = stack.pop()
             try:
                 entries = os.scandir(directory)
             except OSError as e:
-                rel_dir = Path(os.path.relpath(directory, root)).as_posix()
+                rel_dir = _posix(directory[start:]) or "."
                 self.unreadable.append(f"{rel_dir}: {e.strerror}")
                 if directory != root:
                     yield directory + os.sep, self._unique(safe_name(rel_dir) + "/")
@@ -122,8 +125,7 @@ class DirectoryWalk:
                     elif kind == "dir-link" or not is_image_name(entry.name):
                         self.n_skipped += 1
                     else:
-                        rel = Path(os.path.relpath(entry.path, root)).as_posix()
-                        yield entry.path, self._unique(safe_name(rel))
+                        yield entry.path, self._unique(safe_name(_posix(entry.path[start:])))
 
     def _unique(self, rel: str) -> str:
         if "\\" not in rel:
@@ -134,6 +136,10 @@ class DirectoryWalk:
             name = f"{rel} (duplicate name {n})"
         self._backslash_names.add(name)
         return name
+
+
+def _posix(rel: str) -> str:
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
 def _kind(entry: os.DirEntry[str]) -> str:
@@ -212,7 +218,11 @@ def read_file(
                 return None, f"not an image file: {kind}"
             if st.st_size > max_bytes:
                 return None, f"file is larger than {max_bytes} bytes"
-            data = f.read(max_bytes + 1)
+            # read(n) allocates n bytes up front: ask for the size fstat gave (and one more
+            # byte, to see a file that grew or a /proc file that reports 0), never max_bytes.
+            data = f.read(st.st_size + 1)
+            if len(data) > st.st_size:
+                data += f.read(max_bytes + 1 - len(data))
         except OSError as e:
             return None, f"file could not be read: {e.strerror or type(e).__name__}"
     if len(data) > max_bytes:  # it grew after fstat
