@@ -4,8 +4,9 @@ Nothing here holds more than one batch of files in memory, whatever the director
 
 File names are data: a relative path is stored as text exactly as the file system spells it,
 except that bytes which are not valid UTF-8 are written as ``\\xNN`` escapes
-(:func:`safe_name`); :func:`read_file` finds such a file again from its stored name, so
-``producer resume`` can re-read it.
+(:func:`safe_name`; :func:`stored_name` adds a mark in the rare case that the escaped spelling
+is also the name of another file). :func:`read_file` finds such a file again from its stored
+name, so ``producer resume`` can re-read it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from producer.tables import printable
 from worker import defaults
 
 
@@ -35,9 +37,9 @@ def check_directory(root: Path) -> Path:
         str(resolved).encode("utf-8")
     except UnicodeEncodeError:
         raise DirectoryError(
-            f"the path {safe_name(str(resolved))!r} is not valid UTF-8, so a run cannot record "
-            "where its files are: rename the directory, or submit a directory whose own path "
-            "is valid UTF-8 (names inside it may be anything)"
+            f"the path '{printable(safe_name(str(resolved)))}' is not valid UTF-8, so a run "
+            "cannot record where its files are: rename the directory, or submit a directory "
+            "whose own path is valid UTF-8 (names inside it may be anything)"
         ) from None
     try:
         with os.scandir(resolved):
@@ -65,18 +67,32 @@ def safe_name(rel: str) -> str:
 # safe_name writes an undecodable byte (always 0x80-0xff) as a backslash, x, two lowercase hex.
 _ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
 
+#: Appended to an escaped name when a file is really called by the escaped spelling.
+NOT_UTF8_MARK = " (name not UTF-8)"
+
+
+def stored_name(root: str, rel: str) -> str:
+    """The text a relative path is stored as: itself, or its :func:`safe_name` escape; and if
+    a file below ``root`` is literally named like that escape, the escape plus
+    :data:`NOT_UTF8_MARK`, so that two files never share one row."""
+    escaped = safe_name(rel)
+    if escaped != rel and os.path.lexists(os.path.join(root, escaped)):
+        escaped += NOT_UTF8_MARK
+    return escaped
+
 
 def on_disk_name(stored: str) -> str | None:
-    """The file system name a :func:`safe_name` result came from, when it differs from it.
+    """The file system name a :func:`stored_name` result came from, when it differs from it.
 
     ``None`` when ``stored`` holds no escape, or when unescaping it would not give back a
     name that :func:`safe_name` maps to ``stored`` (then ``stored`` was spelled that way).
     """
     if "\\x" not in stored:
         return None
-    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(stored))
+    escaped = stored.removesuffix(NOT_UTF8_MARK)
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(escaped))
     candidate = os.fsdecode(raw)
-    if candidate == stored or safe_name(candidate) != stored:
+    if candidate == escaped or safe_name(candidate) != escaped:
         return None
     return candidate
 
@@ -88,18 +104,13 @@ class DirectoryWalk:
     Directory symlinks are not followed (no loops, no file seen twice) and are counted in
     ``n_skipped``, as are files that are not images by their name. A subdirectory that cannot
     be listed is yielded itself, as ``"dir/"``, so that it gets an error row (its images cannot
-    be known), and is kept in ``unreadable``.
-
-    Two different files whose stored names would be equal (an undecodable name and a name
-    spelled with the same backslash escapes) would share one row; the second one met gets
-    ``" (duplicate name N)"`` appended so that each keeps its own row.
+    be known), and is kept in ``unreadable``. Relative paths are given as :func:`stored_name`
+    spells them.
     """
 
     root: Path
     n_skipped: int = 0
     unreadable: list[str] = field(default_factory=list)
-    # Only names holding a backslash can collide after escaping: remember just those.
-    _backslash_names: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         root = str(self.root)
@@ -115,7 +126,7 @@ class DirectoryWalk:
                 rel_dir = _posix(directory[start:]) or "."
                 self.unreadable.append(f"{rel_dir}: {e.strerror}")
                 if directory != root:
-                    yield directory + os.sep, self._unique(safe_name(rel_dir) + "/")
+                    yield directory + os.sep, stored_name(root, rel_dir) + "/"
                 continue
             with entries:
                 for entry in entries:
@@ -125,17 +136,7 @@ class DirectoryWalk:
                     elif kind == "dir-link" or not is_image_name(entry.name):
                         self.n_skipped += 1
                     else:
-                        yield entry.path, self._unique(safe_name(_posix(entry.path[start:])))
-
-    def _unique(self, rel: str) -> str:
-        if "\\" not in rel:
-            return rel
-        name, n = rel, 1
-        while name in self._backslash_names:
-            n += 1
-            name = f"{rel} (duplicate name {n})"
-        self._backslash_names.add(name)
-        return name
+                        yield entry.path, stored_name(root, _posix(entry.path[start:]))
 
 
 def _posix(rel: str) -> str:
