@@ -73,6 +73,8 @@ def test_bad_files_get_one_error_row_each_and_the_rest_are_scored(
         "truncated.png": cut_in_idat(png),
         "signature_only.png": png[:8],
         "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "header_cut.jpg": jpeg[:20],
+        "header_cut.gif": encode(Image.fromarray(gray(digit)), "GIF")[:10],
         "text.png": b"this is not an image\n",
         "page.jpg": b"<html><body>not a photo</body></html>",
         "wide.png": encode(Image.new("L", (27, 28)), "PNG"),
@@ -92,8 +94,9 @@ def test_bad_files_get_one_error_row_each_and_the_rest_are_scored(
     rows = assert_run_complete(any_model_db, good, failed, n_skipped=len(not_images))
     error = {name: rows[f"bad/{name}"]["error"] for name in bad}
     assert "empty" in error["empty.png"]
-    for name in ("truncated.png", "signature_only.png", "truncated.jpg"):
+    for name in ("truncated.png", "signature_only.png", "truncated.jpg", "header_cut.jpg"):
         assert "truncated" in error[name], (name, error[name])
+    assert "truncated" in error["header_cut.gif"] and "GIF" in error["header_cut.gif"]
     for name in ("text.png", "page.jpg"):
         assert "not an image" in error[name], (name, error[name])
     for name, size in (("wide.png", "27x28"), ("big.png", "56x56"), ("dot.png", "1x1")):
@@ -265,6 +268,7 @@ def bombs() -> dict[str, bytes]:
 
 def test_decompression_bombs_are_refused_unread_and_fast(bombs):
     why = {"giant.png": "decompression bomb", "large.png": "image is 9000x9000 pixels"}
+    decode_gray(encode(Image.new("L", (28, 28)), "PNG"), 28, 28)  # Pillow imports its plugins
     for name, data in bombs.items():
         tracemalloc.start()
         start = time.perf_counter()

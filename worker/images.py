@@ -79,7 +79,7 @@ def decode_gray(data: bytes, height: int, width: int) -> np.ndarray:
         raise ImageError("not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(
-            f"refused unread, the model expects {width}x{height}: decompression bomb ({e})"
+            f"decompression bomb refused unread ({e}); the model expects {width}x{height}"
         ) from None
     except Exception as e:  # Pillow raises a zoo of types for corrupt headers
         raise ImageError(f"corrupt image header: {type(e).__name__}: {e}") from None
