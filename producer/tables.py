@@ -25,6 +25,7 @@ def format_table(
     """Rows under headers, two spaces between columns. ``align`` has one letter per column,
     ``l`` or ``r`` (default: right for numbers, left for the rest, judged on the first row).
     The last column is not padded, so a long last value never adds trailing blanks."""
+    headers = [printable(h) for h in headers]
     cells = [[printable("" if v is None else str(v)) for v in row] for row in rows]
     if align is None:
         first = rows[0] if rows else [""] * len(headers)
