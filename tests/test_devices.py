@@ -29,6 +29,8 @@ from worker.devices import (
     DeviceSpec,
     GpuCountError,
     count_gpus,
+    current_device,
+    describe_current_device,
     needs_gpu_count,
     parse_device,
     parse_devices,
@@ -151,6 +153,16 @@ def test_a_cpu_worker_sees_no_gpu():
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     assert env[DEVICE_ENV] == "cpu"
     assert env[HOST_DEVICE_ENV] == "cpu"
+
+
+def test_a_worker_process_describes_its_device_for_the_log(monkeypatch):
+    for key, value in DeviceSpec("cuda", 2).environment({}).items():
+        monkeypatch.setenv(key, value)
+    assert current_device() == "cuda:0"
+    assert describe_current_device() == "cuda:0 (host cuda:2, CUDA_VISIBLE_DEVICES=2)"
+    for key, value in DeviceSpec("cpu").environment({}).items():
+        monkeypatch.setenv(key, value)
+    assert current_device() == describe_current_device() == "cpu"
 
 
 def test_celery_command_line_is_exact():

@@ -238,7 +238,7 @@ def _echo(message: str) -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Processes per device (more decoders feeding the same device).",
+    help="Processes per device: more decoders feeding it; on a GPU each has its own CUDA context.",
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...]) -> None:
