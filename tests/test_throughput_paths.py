@@ -1,0 +1,181 @@
+"""The faster paths of a batch give what the plain ones gave: scoring in slices, labels per
+folder, bulk writes of new rows only, and run counts kept incrementally (the full SQL aggregate
+only when a run completes, or its row count passes a power of two)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import pytest
+import torch
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from db import queries
+from db.bulk import insert_new_rows
+from db.models import Prediction
+from db.session import get_engine
+from producer.sample_data import load_digits
+from tests.test_results import RECOMPUTE, save
+from worker.batch import CPU_SCORE_ROWS, label_for, labels_for, process_batch, score_stack
+from worker.scoring import Scores, score_batch
+
+FIELDS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
+
+
+def test_scoring_in_slices_equals_scoring_at_once_bit_for_bit(classifier):
+    images = load_digits()[0]
+    for n in (1, CPU_SCORE_ROWS - 1, CPU_SCORE_ROWS, CPU_SCORE_ROWS + 1, 512, 1000):
+        stack = images[:n]
+        sliced = score_stack(classifier, stack, torch.device("cpu"))
+        whole = score_batch(classifier, torch.from_numpy(stack))
+        assert isinstance(sliced, Scores) and len(sliced) == n
+        for f in FIELDS:
+            assert torch.equal(getattr(sliced, f), getattr(whole, f)), (n, f)
+
+
+def test_labels_per_folder_equal_label_for_each_path():
+    classes = ("3", "7", "a b")
+    paths = [
+        "3/x.png", "3/y.png", "7/x.png", "x.png", "/3/x.png", "a/3/x.png", "a/3/", "a/3/.",
+        "a/3/..", "3//x.png", "3/./x.png", "./7/x.png", "a b/x.png", "7/sub/x.png", "3/x/",
+        "", "/", ".", "7", "7/", "3/\\x85.png", "dir/7/x.png (duplicate name 2)",
+    ]
+    for order in (paths, paths[::-1]):
+        assert labels_for(order, classes) == [label_for(p, classes) for p in order]
+
+
+def new_run(engine, model_id: int, batches: list[list[str]]) -> int:
+    with engine.begin() as conn:
+        run_id = queries.create_run(conn, model_id, "/data", "embedded")
+        for seq, paths in enumerate(batches):
+            queries.record_batch(conn, run_id, seq, paths, 0)
+    return run_id
+
+
+def sql_counts(engine, run_id: int) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(text(RECOMPUTE), {"run": run_id}).mappings().one())
+
+
+def run_row(engine, run_id: int) -> dict:
+    with engine.connect() as conn:
+        return queries.get_run(conn, run_id)
+
+
+def count_aggregates(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = queries.aggregate
+
+    def counted(conn, run_id: int):
+        calls.append(run_id)
+        return real(conn, run_id)
+
+    monkeypatch.setattr(queries, "aggregate", counted)
+    return calls
+
+
+def test_counts_agree_with_the_rows_after_every_batch(
+    any_db_url, classifier, sample_dir, monkeypatch
+):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    files = sorted((sample_dir / "valid").rglob("*.png"))[:130]
+    paths = [f"{f.parent.name}/{f.name}" for f in files] + ["3/bad.png", "other/x.png"]
+    blobs = [f.read_bytes() for f in files] + [b"not a png", files[0].read_bytes()]
+    cuts = [0, 7, 20, 45, 90, len(paths)]
+    chunks = [(paths[a:b], blobs[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    run_id = new_run(engine, model_id, [p for p, _ in chunks])
+    calls = count_aggregates(monkeypatch)
+    for seq, (p, b) in enumerate(chunks):
+        assert process_batch(engine, classifier, run_id, seq, p, b) == len(p)
+        run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+        assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"])
+        assert run["status"] == "running" and run["started_at"] is not None
+    assert process_batch(engine, classifier, run_id, 2, *chunks[2]) == 0  # redelivered
+    assert len(calls) == 5  # at 7, 20, 45, 90 and 132 rows a power of two was passed
+    assert queries.finish_submission(engine, run_id, len(paths), 0) == "done"
+    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (131, 1)
+    for p in ("l1", "l2", "sgd"):
+        assert run[f"accuracy_{p}"] == pytest.approx(float(sql[f"accuracy_{p}"]), abs=1e-12)
+    assert run["finished_at"] is not None
+
+
+def test_the_full_aggregate_runs_a_logarithmic_number_of_times(
+    memory_engine, classifier, monkeypatch
+):
+    engine = memory_engine
+    model_id = save(engine, classifier)
+    batches = [[f"7/{b}-{i}.png" for i in range(10)] for b in range(100)]
+    run_id = new_run(engine, model_id, batches)
+    queries.finish_submission(engine, run_id, 1000, 0)
+    calls = count_aggregates(monkeypatch)
+    for seq, paths in enumerate(batches):
+        rows = [{"path": p, "label": "7", "pred_l1": "7", "pred_l2": "3", "pred_sgd": "7",
+                 "dist_l1": 0.1, "dist_l2": 0.2, "prob_sgd": 0.9, "error": None} for p in paths]
+        queries.store_batch_results(engine, run_id, seq, rows)
+    # 100 batches, 8 aggregates: at 10, 20, 40, 70, 130, 260 and 520 rows, and at 1,000 (done)
+    assert len(calls) == 8
+    run = run_row(engine, run_id)
+    assert (run["status"], run["n_scored"], run["accuracy_l2"]) == ("done", 1000, 0.0)
+
+
+def row(path: str, error: str | None = None) -> dict:
+    scored = error is None
+    return {"path": path, "label": "3", "pred_l1": "3" if scored else None,
+            "pred_l2": "3" if scored else None, "pred_sgd": "7" if scored else None,
+            "dist_l1": 0.25 if scored else None, "dist_l2": 0.5 if scored else None,
+            "prob_sgd": 0.75 if scored else None, "error": error}
+
+
+def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    run_id = new_run(engine, model_id, [["3/a.png", "3/b.png"], ["3/b.png", "3/c.png"]])
+    first = [row("3/a.png"), row("3/b.png", "empty file (0 bytes)")]
+    assert queries.store_batch_results(engine, run_id, 0, first) == 2
+    # b is there already (its row stays as it was); c is new, and repeated in the batch
+    again = [row("3/b.png"), row("3/c.png"), row("3/c.png", "second copy")]
+    assert queries.store_batch_results(engine, run_id, 1, again) == 1
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text(
+            "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
+    assert stored == {"3/a.png": None, "3/b.png": "empty file (0 bytes)", "3/c.png": None}
+    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (2, 1)
+
+
+def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    run_id = new_run(engine, model_id, [["3/a.png"]])
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    with engine.begin() as conn:
+        insert_new_rows(conn, run_id, 0, [row("3/a.png")], at)
+        conn.execute(Prediction.__table__.insert().values(  # as SQLAlchemy writes it
+            run_id=run_id, batch_seq=0, path="ref.png", scored_at=at))
+    with engine.connect() as conn:
+        got = conn.execute(text(
+            "SELECT * FROM predictions WHERE path = '3/a.png'")).mappings().one()
+        typed = conn.execute(
+            Prediction.__table__.select().where(Prediction.path == "3/a.png")).mappings().one()
+    assert {k: got[k] for k in ("label", "pred_l1", "pred_sgd", "dist_l1", "prob_sgd")} == {
+        "label": "3", "pred_l1": "3", "pred_sgd": "7", "dist_l1": 0.25, "prob_sgd": 0.75}
+    assert typed["scored_at"].replace(tzinfo=timezone.utc) == at
+    if engine.dialect.name == "sqlite":  # stored as the same text SQLAlchemy writes
+        with engine.connect() as conn:
+            texts = conn.execute(text("SELECT scored_at FROM predictions ORDER BY path")).all()
+        assert texts[0][0] == texts[1][0] == "2026-01-02 03:04:05.678901"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", texts[0][0])
+
+
+def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    run_id = new_run(engine, model_id, [["3/a.png"]])
+    broken = {**row("3/a.png"), "path": None}  # predictions.path is NOT NULL
+    with pytest.raises(IntegrityError):
+        queries.store_batch_results(engine, run_id, 0, [broken])
+    assert queries.store_batch_results(engine, run_id, 0, [row("3/a.png")]) == 1
