@@ -11,11 +11,10 @@ from celery import Celery
 from worker import defaults
 
 TASK_NAME = "digitscore.score_batch"
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 def make_app(broker_url: str | None = None) -> Celery:
-    broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, DEFAULT_BROKER)
+    broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, defaults.DEFAULT_WORKER_BROKER)
     timeout = defaults.visibility_timeout()
     app = Celery("digitscore", broker=broker, set_as_current=False)
     # The visibility timeout is read from the broker's and the result backend's transport

@@ -98,7 +98,7 @@ def describe_settings() -> str:
     if broker:
         broker_text = maybe_sanitize_url(broker, mask="***")
     else:
-        broker_text = f"the local Redis ({defaults.BROKER_URL_ENV} is not set)"
+        broker_text = f"{defaults.DEFAULT_WORKER_BROKER} ({defaults.BROKER_URL_ENV} is not set)"
     if database:
         database_text = mask_url(normalize_url(database))
     else:
@@ -236,7 +236,7 @@ def _echo(message: str) -> None:
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
-    default=1,
+    default=defaults.WORKER_CONCURRENCY,
     show_default=True,
     help="Processes per device: more decoders feeding it; on a GPU each has its own CUDA context.",
 )

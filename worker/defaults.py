@@ -15,6 +15,10 @@ DATABASE_URL_ENV = "DIGITSCORE_DATABASE_URL"
 #: Celery broker URL (env ``DIGITSCORE_BROKER_URL``). ``None``: score in this process.
 BROKER_URL: str | None = None
 BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
+#: The broker a ``worker`` uses when ``DIGITSCORE_BROKER_URL`` is unset.
+DEFAULT_WORKER_BROKER = "redis://127.0.0.1:6379/0"
+#: Celery pool processes per device (``worker --concurrency``).
+WORKER_CONCURRENCY = 1
 
 #: Seconds a delivered, unacknowledged batch stays invisible before Redis hands it to
 #: another worker (env ``DIGITSCORE_VISIBILITY_TIMEOUT``). Must exceed the slowest batch.

@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 
 import torch
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from db.queries import count_delivery
@@ -16,7 +16,7 @@ from worker import defaults
 from worker.app import TASK_NAME, make_app
 from worker.batch import abandon_batch, process_batch
 from worker.classifier import Classifier
-from worker.devices import current_device
+from worker.devices import current_device, describe_current_device
 from worker.model_store import load_classifier
 
 log = logging.getLogger("digitscore.worker")
@@ -42,7 +42,14 @@ def _on_process_start(**_kwargs) -> None:
     dispose_engines()
     if current_device() == "cpu":
         torch.set_num_threads(1)
-    log.info("worker process %s scores on %s", os.getpid(), current_device())
+    log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
+
+
+@worker_init.connect
+def _no_cuda_before_fork(**_kwargs) -> None:
+    """The Celery main process forks the pool: CUDA must not be initialised in it."""
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
 
 
 @app.task(
