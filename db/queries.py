@@ -199,11 +199,6 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
         return refresh_run(conn, run_id)
 
 
-def set_run_status(engine: Engine, run_id: int, status: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(update(Run).where(Run.id == run_id).values(status=status))
-
-
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
     row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().one_or_none()
     if row is None:
@@ -242,30 +237,6 @@ def images_sent(conn: Connection, run_id: int) -> int:
 def next_batch_seq(conn: Connection, run_id: int) -> int:
     top = conn.execute(select(func.max(Batch.seq)).where(Batch.run_id == run_id)).scalar()
     return 0 if top is None else int(top) + 1
-
-
-def per_class(conn: Connection, run_id: int) -> list[dict[str, Any]]:
-    """Accuracy of each predictor per labelled class, over scored images."""
-    rows = conn.execute(
-        select(
-            Prediction.label,
-            func.count().label("n"),
-            *[
-                func.avg(
-                    case((getattr(Prediction, f"pred_{p}") == Prediction.label, 1.0), else_=0.0)
-                ).label(f"accuracy_{p}")
-                for p in PREDICTORS
-            ],
-        )
-        .where(
-            Prediction.run_id == run_id,
-            Prediction.error.is_(None),
-            Prediction.label.is_not(None),
-        )
-        .group_by(Prediction.label)
-        .order_by(Prediction.label)
-    ).mappings()
-    return [{k: (float(v) if k.startswith("accuracy") else v) for k, v in r.items()} for r in rows]
 
 
 def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str]]:
