@@ -1,0 +1,121 @@
+"""Turning the benchmark's rounds into medians, ratios and goals, and printing them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from argparse import Namespace
+from typing import Any
+
+ROWS = [
+    ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
+    ("system_postgresql", "system: 2 workers, Redis, PostgreSQL (submit --wait)"),
+    ("one_worker", "system: 1 worker, Redis, SQLite (submit --wait)"),
+    ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
+    ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
+    ("limit_fast", "decode+score limit, 1 process, fast decoder"),
+    ("limit_pillow", "decode+score limit, 1 process, Pillow"),
+]
+
+#: (name, numerator, denominator, goal): the ratio of two rates must reach the goal.
+GOALS = [
+    ("end to end (SQLite) / plain script", "system_sqlite", "plain_script", 2.0),
+    ("end to end (PostgreSQL) / plain script", "system_postgresql", "plain_script", 2.0),
+    ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
+    ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
+    ("one worker / decode+score limit", "one_worker", "limit_fast", 0.70),
+]
+MEMORY = [("producer_mib", "producer"), ("worker_pool_mib", "worker pool process"),
+          ("worker_main_mib", "worker main process")]
+MEMORY_GOAL = 1.3
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"torch {torch.__version__}, device {device}, load average {load}")
+
+
+def _median_ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float | None:
+    if top not in rates or bottom not in rates:
+        return None
+    pairs = zip(rates[top], rates[bottom], strict=False)
+    return statistics.median(a / b for a, b in pairs)
+
+
+def summarise(
+    rates: dict[str, list[float]],
+    memory: dict[int, dict[str, float]],
+    args: Namespace,
+    machine_text: str,
+    seconds: float,
+) -> dict[str, Any]:
+    goals = []
+    for name, top, bottom, goal in GOALS:
+        ratio = _median_ratio(rates, top, bottom)
+        goals.append({"goal": name, "ratio": ratio, "target": goal,
+                      "met": None if ratio is None else ratio >= goal})
+    small, large = args.memory
+    mem = []
+    for key, name in MEMORY:
+        a, b = memory[small].get(key), memory[large].get(key)
+        ratio = b / a if a and b else None
+        mem.append({"process": name, "small_mib": a, "large_mib": b, "ratio": ratio,
+                    "met": None if ratio is None else ratio <= MEMORY_GOAL})
+    return {
+        "machine": machine_text,
+        "images": args.images,
+        "naive_images": args.naive_images,
+        "repeat": args.repeat,
+        "device": args.device,
+        "seconds": seconds,
+        "rates": rates,
+        "medians": {k: statistics.median(v) for k, v in rates.items()},
+        "goals": goals,
+        "memory_sizes": [small, large],
+        "memory": mem,
+    }
+
+
+def _yes(met: bool | None) -> str:
+    return "n/a" if met is None else ("met" if met else "NOT met")
+
+
+def format_results(r: dict[str, Any]) -> str:
+    n_runs = r["repeat"]
+    lines = [
+        "",
+        f"digitscore throughput: {r['images']:,} real 28x28 digit PNGs in 10 class folders "
+        f"(naive Celery: {r['naive_images']:,})",
+        f"machine: {r['machine']}",
+        f"medians of {n_runs} interleaved round(s); whole benchmark {r['seconds']:.0f} s",
+        "",
+        f"{'measurement':56s} {'images/s':>10s}   all rounds",
+    ]
+    for key, name in ROWS:
+        if key in r["medians"]:
+            every = ", ".join(f"{x:,.0f}" for x in r["rates"][key])
+            lines.append(f"{name:56s} {r['medians'][key]:10,.0f}   {every}")
+    lines += ["", f"{'goal (median of per-round ratios)':56s} {'ratio':>10s}   target"]
+    for g in r["goals"]:
+        ratio = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}"
+        lines.append(f"{g['goal']:56s} {ratio:>10s}   >= {g['target']:g}: {_yes(g['met'])}")
+    small, large = r["memory_sizes"]
+    lines += ["", f"{'peak RSS (VmHWM), MiB':31s} {small:>11,} files {large:>11,} files"
+              f"   ratio   target <= {MEMORY_GOAL:g}"]
+    for m in r["memory"]:
+        a = "n/a" if m["small_mib"] is None else f"{m['small_mib']:.1f}"
+        b = "n/a" if m["large_mib"] is None else f"{m['large_mib']:.1f}"
+        ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.2f}"
+        lines.append(f"{m['process']:31s} {a:>17s} {b:>17s}   {ratio:>5s}   {_yes(m['met'])}")
+    return "\n".join(lines)

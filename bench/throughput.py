@@ -1,0 +1,175 @@
+"""Throughput of digitscore against what users would write instead, in one command.
+
+    python -m bench.throughput [--quick] [--repeat N] [--device cpu|cuda:0] [--data-dir DIR]
+
+On a generated set of real digit PNGs in ten class folders (cached in --data-dir), measures
+images/second of: the system end to end (two ``worker`` processes, Redis, SQLite and then
+PostgreSQL, ``producer submit --wait`` from its first file read until the run is done); one
+worker alone; the plain single-process script (bench/plain_script.py); naive Celery with one
+task per image (bench/naive_celery.py, on a subset); the decode-and-score limit of one process
+with Pillow and with the fast decoder. Then the peak memory of the producer and of a worker at
+two directory sizes. The measurements are interleaved, round by round, and every ratio is the
+median of the ratios of the rounds, so that a noisy machine affects both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: the project root is the parent folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common, dataset, report, runners, system  # noqa: E402
+from worker import fast_decode, images  # noqa: E402
+
+DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
+SIZES = {"images": 50_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3}
+QUICK = {"images": 3_000, "naive": 200, "memory": (1_000, 4_000), "repeat": 1}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
+    p.add_argument("--repeat", type=int, help="rounds; every figure is a median (default 3)")
+    p.add_argument("--images", type=int, help="images in the main set (default 50,000)")
+    p.add_argument("--naive-images", type=int, help="images for naive Celery (default 2,000)")
+    p.add_argument("--memory-sizes", help="two directory sizes for peak memory "
+                   "(default 10000,200000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N, for workers and scoring")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"where the image sets are cached (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--broker-url", default="redis://127.0.0.1:6379/8")
+    p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                   help="an admin URL: a fresh database is created and dropped")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else SIZES
+    args.repeat = args.repeat or sizes["repeat"]
+    args.images = args.images or sizes["images"]
+    args.naive_images = args.naive_images or sizes["naive"]
+    if args.memory_sizes:
+        small, large = (int(x) for x in args.memory_sizes.split(","))
+        args.memory = (small, large)
+    else:
+        args.memory = sizes["memory"]
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextmanager
+def workers(
+    n: int, db_url: str, clf: Any, args: argparse.Namespace, work: Path
+) -> Iterator[tuple[system.WorkerSet, dict[str, str]]]:
+    """``n`` workers on a queue of their own, scoring into ``db_url`` (model stored there)."""
+    common.store_model(db_url, clf)
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    env = system.service_env(args.broker_url, queue, db_url)
+    try:
+        with system.WorkerSet(n, args.device, env, work) as ws:
+            yield ws, env
+    finally:
+        system.delete_queue(args.broker_url, queue)
+
+
+def measure_rounds(
+    args: argparse.Namespace, work: Path, main_set: Path, clf: Any, model: tuple[str, int]
+) -> dict[str, list[float]]:
+    """Every throughput, ``args.repeat`` times, interleaved; images/second per round."""
+    paths = dataset.image_paths(main_set)
+    blobs = [p.read_bytes() for p in paths]
+    step = max(1, len(paths) // args.naive_images)
+    naive_paths = paths[::step][: args.naive_images]
+    rates: dict[str, list[float]] = {}
+    model_url, model_id = model
+    with ExitStack() as stack:
+        sets: dict[str, tuple[system.WorkerSet, dict[str, str]]] = {}
+        log("starting workers: 2 on SQLite, 1 on SQLite, 2 on PostgreSQL")
+        sets["system_sqlite"] = stack.enter_context(
+            workers(2, common.sqlite_url(work / "e2e.db"), clf, args, work))
+        sets["one_worker"] = stack.enter_context(
+            workers(1, common.sqlite_url(work / "one.db"), clf, args, work))
+        if common.postgres_reachable(args.postgres_url):
+            pg_url = stack.enter_context(common.postgres_database(args.postgres_url))
+            sets["system_postgresql"] = stack.enter_context(workers(2, pg_url, clf, args, work))
+        else:
+            log(f"PostgreSQL at {args.postgres_url} not reachable: skipped")
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("limit_pillow", lambda: runners.decode_score_rate(
+                blobs, clf, args.device, images.decode_batch)),
+            ("limit_fast", lambda: runners.decode_score_rate(
+                blobs, clf, args.device, fast_decode.decode_batch)),
+            ("plain_script", lambda: _rate(runners.run_plain_script(
+                main_set, model_url, model_id, work / "plain.csv", args.device))),
+            ("naive_celery", lambda: _rate(runners.run_naive_celery(
+                naive_paths, model_url, model_id, work, args.broker_url, args.device))),
+        ]
+        for name, (_ws, env) in sets.items():
+            steps.append((name, lambda env=env: system.submit_and_wait(main_set, env, work).rate))
+        for r in range(args.repeat):
+            for name, step_fn in steps:
+                rate = step_fn()
+                rates.setdefault(name, []).append(rate)
+                log(f"round {r + 1}/{args.repeat}: {name:18s} {rate:10,.0f} images/s")
+    return rates
+
+
+def _rate(result: tuple[int, float]) -> float:
+    return result[0] / result[1]
+
+
+def measure_memory(args: argparse.Namespace, work: Path, clf: Any) -> dict[int, dict[str, float]]:
+    """Peak RSS of the producer and of a worker (fresh processes) for each directory size."""
+    out: dict[int, dict[str, float]] = {}
+    for n in args.memory:
+        root = dataset.image_set(args.data_dir, n, args.images)
+        db = work / f"memory-{n}.db"
+        with workers(2, common.sqlite_url(db), clf, args, work) as (ws, env):
+            result = system.submit_and_wait(root, env, work)
+            out[n] = {"producer_mib": result.producer_peak_mib or 0.0, **ws.peak_memory(),
+                      "rate": result.rate}
+        log(f"memory at {n:,} files: " + ", ".join(f"{k} {v:,.1f}" for k, v in out[n].items()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not common.redis_reachable(args.broker_url):
+        raise SystemExit(f"Redis at {args.broker_url} is not reachable: start it first")
+    started = time.perf_counter()
+    machine = report.machine(args.device)
+    log(f"{args.images:,} images, {args.repeat} round(s), device {args.device}; {machine}")
+    main_set = dataset.image_set(args.data_dir, args.images, args.images)
+    for n in args.memory:
+        dataset.image_set(args.data_dir, n, args.images)
+    log(f"image sets ready in {args.data_dir}")
+    clf = common.train_classifier()
+    work = Path(tempfile.mkdtemp(prefix="digitscore-bench-"))
+    try:
+        model_url = common.sqlite_url(work / "model.db")
+        model = (model_url, common.store_model(model_url, clf))
+        rates = measure_rounds(args, work, main_set, clf, model)
+        memory = measure_memory(args, work, clf)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = report.summarise(rates, memory, args, machine, time.perf_counter() - started)
+    print(report.format_results(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The benchmark's pieces (bench/), not timed: the plain script, naive Celery and the system
+give the same predictions on real digits; image sets, peak memory and the report are right."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from bench import common, dataset, naive_celery, plain_script, report, runners, system
+from db.session import dispose_engines, get_engine
+from producer.submit import EmbeddedSender, submit_directory
+from tests.conftest import ROOT
+from tests.test_results import save
+from worker import fast_decode, images
+
+COLUMNS = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
+
+
+def csv_rows(path: Path) -> dict[str, tuple]:
+    with open(path, newline="") as f:
+        return {
+            r["path"]: (r["label"] or None, r["pred_l1"], r["pred_l2"], r["pred_sgd"],
+                        float(r["dist_l1"]), float(r["dist_l2"]), float(r["prob_sgd"]))
+            for r in csv.DictReader(f)
+        }
+
+
+def db_rows(url: str, run_id: int) -> dict[str, tuple]:
+    with get_engine(url).connect() as conn:
+        rows = conn.execute(text(
+            f"SELECT path, {', '.join(COLUMNS)} FROM predictions WHERE run_id = :r"),
+            {"r": run_id}).all()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def test_plain_script_and_the_batch_function_give_identical_predictions(
+    sample_dir, sqlite_url, classifier, tmp_path
+):
+    root = sample_dir / "valid"
+    assert plain_script.score_directory(root, tmp_path / "out.csv", classifier) == 200
+    plain = csv_rows(tmp_path / "out.csv")
+    engine = get_engine(sqlite_url)
+    model_id = save(engine, classifier)
+    sub = submit_directory(engine, root, model_id, EmbeddedSender(engine, classifier))
+    assert sub.status == "done"
+    assert db_rows(sqlite_url, sub.run_id) == plain  # floats too, bit for bit
+
+
+def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifier, tmp_path,
+                                                monkeypatch):
+    model_id = save(get_engine(sqlite_url), classifier)
+    results = tmp_path / "naive.db"
+    import sqlite3
+
+    with sqlite3.connect(results) as db:
+        db.execute(naive_celery.RESULTS_TABLE)
+    monkeypatch.setenv("NAIVE_MODEL_DB", sqlite_url)
+    monkeypatch.setenv("NAIVE_MODEL_ID", str(model_id))
+    monkeypatch.setenv("NAIVE_RESULTS", str(results))
+    monkeypatch.setattr(naive_celery, "_classifier", None)
+    files = sorted((sample_dir / "valid").rglob("*.png"))[:20]
+    for f in files:
+        naive_celery.score_image(str(f))  # the task's function, called directly
+    plain_script.score_directory(sample_dir / "valid", tmp_path / "out.csv", classifier)
+    plain = csv_rows(tmp_path / "out.csv")
+    with sqlite3.connect(results) as db:
+        got = {Path(r[0]).relative_to(sample_dir / "valid").as_posix(): tuple(r[1:])
+               for r in db.execute("SELECT * FROM results")}
+    assert got == {k: plain[k] for k in got} and len(got) == 20
+
+
+def test_image_sets_hold_real_digits_in_class_folders_and_are_reused(tmp_path):
+    blobs, labels = dataset.encoded_digits()
+    root = dataset.image_set(tmp_path, 30, base=20)  # 30 > 20: hard links to the 20
+    files = dataset.image_paths(root)
+    assert len(files) == 30 and (root / dataset.MARKER).read_text() == "30"
+    base = dataset.image_paths(tmp_path / "digits-20")
+    assert len(base) == 20
+    for i, f in enumerate(sorted(base, key=lambda p: p.name)):
+        assert f.read_bytes() == blobs[i] and f.parent.name == str(labels[i])
+    assert all(f.stat().st_nlink >= 2 for f in files)
+    assert {f.parent.name for f in files} <= {str(d) for d in range(10)}
+    first = files[0].stat().st_mtime_ns
+    assert dataset.image_set(tmp_path, 30, base=20) == root  # cached: not written again
+    assert files[0].stat().st_mtime_ns == first
+
+
+def test_decode_score_rate_runs_both_decoders(sample_dir, classifier):
+    blobs = [f.read_bytes() for f in sorted((sample_dir / "valid").rglob("*.png"))]
+    for decoder in (images.decode_batch, fast_decode.decode_batch):
+        assert runners.decode_score_rate(blobs, classifier, "cpu", decoder, batch=64) > 0
+
+
+def test_the_producer_wrapper_records_first_read_and_peak_memory(
+    sample_dir, sqlite_url, classifier, tmp_path
+):
+    save(get_engine(sqlite_url), classifier)
+    dispose_engines()
+    stats = tmp_path / "stats.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_PRODUCER_STATS": str(stats)}
+    for var in ("DIGITSCORE_BROKER_URL", "DIGITSCORE_QUEUE"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run_producer", "submit", str(sample_dir / "valid"),
+         "--database-url", sqlite_url], env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "200 images" in proc.stdout
+    got = json.loads(stats.read_text())
+    assert got["first_read"] > 0 and 20 < got["peak_rss_mib"] < 4000
+
+
+def test_report_says_which_goals_are_met():
+    rates = {"system_sqlite": [10_000.0, 12_000.0, 11_000.0], "plain_script": [5_000.0] * 3,
+             "naive_celery": [300.0, 200.0, 250.0], "one_worker": [7_000.0] * 3,
+             "limit_fast": [10_000.0] * 3}
+    memory = {10: {"producer_mib": 100.0, "worker_pool_mib": 200.0, "worker_main_mib": 50.0},
+              20: {"producer_mib": 120.0, "worker_pool_mib": 300.0, "worker_main_mib": 50.0}}
+    args = Namespace(images=50, naive_images=5, repeat=3, device="cpu", memory=(10, 20))
+    r = report.summarise(rates, memory, args, "test machine", 1.0)
+    goals = {g["goal"]: (g["ratio"], g["met"]) for g in r["goals"]}
+    assert goals["end to end (SQLite) / plain script"] == (2.2, True)
+    assert goals["end to end (SQLite) / naive Celery"] == (44.0, False)  # 10/... per round
+    assert goals["one worker / decode+score limit"] == (0.7, True)
+    assert goals["end to end (PostgreSQL) / plain script"] == (None, None)
+    mem = {m["process"]: (m["ratio"], m["met"]) for m in r["memory"]}
+    assert mem["producer"] == (1.2, True) and mem["worker pool process"] == (1.5, False)
+    out = report.format_results(r)
+    assert "NOT met" in out and "2.20" in out and "n/a" in out
+
+
+@pytest.mark.integration
+def test_the_system_as_benchmarked_scores_like_the_plain_script(
+    sample_dir, sqlite_url, classifier, redis_server, tmp_path
+):
+    """Real ``worker`` process, Redis and ``producer submit --wait`` as the benchmark runs
+    them: every image done, the predictions equal to the plain script's."""
+    common.store_model(sqlite_url, classifier)
+    queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
+    env = system.service_env(f"{redis_server}/9", queue, sqlite_url)
+    try:
+        with system.WorkerSet(1, "cpu", env, tmp_path) as workers:
+            result = system.submit_and_wait(sample_dir / "valid", env, tmp_path)
+            memory = workers.peak_memory()
+    finally:
+        system.delete_queue(f"{redis_server}/9", queue)
+    assert result.n_images == 200 and 0 < result.seconds < 60 and result.rate > 0
+    assert memory["worker_pool_mib"] > 20 and memory["worker_main_mib"] > 20
+    plain_script.score_directory(sample_dir / "valid", tmp_path / "out.csv", classifier)
+    assert db_rows(sqlite_url, result.run_id) == csv_rows(tmp_path / "out.csv")
