@@ -129,6 +129,24 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture
+def model_db(sqlite_url: str, classifier) -> str:
+    """A SQLite database holding the session's trained model (id 1)."""
+    from tests.bad_input_support import store_model
+
+    store_model(sqlite_url, classifier)
+    return sqlite_url
+
+
+@pytest.fixture
+def any_model_db(any_db_url: str, classifier) -> str:
+    """SQLite, then PostgreSQL, each holding the session's trained model (id 1)."""
+    from tests.bad_input_support import store_model
+
+    store_model(any_db_url, classifier)
+    return any_db_url
+
+
 # ---------------------------------------------------------------- Redis and workers
 
 

@@ -24,22 +24,9 @@ from tests.bad_input_support import (
     copy_digits,
     digit_files,
     gray,
-    store_model,
     submit,
 )
 from worker.images import ImageError, decode_gray
-
-
-@pytest.fixture
-def model_db(sqlite_url: str, classifier) -> str:
-    store_model(sqlite_url, classifier)
-    return sqlite_url
-
-
-@pytest.fixture
-def any_model_db(any_db_url: str, classifier) -> str:
-    store_model(any_db_url, classifier)
-    return any_db_url
 
 
 def encode(img: Image.Image, fmt: str, **options) -> bytes:

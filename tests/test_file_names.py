@@ -43,11 +43,6 @@ UNDECODABLE = {b"caf\xe9.png": "caf\\xe9.png", b"\xff\xfe.png": "\\xff\\xfe.png"
 COLLIDING = (b"dup\xff.png", "dup\\xff.png")
 
 
-@pytest.fixture
-def any_model_db(any_db_url: str, classifier) -> str:
-    store_model(any_db_url, classifier)
-    return any_db_url
-
 
 def write_named(folder: Path, data: bytes, seven: bytes) -> dict[str, bytes]:
     """Every strange name in folder, holding data (the colliding pair's real-name twin holds

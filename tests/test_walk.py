@@ -21,15 +21,8 @@ from tests.bad_input_support import (
     copy_digits,
     digit_files,
     query,
-    store_model,
     submit,
 )
-
-
-@pytest.fixture
-def model_db(sqlite_url: str, classifier) -> str:
-    store_model(sqlite_url, classifier)
-    return sqlite_url
 
 
 @pytest.mark.timeout(60)
