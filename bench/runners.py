@@ -51,10 +51,9 @@ def run_naive_celery(
     """Naive Celery (bench/naive_celery.py) with ``processes`` pool processes: one task per
     image sent from here, timed from the first send until every row is in; (images, seconds)."""
     results = work_dir / f"naive-{uuid.uuid4().hex[:8]}.db"
-    with sqlite3.connect(results) as db:
+    with sqlite3.connect(results) as db:  # SQLite's defaults, as a user leaves them
         from bench.naive_celery import RESULTS_TABLE
 
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute(RESULTS_TABLE)
     queue = f"bench-naive-{uuid.uuid4().hex[:8]}"
     env = {

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,11 +109,17 @@ class SubmitResult:
 
 
 def submit_and_wait(
-    directory: Path, env: dict[str, str], work_dir: Path, timeout: float = 1800
+    directory: Path,
+    env: dict[str, str],
+    work_dir: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 1800,
 ) -> SubmitResult:
-    """Run ``producer submit DIRECTORY --wait`` (the console script's code) with ``env``."""
+    """Run ``producer submit DIRECTORY --wait [EXTRA...]`` (the console script's code) with
+    ``env``."""
     stats_file = work_dir / f"producer-{uuid.uuid4().hex[:8]}.json"
-    argv = [sys.executable, "-m", "bench.run_producer", "submit", str(directory), "--wait"]
+    argv = [sys.executable, "-m", "bench.run_producer", "submit", str(directory), "--wait",
+            *extra]
     proc = subprocess.run(
         argv, env={**os.environ, **env, "BENCH_PRODUCER_STATS": str(stats_file)},
         capture_output=True, text=True, timeout=timeout, cwd=work_dir,

@@ -17,10 +17,10 @@ from worker.classifier import Classifier
 from worker.fast_decode import decode_batch  # libspng for plain PNGs, else worker.images
 from worker.scoring import Scores, score_batch
 
-#: Images scored at once on the CPU. The distance temporaries of 128 images (3 x 4 MB) stay
+#: Images scored at once on the CPU. The distance temporaries of 64 images (3 x 2 MB) stay
 #: in the CPU's cache; a whole batch of 512 (3 x 16 MB) does not, and scores ~2x slower per
 #: image. The results are the same bit for bit (every image is scored on its own row).
-CPU_SCORE_ROWS = 128
+CPU_SCORE_ROWS = 64
 
 
 def label_for(path: str, classes: Sequence[str]) -> str | None:

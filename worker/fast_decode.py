@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -39,11 +40,9 @@ except ImportError:  # pragma: no cover - pyspng is a dependency
     pyspng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_IHDR_END = 8 + 8 + 13 + 4  # signature, length and type, 13 bytes of IHDR, CRC
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _CHUNK_HEAD = struct.Struct(">I4s")
 _CRC = struct.Struct(">I")
-_IHDR = struct.Struct(">4sIIBBBBBI")  # type, width, height, depth, colour, comp, filter, lace, CRC
 
 
 def available() -> bool:
@@ -51,20 +50,22 @@ def available() -> bool:
     return pyspng is not None
 
 
+@lru_cache(maxsize=16)
+def plain_header(height: int, width: int) -> bytes:
+    """The first 33 bytes of every plain PNG of this size: the signature and the whole IHDR
+    chunk (8-bit grayscale, standard compression and filtering, not interlaced), CRC included."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return PNG_SIGNATURE + struct.pack(">I", 13) + ihdr + _CRC.pack(zlib.crc32(ihdr))
+
+
 def plain_png_stream(data: bytes, height: int, width: int) -> bytes | None:
     """The zlib stream (IDAT data joined) of an 8-bit grayscale, non-interlaced PNG of
     ``width`` x ``height`` whose only chunks are IHDR, IDAT and a final IEND, each with a
     correct CRC; ``None`` for any other file (see the module doc)."""
-    if len(data) < _IHDR_END + len(_IEND) or not data.startswith(PNG_SIGNATURE):
+    header = plain_header(height, width)
+    if not data.startswith(header) or not data.endswith(_IEND):
         return None
-    if not data.endswith(_IEND) or data[8:12] != b"\x00\x00\x00\x0d":
-        return None
-    kind, w, h, depth, colour, comp, filt, lace, crc = _IHDR.unpack_from(data, 12)
-    if (kind, w, h, depth, colour, comp, filt, lace) != (b"IHDR", width, height, 8, 0, 0, 0, 0):
-        return None
-    if zlib.crc32(data[12:29]) != crc:
-        return None
-    pos = _IHDR_END
+    pos = len(header)
     end = len(data) - len(_IEND)
     parts: list[bytes] = []
     while pos < end:
@@ -74,8 +75,7 @@ def plain_png_stream(data: bytes, height: int, width: int) -> bytes | None:
         stop = pos + 8 + length
         if kind != b"IDAT" or stop + 4 > end:
             return None
-        (crc,) = _CRC.unpack_from(data, stop)
-        if zlib.crc32(data[pos + 4 : stop]) != crc:
+        if zlib.crc32(data[pos + 4 : stop]) != _CRC.unpack_from(data, stop)[0]:
             return None
         parts.append(data[pos + 8 : stop])
         pos = stop + 4
