@@ -12,6 +12,7 @@ ROWS = [
     ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
     ("system_postgresql", "system: 2 workers, Redis, PostgreSQL (submit --wait)"),
     ("one_worker", "system: 1 worker, Redis, SQLite (submit --wait)"),
+    ("one_worker_busy", "  the same worker's pool process while busy (task time)"),
     ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
     ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
     ("limit_fast", "decode+score limit, 1 process, fast decoder"),
@@ -25,6 +26,7 @@ GOALS = [
     ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
     ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
     ("one worker / decode+score limit", "one_worker", "limit_fast", 0.70),
+    ("one worker while busy / decode+score limit", "one_worker_busy", "limit_fast", 0.70),
 ]
 MEMORY = [("producer_mib", "producer"), ("worker_pool_mib", "worker pool process"),
           ("worker_main_mib", "worker main process")]
@@ -78,6 +80,7 @@ def summarise(
         "naive_images": args.naive_images,
         "repeat": args.repeat,
         "device": args.device,
+        "batch_size": getattr(args, "batch_size", None),
         "seconds": seconds,
         "rates": rates,
         "medians": {k: statistics.median(v) for k, v in rates.items()},
@@ -98,7 +101,8 @@ def format_results(r: dict[str, Any]) -> str:
         f"digitscore throughput: {r['images']:,} real 28x28 digit PNGs in 10 class folders "
         f"(naive Celery: {r['naive_images']:,})",
         f"machine: {r['machine']}",
-        f"medians of {n_runs} interleaved round(s); whole benchmark {r['seconds']:.0f} s",
+        f"medians of {n_runs} interleaved round(s); batch size {r['batch_size'] or 'default'}; "
+        f"whole benchmark {r['seconds']:.0f} s",
         "",
         f"{'measurement':56s} {'images/s':>10s}   all rounds",
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from sqlalchemy import text
 
 from bench.common import ROOT, as_utc, children, peak_rss_mib
 from db.session import dispose_engines, get_engine
+
+_SUCCEEDED = re.compile(r"succeeded in ([0-9.]+)s")
 
 
 def service_env(broker_url: str, queue: str, db_url: str) -> dict[str, str]:
@@ -64,6 +67,12 @@ class WorkerSet:
                     raise RuntimeError(f"worker did not become ready:\n{tail}")
                 time.sleep(0.1)
         return self
+
+    def task_seconds(self) -> list[float]:
+        """How long each batch took in its pool process so far ("succeeded in Xs" in the
+        Celery logs): the time a worker process was busy, without waiting for work."""
+        return [float(x) for log in self.logs
+                for x in _SUCCEEDED.findall(log.read_text(errors="replace"))]
 
     def peak_memory(self) -> dict[str, float]:
         """Peak RSS (MiB) of the largest Celery main process and of the largest pool process

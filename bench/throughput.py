@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-sizes", help="two directory sizes for peak memory "
                    "(default 10000,200000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N, for workers and scoring")
+    p.add_argument("--batch-size", type=int,
+                   help="producer submit --batch-size (default: the producer's own default)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"where the image sets are cached (default {DEFAULT_DATA_DIR})")
     p.add_argument("--broker-url", default="redis://127.0.0.1:6379/8")
@@ -107,28 +109,48 @@ def measure_rounds(
             sets["system_postgresql"] = stack.enter_context(workers(2, pg_url, clf, args, work))
         else:
             log(f"PostgreSQL at {args.postgres_url} not reachable: skipped")
-        steps: list[tuple[str, Callable[[], float]]] = [
-            ("limit_pillow", lambda: runners.decode_score_rate(
-                blobs, clf, args.device, images.decode_batch)),
-            ("limit_fast", lambda: runners.decode_score_rate(
-                blobs, clf, args.device, fast_decode.decode_batch)),
-            ("plain_script", lambda: _rate(runners.run_plain_script(
-                main_set, model_url, model_id, work / "plain.csv", args.device))),
-            ("naive_celery", lambda: _rate(runners.run_naive_celery(
-                naive_paths, model_url, model_id, work, args.broker_url, args.device))),
+        steps: list[Callable[[], dict[str, float]]] = [
+            lambda: {"limit_pillow": runners.decode_score_rate(
+                blobs, clf, args.device, images.decode_batch)},
+            lambda: {"limit_fast": runners.decode_score_rate(
+                blobs, clf, args.device, fast_decode.decode_batch)},
+            lambda: {"plain_script": _rate(runners.run_plain_script(
+                main_set, model_url, model_id, work / "plain.csv", args.device))},
+            lambda: {"naive_celery": _rate(runners.run_naive_celery(
+                naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
-        for name, (_ws, env) in sets.items():
-            steps.append((name, lambda env=env: system.submit_and_wait(main_set, env, work).rate))
+        for name, (ws, env) in sets.items():
+            steps.append(lambda name=name, ws=ws, env=env: _system_rates(
+                name, ws, env, main_set, work, args.batch_size))
         for r in range(args.repeat):
-            for name, step_fn in steps:
-                rate = step_fn()
-                rates.setdefault(name, []).append(rate)
-                log(f"round {r + 1}/{args.repeat}: {name:18s} {rate:10,.0f} images/s")
+            for step in steps:
+                for name, rate in step().items():
+                    rates.setdefault(name, []).append(rate)
+                    log(f"round {r + 1}/{args.repeat}: {name:18s} {rate:10,.0f} images/s")
     return rates
 
 
 def _rate(result: tuple[int, float]) -> float:
     return result[0] / result[1]
+
+
+def _system_rates(
+    name: str,
+    ws: system.WorkerSet,
+    env: dict[str, str],
+    root: Path,
+    work: Path,
+    batch_size: int | None,
+) -> dict[str, float]:
+    """One ``submit --wait`` run; for the single worker also its rate while busy, from the
+    time its pool process spent in tasks (waiting for work, messages and locks left out)."""
+    before = len(ws.task_seconds())
+    extra = ["--batch-size", str(batch_size)] if batch_size else []
+    result = system.submit_and_wait(root, env, work, extra)
+    rates = {name: result.rate}
+    if name == "one_worker":
+        rates["one_worker_busy"] = result.n_images / sum(ws.task_seconds()[before:])
+    return rates
 
 
 def measure_memory(args: argparse.Namespace, work: Path, clf: Any) -> dict[int, dict[str, float]]:
@@ -137,8 +159,9 @@ def measure_memory(args: argparse.Namespace, work: Path, clf: Any) -> dict[int, 
     for n in args.memory:
         root = dataset.image_set(args.data_dir, n, args.images)
         db = work / f"memory-{n}.db"
+        extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
         with workers(2, common.sqlite_url(db), clf, args, work) as (ws, env):
-            result = system.submit_and_wait(root, env, work)
+            result = system.submit_and_wait(root, env, work, extra)
             out[n] = {"producer_mib": result.producer_peak_mib or 0.0, **ws.peak_memory(),
                       "rate": result.rate}
         log(f"memory at {n:,} files: " + ", ".join(f"{k} {v:,.1f}" for k, v in out[n].items()))
