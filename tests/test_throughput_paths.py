@@ -145,6 +145,18 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     assert stored == {"3/a.png": None, "3/b.png": "empty file (0 bytes)", "3/c.png": None}
     run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
     assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (2, 1)
+    # a first delivery holding another batch's path (on PostgreSQL the straight COPY is
+    # refused by the unique index and the batch takes the general way)
+    with engine.begin() as conn:
+        queries.record_batch(conn, run_id, 2, ["3/a.png", "3/d.png"], 0)
+    later = [row("3/a.png", "changed"), row("3/d.png", "empty file (0 bytes)")]
+    assert queries.store_batch_results(engine, run_id, 2, later) == 1
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text(
+            "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
+    assert stored["3/a.png"] is None and stored["3/d.png"] == "empty file (0 bytes)"
+    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (2, 2)
 
 
 def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
