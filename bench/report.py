@@ -43,6 +43,8 @@ def machine(device: str) -> str:
         pass
     import torch
 
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
             f"torch {torch.__version__}, device {device}, load average {load}")

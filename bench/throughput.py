@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: the project root is the parent
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common, dataset, report, runners, system  # noqa: E402
-from worker import fast_decode, images  # noqa: E402
+from worker import defaults, fast_decode, images  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
 SIZES = {"images": 50_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3}
@@ -97,6 +97,7 @@ def measure_rounds(
     naive_paths = paths[::step][: args.naive_images]
     rates: dict[str, list[float]] = {}
     model_url, model_id = model
+    batch = args.batch_size or defaults.BATCH_SIZE  # as producer submit cuts batches
     with ExitStack() as stack:
         sets: dict[str, tuple[system.WorkerSet, dict[str, str]]] = {}
         log("starting workers: 2 on SQLite, 1 on SQLite, 2 on PostgreSQL")
@@ -111,9 +112,9 @@ def measure_rounds(
             log(f"PostgreSQL at {args.postgres_url} not reachable: skipped")
         steps: list[Callable[[], dict[str, float]]] = [
             lambda: {"limit_pillow": runners.decode_score_rate(
-                blobs, clf, args.device, images.decode_batch)},
+                blobs, clf, args.device, images.decode_batch, batch)},
             lambda: {"limit_fast": runners.decode_score_rate(
-                blobs, clf, args.device, fast_decode.decode_batch)},
+                blobs, clf, args.device, fast_decode.decode_batch, batch)},
             lambda: {"plain_script": _rate(runners.run_plain_script(
                 main_set, model_url, model_id, work / "plain.csv", args.device))},
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
