@@ -115,6 +115,7 @@ def decode_score_rate(
     reads, no messages, no database."""
     threads = torch.get_num_threads()
     dev = torch.device(device)
+    classifier = classifier.to(dev)  # as a worker keeps its model on its device
     if dev.type == "cpu":
         torch.set_num_threads(1)
     try:
