@@ -31,7 +31,7 @@ QUEUE = "digitscore"
 QUEUE_ENV = "DIGITSCORE_QUEUE"
 
 #: Most images in one batch (images).
-BATCH_SIZE = 512
+BATCH_SIZE = 1024
 #: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
 BATCH_BYTES = 8 * 1024 * 1024
 #: Files larger than this are not read; they get an error row (bytes).
