@@ -45,6 +45,14 @@ def labels_for(paths: Sequence[str], classes: Sequence[str]) -> list[str | None]
     return labels
 
 
+def unscored_row(path: str, label: str | None, error: str | None = None) -> dict[str, Any]:
+    """A ``predictions`` row with no predictions yet (and, if given, the reason why not)."""
+    return {
+        "path": path, "label": label, "pred_l1": None, "pred_l2": None, "pred_sgd": None,
+        "dist_l1": None, "dist_l2": None, "prob_sgd": None, "error": error,
+    }
+
+
 def to_device(stack: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host stack to the scoring device; on CUDA through pinned memory, without blocking."""
     tensor = torch.from_numpy(stack)
@@ -81,19 +89,8 @@ def score_items(
         raise ValueError(f"{len(paths)} paths but {len(blobs)} images in one batch")
     device = device or torch.device("cpu")
     classes = classifier.classes
-    rows: list[dict[str, Any]] = [
-        {
-            "path": p,
-            "label": label,
-            "pred_l1": None,
-            "pred_l2": None,
-            "pred_sgd": None,
-            "dist_l1": None,
-            "dist_l2": None,
-            "prob_sgd": None,
-            "error": None,
-        }
-        for p, label in zip(paths, labels_for(paths, classes), strict=True)
+    rows = [
+        unscored_row(p, label) for p, label in zip(paths, labels_for(paths, classes), strict=True)
     ]
     readable = [i for i, b in enumerate(blobs) if b is not None]
     for i, b in enumerate(blobs):
@@ -123,16 +120,14 @@ def score_items(
     return rows
 
 
-def poison_rows(paths: Sequence[str], classes: Sequence[str], deliveries: int):
+def poison_rows(
+    paths: Sequence[str], classes: Sequence[str], deliveries: int
+) -> list[dict[str, Any]]:
     reason = (
         f"batch abandoned after {deliveries} deliveries: the worker process died every time "
         "it took this batch (poison batch)"
     )
-    return [
-        {"path": p, "label": label_for(p, classes), "pred_l1": None, "pred_l2": None,
-         "pred_sgd": None, "dist_l1": None, "dist_l2": None, "prob_sgd": None, "error": reason}
-        for p in paths
-    ]
+    return [unscored_row(p, label_for(p, classes), reason) for p in paths]
 
 
 def abandon_batch(
