@@ -111,6 +111,7 @@ def _copy_new_rows(
     error is raised as SQLAlchemy raises it for any statement (a lost server is an
     ``OperationalError``, which the task retries)."""
     dbapi = conn.connection.driver_connection
+    assert dbapi is not None, "a connection in a transaction has its driver connection"
     statement = _BATCH_WRITTEN
     try:
         with dbapi.cursor() as cursor:

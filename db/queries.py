@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
 
 from db.bulk import insert_new_rows
 from db.models import Batch, Prediction, Run, utcnow
@@ -27,7 +27,7 @@ class RunNotFound(LookupError):
 
 def create_run(conn: Connection, model_id: int, source_dir: str, backend: str) -> int:
     return conn.execute(
-        Run.__table__.insert()
+        insert(Run)
         .values(
             model_id=model_id,
             source_dir=source_dir,
@@ -38,13 +38,13 @@ def create_run(conn: Connection, model_id: int, source_dir: str, backend: str) -
             n_failed=0,
             created_at=utcnow(),
         )
-        .returning(Run.__table__.c.id)
+        .returning(Run.id)
     ).scalar_one()
 
 
 def record_batch(conn: Connection, run_id: int, seq: int, paths: Sequence[str], n_bytes: int):
     conn.execute(
-        Batch.__table__.insert().values(
+        insert(Batch).values(
             run_id=run_id,
             seq=seq,
             paths=list(paths),
@@ -239,7 +239,7 @@ def next_batch_seq(conn: Connection, run_id: int) -> int:
     return 0 if top is None else int(top) + 1
 
 
-def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str]]:
+def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str | None]]:
     rows = conn.execute(
         select(Prediction.path, Prediction.error)
         .where(Prediction.run_id == run_id, Prediction.error.is_not(None))

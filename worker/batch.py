@@ -98,7 +98,7 @@ def score_items(
             reason = read_errors[i] if read_errors and read_errors[i] else "file could not be read"
             rows[i]["error"] = reason
     stack, ok, errors = decode_batch(
-        [blobs[i] for i in readable], classifier.height, classifier.width
+        [b for b in blobs if b is not None], classifier.height, classifier.width
     )
     for j, reason in errors.items():
         rows[readable[j]]["error"] = reason

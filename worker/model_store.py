@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, insert, select
 
 from db.models import Model, utcnow
 from worker.classifier import (
@@ -39,7 +39,7 @@ class TrainingRecord:
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
     return conn.execute(
-        Model.__table__.insert()
+        insert(Model)
         .values(
             created_at=utcnow(),
             classes=classes_to_json(clf.classes),
@@ -51,7 +51,7 @@ def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -
             sgd_bias=tensor_to_bytes(clf.bias),
             **record.__dict__,
         )
-        .returning(Model.__table__.c.id)
+        .returning(Model.id)
     ).scalar_one()
 
 

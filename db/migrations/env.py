@@ -17,6 +17,8 @@ def run() -> None:
             context.run_migrations()
         return
     url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("migrate with db.session.upgrade_schema, or set sqlalchemy.url")
     with create_engine(url).connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata)
         with context.begin_transaction():
