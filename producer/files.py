@@ -209,26 +209,43 @@ def read_file(
     except OSError as e:
         what = "directory could not be listed" if unlisted else "file could not be read"
         return None, f"{what}: {e.strerror or type(e).__name__}"
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                if unlisted:
-                    return None, "directory could not be listed"
-                kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-                return None, f"not an image file: {kind}"
-            if st.st_size > max_bytes:
-                return None, f"file is larger than {max_bytes} bytes"
-            # read(n) allocates n bytes up front: ask for the size fstat gave (and one more
-            # byte, to see a file that grew or a /proc file that reports 0), never max_bytes.
-            data = f.read(st.st_size + 1)
-            if len(data) > st.st_size:
-                data += f.read(max_bytes + 1 - len(data))
-        except OSError as e:
-            return None, f"file could not be read: {e.strerror or type(e).__name__}"
+    # Plain os calls on the descriptor: a buffered file object per file cost about as much
+    # as the open, stat and read together (13-22 us against 6-7 us a file, measured).
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            if unlisted:
+                return None, "directory could not be listed"
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            return None, f"not an image file: {kind}"
+        if st.st_size > max_bytes:
+            return None, f"file is larger than {max_bytes} bytes"
+        # Ask for the size fstat gave and one byte more, never max_bytes (read(n) allocates
+        # n bytes up front). Getting exactly that size is the whole file; anything else (a
+        # file that grew or shrank since fstat, a /proc file that reports 0) reads on to EOF.
+        data = os.read(fd, st.st_size + 1)
+        if len(data) != st.st_size:
+            data = _read_rest(fd, data, max_bytes)
+    except OSError as e:
+        return None, f"file could not be read: {e.strerror or type(e).__name__}"
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:  # it grew after fstat
         return None, f"file is larger than {max_bytes} bytes"
     return data, None
+
+
+def _read_rest(fd: int, data: bytes, max_bytes: int) -> bytes:
+    """``data`` and what follows it up to EOF, stopping once past ``max_bytes``."""
+    parts = [data]
+    total = len(data)
+    while total <= max_bytes:
+        more = os.read(fd, max(1, min(1 << 20, max_bytes + 1 - total)))
+        if not more:
+            break
+        parts.append(more)
+        total += len(more)
+    return b"".join(parts)
 
 
 def batches(

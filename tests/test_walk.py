@@ -198,3 +198,24 @@ def test_walking_200k_files_keeps_memory_flat(tmp_path, sample_dir):
     # One batch of 512 such files is ~160 KB; a read that reserves MAX_FILE_BYTES (4 MiB) for
     # every file, whatever its size, would show here.
     assert peaks[200_000] < 2 * 1024 * 1024, peaks
+
+
+def test_read_file_returns_whole_files_and_refuses_those_over_the_limit(tmp_path):
+    """The byte-exact read: a file whose size fstat gives, an empty file, a file that
+    reports size 0 but has content (as /proc files do), and the size limit."""
+    from producer.files import read_file
+
+    data = os.urandom(5000)
+    (tmp_path / "a.png").write_bytes(data)
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert read_file(str(tmp_path / "a.png")) == (data, None)
+    assert read_file(str(tmp_path / "empty.png")) == (b"", None)
+    assert read_file(str(tmp_path / "a.png"), max_bytes=5000) == (data, None)
+    blob, error = read_file(str(tmp_path / "a.png"), max_bytes=4999)
+    assert blob is None and error == "file is larger than 4999 bytes"
+    status = Path("/proc/self/status")  # st_size 0, content of a few hundred bytes
+    assert status.stat().st_size == 0
+    blob, error = read_file(str(status))
+    assert error is None and blob is not None and blob.startswith(b"Name:")
+    blob, error = read_file(str(status), max_bytes=10)
+    assert blob is None and error == "file is larger than 10 bytes"
