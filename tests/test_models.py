@@ -6,7 +6,7 @@ import torch
 
 from producer.training import accuracies, fit, load_labelled
 from worker.classifier import tensor_from_bytes, tensor_to_bytes
-from worker.ideal import ideal_image
+from worker.ideal import distances, ideal_image
 from worker.scoring import score_batch
 
 
@@ -33,6 +33,18 @@ def test_ideal_digit_predictions_match_reference(train_data, valid_data, classif
     assert torch.equal(scores.pred_l2, ref_l2)
     # the predictions are not trivial: both classes occur
     assert set(scores.pred_l1.tolist()) == {0, 1}
+
+
+def test_distances_equal_the_plain_broadcast_bit_for_bit(valid_data, classifier):
+    """The in-place, chunked distances are the chapter's broadcast expressions exactly."""
+    x = (valid_data.stack.float() / 255).reshape(len(valid_data.stack), -1)
+    ideals = classifier.ideals.reshape(len(classifier.classes), -1)
+    diff = x[:, None, :] - ideals[None]
+    l1, l2 = distances(x, ideals)
+    assert torch.equal(l1, diff.abs().mean(-1))
+    assert torch.equal(l2, (diff**2).mean(-1).sqrt())
+    one_l1, one_l2 = distances(x[:1], ideals)
+    assert torch.equal(one_l1, l1[:1]) and torch.equal(one_l2, l2[:1])
 
 
 def test_ideal_image_is_mean_of_float_pixels():
