@@ -43,6 +43,7 @@ class WorkerSet:
     device: str
     env: dict[str, str]
     log_dir: Path
+    celery_args: Sequence[str] = ()  # more arguments for each Celery worker
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -51,7 +52,8 @@ class WorkerSet:
         for i in range(self.n):
             log = self.log_dir / f"worker-{tag}-{i}.log"
             argv = [sys.executable, "-c", "from worker.cli import main; main()",
-                    "--device", self.device, "--", "--hostname", f"bench{i}-{tag}@%h"]
+                    "--device", self.device, "--", "--hostname", f"bench{i}-{tag}@%h",
+                    *self.celery_args]
             with open(log, "wb") as out:
                 self.procs.append(subprocess.Popen(
                     argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
@@ -148,6 +150,51 @@ def submit_and_wait(
         raise RuntimeError(f"run {run['id']} ended {dict(run)}")
     seconds = as_utc(run["finished_at"]).timestamp() - stats["first_read"]
     return SubmitResult(int(run["id"]), int(run["n_images"]), seconds, stats["peak_rss_mib"])
+
+
+def submit_then_release(
+    directory: Path,
+    env: dict[str, str],
+    work_dir: Path,
+    broker_url: str,
+    extra: Sequence[str] = (),
+    timeout: float = 1800,
+) -> SubmitResult:
+    """A worker's own rate with its queue full: ``producer submit DIRECTORY`` (no ``--wait``)
+    enqueues every batch on a holding queue that no worker reads; then the holding list is
+    renamed to the workers' queue in one Redis command (a worker blocked in BRPOP on it wakes
+    at once) and the clock runs from that rename until the run is ``done``. The producer is
+    then not competing for the cores, nor limiting how fast batches arrive."""
+    import redis
+
+    queue = env["DIGITSCORE_QUEUE"]
+    hold = f"{queue}.hold"
+    argv = [sys.executable, "-m", "bench.run_producer", "submit", str(directory), *extra]
+    proc = subprocess.run(
+        argv, env={**os.environ, **env, "DIGITSCORE_QUEUE": hold},
+        capture_output=True, text=True, timeout=timeout, cwd=work_dir,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"producer submit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    client = redis.Redis.from_url(broker_url)
+    engine = get_engine(env["DIGITSCORE_DATABASE_URL"])
+    latest = text("SELECT id, status, n_images, n_scored, n_failed, finished_at FROM runs "
+                  "ORDER BY id DESC LIMIT 1")
+    started = time.time()
+    client.rename(hold, queue)
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            run = conn.execute(latest).mappings().one()
+        if run["status"] == "done" or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    dispose_engines()
+    client.delete(hold)
+    if run["status"] != "done" or run["n_scored"] != run["n_images"]:
+        raise RuntimeError(f"run {run['id']} ended {dict(run)}")
+    seconds = as_utc(run["finished_at"]).timestamp() - started
+    return SubmitResult(int(run["id"]), int(run["n_images"]), seconds, None)
 
 
 def delete_queue(broker_url: str, queue: str) -> None:

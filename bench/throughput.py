@@ -122,7 +122,7 @@ def measure_rounds(
         ]
         for name, (ws, env) in sets.items():
             steps.append(lambda name=name, ws=ws, env=env: _system_rates(
-                name, ws, env, main_set, work, args.batch_size))
+                name, ws, env, main_set, work, args))
         for r in range(args.repeat):
             for step in steps:
                 for name, rate in step().items():
@@ -141,16 +141,19 @@ def _system_rates(
     env: dict[str, str],
     root: Path,
     work: Path,
-    batch_size: int | None,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
-    """One ``submit --wait`` run; for the single worker also its rate while busy, from the
-    time its pool process spent in tasks (waiting for work, messages and locks left out)."""
-    before = len(ws.task_seconds())
-    extra = ["--batch-size", str(batch_size)] if batch_size else []
+    """One ``submit --wait`` run. For the single worker, also its rate with its queue full
+    (the producer done before the clock starts, see ``system.submit_then_release``) and,
+    from that run, its rate while busy: the time its pool process spent in tasks."""
+    extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     result = system.submit_and_wait(root, env, work, extra)
     rates = {name: result.rate}
     if name == "one_worker":
-        rates["one_worker_busy"] = result.n_images / sum(ws.task_seconds()[before:])
+        before = len(ws.task_seconds())
+        full = system.submit_then_release(root, env, work, args.broker_url, extra)
+        rates["one_worker_full"] = full.rate
+        rates["one_worker_busy"] = full.n_images / sum(ws.task_seconds()[before:])
     return rates
 
 
