@@ -55,3 +55,19 @@ def test_the_app_accepts_msgpack_only():
     assert app.conf.worker_prefetch_multiplier == 1
     vt = app.conf.broker_transport_options["visibility_timeout"]
     assert vt == app.conf.result_backend_transport_options["visibility_timeout"] == 600
+
+
+def test_task_events_are_off_unless_asked_for_and_bad_values_are_refused(monkeypatch):
+    import pytest
+
+    from worker.app import make_app
+
+    monkeypatch.delenv("DIGITSCORE_TASK_EVENTS", raising=False)
+    app = make_app("memory://")
+    assert not app.conf.worker_send_task_events and not app.conf.task_send_sent_event
+    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "1")
+    app = make_app("memory://")
+    assert app.conf.worker_send_task_events and app.conf.task_send_sent_event
+    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "maybe")
+    with pytest.raises(ValueError, match="DIGITSCORE_TASK_EVENTS='maybe': use 1 or 0"):
+        make_app("memory://")

@@ -16,6 +16,7 @@ TASK_NAME = "digitscore.score_batch"
 def make_app(broker_url: str | None = None) -> Celery:
     broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, defaults.DEFAULT_WORKER_BROKER)
     timeout = defaults.visibility_timeout()
+    events = defaults.task_events()
     app = Celery("digitscore", broker=broker, set_as_current=False)
     # The visibility timeout is read from the broker's and the result backend's transport
     # options; we keep no results, but set both so no part of Celery falls back to 1 hour.
@@ -43,8 +44,8 @@ def make_app(broker_url: str | None = None) -> Celery:
         result_backend_transport_options={"visibility_timeout": timeout},
         broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,  # for flower
-        task_send_sent_event=True,
+        worker_send_task_events=events,  # for flower; see defaults.TASK_EVENTS
+        task_send_sent_event=events,
         worker_hijack_root_logger=False,
     )
     return app
