@@ -54,6 +54,13 @@ def insert_new_rows(
     path); returns those rows. Rows already there are left as they are."""
     if conn.dialect.name == "postgresql":
         return _copy_new_rows(conn, run_id, batch_seq, rows, scored_at)
+    # the timestamp exactly as SQLAlchemy stores it on this database (text on SQLite)
+    column_type = Prediction.__table__.c.scored_at.type.dialect_impl(conn.dialect)
+    to_db = column_type.bind_processor(conn.dialect)
+    at = to_db(scored_at) if to_db else scored_at
+    if len({r["path"] for r in rows}) == len(rows) and _insert_all_new(conn, run_id, batch_seq,
+                                                                      rows, at):
+        return list(rows)
     existing = existing_paths(conn, run_id, [r["path"] for r in rows])
     new: list[dict[str, Any]] = []
     for row in rows:
@@ -61,18 +68,40 @@ def insert_new_rows(
             existing.add(row["path"])
             new.append(row)
     if new:
-        # the timestamp exactly as SQLAlchemy stores it on this database (text on SQLite)
-        column_type = Prediction.__table__.c.scored_at.type.dialect_impl(conn.dialect)
-        to_db = column_type.bind_processor(conn.dialect)
-        at = to_db(scored_at) if to_db else scored_at
-        params = [(run_id, batch_seq, *_row_values(r), at) for r in new]
-        marks = ", ".join("?" * len(COLUMNS))
-        conn.exec_driver_sql(
-            f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({marks}) "
-            "ON CONFLICT (run_id, path) DO NOTHING",
-            params,
-        )
+        conn.exec_driver_sql(_SQLITE_INSERT, _params(run_id, batch_seq, new, at))
     return new
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    "ON CONFLICT (run_id, path) DO NOTHING"
+)
+
+
+def _params(
+    run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]], at: Any
+) -> list[tuple[Any, ...]]:
+    return [(run_id, batch_seq, *_row_values(r), at) for r in rows]
+
+
+def _insert_all_new(
+    conn: Connection, run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]], at: Any
+) -> bool:
+    """SQLite, a batch with no repeated path: insert every row in a savepoint and keep them if
+    every one went in (the first delivery of a batch, the common case), which spares looking
+    up each path first. If some path was already in the run, undo and return ``False``: the
+    caller then writes only the new rows, knowing which they are."""
+    dbapi = conn.connection.driver_connection
+    assert dbapi is not None, "a connection in a transaction has its driver connection"
+    conn.exec_driver_sql("SAVEPOINT all_new")
+    before = dbapi.total_changes
+    conn.exec_driver_sql(_SQLITE_INSERT, _params(run_id, batch_seq, rows, at))
+    if dbapi.total_changes - before == len(rows):
+        conn.exec_driver_sql("RELEASE all_new")
+        return True
+    conn.exec_driver_sql("ROLLBACK TO all_new")
+    conn.exec_driver_sql("RELEASE all_new")
+    return False
 
 
 #: Whether any row of this batch is there (the index on (run_id, batch_seq) answers it).

@@ -63,10 +63,12 @@ def store_batch_results(
     batch_seq: int,
     rows: Sequence[dict[str, Any]],
     batch_status: str = "done",
+    deliveries: int = 0,
 ) -> int:
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
     were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
-    db/bulk.py), mark the batch, count the new rows into the run (see :func:`add_to_run`).
+    db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
+    rows into the run (see :func:`add_to_run`).
     """
     now = utcnow()
     with engine.begin() as conn:
@@ -82,7 +84,11 @@ def store_batch_results(
         conn.execute(
             update(Batch)
             .where(Batch.run_id == run_id, Batch.seq == batch_seq)
-            .values(status=batch_status, finished_at=now)
+            .values(
+                status=batch_status,
+                finished_at=now,
+                deliveries=Batch.deliveries + deliveries,
+            )
         )
         n_failed = sum(r["error"] is not None for r in new)
         add_to_run(conn, run_id, run, len(new) - n_failed, n_failed)
@@ -115,13 +121,20 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new_scored: int, new_fai
     return status
 
 
-def count_delivery(engine: Engine, run_id: int, batch_seq: int) -> int:
-    """Add one to a batch's delivery count (committed at once) and return the new count."""
+def count_redelivery(engine: Engine, run_id: int, batch_seq: int, retries: int = 0) -> int:
+    """Count a redelivery of a batch (committed at once, before any work on it) and return the
+    batch's delivery count. A first delivery is counted with its results
+    (``store_batch_results(deliveries=...)``), so one that died left no count: when the count
+    is still below ``1 + retries`` (the deliveries that must have come before this one: the
+    first, and one per retry after a database error), it is raised to that first."""
+    earlier = 1 + retries
     with engine.begin() as conn:
         conn.execute(
             update(Batch)
             .where(Batch.run_id == run_id, Batch.seq == batch_seq)
-            .values(deliveries=Batch.deliveries + 1)
+            .values(
+                deliveries=case((Batch.deliveries < earlier, earlier), else_=Batch.deliveries) + 1
+            )
         )
         return int(
             conn.execute(

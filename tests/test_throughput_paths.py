@@ -191,3 +191,28 @@ def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
     with pytest.raises(IntegrityError):
         queries.store_batch_results(engine, run_id, 0, [broken])
     assert queries.store_batch_results(engine, run_id, 0, [row("3/a.png")]) == 1
+
+
+def test_deliveries_are_counted_with_the_rows_and_redeliveries_at_once(any_db_url, classifier):
+    """A first delivery adds 1 (+ its retries) in the transaction that stores its rows; a
+    redelivery counts at once, and first makes up for the first delivery that died uncounted."""
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    run_id = new_run(engine, model_id, [["3/a.png"], ["3/b.png"], ["3/c.png"]])
+
+    def deliveries(seq: int) -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT deliveries FROM batches WHERE run_id = :r AND "
+                                     "seq = :s"), {"r": run_id, "s": seq}).scalar_one()
+
+    # batch 0: delivered once, stored
+    queries.store_batch_results(engine, run_id, 0, [row("3/a.png")], deliveries=1)
+    assert deliveries(0) == 1
+    # batch 1: the first delivery died; three redeliveries, the third after one more death
+    assert [queries.count_redelivery(engine, run_id, 1) for _ in range(3)] == [2, 3, 4]
+    queries.store_batch_results(engine, run_id, 1, [row("3/b.png")])  # counted already
+    assert deliveries(1) == 4
+    # batch 2: a database error, then the retry (retries=1) died and was redelivered
+    assert queries.count_redelivery(engine, run_id, 2, retries=1) == 3
+    queries.store_batch_results(engine, run_id, 2, [row("3/c.png")])
+    assert deliveries(2) == 3

@@ -150,7 +150,9 @@ def process_batch(
     blobs: Sequence[bytes | None],
     read_errors: Sequence[str | None] | None = None,
     device: torch.device | None = None,
+    deliveries: int = 0,
 ) -> int:
-    """Score one batch and store its rows idempotently; returns the number of new rows."""
+    """Score one batch and store its rows idempotently, adding ``deliveries`` to the batch's
+    delivery count in the same transaction; returns the number of new rows."""
     rows = score_items(classifier, paths, blobs, read_errors, device)
-    return store_batch_results(engine, run_id, seq, rows)
+    return store_batch_results(engine, run_id, seq, rows, deliveries=deliveries)

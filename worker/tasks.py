@@ -10,7 +10,7 @@ import torch
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import OperationalError
 
-from db.queries import count_delivery
+from db.queries import count_redelivery
 from db.session import dispose_engines, get_engine
 from worker import defaults
 from worker.app import TASK_NAME, make_app
@@ -73,10 +73,20 @@ def score_batch_task(
     engine = get_engine(url)
     device = current_device()
     clf = cached_classifier(url, model_id, device)
-    # A retry after a database error is a new message with request.retries one higher; a
-    # redelivery after a worker died is not. So this counts the deaths on this batch.
-    crashes = count_delivery(engine, run_id, seq) - 1 - self.request.retries
-    if crashes >= defaults.MAX_DELIVERIES:
-        log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
-        return abandon_batch(engine, clf, run_id, seq, paths, crashes)
-    return process_batch(engine, clf, run_id, seq, paths, blobs, errors, torch.device(device))
+    # A message the broker hands out again (its worker died holding it, or held it past the
+    # visibility timeout) is flagged redelivered: count it before any work, so that a batch
+    # that kills every worker is known. A retry after a database error is a new message with
+    # request.retries one higher, not a redelivery. A first delivery, by far the common case,
+    # is counted in the transaction that stores its rows: no extra write per batch.
+    retries = self.request.retries
+    if (self.request.delivery_info or {}).get("redelivered"):
+        crashes = count_redelivery(engine, run_id, seq, retries) - 1 - retries
+        if crashes >= defaults.MAX_DELIVERIES:
+            log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
+            return abandon_batch(engine, clf, run_id, seq, paths, crashes)
+        deliveries = 0
+    else:
+        deliveries = 1 + retries
+    return process_batch(
+        engine, clf, run_id, seq, paths, blobs, errors, torch.device(device), deliveries
+    )
