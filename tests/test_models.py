@@ -6,7 +6,7 @@ import torch
 
 from producer.training import accuracies, fit, load_labelled
 from worker.classifier import tensor_from_bytes, tensor_to_bytes
-from worker.ideal import distances, ideal_image
+from worker.ideal import _difference_buffer, distances, ideal_image
 from worker.scoring import score_batch
 
 
@@ -45,6 +45,14 @@ def test_distances_equal_the_plain_broadcast_bit_for_bit(valid_data, classifier)
     assert torch.equal(l2, (diff**2).mean(-1).sqrt())
     one_l1, one_l2 = distances(x[:1], ideals)
     assert torch.equal(one_l1, l1[:1]) and torch.equal(one_l2, l2[:1])
+    # the difference buffer is kept and reused by the next call of the same or smaller size,
+    # in inference mode (as the worker scores) as well as outside it
+    with torch.inference_mode():
+        first = _difference_buffer(7, *diff.shape[1:], x)
+        distances(x[:7], ideals)
+        assert _difference_buffer(7, *diff.shape[1:], x).data_ptr() == first.data_ptr()
+        inf_l1, inf_l2 = distances(x, ideals)
+    assert torch.equal(inf_l1, l1) and torch.equal(inf_l2, l2)
 
 
 def test_ideal_image_is_mean_of_float_pixels():

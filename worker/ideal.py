@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
+
+#: Per thread, the difference tensor of the last call, reused while the shapes allow: a
+#: fresh one per chunk (8 MB for 256 images and 10 classes) was mapped and faulted in by the
+#: allocator on every batch.
+_scratch = threading.local()
+
+
+def _difference_buffer(rows: int, k: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    buf: torch.Tensor | None = getattr(_scratch, "diff", None)
+    if (
+        buf is None
+        or buf.shape[0] < rows
+        or buf.shape[1:] != (k, d)
+        or buf.dtype != like.dtype
+        or buf.device != like.device
+        or buf.is_inference() != torch.is_inference_mode_enabled()  # made in the other mode
+    ):
+        buf = torch.empty((rows, k, d), dtype=like.dtype, device=like.device)
+        _scratch.diff = buf
+    return buf[:rows]
 
 
 def ideal_image(stacked: torch.Tensor) -> torch.Tensor:
@@ -23,8 +45,8 @@ def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torc
     ``x`` is ``N x D`` floats in 0-1, ``ideals`` is ``K x D``; both results are ``N x K``.
     Broadcasting ``N x 1 x D`` against ``1 x K x D``, done in chunks so that the temporary
     difference tensor stays under about 64 MB whatever the batch size. The difference is
-    made absolute and then squared in place (``|d| * |d|`` is ``d * d`` exactly), so each
-    chunk allocates one temporary instead of three: ~20 % faster, the same bits.
+    written into a buffer kept for the next call, made absolute and then squared in place
+    (``|d| * |d|`` is ``d * d`` exactly): no temporary per chunk, the same bits.
     """
     n, d = x.shape
     k = ideals.shape[0]
@@ -33,7 +55,8 @@ def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torc
     l2 = torch.empty((n, k), dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        diff = x[rows, None, :] - ideals[None, :, :]
+        diff = _difference_buffer(min(chunk, n - start), k, d, x)
+        torch.sub(x[rows, None, :], ideals[None, :, :], out=diff)
         diff.abs_()
         torch.mean(diff, -1, out=l1[rows])
         diff.mul_(diff)

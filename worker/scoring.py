@@ -33,7 +33,7 @@ class Scores:
 @torch.inference_mode()
 def score_batch(classifier: Classifier, stacked: torch.Tensor) -> Scores:
     """Score a ``N x H x W`` uint8 stack (on the classifier's device); results on the CPU."""
-    x = (stacked.float() / 255).reshape(stacked.shape[0], -1)
+    x = stacked.float().div_(255).reshape(stacked.shape[0], -1)  # one temporary, same bits
     ideals = classifier.ideals.reshape(classifier.ideals.shape[0], -1)
     l1, l2 = distances(x, ideals)
     dist_l1, pred_l1 = l1.min(1)
