@@ -198,7 +198,11 @@ def submit_then_release(
 
 
 def delete_queue(broker_url: str, queue: str) -> None:
+    """The queue, its priority lists and any payload left behind (also of ``queue.hold``)."""
     import redis
 
     client = redis.Redis.from_url(broker_url)
     client.delete(queue, f"{queue}\x06\x163", f"{queue}\x06\x166", f"{queue}\x06\x169")
+    for pattern in (f"digitscore:payload:{queue}:*", f"digitscore:payload:{queue}.hold:*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)

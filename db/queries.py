@@ -121,6 +121,15 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new_scored: int, new_fai
     return status
 
 
+def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
+    """Whether a batch's rows are stored (``done``) or it was given up on (``failed``)."""
+    with engine.connect() as conn:
+        status = conn.execute(
+            select(Batch.status).where(Batch.run_id == run_id, Batch.seq == batch_seq)
+        ).scalar_one_or_none()
+    return status in ("done", "failed")
+
+
 def count_redelivery(engine: Engine, run_id: int, batch_seq: int, retries: int = 0) -> int:
     """Count a redelivery of a batch (committed at once, before any work on it) and return the
     batch's delivery count. A first delivery is counted with its results

@@ -171,7 +171,8 @@ def broker_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     yield env
     import redis
 
-    redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"]).delete(queue)
+    client = redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"])
+    client.delete(queue, *client.scan_iter(f"digitscore:payload:{queue}:*"))
 
 
 @pytest.fixture

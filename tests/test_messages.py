@@ -1,5 +1,6 @@
-"""The broker message of a batch: msgpack, image bytes inline, on our queue (in-memory kombu
-transport: no server needed)."""
+"""The broker message of a batch on a broker other than Redis: msgpack, image bytes inline,
+on our queue (in-memory kombu transport: no server needed). On Redis the bytes go to a payload
+key instead: tests/test_payloads.py."""
 
 from __future__ import annotations
 

@@ -10,7 +10,10 @@ from celery import Celery
 
 from worker import defaults
 
+#: A batch with its image bytes inside the message (brokers other than Redis).
 TASK_NAME = "digitscore.score_batch"
+#: A batch whose image bytes wait in Redis under a key the message names (worker/payloads.py).
+STORED_TASK_NAME = "digitscore.score_stored_batch"
 
 
 def make_app(broker_url: str | None = None) -> Celery:

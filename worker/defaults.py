@@ -25,6 +25,11 @@ WORKER_CONCURRENCY = 1
 VISIBILITY_TIMEOUT = 600
 VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
 
+#: Seconds a queued batch's image bytes wait in Redis for a worker before they expire (env
+#: ``DIGITSCORE_PAYLOAD_TTL``); a batch that waited longer is sent again by ``producer resume``.
+PAYLOAD_TTL = 7 * 24 * 3600
+PAYLOAD_TTL_ENV = "DIGITSCORE_PAYLOAD_TTL"
+
 #: Celery queue the producer sends batches to and the workers consume
 #: (env ``DIGITSCORE_QUEUE``; separate fleets sharing one Redis use separate queues).
 QUEUE = "digitscore"

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import OperationalError
 
-from db.queries import count_redelivery
+from db.queries import batch_finished, count_redelivery
 from db.session import dispose_engines, get_engine
-from worker import defaults
-from worker.app import TASK_NAME, make_app
+from worker import defaults, payloads
+from worker.app import STORED_TASK_NAME, TASK_NAME, make_app
 from worker.batch import abandon_batch, process_batch
 from worker.classifier import Classifier
 from worker.devices import current_device, describe_current_device
@@ -40,6 +42,7 @@ def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
 def _on_process_start(**_kwargs) -> None:
     # Connections must not cross a fork; CUDA is first touched here, in the pool process.
     dispose_engines()
+    payload_store.cache_clear()
     if current_device() == "cpu":
         torch.set_num_threads(1)
     log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
@@ -52,23 +55,15 @@ def _no_cuda_before_fork(**_kwargs) -> None:
         raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
 
 
-@app.task(
-    bind=True,
-    name=TASK_NAME,
-    autoretry_for=(OperationalError,),  # the database is away: back off and try again
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=None,
-)
-def score_batch_task(
-    self,
+def run_batch(
+    task: Any,
     run_id: int,
     seq: int,
     model_id: int,
     paths: list[str],
-    blobs: list[bytes | None],
-    errors: list[str | None],
+    load: Callable[[], tuple[list[bytes | None], list[str | None]]],
 ) -> int:
+    """What both tasks do; ``load`` gives the batch's image bytes and read errors."""
     url = database_url()
     engine = get_engine(url)
     device = current_device()
@@ -78,8 +73,8 @@ def score_batch_task(
     # that kills every worker is known. A retry after a database error is a new message with
     # request.retries one higher, not a redelivery. A first delivery, by far the common case,
     # is counted in the transaction that stores its rows: no extra write per batch.
-    retries = self.request.retries
-    if (self.request.delivery_info or {}).get("redelivered"):
+    retries = task.request.retries
+    if (task.request.delivery_info or {}).get("redelivered"):
         crashes = count_redelivery(engine, run_id, seq, retries) - 1 - retries
         if crashes >= defaults.MAX_DELIVERIES:
             log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
@@ -87,6 +82,72 @@ def score_batch_task(
         deliveries = 0
     else:
         deliveries = 1 + retries
+    blobs, errors = load()
     return process_batch(
         engine, clf, run_id, seq, paths, blobs, errors, torch.device(device), deliveries
     )
+
+
+RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
+    "autoretry_for": (OperationalError,),  # the database is away: back off and try again
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": None,
+}
+
+
+@app.task(bind=True, name=TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
+def score_batch_task(
+    self,
+    run_id: int,
+    seq: int,
+    model_id: int,
+    paths: list[str],
+    blobs: list[bytes | None],
+    errors: list[str | None],
+) -> int:
+    """A batch with its image bytes inside the message."""
+    return run_batch(self, run_id, seq, model_id, paths, lambda: (blobs, errors))
+
+
+@lru_cache(maxsize=1)
+def payload_store() -> Any:
+    """This process's Redis client for payloads, through the broker's own connection."""
+    connection = app.connection_for_read()
+    client = payloads.redis_client(connection)
+    if client is None:
+        raise RuntimeError(f"{STORED_TASK_NAME} needs a Redis broker")
+    _connections.append(connection)  # kept open for the life of the process
+    return client
+
+
+_connections: list[Any] = []
+
+
+@app.task(bind=True, name=STORED_TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
+def score_stored_batch_task(
+    self, run_id: int, seq: int, model_id: int, paths: list[str], key: str
+) -> int:
+    """A batch whose image bytes wait in Redis under ``key`` (worker/payloads.py); the key
+    is deleted once the batch's rows are committed."""
+    store = payload_store()
+
+    def load() -> tuple[list[bytes | None], list[str | None]]:
+        data = store.get(key)
+        if data is None:
+            raise payloads.PayloadError(
+                f"run {run_id} batch {seq}: its image bytes are gone from Redis (a restart "
+                f"without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
+                f"the batch stays unfinished: run `producer resume {run_id}`"
+            )
+        return payloads.unpack(data, len(paths))
+
+    try:
+        n_new = run_batch(self, run_id, seq, model_id, paths, load)
+    except payloads.PayloadError:
+        if batch_finished(get_engine(database_url()), run_id, seq):
+            n_new = 0  # stored by an earlier delivery, which deleted the payload
+        else:
+            raise
+    store.delete(key)
+    return n_new
