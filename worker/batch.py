@@ -91,8 +91,10 @@ def score_items(
     device = device or torch.device("cpu")
     classes = classifier.classes
     rows = [
-        unscored_row(p, label) for p, label in zip(paths, labels_for(paths, classes), strict=True)
-    ]
+        {"path": p, "label": label, "pred_l1": None, "pred_l2": None, "pred_sgd": None,
+         "dist_l1": None, "dist_l2": None, "prob_sgd": None, "error": None}
+        for p, label in zip(paths, labels_for(paths, classes), strict=True)
+    ]  # unscored_row's dicts, built inline: this runs for every image of every batch
     readable = [i for i, b in enumerate(blobs) if b is not None]
     for i, b in enumerate(blobs):
         if b is None:
@@ -105,19 +107,16 @@ def score_items(
         rows[readable[j]]["error"] = reason
     if ok:
         scores = score_stack(classifier, stack, device)
-        names = np.array(classes, dtype=object)
-        l1, l2, sgd = (names[s.numpy()] for s in (scores.pred_l1, scores.pred_l2, scores.pred_sgd))
+        l1, l2, sgd = (
+            [classes[k] for k in s.tolist()]
+            for s in (scores.pred_l1, scores.pred_l2, scores.pred_sgd)
+        )
         d1, d2, pr = (s.tolist() for s in (scores.dist_l1, scores.dist_l2, scores.prob_sgd))
-        for n, j in enumerate(ok):
-            row = rows[readable[j]]
-            row.update(
-                pred_l1=l1[n],
-                pred_l2=l2[n],
-                pred_sgd=sgd[n],
-                dist_l1=d1[n],
-                dist_l2=d2[n],
-                prob_sgd=pr[n],
-            )
+        where = readable if len(ok) == len(readable) else [readable[j] for j in ok]
+        for i, a, b, c, x, y, z in zip(where, l1, l2, sgd, d1, d2, pr, strict=True):
+            row = rows[i]
+            row["pred_l1"], row["pred_l2"], row["pred_sgd"] = a, b, c
+            row["dist_l1"], row["dist_l2"], row["prob_sgd"] = x, y, z
     return rows
 
 
