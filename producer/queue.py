@@ -30,7 +30,7 @@ class CelerySender:
         self.url = broker_url
         self.app = make_app(broker_url)
         self.queue = defaults.queue()
-        self.ttl = payloads.payload_ttl()
+        self.ttl = defaults.payload_ttl()
         self._connection: Any = None
         self._redis: Any = None
 

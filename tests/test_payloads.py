@@ -49,13 +49,13 @@ def test_keys_are_unique_per_send_and_name_the_queue():
 
 def test_payload_ttl_setting(monkeypatch):
     monkeypatch.delenv(defaults.PAYLOAD_TTL_ENV, raising=False)
-    assert payloads.payload_ttl() == 7 * 24 * 3600
+    assert defaults.payload_ttl() == 7 * 24 * 3600
     monkeypatch.setenv(defaults.PAYLOAD_TTL_ENV, "0")
     with pytest.raises(ValueError, match="positive"):
-        payloads.payload_ttl()
+        defaults.payload_ttl()
     monkeypatch.setenv(defaults.PAYLOAD_TTL_ENV, "soon")
     with pytest.raises(ValueError, match="whole number"):
-        payloads.payload_ttl()
+        defaults.payload_ttl()
 
 
 @pytest.mark.integration

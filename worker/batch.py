@@ -90,11 +90,11 @@ def score_items(
         raise ValueError(f"{len(paths)} paths but {len(blobs)} images in one batch")
     device = device or torch.device("cpu")
     classes = classifier.classes
+    blank = unscored_row("", None)
     rows = [
-        {"path": p, "label": label, "pred_l1": None, "pred_l2": None, "pred_sgd": None,
-         "dist_l1": None, "dist_l2": None, "prob_sgd": None, "error": None}
+        {**blank, "path": p, "label": label}
         for p, label in zip(paths, labels_for(paths, classes), strict=True)
-    ]  # unscored_row's dicts, built inline: this runs for every image of every batch
+    ]
     readable = [i for i, b in enumerate(blobs) if b is not None]
     for i, b in enumerate(blobs):
         if b is None:

@@ -91,14 +91,21 @@ def task_events() -> bool:
     raise ValueError(f"{TASK_EVENTS_ENV}={raw!r}: use 1 or 0")
 
 
-def visibility_timeout() -> int:
-    raw = setting(VISIBILITY_TIMEOUT_ENV, str(VISIBILITY_TIMEOUT))
+def positive_seconds(env: str, default: int) -> int:
+    """A whole, positive number of seconds from ``env``, else ``default``."""
+    raw = setting(env, str(default))
     try:
-        value = int(raw or VISIBILITY_TIMEOUT)
+        value = int(raw or default)
     except ValueError as e:
-        raise ValueError(
-            f"{VISIBILITY_TIMEOUT_ENV}={raw!r} is not a whole number of seconds"
-        ) from e
+        raise ValueError(f"{env}={raw!r} is not a whole number of seconds") from e
     if value <= 0:
-        raise ValueError(f"{VISIBILITY_TIMEOUT_ENV} must be a positive number of seconds")
+        raise ValueError(f"{env} must be a positive number of seconds")
     return value
+
+
+def visibility_timeout() -> int:
+    return positive_seconds(VISIBILITY_TIMEOUT_ENV, VISIBILITY_TIMEOUT)
+
+
+def payload_ttl() -> int:
+    return positive_seconds(PAYLOAD_TTL_ENV, PAYLOAD_TTL)

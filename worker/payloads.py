@@ -23,8 +23,6 @@ from typing import Any
 
 import msgpack
 
-from worker import defaults
-
 #: Every payload key starts with this, then the queue's name.
 PREFIX = "digitscore:payload:"
 
@@ -68,15 +66,3 @@ def redis_client(connection: Any) -> Any | None:
     if getattr(connection.transport, "driver_type", None) != "redis":
         return None
     return connection.default_channel.client
-
-
-def payload_ttl() -> int:
-    raw = defaults.setting(defaults.PAYLOAD_TTL_ENV, str(defaults.PAYLOAD_TTL))
-    try:
-        value = int(raw or defaults.PAYLOAD_TTL)
-    except ValueError as e:
-        raise ValueError(f"{defaults.PAYLOAD_TTL_ENV}={raw!r} is not a whole number of seconds") \
-            from e
-    if value <= 0:
-        raise ValueError(f"{defaults.PAYLOAD_TTL_ENV} must be a positive number of seconds")
-    return value

@@ -42,7 +42,7 @@ def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
 def _on_process_start(**_kwargs) -> None:
     # Connections must not cross a fork; CUDA is first touched here, in the pool process.
     dispose_engines()
-    payload_store.cache_clear()
+    broker_connection.cache_clear()
     if current_device() == "cpu":
         torch.set_num_threads(1)
     log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
@@ -111,17 +111,17 @@ def score_batch_task(
 
 
 @lru_cache(maxsize=1)
+def broker_connection() -> Any:
+    """This process's own connection to the broker, opened on first use (after the fork)."""
+    return app.connection_for_read()
+
+
 def payload_store() -> Any:
-    """This process's Redis client for payloads, through the broker's own connection."""
-    connection = app.connection_for_read()
-    client = payloads.redis_client(connection)
+    """The Redis client for payloads, through the broker's own connection and settings."""
+    client = payloads.redis_client(broker_connection())
     if client is None:
         raise RuntimeError(f"{STORED_TASK_NAME} needs a Redis broker")
-    _connections.append(connection)  # kept open for the life of the process
     return client
-
-
-_connections: list[Any] = []
 
 
 @app.task(bind=True, name=STORED_TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
