@@ -137,6 +137,7 @@ def test_report_says_which_goals_are_met():
     assert mem["producer"] == (1.2, True) and mem["worker pool process"] == (1.5, False)
     out = report.format_results(r)
     assert "NOT met" in out and "2.20" in out and "n/a" in out and "(information)" in out
+    assert "a smoke run of 50 images" in out  # args.images=50 < 50,000
 
 
 @pytest.mark.integration
