@@ -43,7 +43,6 @@ class WorkerSet:
     device: str
     env: dict[str, str]
     log_dir: Path
-    celery_args: Sequence[str] = ()  # more arguments for each Celery worker
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -52,8 +51,7 @@ class WorkerSet:
         for i in range(self.n):
             log = self.log_dir / f"worker-{tag}-{i}.log"
             argv = [sys.executable, "-c", "from worker.cli import main; main()",
-                    "--device", self.device, "--", "--hostname", f"bench{i}-{tag}@%h",
-                    *self.celery_args]
+                    "--device", self.device, "--", "--hostname", f"bench{i}-{tag}@%h"]
             with open(log, "wb") as out:
                 self.procs.append(subprocess.Popen(
                     argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
