@@ -216,3 +216,29 @@ def test_deliveries_are_counted_with_the_rows_and_redeliveries_at_once(any_db_ur
     assert queries.count_redelivery(engine, run_id, 2, retries=1) == 3
     queries.store_batch_results(engine, run_id, 2, [row("3/c.png")])
     assert deliveries(2) == 3
+
+
+def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_db_url, classifier):
+    """600 rows: two full statements of 256 rows and one of 88 on SQLite; the rows come back
+    in batch order with their values, and a redelivery after two rows went missing
+    writes only the missing ones."""
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    paths = [f"{i % 10}/{i:04d}.png" for i in range(600)]
+    run_id = new_run(engine, model_id, [paths, paths])
+    rows = [{**row(p, None if i % 7 else f"bad {i}"), "dist_l1": i / 1000} for i, p in
+            enumerate(paths)]
+    assert queries.store_batch_results(engine, run_id, 0, rows) == 600
+    select = text("SELECT path, error, dist_l1 FROM predictions WHERE run_id = :r ORDER BY id")
+    with engine.connect() as conn:
+        stored = [tuple(r) for r in conn.execute(select, {"r": run_id})]
+    assert stored == [(r["path"], r["error"], r["dist_l1"]) for r in rows]
+    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (514, 86)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM predictions WHERE run_id = :r AND path IN "
+                          "('0/0000.png', '3/0593.png')"), {"r": run_id})
+    assert queries.store_batch_results(engine, run_id, 1, rows) == 2
+    with engine.connect() as conn:
+        again = {tuple(r) for r in conn.execute(select, {"r": run_id})}
+    assert again == set(stored)
