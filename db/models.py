@@ -61,7 +61,8 @@ class Model(Base):
 
 
 class Run(Base):
-    """One submission of a directory; counts and accuracies are derived from predictions."""
+    """One submission of a directory; its counts and accuracies are those of its predictions,
+    kept up to date by each batch's commit."""
 
     __tablename__ = "runs"
 
@@ -81,6 +82,12 @@ class Run(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # scored rows with a label, and of those the ones each predictor got right (migration
+    # 0003, which added them after the columns above)
+    n_labelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_correct_l1: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_correct_l2: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_correct_sgd: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Batch(Base):

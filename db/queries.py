@@ -2,18 +2,19 @@
 
 Writes of results are idempotent: a batch's rows go in with insert-or-ignore on
 (run_id, path) in one transaction that also marks the batch done and adds the rows that were
-new to the run's counts; when the run is complete its counts, status and accuracies are
-re-derived from ``predictions`` with SQL aggregates. A redelivered batch therefore never
-duplicates a row or skews a count.
+new to the run's counts (scored, failed, labelled, right per predictor), from which its
+accuracies and status follow. A redelivered batch therefore never duplicates a row or skews
+a count, and a commit costs the same however many rows the run already has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, case, func, insert, select, update
 
 from db.bulk import insert_new_rows
 from db.models import Batch, Prediction, Run, utcnow
@@ -74,9 +75,7 @@ def store_batch_results(
     with engine.begin() as conn:
         # Serialise result writes of one run so that every count sees every earlier commit.
         run = conn.execute(
-            select(Run.status, Run.n_images, Run.n_scored, Run.n_failed, Run.started_at)
-            .where(Run.id == run_id)
-            .with_for_update()
+            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update()
         ).one_or_none()
         if run is None:
             raise RunNotFound(f"run {run_id} does not exist")
@@ -90,35 +89,76 @@ def store_batch_results(
                 deliveries=Batch.deliveries + deliveries,
             )
         )
-        n_failed = sum(r["error"] is not None for r in new)
-        add_to_run(conn, run_id, run, len(new) - n_failed, n_failed)
+        add_to_run(conn, run_id, run, count_rows(new))
     return len(new)
 
 
-def add_to_run(conn: Connection, run_id: int, run: Any, new_scored: int, new_failed: int) -> str:
-    """Count a batch's new rows into its run, whose row ``run`` was read under the lock.
+@dataclass(frozen=True)
+class RowCounts:
+    """What a set of prediction rows adds to its run's counts."""
 
-    Adding to the counts costs the same whatever the run's size; re-aggregating every row on
-    every batch made a run of n images cost O(n^2 / batch size). The full SQL aggregate
-    (:func:`refresh_run`) runs when the run is complete, which also sets the accuracies from
-    every row, and each time the number of rows passes a power of two, so a running run's
-    accuracies are those of at least half its rows, for O(n) work in all.
-    """
-    before = int(run.n_scored) + int(run.n_failed)
-    n_rows = before + new_scored + new_failed
-    complete = run.n_images is not None and n_rows >= run.n_images
-    if complete or n_rows.bit_length() > before.bit_length():
-        return refresh_run(conn, run_id)
+    scored: int = 0
+    failed: int = 0
+    labelled: int = 0  # scored, with a label
+    correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
+
+
+def count_rows(rows: Iterable[dict[str, Any]]) -> RowCounts:
+    scored = failed = labelled = right_l1 = right_l2 = right_sgd = 0
+    for r in rows:
+        if r["error"] is not None:
+            failed += 1
+            continue
+        scored += 1
+        label = r["label"]
+        if label is not None:
+            labelled += 1
+            right_l1 += r["pred_l1"] == label
+            right_l2 += r["pred_l2"] == label
+            right_sgd += r["pred_sgd"] == label
+    return RowCounts(scored, failed, labelled, (right_l1, right_l2, right_sgd))
+
+
+#: The run's columns :func:`add_to_run` needs, read under the run's lock.
+RUN_COUNTS = (
+    Run.status, Run.n_images, Run.started_at, Run.n_scored, Run.n_failed, Run.n_labelled,
+    Run.n_correct_l1, Run.n_correct_l2, Run.n_correct_sgd,
+)
+
+
+def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
+    """Add a batch's new rows to its run, whose :data:`RUN_COUNTS` ``run`` was read under
+    the lock, and set the accuracies (right / labelled) and the status from the sums; return
+    the status. The same cost whatever the run's size: re-aggregating the run's rows on every
+    batch made a run of n images cost O(n^2 / batch size)."""
+    labelled = int(run.n_labelled) + new.labelled
     values: dict[str, Any] = {
-        "n_scored": int(run.n_scored) + new_scored,
-        "n_failed": int(run.n_failed) + new_failed,
+        "n_scored": int(run.n_scored) + new.scored,
+        "n_failed": int(run.n_failed) + new.failed,
+        "n_labelled": labelled,
     }
+    olds = (run.n_correct_l1, run.n_correct_l2, run.n_correct_sgd)
+    for p, old, add in zip(PREDICTORS, olds, new.correct, strict=True):
+        right = int(old) + add
+        values[f"n_correct_{p}"] = right
+        values[f"accuracy_{p}"] = right / labelled if labelled else None
+    n_rows = values["n_scored"] + values["n_failed"]
     if n_rows and run.started_at is None:
         values["started_at"] = utcnow()
-    status = "running" if n_rows and run.status == "queued" else run.status
-    values["status"] = status
+    values.update(settle_status(run.status, n_rows, run.n_images))
     conn.execute(update(Run).where(Run.id == run_id).values(**values))
-    return status
+    return str(values["status"])
+
+
+def settle_status(
+    status: str, n_rows: int, n_images: int | None, now: datetime | None = None
+) -> dict[str, Any]:
+    """A run's status (and ``finished_at``, ``now``, when it becomes ``done``) for its row
+    count."""
+    if n_images is not None and n_rows >= n_images:
+        return {"status": "done"} if status == "done" else {
+            "status": "done", "finished_at": now or utcnow()}
+    return {"status": "running" if n_rows and status == "queued" else status}
 
 
 def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
@@ -153,72 +193,21 @@ def count_redelivery(engine: Engine, run_id: int, batch_seq: int, retries: int =
         )
 
 
-def _correct(column) -> Any:
-    scored_labelled = and_(Prediction.error.is_(None), Prediction.label.is_not(None))
-    return func.avg(case((scored_labelled, case((column == Prediction.label, 1.0), else_=0.0))))
-
-
-def aggregate(conn: Connection, run_id: int) -> dict[str, Any]:
-    """Counts and accuracies of a run recomputed from its prediction rows."""
-    row = conn.execute(
-        select(
-            func.count().label("n_rows"),
-            func.coalesce(func.sum(case((Prediction.error.is_(None), 1), else_=0)), 0).label(
-                "n_scored"
-            ),
-            func.coalesce(func.sum(case((Prediction.error.is_not(None), 1), else_=0)), 0).label(
-                "n_failed"
-            ),
-            _correct(Prediction.pred_l1).label("accuracy_l1"),
-            _correct(Prediction.pred_l2).label("accuracy_l2"),
-            _correct(Prediction.pred_sgd).label("accuracy_sgd"),
-        ).where(Prediction.run_id == run_id)
-    ).one()
-    out = dict(row._mapping)
-    for key in ("accuracy_l1", "accuracy_l2", "accuracy_sgd"):
-        out[key] = None if out[key] is None else float(out[key])
-    out["n_scored"] = int(out["n_scored"])
-    out["n_failed"] = int(out["n_failed"])
-    return out
-
-
-def refresh_run(conn: Connection, run_id: int) -> str:
-    """Re-derive a run's counts, accuracies and status from its predictions; return status."""
-    run = conn.execute(
-        select(Run.status, Run.n_images, Run.started_at).where(Run.id == run_id)
-    ).one()
-    agg = aggregate(conn, run_id)
-    values: dict[str, Any] = {
-        "n_scored": agg["n_scored"],
-        "n_failed": agg["n_failed"],
-        "accuracy_l1": agg["accuracy_l1"],
-        "accuracy_l2": agg["accuracy_l2"],
-        "accuracy_sgd": agg["accuracy_sgd"],
-    }
-    status = run.status
-    if agg["n_rows"] and run.started_at is None:
-        values["started_at"] = utcnow()
-    if run.n_images is not None and agg["n_rows"] >= run.n_images:
-        if status != "done":
-            status = "done"
-            values["finished_at"] = utcnow()
-    elif agg["n_rows"] and status == "queued":
-        status = "running"
-    values["status"] = status
-    conn.execute(update(Run).where(Run.id == run_id).values(**values))
-    return status
-
-
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:
-    """The producer has sent every batch: fix the run's size and re-derive its status."""
+    """The producer has sent every batch: fix the run's size and settle its status."""
     with engine.begin() as conn:
-        conn.execute(select(Run.id).where(Run.id == run_id).with_for_update())
+        run = conn.execute(
+            select(Run.status, Run.n_scored, Run.n_failed).where(Run.id == run_id)
+            .with_for_update()
+        ).one()
+        now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
+        values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
         conn.execute(
             update(Run)
             .where(Run.id == run_id)
-            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=utcnow())
+            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now, **values)
         )
-        return refresh_run(conn, run_id)
+        return str(values["status"])
 
 
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:

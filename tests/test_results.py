@@ -21,6 +21,10 @@ RECOMPUTE = """
 SELECT
   COUNT(*) FILTER (WHERE error IS NULL)                         AS n_scored,
   COUNT(*) FILTER (WHERE error IS NOT NULL)                     AS n_failed,
+  COUNT(*) FILTER (WHERE error IS NULL AND label IS NOT NULL)   AS n_labelled,
+  COUNT(*) FILTER (WHERE error IS NULL AND pred_l1 = label)     AS n_correct_l1,
+  COUNT(*) FILTER (WHERE error IS NULL AND pred_l2 = label)     AS n_correct_l2,
+  COUNT(*) FILTER (WHERE error IS NULL AND pred_sgd = label)    AS n_correct_sgd,
   AVG(CASE WHEN pred_l1 = label THEN 1.0 ELSE 0.0 END)
       FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_l1,
   AVG(CASE WHEN pred_l2 = label THEN 1.0 ELSE 0.0 END)
@@ -54,7 +58,9 @@ def test_run_accuracy_columns_equal_sql_recomputation(any_db_url, sample_dir, cl
         ).scalar()
     assert rows == 201
     assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (200, 1)
+    assert run["n_labelled"] == sql["n_labelled"] == 200
     for p in ("l1", "l2", "sgd"):
+        assert run[f"n_correct_{p}"] == sql[f"n_correct_{p}"]
         assert abs(run[f"accuracy_{p}"] - float(sql[f"accuracy_{p}"])) < 1e-9
     assert run["accuracy_sgd"] >= 0.95
 

@@ -48,3 +48,53 @@ def test_database_password_never_printed(run_cli, tmp_path):
     assert "127.0.0.1:1" in r.output and "hunter2-secret" not in r.output
     r = run_cli("runs", env={"DIGITSCORE_DATABASE_URL": url})
     assert "hunter2-secret" not in r.output
+
+
+def test_migration_0003_counts_the_rows_of_existing_runs(any_db_url):
+    """A database at revision 0002 with a run and its rows: upgrading fills the new counts
+    from the rows and sets the accuracies from them (runs without labelled rows keep NULL)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from db.session import MIGRATIONS, make_engine
+
+    engine = make_engine(any_db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    at = "2026-11-21 10:00:00"
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO models (id, created_at, train_dir, classes, height, width, n_train, "
+            "n_valid, loss, epochs, lr, batch_size, seed, ideal_images, sgd_weights, sgd_bias) "
+            "VALUES (1, :at, 't', '[\"3\", \"7\"]', 28, 28, 1, 1, 'x', 1, 1, 1, 1, :b, :b, :b)"
+        ), {"at": at, "b": b""})
+        for run_id in (1, 2):
+            conn.execute(text(
+                "INSERT INTO runs (id, model_id, source_dir, backend, status, n_skipped, "
+                "n_scored, n_failed, created_at) VALUES (:r, 1, '/d', 'embedded', 'done', 0, "
+                "0, 0, :at)"), {"r": run_id, "at": at})
+        rows = [  # path, label, l1, l2, sgd, error
+            ("3/a", "3", "3", "3", "7", None), ("3/b", "3", "7", "3", "3", None),
+            ("7/c", "7", "7", "3", "7", None), ("x/d", None, "3", "3", "3", None),
+            ("3/e", "3", None, None, None, "bad"),
+        ]
+        for path, label, l1, l2, sgd, error in rows:
+            conn.execute(text(
+                "INSERT INTO predictions (run_id, batch_seq, path, label, pred_l1, pred_l2, "
+                "pred_sgd, error, scored_at) VALUES (1, 0, :p, :l, :a, :b, :c, :e, :at)"),
+                {"p": path, "l": label, "a": l1, "b": l2, "c": sgd, "e": error, "at": at})
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(text(
+            "SELECT id, n_labelled, n_correct_l1, n_correct_l2, n_correct_sgd, accuracy_l1, "
+            "accuracy_l2, accuracy_sgd FROM runs"))}
+    engine.dispose()
+    assert tuple(got[1])[1:5] == (3, 2, 2, 2)
+    assert [round(x, 12) for x in tuple(got[1])[5:]] == [round(2 / 3, 12)] * 3
+    assert tuple(got[2])[1:] == (0, 0, 0, 0, None, None, None)

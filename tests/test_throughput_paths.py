@@ -1,6 +1,6 @@
 """The faster paths of a batch give what the plain ones gave: scoring in slices, labels per
-folder, bulk writes of new rows only, and run counts kept incrementally (the full SQL aggregate
-only when a run completes, or its row count passes a power of two)."""
+folder, bulk writes of new rows only, and run counts and accuracies kept by adding each
+batch's new rows (no aggregate over the run's rows)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 import torch
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
 from db import queries
@@ -64,20 +64,36 @@ def run_row(engine, run_id: int) -> dict:
         return queries.get_run(conn, run_id)
 
 
-def count_aggregates(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = queries.aggregate
-
-    def counted(conn, run_id: int):
-        calls.append(run_id)
-        return real(conn, run_id)
-
-    monkeypatch.setattr(queries, "aggregate", counted)
-    return calls
+COUNTS = ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2",
+          "n_correct_sgd")
 
 
-def test_counts_agree_with_the_rows_after_every_batch(
-    any_db_url, classifier, sample_dir, monkeypatch
+def assert_run_agrees_with_its_rows(engine, run_id: int) -> dict:
+    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
+    assert {k: run[k] for k in COUNTS} == {k: sql[k] for k in COUNTS}
+    for p in ("l1", "l2", "sgd"):
+        if sql[f"accuracy_{p}"] is None:
+            assert run[f"accuracy_{p}"] is None
+        else:
+            assert run[f"accuracy_{p}"] == pytest.approx(float(sql[f"accuracy_{p}"]), abs=1e-12)
+    return run
+
+
+def statements(engine) -> list[str]:
+    """Every SQL statement the engine runs from now on (lower case)."""
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, sql, *_a: seen.append(sql.lower()))
+    return seen
+
+
+def aggregates_over_predictions(seen: list[str]) -> list[str]:
+    return [s for s in seen if "from predictions" in s and ("count(" in s or "avg(" in s
+                                                           or "sum(" in s)]
+
+
+def test_counts_and_accuracies_agree_with_the_rows_after_every_batch(
+    any_db_url, classifier, sample_dir
 ):
     engine = get_engine(any_db_url)
     model_id = save(engine, classifier)
@@ -87,39 +103,41 @@ def test_counts_agree_with_the_rows_after_every_batch(
     cuts = [0, 7, 20, 45, 90, len(paths)]
     chunks = [(paths[a:b], blobs[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
     run_id = new_run(engine, model_id, [p for p, _ in chunks])
-    calls = count_aggregates(monkeypatch)
+    seen = statements(engine)
+    stores: list[str] = []  # the statements of the stores, not of the checks
     for seq, (p, b) in enumerate(chunks):
+        mark = len(seen)
         assert process_batch(engine, classifier, run_id, seq, p, b) == len(p)
-        run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
-        assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"])
+        stores += seen[mark:]
+        run = assert_run_agrees_with_its_rows(engine, run_id)
         assert run["status"] == "running" and run["started_at"] is not None
+    mark = len(seen)
     assert process_batch(engine, classifier, run_id, 2, *chunks[2]) == 0  # redelivered
-    assert len(calls) == 5  # at 7, 20, 45, 90 and 132 rows a power of two was passed
     assert queries.finish_submission(engine, run_id, len(paths), 0) == "done"
-    run, sql = run_row(engine, run_id), sql_counts(engine, run_id)
-    assert (run["n_scored"], run["n_failed"]) == (sql["n_scored"], sql["n_failed"]) == (131, 1)
-    for p in ("l1", "l2", "sgd"):
-        assert run[f"accuracy_{p}"] == pytest.approx(float(sql[f"accuracy_{p}"]), abs=1e-12)
+    stores += seen[mark:]
+    run = assert_run_agrees_with_its_rows(engine, run_id)
+    assert (run["n_scored"], run["n_failed"], run["n_labelled"]) == (131, 1, 130)
     assert run["finished_at"] is not None
+    assert stores and aggregates_over_predictions(stores) == []
 
 
-def test_the_full_aggregate_runs_a_logarithmic_number_of_times(
-    memory_engine, classifier, monkeypatch
-):
+def test_a_commit_reads_no_other_rows_of_the_run(memory_engine, classifier):
+    """100 batches of 10 rows: no statement aggregates the run's rows, and the last batch
+    completes the run with the accuracies of all 1,000."""
     engine = memory_engine
     model_id = save(engine, classifier)
     batches = [[f"7/{b}-{i}.png" for i in range(10)] for b in range(100)]
     run_id = new_run(engine, model_id, batches)
     queries.finish_submission(engine, run_id, 1000, 0)
-    calls = count_aggregates(monkeypatch)
+    seen = statements(engine)
     for seq, paths in enumerate(batches):
-        rows = [{"path": p, "label": "7", "pred_l1": "7", "pred_l2": "3", "pred_sgd": "7",
-                 "dist_l1": 0.1, "dist_l2": 0.2, "prob_sgd": 0.9, "error": None} for p in paths]
+        rows = [{"path": p, "label": "7", "pred_l1": "7", "pred_l2": "3" if seq else "7",
+                 "pred_sgd": "7", "dist_l1": 0.1, "dist_l2": 0.2, "prob_sgd": 0.9,
+                 "error": None} for p in paths]
         queries.store_batch_results(engine, run_id, seq, rows)
-    # 100 batches, 8 aggregates: at 10, 20, 40, 70, 130, 260 and 520 rows, and at 1,000 (done)
-    assert len(calls) == 8
-    run = run_row(engine, run_id)
-    assert (run["status"], run["n_scored"], run["accuracy_l2"]) == ("done", 1000, 0.0)
+    assert seen and aggregates_over_predictions(seen) == []
+    run = assert_run_agrees_with_its_rows(engine, run_id)
+    assert (run["status"], run["n_scored"], run["accuracy_l2"]) == ("done", 1000, 0.01)
 
 
 def row(path: str, error: str | None = None) -> dict:
