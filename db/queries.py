@@ -235,6 +235,15 @@ def unfinished_batches(conn: Connection, run_id: int) -> list[tuple[int, list[st
     return [(int(seq), list(paths)) for seq, paths in rows]
 
 
+def recorded_paths(engine: Engine, run_id: int, batch_seq: int) -> list[str]:
+    """A batch's paths as the producer recorded them before sending it."""
+    with engine.connect() as conn:
+        paths = conn.execute(
+            select(Batch.paths).where(Batch.run_id == run_id, Batch.seq == batch_seq)
+        ).scalar_one()
+    return list(paths)
+
+
 def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
     for (paths,) in conn.execute(select(Batch.paths).where(Batch.run_id == run_id)):
         yield from paths

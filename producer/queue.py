@@ -21,8 +21,8 @@ def masked(url: str) -> str:
 
 class CelerySender:
     """Enqueues each batch for the ``worker`` processes. On a Redis broker the image bytes go
-    to a payload key and the message carries the paths and that key (worker/payloads.py);
-    on any other broker, the bytes go inside the message."""
+    and paths go to a payload key and the message carries the batch's size and that key
+    (worker/payloads.py); on any other broker, paths and bytes go inside the message."""
 
     backend = "celery"
 
@@ -62,10 +62,10 @@ class CelerySender:
             )
             return
         key = payloads.new_key(self.queue, run_id, seq)
-        store.set(key, payloads.pack(batch.blobs, batch.errors), ex=self.ttl)
+        store.set(key, payloads.pack(batch.paths, batch.blobs, batch.errors), ex=self.ttl)
         self.app.send_task(
             STORED_TASK_NAME,
-            args=[run_id, seq, model_id, batch.paths, key],
+            args=[run_id, seq, model_id, len(batch.paths), key],
             queue=self.queue,
             serializer="msgpack",
         )

@@ -12,7 +12,7 @@ import torch
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import OperationalError
 
-from db.queries import batch_finished, count_redelivery
+from db.queries import batch_finished, count_redelivery, recorded_paths
 from db.session import dispose_engines, get_engine
 from worker import defaults, payloads
 from worker.app import STORED_TASK_NAME, TASK_NAME, make_app
@@ -55,15 +55,13 @@ def _no_cuda_before_fork(**_kwargs) -> None:
         raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
 
 
+Loaded = tuple[list[str], list[bytes | None], list[str | None]]
+
+
 def run_batch(
-    task: Any,
-    run_id: int,
-    seq: int,
-    model_id: int,
-    paths: list[str],
-    load: Callable[[], tuple[list[bytes | None], list[str | None]]],
+    task: Any, run_id: int, seq: int, model_id: int, load: Callable[[], Loaded]
 ) -> int:
-    """What both tasks do; ``load`` gives the batch's image bytes and read errors."""
+    """What both tasks do; ``load`` gives the batch's paths, image bytes and read errors."""
     url = database_url()
     engine = get_engine(url)
     device = current_device()
@@ -78,11 +76,13 @@ def run_batch(
         crashes = count_redelivery(engine, run_id, seq, retries) - 1 - retries
         if crashes >= defaults.MAX_DELIVERIES:
             log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
+            # its paths as the producer recorded them, whether or not its payload is there
+            paths = recorded_paths(engine, run_id, seq)
             return abandon_batch(engine, clf, run_id, seq, paths, crashes)
         deliveries = 0
     else:
         deliveries = 1 + retries
-    blobs, errors = load()
+    paths, blobs, errors = load()
     return process_batch(
         engine, clf, run_id, seq, paths, blobs, errors, torch.device(device), deliveries
     )
@@ -106,8 +106,8 @@ def score_batch_task(
     blobs: list[bytes | None],
     errors: list[str | None],
 ) -> int:
-    """A batch with its image bytes inside the message."""
-    return run_batch(self, run_id, seq, model_id, paths, lambda: (blobs, errors))
+    """A batch with its paths and image bytes inside the message."""
+    return run_batch(self, run_id, seq, model_id, lambda: (paths, blobs, errors))
 
 
 @lru_cache(maxsize=1)
@@ -126,13 +126,16 @@ def payload_store() -> Any:
 
 @app.task(bind=True, name=STORED_TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
 def score_stored_batch_task(
-    self, run_id: int, seq: int, model_id: int, paths: list[str], key: str
+    self, run_id: int, seq: int, model_id: int, images: int | list[str], key: str
 ) -> int:
-    """A batch whose image bytes wait in Redis under ``key`` (worker/payloads.py); the key
-    is deleted once the batch's rows are committed."""
+    """A batch of ``images`` images whose paths and bytes wait in Redis under ``key``
+    (worker/payloads.py); the key is deleted once the batch's rows are committed. (From an
+    earlier producer, ``images`` is the list of paths, and the payload holds only the bytes.)"""
     store = payload_store()
+    sent_paths = images if isinstance(images, list) else None
+    n_images = len(images) if isinstance(images, list) else int(images)
 
-    def load() -> tuple[list[bytes | None], list[str | None]]:
+    def load() -> Loaded:
         data = store.get(key)
         if data is None:
             raise payloads.PayloadError(
@@ -140,10 +143,15 @@ def score_stored_batch_task(
                 f"without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
                 f"the batch stays unfinished: run `producer resume {run_id}`"
             )
-        return payloads.unpack(data, len(paths))
+        paths, blobs, errors = payloads.unpack(data, n_images)
+        if paths is None:
+            if sent_paths is None:
+                raise payloads.PayloadError(f"run {run_id} batch {seq}: no paths in payload")
+            paths = sent_paths
+        return paths, blobs, errors
 
     try:
-        n_new = run_batch(self, run_id, seq, model_id, paths, load)
+        n_new = run_batch(self, run_id, seq, model_id, load)
     except payloads.PayloadError:
         if batch_finished(get_engine(database_url()), run_id, seq):
             n_new = 0  # stored by an earlier delivery, which deleted the payload
