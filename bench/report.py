@@ -17,6 +17,7 @@ ROWS = [
     ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
     ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
     ("limit_fast", "decode+score limit, 1 process, fast decoder"),
+    ("limit_beside_worker", "  the same, just before and after the queue-full run"),
     ("limit_pillow", "decode+score limit, 1 process, Pillow"),
 ]
 
@@ -27,9 +28,12 @@ GOALS = [
     ("end to end (PostgreSQL) / plain script", "system_postgresql", "plain_script", 2.0),
     ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
     ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
-    ("one worker, queue full / decode+score limit", "one_worker_full", "limit_fast", 0.70),
+    ("one worker, queue full / limit measured beside it", "one_worker_full",
+     "limit_beside_worker", 0.70),
+    ("one worker, queue full / the round's limit", "one_worker_full", "limit_fast", None),
     ("one worker fed by submit --wait / limit", "one_worker", "limit_fast", None),
-    ("one worker while busy / decode+score limit", "one_worker_busy", "limit_fast", None),
+    ("one worker while busy / limit measured beside it", "one_worker_busy",
+     "limit_beside_worker", None),
 ]
 MEMORY = [("producer_mib", "producer"), ("worker_pool_mib", "worker pool process"),
           ("worker_main_mib", "worker main process")]

@@ -120,9 +120,13 @@ def measure_rounds(
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
                 naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
+        def limit() -> float:
+            return runners.decode_score_rate(
+                blobs, clf, args.device, fast_decode.decode_batch, batch)
+
         for name, (ws, env) in sets.items():
             steps.append(lambda name=name, ws=ws, env=env: _system_rates(
-                name, ws, env, main_set, work, args))
+                name, ws, env, main_set, work, args, limit))
         for r in range(args.repeat):
             for step in steps:
                 for name, rate in step().items():
@@ -142,18 +146,25 @@ def _system_rates(
     root: Path,
     work: Path,
     args: argparse.Namespace,
+    limit: Callable[[], float],
 ) -> dict[str, float]:
     """One ``submit --wait`` run. For the single worker, also its rate with its queue full
     (the producer done before the clock starts, see ``system.submit_then_release``) and,
-    from that run, its rate while busy: the time its pool process spent in tasks."""
+    from that run, its rate while busy: the time its pool process spent in tasks. The
+    decode-and-score ``limit`` is measured again right before and right after the queue-full
+    run, and their mean is the limit it is compared with: on this noisy machine the limit
+    moved by a third within minutes, and the round's own limit is measured minutes earlier."""
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     result = system.submit_and_wait(root, env, work, extra)
     rates = {name: result.rate}
     if name == "one_worker":
+        limit_before = limit()
         before = len(ws.task_seconds())
         full = system.submit_then_release(root, env, work, args.broker_url, extra)
+        limit_after = limit()
         rates["one_worker_full"] = full.rate
         rates["one_worker_busy"] = full.n_images / sum(ws.task_seconds()[before:])
+        rates["limit_beside_worker"] = (limit_before + limit_after) / 2
     return rates
 
 

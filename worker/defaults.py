@@ -42,10 +42,13 @@ QUEUE_ENV = "DIGITSCORE_QUEUE"
 TASK_EVENTS = False
 TASK_EVENTS_ENV = "DIGITSCORE_TASK_EVENTS"
 
-#: Most images in one batch (images). Each batch costs a fixed few milliseconds (a message,
-#: a payload, a transaction, Celery's bookkeeping); at 2,048 one worker with a full queue ran
-#: at 0.67 of the decode-and-score limit against about 0.6 at 1,024 (bench/, same command).
-BATCH_SIZE = 2048
+#: Most images in one batch (images). Each batch costs a fixed 3-4 ms (a message, a
+#: payload, a transaction, Celery's bookkeeping); one worker with a full queue ran at 0.64,
+#: 0.71 and 0.77 of the decode-and-score limit at 1,024, 2,048 and 4,096 images (medians of
+#: 4 interleaved rounds, the limit measured beside each run; a run before the paths left the
+#: message: 0.69 and 0.72 at 2,048 and 4,096). Larger batches leave more of a run's last
+#: seconds to one worker.
+BATCH_SIZE = 4096
 #: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
 BATCH_BYTES = 8 * 1024 * 1024
 #: Files larger than this are not read; they get an error row (bytes).
