@@ -23,6 +23,7 @@ from tests.bad_input_support import (
     query,
     submit,
 )
+from worker import defaults
 
 
 @pytest.mark.timeout(60)
@@ -195,9 +196,10 @@ def test_walking_200k_files_keeps_memory_flat(tmp_path, sample_dir):
         print(f"{n} files: peak {peak / 1024:.0f} KiB, {time.perf_counter() - start:.1f} s")
     print(f"made 210,000 links in {made:.1f} s")
     assert peaks[200_000] <= 1.3 * peaks[10_000], peaks
-    # One batch of 512 such files is ~160 KB; a read that reserves MAX_FILE_BYTES (4 MiB) for
-    # every file, whatever its size, would show here.
-    assert peaks[200_000] < 2 * 1024 * 1024, peaks
+    # A batch of the default 4,096 such files (~300 bytes each) peaks at ~3.4 MB with its
+    # paths and lists; a read that reserved MAX_FILE_BYTES (4 MiB) for a file, whatever its
+    # size and even for a moment, would show here.
+    assert peaks[200_000] < defaults.BATCH_SIZE * 1024, peaks
 
 
 def test_read_file_returns_whole_files_and_refuses_those_over_the_limit(tmp_path):
