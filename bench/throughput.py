@@ -110,20 +110,20 @@ def measure_rounds(
             sets["system_postgresql"] = stack.enter_context(workers(2, pg_url, clf, args, work))
         else:
             log(f"PostgreSQL at {args.postgres_url} not reachable: skipped")
+
+        def limit() -> float:
+            return runners.decode_score_rate(
+                blobs, clf, args.device, fast_decode.decode_batch, batch)
+
         steps: list[Callable[[], dict[str, float]]] = [
             lambda: {"limit_pillow": runners.decode_score_rate(
                 blobs, clf, args.device, images.decode_batch, batch)},
-            lambda: {"limit_fast": runners.decode_score_rate(
-                blobs, clf, args.device, fast_decode.decode_batch, batch)},
+            lambda: {"limit_fast": limit()},
             lambda: {"plain_script": _rate(runners.run_plain_script(
                 main_set, model_url, model_id, work / "plain.csv", args.device))},
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
                 naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
-        def limit() -> float:
-            return runners.decode_score_rate(
-                blobs, clf, args.device, fast_decode.decode_batch, batch)
-
         for name, (ws, env) in sets.items():
             steps.append(lambda name=name, ws=ws, env=env: _system_rates(
                 name, ws, env, main_set, work, args, limit))
