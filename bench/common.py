@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from core.classifier import Classifier
+from core.training import LabelledImages, fit
+from db.model_store import TrainingRecord, load_classifier, save_classifier
 from db.session import dispose_engines, get_engine
 from producer.sample_data import load_digits
-from producer.training import LabelledImages, fit
-from worker.classifier import Classifier
-from worker.model_store import TrainingRecord, load_classifier, save_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS, LR, BATCH, SEED = 5, 0.5, 256, 42

@@ -19,10 +19,10 @@ import torch
 from celery import Celery
 from PIL import Image
 
+from core.classifier import Classifier
+from core.scoring import score_tensor
+from db.model_store import load_classifier
 from db.session import get_engine
-from worker.classifier import Classifier
-from worker.model_store import load_classifier
-from worker.scoring import score_batch
 
 app = Celery("naive", broker=os.environ.get("NAIVE_BROKER_URL", "redis://127.0.0.1:6379/8"))
 app.conf.task_default_queue = os.environ.get("NAIVE_QUEUE", "naive")
@@ -49,7 +49,7 @@ def classifier() -> Classifier:
 def score_image(path: str) -> None:
     clf = classifier()
     pixels = np.array(Image.open(path))
-    s = score_batch(clf, torch.from_numpy(pixels[None]).to(clf.ideals.device))
+    s = score_tensor(clf, torch.from_numpy(pixels[None]).to(clf.ideals.device))
     names = clf.classes
     label = Path(path).parent.name
     db = sqlite3.connect(os.environ["NAIVE_RESULTS"], timeout=60)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.scoring import score_tensor
+from db.model_store import load_classifier
 from db.session import get_engine
-from worker.model_store import load_classifier
-from worker.scoring import score_batch
 
 BATCH = 512
 HEADER = ["path", "label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd"]
@@ -40,7 +40,7 @@ def score_directory(root: Path, out: Path, classifier, device: str = "cpu") -> i
         for start in range(0, len(paths), BATCH):
             chunk = paths[start : start + BATCH]
             stack = np.stack([np.array(Image.open(p)) for p in chunk])
-            s = score_batch(classifier, torch.from_numpy(stack).to(device))
+            s = score_tensor(classifier, torch.from_numpy(stack).to(device))
             columns = zip(chunk, s.pred_l1.tolist(), s.pred_l2.tolist(), s.pred_sgd.tolist(),
                           s.dist_l1.tolist(), s.dist_l2.tolist(), s.prob_sgd.tolist(), strict=True)
             for p, l1, l2, sgd, d1, d2, prob in columns:

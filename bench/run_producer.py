@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-import producer.files as files
+import core.files as files
 
 _first_read: float | None = None
 _read_file = files.read_file

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bench.common import ROOT
-from worker.batch import score_stack
-from worker.classifier import Classifier
+from core.classifier import Classifier
+from core.scoring import score_stack
 
 Decoder = Callable[[Sequence[bytes], int, int], tuple[np.ndarray, list[int], dict[int, str]]]
 

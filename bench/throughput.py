@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: the project root is the parent
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common, dataset, report, runners, system  # noqa: E402
-from worker import defaults, fast_decode, images  # noqa: E402
+from core import defaults, fast_decode, images  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
 SIZES = {"images": 50_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3}
@@ -113,11 +113,11 @@ def measure_rounds(
 
         def limit() -> float:
             return runners.decode_score_rate(
-                blobs, clf, args.device, fast_decode.decode_batch, batch)
+                blobs, clf, args.device, fast_decode.decode_images, batch)
 
         steps: list[Callable[[], dict[str, float]]] = [
             lambda: {"limit_pillow": runners.decode_score_rate(
-                blobs, clf, args.device, images.decode_batch, batch)},
+                blobs, clf, args.device, images.decode_each, batch)},
             lambda: {"limit_fast": limit()},
             lambda: {"plain_script": _rate(runners.run_plain_script(
                 main_set, model_url, model_id, work / "plain.csv", args.device))},

@@ -3,11 +3,10 @@ COPY on PostgreSQL (through a staging table when some row may be there already);
 multi-row ``INSERT ... VALUES`` statements in a savepoint, or one ``executemany`` of the rows
 found new.
 
-SQLAlchemy's generic multi-row ``INSERT ... RETURNING`` spent most of a PostgreSQL worker's
-time in the driver parsing a statement of 6,000 placeholders per batch (a profile of two
-workers on 50,000 digits: 45% of samples in ``psycopg._queries``). On SQLite the caller must
-hold the write lock (every transaction here is ``BEGIN IMMEDIATE``), so that no other writer
-adds a path between the look-up of existing paths and the write.
+Both avoid SQLAlchemy's generic multi-row ``INSERT ... RETURNING``, whose statement of
+thousands of placeholders the driver parses per batch. On SQLite the caller must hold the
+write lock (every transaction here is ``BEGIN IMMEDIATE``), so that no other writer adds a
+path between the look-up of existing paths and the write.
 """
 
 from __future__ import annotations
@@ -22,12 +21,9 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
+from core.rows import ROW_KEYS, PredictionRow
 from db.models import Prediction
 
-#: The keys of a prediction row as the batch function makes it, in the order written.
-ROW_KEYS = (
-    "path", "label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd", "error",
-)
 COLUMNS = ("run_id", "batch_seq", *ROW_KEYS, "scored_at")
 _row_values = itemgetter(*ROW_KEYS)
 _COLUMN_LIST = ", ".join(COLUMNS)
@@ -51,9 +47,9 @@ def insert_new_rows(
     conn: Connection,
     run_id: int,
     batch_seq: int,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[PredictionRow],
     scored_at: datetime,
-) -> list[dict[str, Any]]:
+) -> list[PredictionRow]:
     """Write the rows whose path run ``run_id`` has no row for yet (the first of any repeated
     path); returns those rows. Rows already there are left as they are."""
     if conn.dialect.name == "postgresql":
@@ -66,7 +62,7 @@ def insert_new_rows(
                                                                       rows, at):
         return list(rows)
     existing = existing_paths(conn, run_id, [r["path"] for r in rows])
-    new: list[dict[str, Any]] = []
+    new: list[PredictionRow] = []
     for row in rows:
         if row["path"] not in existing:
             existing.add(row["path"])
@@ -83,7 +79,7 @@ _SQLITE_INSERT = (
 
 
 def _params(
-    run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]], at: Any
+    run_id: int, batch_seq: int, rows: Sequence[PredictionRow], at: Any
 ) -> list[tuple[Any, ...]]:
     return [(run_id, batch_seq, *_row_values(r), at) for r in rows]
 
@@ -104,7 +100,7 @@ def _multi_row_insert(n_rows: int) -> str:
 
 
 def _insert_all_new(
-    conn: Connection, run_id: int, batch_seq: int, rows: Sequence[dict[str, Any]], at: Any
+    conn: Connection, run_id: int, batch_seq: int, rows: Sequence[PredictionRow], at: Any
 ) -> bool:
     """SQLite, a batch with no repeated path: insert every row in a savepoint and keep them if
     every one went in (the first delivery of a batch, the common case), which spares looking
@@ -150,9 +146,9 @@ def _copy_new_rows(
     conn: Connection,
     run_id: int,
     batch_seq: int,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[PredictionRow],
     scored_at: datetime,
-) -> list[dict[str, Any]]:
+) -> list[PredictionRow]:
     """PostgreSQL. The first delivery of a batch (no row of it there yet, no path repeated)
     is COPied straight into ``predictions``, inside a savepoint: should a path of it be in the
     run already (the producer never sends one twice), the unique index refuses the COPY and
@@ -198,7 +194,7 @@ def _copy_new_rows(
             statement, None, e, conn.dialect.loaded_dbapi.Error,
             connection_invalidated=lost, dialect=conn.dialect,
         ) from e
-    new: list[dict[str, Any]] = []
+    new: list[PredictionRow] = []
     for row in rows:
         if row["path"] in inserted:
             inserted.discard(row["path"])

@@ -88,6 +88,10 @@ class Run(Base):
     n_correct_l1: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     n_correct_l2: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     n_correct_sgd: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # random, 32 hex digits; every message for the run carries it (migration 0004, which
+    # gave existing runs one; the column is nullable only because SQLite cannot add it as
+    # NOT NULL without rebuilding the table under its views)
+    token: Mapped[str | None] = mapped_column(String(32), index=True, unique=True)
 
 
 class Batch(Base):

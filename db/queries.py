@@ -9,6 +9,7 @@ a count, and a commit costs the same however many rows the run already has.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,20 +17,21 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, case, func, insert, select, update
 
+from core.errors import MessageError, RunNotFound
+from core.rows import PREDICTORS, PredictionRow
 from db.bulk import insert_new_rows
 from db.models import Batch, Prediction, Run, utcnow
 
-PREDICTORS = ("l1", "l2", "sgd")
 
-
-class RunNotFound(LookupError):
-    pass
-
-
-def create_run(conn: Connection, model_id: int, source_dir: str, backend: str) -> int:
-    return conn.execute(
+def create_run(
+    conn: Connection, model_id: int, source_dir: str, backend: str
+) -> tuple[int, str]:
+    """A new run's id and token."""
+    token = uuid.uuid4().hex
+    run_id = conn.execute(
         insert(Run)
         .values(
+            token=token,
             model_id=model_id,
             source_dir=source_dir,
             backend=backend,
@@ -41,6 +43,7 @@ def create_run(conn: Connection, model_id: int, source_dir: str, backend: str) -
         )
         .returning(Run.id)
     ).scalar_one()
+    return int(run_id), token
 
 
 def record_batch(conn: Connection, run_id: int, seq: int, paths: Sequence[str], n_bytes: int):
@@ -62,7 +65,7 @@ def store_batch_results(
     engine: Engine,
     run_id: int,
     batch_seq: int,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[PredictionRow],
     batch_status: str = "done",
     deliveries: int = 0,
 ) -> int:
@@ -78,7 +81,7 @@ def store_batch_results(
             select(*RUN_COUNTS).where(Run.id == run_id).with_for_update()
         ).one_or_none()
         if run is None:
-            raise RunNotFound(f"run {run_id} does not exist")
+            raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
         new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
         conn.execute(
             update(Batch)
@@ -93,6 +96,10 @@ def store_batch_results(
     return len(new)
 
 
+class RunMismatch(MessageError):
+    """A message for a run or batch this database does not hold as the message names it."""
+
+
 @dataclass(frozen=True)
 class RowCounts:
     """What a set of prediction rows adds to its run's counts."""
@@ -103,7 +110,7 @@ class RowCounts:
     correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
 
 
-def count_rows(rows: Iterable[dict[str, Any]]) -> RowCounts:
+def count_rows(rows: Iterable[PredictionRow]) -> RowCounts:
     scored = failed = labelled = right_l1 = right_l2 = right_sgd = 0
     for r in rows:
         if r["error"] is not None:
@@ -161,6 +168,40 @@ def settle_status(
     return {"status": "running" if n_rows and status == "queued" else status}
 
 
+@dataclass(frozen=True)
+class RecordedBatch:
+    """A batch as its producer recorded it: what a worker scores, whatever a message says."""
+
+    run_id: int
+    seq: int
+    model_id: int
+    paths: list[str]
+    status: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+
+def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> RecordedBatch:
+    """Batch ``seq`` of run ``run_id`` if this database holds that run with ``token``; else
+    :class:`RunMismatch`, naming what differs."""
+    with engine.connect() as conn:
+        run = conn.execute(
+            select(Run.token, Run.model_id).where(Run.id == run_id)
+        ).one_or_none()
+        if run is None:
+            raise RunMismatch(f"run {run_id} is not in this database")
+        if run.token != token:
+            raise RunMismatch(f"run {run_id} of this database has another token")
+        row = conn.execute(
+            select(Batch.paths, Batch.status).where(Batch.run_id == run_id, Batch.seq == seq)
+        ).one_or_none()
+    if row is None:
+        raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
+    return RecordedBatch(run_id, seq, int(run.model_id), list(row.paths), str(row.status))
+
+
 def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
     """Whether a batch's rows are stored (``done``) or it was given up on (``failed``)."""
     with engine.connect() as conn:
@@ -213,7 +254,7 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
     row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().one_or_none()
     if row is None:
-        raise RunNotFound(f"run {run_id} does not exist")
+        raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
     return dict(row)
 
 
@@ -233,15 +274,6 @@ def unfinished_batches(conn: Connection, run_id: int) -> list[tuple[int, list[st
         .order_by(Batch.seq)
     )
     return [(int(seq), list(paths)) for seq, paths in rows]
-
-
-def recorded_paths(engine: Engine, run_id: int, batch_seq: int) -> list[str]:
-    """A batch's paths as the producer recorded them before sending it."""
-    with engine.connect() as conn:
-        paths = conn.execute(
-            select(Batch.paths).where(Batch.run_id == run_id, Batch.seq == batch_seq)
-        ).scalar_one()
-    return list(paths)
 
 
 def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
@@ -281,5 +313,5 @@ def progress(conn: Connection, run_id: int) -> Progress:
         select(Run.status, Run.n_images, Run.n_scored, Run.n_failed).where(Run.id == run_id)
     ).one_or_none()
     if row is None:
-        raise RunNotFound(f"run {run_id} does not exist")
+        raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
     return Progress(row.status, row.n_images, int(row.n_scored) + int(row.n_failed))

@@ -8,38 +8,37 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from worker import defaults
+from core import defaults
+from core.errors import DatabaseUnavailable, DatabaseURLError
+from core.text import mask_url, mask_urls_in
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any 64-bit number of our own: serialises schema upgrades of processes starting at once.
 _PG_MIGRATION_LOCK = 7_300_173_020_001
 
 
-class DatabaseURLError(ValueError):
-    pass
+#: The databases digitscore runs on, and the driver each URL scheme means.
+SUPPORTED = "sqlite:///PATH, postgresql://USER@HOST/DB (psycopg 3)"
 
 
 def normalize_url(url: str) -> URL:
     """Parse a database URL; bare ``postgresql://`` means the psycopg 3 driver."""
     try:
         parsed = make_url(url)
-    except ArgumentError as e:
-        raise DatabaseURLError(f"not a database URL: {mask_url(url)}") from e
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    except (ArgumentError, ValueError):
+        raise DatabaseURLError(
+            f"not a database URL: {mask_url(url)}; use {SUPPORTED}"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite"):
+        raise DatabaseURLError(
+            f"unsupported database {parsed.drivername!r} in {mask_url(url)}: use {SUPPORTED}"
+        )
     return parsed
-
-
-def mask_url(url: str | URL) -> str:
-    """The URL with any password replaced by ``***``: the only form we ever print or log."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-        return parsed.render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"
 
 
 def make_engine(url: str) -> Engine:
@@ -96,9 +95,22 @@ def get_engine(url: str) -> Engine:
     engine = _engines.get(key)
     if engine is None:
         engine = make_engine(url)
-        upgrade_schema(engine)
+        try:
+            upgrade_schema(engine)
+        except DBAPIError as e:
+            engine.dispose()
+            raise DatabaseUnavailable(
+                f"cannot open the database {mask_url(url)}: {driver_reason(e)}; check "
+                f"--database-url / {defaults.DATABASE_URL_ENV}"
+            ) from e
         _engines[key] = engine
     return engine
+
+
+def driver_reason(e: DBAPIError) -> str:
+    """The first line of the database driver's own message, any URL in it masked."""
+    lines = str(e.orig).strip().splitlines() or [type(e.orig).__name__]
+    return mask_urls_in(lines[0])
 
 
 def dispose_engines() -> None:

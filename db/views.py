@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
 from sqlalchemy.orm import aliased
 
+from core.rows import PREDICTORS
 from db.models import Prediction
-from db.queries import PREDICTORS
 
 run_accuracy_view = table(
     "run_accuracy",

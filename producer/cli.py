@@ -13,12 +13,59 @@ from typing import Any
 
 import click
 
-from producer.options import HELP, BadInput, database_option, echo_err
-from worker import defaults
+from core import defaults
+from core.errors import EXIT_FAILURE, DigitscoreError
+from core.text import mask_urls_in
+from producer.options import HELP, database_option, echo_err
 
 
-@click.group(context_settings=HELP, epilog="Run `producer COMMAND --help` for examples.")
-def cli() -> None:
+class ProducerGroup(click.Group):
+    """Turns every error into one line on stderr and an exit status, in this one place: a
+    :class:`DigitscoreError` says what to do and exits with its own status (2 for bad usage
+    or input, 1 for a failure at run time); anything unexpected exits 1 with its first line
+    and a pointer to ``--debug``, which shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except DigitscoreError as e:
+            if debug_enabled(ctx):
+                raise
+            echo_err(f"Error: {e}")
+            ctx.exit(e.exit_code)
+        except Exception as e:
+            if debug_enabled(ctx):
+                raise
+            echo_err(f"Error: {describe_unexpected(e)} (run again with --debug for the traceback)")
+            ctx.exit(EXIT_FAILURE)
+
+
+def debug_enabled(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("debug"))
+
+
+def describe_unexpected(e: BaseException) -> str:
+    """An exception's type and the first line of its message, any URL in it masked."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {mask_urls_in(first)}" if first else type(e).__name__
+
+
+@click.group(
+    cls=ProducerGroup,
+    context_settings=HELP,
+    epilog="Run `producer COMMAND --help` for examples. Exit status: 0 success, 1 failure at "
+    "run time, 2 bad usage or input.",
+)
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar=defaults.DEBUG_ENV,
+    help=f"Show the traceback of an error [env {defaults.DEBUG_ENV}=1].",
+)
+def cli(debug: bool) -> None:
     """Score directories of small images with the ideal digits and an SGD linear model.
 
     \b
@@ -121,8 +168,7 @@ def train_cmd(
     Example:
       producer train ./mnist/train --valid ./mnist/valid --epochs 20 --lr 0.5
     """
-    from producer.files import DirectoryError
-    from producer.training import (
+    from core.training import (
         accuracies,
         fit,
         holdout_split,
@@ -130,19 +176,16 @@ def train_cmd(
         require_every_class,
         subset,
     )
-    from worker.model_store import TrainingRecord, save_classifier
+    from db.model_store import TrainingRecord, save_classifier
 
-    try:
-        data = load_labelled(directory)
-        require_every_class(data, directory)
-        if valid_dir is not None:
-            train, valid = data, load_labelled(valid_dir, data.classes)
-        else:
-            train_idx, valid_idx = holdout_split(len(data.labels), holdout, seed)
-            train, valid = subset(data, train_idx), subset(data, valid_idx)
-            require_every_class(train, directory)
-    except DirectoryError as e:
-        raise BadInput(str(e)) from None
+    data = load_labelled(directory)
+    require_every_class(data, directory)
+    if valid_dir is not None:
+        train, valid = data, load_labelled(valid_dir, data.classes)
+    else:
+        train_idx, valid_idx = holdout_split(len(data.labels), holdout, seed)
+        train, valid = subset(data, train_idx), subset(data, valid_idx)
+        require_every_class(train, directory)
     if data.n_unreadable:
         echo_err(f"warning: {data.n_unreadable} file(s) in {directory} could not be used")
     echo_err(

@@ -11,9 +11,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.text import printable
 from db import queries, views
 from producer.report import NAMES
-from producer.tables import format_table, pct, printable
+from producer.tables import format_table, pct
 
 RUN_FIELDS = ("id", "model_id", "source_dir", "status", "n_scored", "n_failed")
 

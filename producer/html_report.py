@@ -17,8 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.classifier import Classifier
+from core.rows import PREDICTORS
+from core.text import printable
 from db import views
-from db.queries import PREDICTORS
+from db.model_store import load_classifier
 from producer.pictures import (
     colour_bar,
     data_uri,
@@ -27,9 +30,7 @@ from producer.pictures import (
     weight_pictures,
 )
 from producer.report import NAMES, build_report
-from producer.tables import pct, printable
-from worker.classifier import Classifier
-from worker.model_store import load_classifier
+from producer.tables import pct
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 

@@ -8,19 +8,9 @@ from typing import Any
 
 import click
 
-from worker import defaults
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2  # the same status Click uses for usage errors
+from core import defaults
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class BadInput(click.ClickException):
-    """Input we cannot use: a missing directory, a directory without images, no such model."""
-
-    exit_code = EXIT_BAD_INPUT
 
 
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,18 +26,9 @@ def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(f)
     def wrapper(*args: Any, database_url: str, **kwargs: Any) -> Any:
-        from db.session import DatabaseURLError, get_engine, mask_url
+        from db.session import get_engine
 
-        try:
-            engine = get_engine(database_url)
-        except DatabaseURLError as e:
-            raise BadInput(str(e)) from None
-        except Exception as e:  # connection refused, bad credentials...
-            raise click.ClickException(
-                f"cannot open the database {mask_url(database_url)}: {type(e).__name__}. "
-                f"Check --database-url / {defaults.DATABASE_URL_ENV} and that the server is up."
-            ) from None
-        return f(*args, engine=engine, **kwargs)
+        return f(*args, engine=get_engine(database_url), **kwargs)
 
     return wrapper
 

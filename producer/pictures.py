@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from producer.files import read_file
-from worker.classifier import Classifier
-from worker.images import ImageError, decode_gray
+from core.classifier import Classifier
+from core.files import read_file
+from core.images import ImageError, decode_gray
 
 NEGATIVE = np.array([33, 102, 172], dtype=np.float64)  # blue
 ZERO = np.array([255, 255, 255], dtype=np.float64)  # white

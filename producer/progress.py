@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
+from core import defaults
 from db.queries import progress
-from worker import defaults
 
 
 def progress_line(done: int, total: int | None, rate: float) -> str:

@@ -11,14 +11,12 @@ import statistics
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
-from db import queries, views
-from db.models import Batch, Prediction
-from producer.tables import format_table, pct, printable
-from worker.classifier import classes_from_json
-
-__all__ = ["build_report", "format_report", "printable"]
+from core.rows import PREDICTORS
+from core.text import printable
+from db import queries, reads, views
+from producer.tables import format_table, pct
 
 NAMES = {"l1": "L1", "l2": "L2", "sgd": "SGD"}
 
@@ -37,19 +35,7 @@ def _rate(n: int, seconds: float | None) -> float | None:
     return n / seconds if seconds else None
 
 
-def _model_classes(conn: Connection, model_id: int) -> list[str]:
-    from db.models import Model
-
-    text = conn.execute(select(Model.classes).where(Model.id == model_id)).scalar_one()
-    return list(classes_from_json(text))
-
-
-def _batch_stats(conn: Connection, run_id: int) -> dict[str, Any]:
-    rows = conn.execute(
-        select(Batch.status, Batch.deliveries, Batch.enqueued_at, Batch.finished_at).where(
-            Batch.run_id == run_id
-        )
-    ).all()
+def _batch_stats(rows: list[Any]) -> dict[str, Any]:
     latencies = [s for r in rows if (s := _seconds(r.enqueued_at, r.finished_at)) is not None]
     return {
         "n_batches": len(rows),
@@ -58,17 +44,6 @@ def _batch_stats(conn: Connection, run_id: int) -> dict[str, Any]:
         "median_seconds": statistics.median(latencies) if latencies else None,
         "max_seconds": max(latencies) if latencies else None,
     }
-
-
-def _failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
-    n = func.count().label("n")
-    rows = conn.execute(
-        select(Prediction.error, n)
-        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
-        .group_by(Prediction.error)
-        .order_by(n.desc(), Prediction.error)
-    )
-    return [{"error": e, "n": int(k)} for e, k in rows]
 
 
 def _confusion_matrix(cells: dict[str, dict[str, int]], classes: list[str]) -> list[list[int]]:
@@ -90,7 +65,7 @@ def _timings(run: dict[str, Any]) -> dict[str, Any]:
 
 def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[str, Any]:
     run = queries.get_run(conn, run_id)
-    classes = _model_classes(conn, run["model_id"])
+    classes = reads.model_classes(conn, run["model_id"])
     per_predictor_class = views.class_accuracy(conn, run_id)
     confusion = views.confusion(conn, run_id)
     labels = sorted({r["label"] for r in per_predictor_class}, key=_class_order(classes))
@@ -110,14 +85,14 @@ def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[
             "n_correct": overall[p]["n_correct"] if p in overall else 0,
             "confusion": _confusion_matrix(confusion.get(p, {}), classes),
         }
-        for p in queries.PREDICTORS
+        for p in PREDICTORS
     }
     timings = _timings(run)
     n_labelled = predictors["sgd"]["n_images"]
     return {
         "run": {k: _iso(v) for k, v in run.items()},
         "classes": classes,
-        "accuracy": {p: run[f"accuracy_{p}"] for p in queries.PREDICTORS},
+        "accuracy": {p: run[f"accuracy_{p}"] for p in PREDICTORS},
         "per_class": per_class,
         "predictors": predictors,
         "counts": {
@@ -129,8 +104,8 @@ def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[
             "unlabelled": run["n_scored"] - n_labelled,
         },
         "timings": timings,
-        "batches": _batch_stats(conn, run_id),
-        "failure_reasons": _failure_reasons(conn, run_id),
+        "batches": _batch_stats(reads.batch_timings(conn, run_id)),
+        "failure_reasons": reads.failure_reasons(conn, run_id),
         "failures": [
             {"path": p, "error": e} for p, e in queries.failures(conn, run_id, max_failures)
         ],

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from producer.options import HELP, BadInput, database_option
+from core.errors import BadInput
+from producer.options import HELP, database_option
 from producer.run_commands import RunArg, resolve_run
 
 
@@ -31,8 +32,8 @@ def models_cmd(as_json: bool, engine: Any) -> None:
     Example:
       producer models --json
     """
+    from db.model_store import list_models
     from producer.tables import format_table, pct
-    from worker.model_store import list_models
 
     with engine.connect() as conn:
         rows = list_models(conn)
@@ -171,17 +172,14 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
       producer show-model --png model.png
       producer show-model 3 --png model3.png --scale 6
     """
+    from db.model_store import list_models, load_classifier, resolve_model_id
     from producer.pictures import model_sheet, png_bytes
     from producer.tables import format_table, pct
-    from worker.model_store import ModelNotFound, list_models, load_classifier, resolve_model_id
 
-    try:
-        with engine.connect() as conn:
-            model_id = resolve_model_id(conn, model_id)
-            clf = load_classifier(conn, model_id)
-            info = next(r for r in list_models(conn) if r["id"] == model_id)
-    except ModelNotFound as e:
-        raise BadInput(str(e)) from None
+    with engine.connect() as conn:
+        model_id = resolve_model_id(conn, model_id)
+        clf = load_classifier(conn, model_id)
+        info = next(r for r in list_models(conn) if r["id"] == model_id)
     rows = [
         ["classes", ", ".join(clf.classes)],
         ["image size", f"{clf.width}x{clf.height}"],

@@ -10,15 +10,15 @@ from typing import Any
 
 import click
 
+from core import defaults
+from core.errors import BadInput
 from producer.options import (
     HELP,
-    BadInput,
     batch_options,
     broker_option,
     database_option,
     echo_err,
 )
-from worker import defaults
 
 
 class RunArg(click.ParamType):
@@ -43,25 +43,19 @@ def resolve_run(conn: Any, run: int | str) -> int:
         if found is None:
             raise BadInput("no runs yet: run `producer submit DIR`")
         return found
-    try:
-        get_run(conn, int(run))
-    except LookupError:
-        raise BadInput(f"run {run} does not exist: see `producer runs`") from None
+    get_run(conn, int(run))
     return int(run)
 
 
 def _sender(engine: Any, broker_url: str | None, model_id: int) -> Any:
     if broker_url:
-        from producer.queue import BrokerUnreachable, CelerySender
+        from producer.queue import CelerySender
 
         sender = CelerySender(broker_url)
-        try:
-            sender.check()
-        except BrokerUnreachable as e:
-            raise click.ClickException(str(e)) from None
+        sender.check()
         return sender
+    from db.model_store import load_classifier
     from producer.submit import EmbeddedSender
-    from worker.model_store import load_classifier
 
     with engine.connect() as conn:
         clf = load_classifier(conn, model_id)
@@ -115,19 +109,13 @@ def submit_cmd(
       producer submit ./mnist/valid --wait
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit ./images --model 3
     """
-    from producer.files import DirectoryError, check_directory
+    from core.files import check_directory
+    from db.model_store import resolve_model_id
     from producer.submit import submit_directory
-    from worker.model_store import ModelNotFound, resolve_model_id
 
-    try:
-        check_directory(directory)
-    except DirectoryError as e:
-        raise BadInput(str(e)) from None
-    try:
-        with engine.connect() as conn:
-            model_id = resolve_model_id(conn, model_id)
-    except ModelNotFound as e:
-        raise BadInput(str(e)) from None
+    check_directory(directory)
+    with engine.connect() as conn:
+        model_id = resolve_model_id(conn, model_id)
     sender = _sender(engine, broker_url, model_id)
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
@@ -143,8 +131,6 @@ def submit_cmd(
             on_run=lambda r: echo_err(f"run {r} created"),
             on_batch=counter,
         )
-    except DirectoryError as e:
-        raise BadInput(str(e)) from None
     finally:
         counter.close()
     click.echo(
@@ -195,19 +181,15 @@ def resume_cmd(
       producer resume 12 --wait
     """
     from db.queries import get_run
-    from producer.files import DirectoryError
     from producer.submit import resume_run
 
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
     sender = _sender(engine, broker_url, model_id)
-    try:
-        resent, sub = resume_run(
-            engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes
-        )
-    except DirectoryError as e:
-        raise BadInput(str(e)) from None
+    resent, sub = resume_run(
+        engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes
+    )
     click.echo(
         f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
     )

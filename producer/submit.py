@@ -1,7 +1,8 @@
 """Submitting a directory as a run: walk, batch, record each batch, hand it to a sender.
 
 A sender either scores the batch in this process (the embedded default) or enqueues it for
-the Celery workers; both end in the same batch function, ``worker.batch.process_batch``.
+the Celery workers; both score with ``core.batch.score_images`` and store with
+``db.queries.store_batch_results``.
 Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
 what was sent and re-send what has no results.
 """
@@ -17,17 +18,19 @@ from typing import Protocol
 
 from sqlalchemy import Engine
 
+from core import defaults
+from core.batch import score_images
+from core.classifier import Classifier
+from core.errors import DirectoryError
+from core.files import DirectoryWalk, FileBatch, batches, check_directory, read_file
+from core.wire import BatchMessage
 from db import queries
-from producer.files import Batch, DirectoryError, DirectoryWalk, batches, check_directory, read_file
-from worker import defaults
-from worker.batch import process_batch
-from worker.classifier import Classifier
 
 
 class Sender(Protocol):
     backend: str
 
-    def send(self, run_id: int, seq: int, model_id: int, batch: Batch) -> None: ...
+    def send(self, message: BatchMessage, batch: FileBatch) -> None: ...
 
 
 class EmbeddedSender:
@@ -39,10 +42,9 @@ class EmbeddedSender:
         self.engine = engine
         self.classifier = classifier
 
-    def send(self, run_id: int, seq: int, model_id: int, batch: Batch) -> None:
-        process_batch(
-            self.engine, self.classifier, run_id, seq, batch.paths, batch.blobs, batch.errors
-        )
+    def send(self, message: BatchMessage, batch: FileBatch) -> None:
+        rows = score_images(self.classifier, batch.paths, batch.blobs, batch.errors)
+        queries.store_batch_results(self.engine, message.run_id, message.seq, rows)
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,18 @@ def submit_directory(
         suffixes = ", ".join(sorted(defaults.IMAGE_SUFFIXES))
         raise DirectoryError(f"no images in {str(root)!r} (looked for files ending {suffixes})")
     with engine.begin() as conn:
-        run_id = queries.create_run(conn, model_id, str(root), sender.backend)
+        run_id, token = queries.create_run(conn, model_id, str(root), sender.backend)
     if on_run is not None:
         on_run(run_id)
-    n_batches = _send_all(engine, run_id, model_id, chain([first], stream), 0, sender, on_batch)
+    n_batches = _send_all(engine, run_id, token, chain([first], stream), 0, sender, on_batch)
     return _finish(engine, run_id, walk.n_skipped, n_batches)
 
 
 def _send_all(
     engine: Engine,
     run_id: int,
-    model_id: int,
-    stream: Iterable[Batch],
+    token: str,
+    stream: Iterable[FileBatch],
     first_seq: int,
     sender: Sender,
     on_batch: OnBatch | None,
@@ -101,7 +103,7 @@ def _send_all(
     for batch in stream:
         with engine.begin() as conn:
             queries.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
-        sender.send(run_id, seq, model_id, batch)
+        sender.send(BatchMessage(run_id, seq, token), batch)
         if on_batch is not None:
             on_batch(len(batch))
         seq += 1
@@ -115,8 +117,8 @@ def _finish(engine: Engine, run_id: int, n_skipped: int, n_batches: int) -> Subm
     return Submission(run_id, n_images, n_skipped, n_batches, status)
 
 
-def reread(root: Path, paths: Iterable[str]) -> Batch:
-    batch = Batch()
+def reread(root: Path, paths: Iterable[str]) -> FileBatch:
+    batch = FileBatch()
     for rel in paths:
         data, error = read_file(os.path.join(root, rel))
         batch.add(rel, data, error)
@@ -149,7 +151,7 @@ def resume_run(
         )
     for seq, paths in pending:
         batch = reread(root, paths)
-        sender.send(run_id, seq, run["model_id"], batch)
+        sender.send(BatchMessage(run_id, seq, run["token"]), batch)
         if on_batch is not None:
             on_batch(len(batch))
     n_skipped = run["n_skipped"]
@@ -159,7 +161,7 @@ def resume_run(
             first_seq = queries.next_batch_seq(conn, run_id)
         walk = DirectoryWalk(root)
         stream = batches(_unsent(walk, sent), batch_size, batch_bytes)
-        _send_all(engine, run_id, run["model_id"], stream, first_seq, sender, on_batch)
+        _send_all(engine, run_id, run["token"], stream, first_seq, sender, on_batch)
         n_skipped = walk.n_skipped
     with engine.connect() as conn:
         n_batches = queries.next_batch_seq(conn, run_id)

@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-
-def printable(text: str) -> str:
-    """A file name made safe for a terminal: control characters shown as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+from core.text import printable
 
 
 def pct(value: float | None) -> str:

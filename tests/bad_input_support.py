@@ -17,9 +17,9 @@ from click.testing import Result
 from PIL import Image
 from sqlalchemy import text
 
+from core.classifier import Classifier
+from db.model_store import TrainingRecord, save_classifier
 from db.session import dispose_engines, get_engine
-from worker.classifier import Classifier
-from worker.model_store import TrainingRecord, save_classifier
 
 PREDICTION_COLUMNS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 

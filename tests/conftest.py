@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from core.training import LabelledImages, fit, load_labelled
 from db.session import dispose_engines, make_engine, upgrade_schema
 from producer.cli import cli
 from producer.sample_data import write_sample
-from producer.training import LabelledImages, fit, load_labelled
 
 PG_ADMIN_URL = os.environ.get(
     "DIGITSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -37,6 +37,14 @@ def service_missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true but is not available")
     pytest.skip(f"{what} not available")
+
+
+def score_and_store(engine, classifier, run_id, seq, paths, blobs, errors=None) -> int:
+    """Score a batch in this process and store its rows, as the embedded producer does."""
+    from core.batch import score_images
+    from db.queries import store_batch_results
+
+    return store_batch_results(engine, run_id, seq, score_images(classifier, paths, blobs, errors))
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +180,7 @@ def broker_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     import redis
 
     client = redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"])
-    client.delete(queue, *client.scan_iter(f"digitscore:payload:{queue}:*"))
+    client.delete(queue, *client.scan_iter("digitscore:payload:*"))
 
 
 @pytest.fixture

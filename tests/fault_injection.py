@@ -14,16 +14,16 @@ import time
 
 import worker.tasks
 
-_real_process_batch = worker.tasks.process_batch
+_real_score_images = worker.tasks.score_images
 
 
-def _faulty_process_batch(engine, classifier, run_id, seq, paths, *args, **kwargs):
+def _faulty_score_images(classifier, paths, *args, **kwargs):
     if any("poison" in p for p in paths):
         os.kill(os.getpid(), signal.SIGKILL)
     delay = float(os.environ.get("DIGITSCORE_TEST_TASK_DELAY", "0") or 0)
     if delay:
         time.sleep(delay)
-    return _real_process_batch(engine, classifier, run_id, seq, paths, *args, **kwargs)
+    return _real_score_images(classifier, paths, *args, **kwargs)
 
 
-worker.tasks.process_batch = _faulty_process_batch
+worker.tasks.score_images = _faulty_score_images

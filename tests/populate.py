@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from core.classifier import Classifier
+from db.model_store import TrainingRecord, save_classifier
 from producer.submit import EmbeddedSender, submit_directory
-from worker.classifier import Classifier
-from worker.model_store import TrainingRecord, save_classifier
 
 SCRIPT_NAME = (
     "<script>alert(1)</script>.png"  # a path: folder "<script>alert(1)<", file "script>.png"

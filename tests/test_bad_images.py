@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.images import ImageError, decode_gray
 from tests.bad_input_support import (
     PREDICTION_COLUMNS,
     assert_run_complete,
@@ -26,7 +27,6 @@ from tests.bad_input_support import (
     gray,
     submit,
 )
-from worker.images import ImageError, decode_gray
 
 
 def encode(img: Image.Image, fmt: str, **options) -> bytes:

@@ -20,7 +20,7 @@ from db.session import dispose_engines, get_engine
 from producer.submit import EmbeddedSender, submit_directory
 from tests.conftest import ROOT
 from tests.test_results import save
-from worker import fast_decode, images
+from core import fast_decode, images
 
 COLUMNS = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -96,7 +96,7 @@ def test_image_sets_hold_real_digits_in_class_folders_and_are_reused(tmp_path):
 
 def test_decode_score_rate_runs_both_decoders(sample_dir, classifier):
     blobs = [f.read_bytes() for f in sorted((sample_dir / "valid").rglob("*.png"))]
-    for decoder in (images.decode_batch, fast_decode.decode_batch):
+    for decoder in (images.decode_each, fast_decode.decode_images):
         assert runners.decode_score_rate(blobs, classifier, "cpu", decoder, batch=64) > 0
 
 

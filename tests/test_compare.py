@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from core.training import fit
 from db.session import get_engine
-from producer.training import fit
 from tests.populate import prediction_rows, save_model, submit
 
 PREDICTORS = ("l1", "l2", "sgd")

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
+from core.scoring import to_device
 from tests.conftest import wait_for_log
-from worker.batch import to_device
 from worker.cli import celery_command
 from worker.devices import (
     DEVICE_ENV,
     HOST_DEVICE_ENV,
     DeviceError,
     DeviceSpec,
-    GpuCountError,
+    GpuError,
     count_gpus,
     current_device,
     describe_current_device,
@@ -196,7 +196,7 @@ def test_a_broken_torch_is_an_error_not_zero_gpus(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('libcuda.so.1: broken')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    with pytest.raises(GpuCountError, match="libcuda.so.1: broken"):
+    with pytest.raises(GpuError, match="libcuda.so.1: broken"):
         count_gpus(env)
 
 
@@ -222,7 +222,8 @@ def test_a_gpu_this_host_lacks_exits_2_naming_it_and_starts_no_celery(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "__main__.py").write_text(f"open({str(tmp_path / 'started')!r}, 'w').close()\n")
-    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}",
+           "DIGITSCORE_BROKER_URL": "redis://127.0.0.1:6379/0"}
     out = subprocess.run(
         [sys.executable, "-c", "from worker.cli import main; main()", "--device", "cuda:3"],
         capture_output=True,

@@ -8,10 +8,10 @@ import pytest
 from kombu import Connection, Exchange, Producer, Queue
 from sqlalchemy import text
 
+from db.model_store import load_classifier
 from db.session import get_engine
 from producer.submit import EmbeddedSender, submit_directory
 from tests.conftest import wait_for_log
-from worker.model_store import load_classifier
 
 pytestmark = pytest.mark.integration
 

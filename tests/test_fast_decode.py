@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker import fast_decode, images
+from core import fast_decode, images
 
 pytestmark = pytest.mark.skipif(not fast_decode.available(), reason="pyspng is not installed")
 
@@ -30,8 +30,8 @@ def real_digits(sample_dir: Path) -> list[bytes]:
 
 
 def assert_same_as_pillow(blobs: list[bytes], height: int = 28, width: int = 28) -> None:
-    want_stack, want_ok, want_errors = images.decode_batch(blobs, height, width)
-    got_stack, got_ok, got_errors = fast_decode.decode_batch(blobs, height, width)
+    want_stack, want_ok, want_errors = images.decode_each(blobs, height, width)
+    got_stack, got_ok, got_errors = fast_decode.decode_images(blobs, height, width)
     assert got_ok == want_ok
     assert got_errors == want_errors
     assert got_stack.dtype == np.uint8 and got_stack.shape == want_stack.shape
@@ -69,7 +69,7 @@ def test_real_digit_files_take_the_fast_path_with_pillows_pixels(sample_dir, mon
     assert_same_as_pillow(blobs)
     # and Pillow decoded none of them
     monkeypatch.setattr(images, "decode_gray", lambda *a: pytest.fail("Pillow was used"))
-    stack, ok, errors = fast_decode.decode_batch(blobs, 28, 28)
+    stack, ok, errors = fast_decode.decode_images(blobs, 28, 28)
     assert ok == list(range(200)) and not errors and stack.shape == (200, 28, 28)
 
 
@@ -115,14 +115,14 @@ def test_unusual_images_take_the_pillow_path_with_the_same_result(sample_dir, mo
         assert not fast_decode.is_plain_png(blob, 28, 28), name
     blobs = list(unusual.values())
     assert_same_as_pillow(blobs)
-    _, _, errors = fast_decode.decode_batch(blobs, 28, 28)
+    _, _, errors = fast_decode.decode_images(blobs, 28, 28)
     names = list(unusual)
     failed = {names[i] for i in errors}
     assert {"wrong size", "not an image", "just a signature"} <= failed
     assert "16-bit" not in failed and "palette" not in failed
     # none of them reached libspng
     monkeypatch.setattr(fast_decode.pyspng, "load", lambda *a: pytest.fail("libspng was used"))
-    fast_decode.decode_batch(blobs, 28, 28)
+    fast_decode.decode_images(blobs, 28, 28)
 
 
 def test_a_mixed_batch_keeps_order_indices_and_errors(sample_dir):
@@ -134,7 +134,7 @@ def test_a_mixed_batch_keeps_order_indices_and_errors(sample_dir):
         digits[2], odd["16-bit"], b"", digits[3],
     ]
     assert_same_as_pillow(blobs)
-    stack, ok, errors = fast_decode.decode_batch(blobs, 28, 28)
+    stack, ok, errors = fast_decode.decode_images(blobs, 28, 28)
     assert ok == [1, 2, 3, 5, 6, 8] and set(errors) == {0, 4, 7}
     assert np.array_equal(stack[0], np.asarray(Image.open(io.BytesIO(digits[0]))))
     assert np.array_equal(stack[5], np.asarray(Image.open(io.BytesIO(digits[3]))))
@@ -177,11 +177,11 @@ def test_streams_libspng_would_accept_but_pillow_rejects_get_pillows_error(sampl
             fast_decode.pyspng.load(bad)
         except Exception:
             continue
-        if images.decode_batch([bad], 28, 28)[2]:
+        if images.decode_each([bad], 28, 28)[2]:
             fooled.append(bad)
     assert len(fooled) >= 3
-    _, ok, errors = fast_decode.decode_batch(fooled, 28, 28)
-    assert ok == [] and errors == images.decode_batch(fooled, 28, 28)[2]
+    _, ok, errors = fast_decode.decode_images(fooled, 28, 28)
+    assert ok == [] and errors == images.decode_each(fooled, 28, 28)[2]
     assert all("corrupt image data" in e for e in errors.values())
 
 
@@ -218,6 +218,6 @@ def test_damaged_zlib_streams_give_pillows_result(sample_dir):
     plain = [fast_decode.is_plain_png(b, 28, 28) for b in blobs]
     assert plain == [True] + [False] * 6 + [True]  # only the good and the split stream
     assert_same_as_pillow(blobs)
-    stack, ok, _ = fast_decode.decode_batch(blobs, 28, 28)
+    stack, ok, _ = fast_decode.decode_images(blobs, 28, 28)
     assert 0 in ok and np.array_equal(stack[0], pixels)
     assert np.array_equal(stack[ok.index(len(blobs) - 1)], pixels)  # split IDAT decodes

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from producer.training import accuracies, fit, load_labelled
-from worker.classifier import tensor_from_bytes, tensor_to_bytes
-from worker.ideal import _difference_buffer, distances, ideal_image
-from worker.scoring import score_batch
+from core.classifier import tensor_from_bytes, tensor_to_bytes
+from core.scoring import _difference_buffer, distances, score_tensor
+from core.training import accuracies, fit, ideal_image, load_labelled
 
 
 def reference_predictions(train, valid):
@@ -27,7 +26,7 @@ def reference_predictions(train, valid):
 
 def test_ideal_digit_predictions_match_reference(train_data, valid_data, classifier):
     ref_l1, ref_l2, ref_means = reference_predictions(train_data, valid_data)
-    scores = score_batch(classifier, valid_data.stack)
+    scores = score_tensor(classifier, valid_data.stack)
     assert torch.allclose(classifier.ideals, ref_means, atol=1e-6)
     assert torch.equal(scores.pred_l1, ref_l1)
     assert torch.equal(scores.pred_l2, ref_l2)

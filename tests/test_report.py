@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from db.model_store import load_classifier
 from db.session import get_engine
 from tests.populate import odd_source_dir, prediction_rows, save_model, scored_labelled, submit
-from worker.model_store import load_classifier
 
 
 @pytest.fixture

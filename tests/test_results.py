@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from core.batch import label_for
 from db import queries
+from db.model_store import TrainingRecord, load_classifier, save_classifier
 from db.session import get_engine
 from producer.submit import EmbeddedSender, submit_directory
-from worker.batch import label_for, process_batch
-from worker.model_store import TrainingRecord, load_classifier, save_classifier
+from tests.conftest import score_and_store
 
 
 def save(engine, classifier) -> int:
@@ -72,10 +73,10 @@ def test_redelivered_batch_duplicates_nothing(memory_engine, classifier, sample_
     paths = [f"7/{f.name}" for f in files]
     blobs = [f.read_bytes() for f in files]
     with engine.begin() as conn:
-        run_id = queries.create_run(conn, model_id, str(sample_dir / "valid"), "embedded")
+        run_id, _token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "embedded")
         queries.record_batch(conn, run_id, 0, paths, sum(map(len, blobs)))
-    assert process_batch(engine, classifier, run_id, 0, paths, blobs) == 10
-    assert process_batch(engine, classifier, run_id, 0, paths, blobs) == 0  # redelivery
+    assert score_and_store(engine, classifier, run_id, 0, paths, blobs) == 10
+    assert score_and_store(engine, classifier, run_id, 0, paths, blobs) == 0  # redelivery
     queries.finish_submission(engine, run_id, 10, 0)
     with engine.connect() as conn:
         run = queries.get_run(conn, run_id)

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from core.training import fit
 from db.session import dispose_engines, get_engine
-from producer.training import fit
 from tests.populate import prediction_rows, save_model, submit
 
 README = Path(__file__).resolve().parent.parent / "README.md"

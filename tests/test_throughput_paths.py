@@ -12,14 +12,15 @@ import torch
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
+from core.batch import label_for, labels_for
+from core.scoring import CPU_SCORE_ROWS, Scores, score_stack, score_tensor
 from db import queries
 from db.bulk import insert_new_rows
 from db.models import Prediction
 from db.session import get_engine
 from producer.sample_data import load_digits
+from tests.conftest import score_and_store
 from tests.test_results import RECOMPUTE, save
-from worker.batch import CPU_SCORE_ROWS, label_for, labels_for, process_batch, score_stack
-from worker.scoring import Scores, score_batch
 
 FIELDS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -29,7 +30,7 @@ def test_scoring_in_slices_equals_scoring_at_once_bit_for_bit(classifier):
     for n in (1, CPU_SCORE_ROWS - 1, CPU_SCORE_ROWS, CPU_SCORE_ROWS + 1, 512, 1000):
         stack = images[:n]
         sliced = score_stack(classifier, stack, torch.device("cpu"))
-        whole = score_batch(classifier, torch.from_numpy(stack))
+        whole = score_tensor(classifier, torch.from_numpy(stack))
         assert isinstance(sliced, Scores) and len(sliced) == n
         for f in FIELDS:
             assert torch.equal(getattr(sliced, f), getattr(whole, f)), (n, f)
@@ -48,7 +49,7 @@ def test_labels_per_folder_equal_label_for_each_path():
 
 def new_run(engine, model_id: int, batches: list[list[str]]) -> int:
     with engine.begin() as conn:
-        run_id = queries.create_run(conn, model_id, "/data", "embedded")
+        run_id, _token = queries.create_run(conn, model_id, "/data", "embedded")
         for seq, paths in enumerate(batches):
             queries.record_batch(conn, run_id, seq, paths, 0)
     return run_id
@@ -107,12 +108,12 @@ def test_counts_and_accuracies_agree_with_the_rows_after_every_batch(
     stores: list[str] = []  # the statements of the stores, not of the checks
     for seq, (p, b) in enumerate(chunks):
         mark = len(seen)
-        assert process_batch(engine, classifier, run_id, seq, p, b) == len(p)
+        assert score_and_store(engine, classifier, run_id, seq, p, b) == len(p)
         stores += seen[mark:]
         run = assert_run_agrees_with_its_rows(engine, run_id)
         assert run["status"] == "running" and run["started_at"] is not None
     mark = len(seen)
-    assert process_batch(engine, classifier, run_id, 2, *chunks[2]) == 0  # redelivered
+    assert score_and_store(engine, classifier, run_id, 2, *chunks[2]) == 0  # redelivered
     assert queries.finish_submission(engine, run_id, len(paths), 0) == "done"
     stores += seen[mark:]
     run = assert_run_agrees_with_its_rows(engine, run_id)

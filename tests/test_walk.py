@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.files import DirectoryWalk, batches
+from core import defaults
+from core.files import DirectoryWalk, batches
 from tests.bad_input_support import (
     assert_run_complete,
     cli_command,
@@ -23,7 +24,6 @@ from tests.bad_input_support import (
     query,
     submit,
 )
-from worker import defaults
 
 
 @pytest.mark.timeout(60)
@@ -205,7 +205,7 @@ def test_walking_200k_files_keeps_memory_flat(tmp_path, sample_dir):
 def test_read_file_returns_whole_files_and_refuses_those_over_the_limit(tmp_path):
     """The byte-exact read: a file whose size fstat gives, an empty file, a file that
     reports size 0 but has content (as /proc files do), and the size limit."""
-    from producer.files import read_file
+    from core.files import read_file
 
     data = os.urandom(5000)
     (tmp_path / "a.png").write_bytes(data)

@@ -127,6 +127,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
             "PYTHONPATH": f"{fakes}{os.pathsep}{ROOT}",
             "FAKE_GPUS": str(gpus),
             "FAKE_CELERY_DIR": str(out),
+            "DIGITSCORE_BROKER_URL": "redis://127.0.0.1:6379/0",  # the fake celery reads none
             **env,
         }
         log = out / "launcher.log"
@@ -297,10 +298,13 @@ def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch)
         (["--device", "tpu"], {}, "unknown device 'tpu'"),
         (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "ten"}, "VISIBILITY_TIMEOUT"),
         (["--device", "cpu"], {"DIGITSCORE_DATABASE_URL": "nonsense"}, "not a database URL"),
+        (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": ""}, "no broker: set"),
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args, env, message):
-    r = CliRunner().invoke(main, args, env=env)
+    r = CliRunner().invoke(
+        main, args, env={"DIGITSCORE_BROKER_URL": "redis://127.0.0.1:6379/0", **env}
+    )
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert "started the worker" not in r.output

@@ -19,11 +19,11 @@ from types import FrameType
 
 import click
 
-from worker import defaults
+from core import defaults
+from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
+from core.text import mask_url
 from worker.devices import (
-    DeviceError,
     DeviceSpec,
-    GpuCountError,
     count_gpus,
     needs_gpu_count,
     parse_devices,
@@ -45,8 +45,8 @@ of their own, so a Ctrl-C reaches each of them once, through the launcher;
 if the launcher itself is killed, they get SIGTERM (on Linux).
 
 \b
-Exit status: 0 when every worker stopped cleanly; 2 for a usage error (an
-unknown device, or --device cuda:N that this host does not have); 1 when the
+Exit status: 0 when every worker stopped cleanly; 2 for a usage error (no
+broker set, an unknown device, or --device cuda:N that this host does not have); 1 when the
 GPUs cannot be counted. If one worker exits on its own (it crashed or was
 killed), the launcher stops the others warmly and exits with that worker's
 status (128+N for signal N), so a supervisor (systemd, a Docker restart
@@ -88,17 +88,17 @@ def describe_settings() -> str:
 
     Raises ``ValueError`` on a setting every worker would reject, so that it fails here, once.
     """
-    from kombu.utils.url import maybe_sanitize_url
-
-    from db.session import mask_url, normalize_url
+    from db.session import normalize_url
 
     broker = defaults.setting(defaults.BROKER_URL_ENV, None)
     database = defaults.setting(defaults.DATABASE_URL_ENV, None)
     timeout = defaults.visibility_timeout()
-    if broker:
-        broker_text = maybe_sanitize_url(broker, mask="***")
-    else:
-        broker_text = f"{defaults.DEFAULT_WORKER_BROKER} ({defaults.BROKER_URL_ENV} is not set)"
+    if not broker:
+        raise BrokerURLError(
+            f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
+            f"{defaults.BROKER_URL_ENV}=redis://127.0.0.1:6379/0 worker"
+        )
+    broker_text = mask_url(broker)
     if database:
         database_text = mask_url(normalize_url(database))
     else:
@@ -267,12 +267,12 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
         settings = describe_settings()
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    except ValueError as e:
+    except (DigitscoreError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     try:
         gpus = count_gpus() if needs_gpu_count(requested) else 0
         specs = resolve_devices(requested, gpus)
-    except GpuCountError as e:
+    except GpuError as e:
         raise click.ClickException(f"{e}; or run on the CPU with --device cpu") from None
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from core.errors import DeviceError, GpuError
+
 #: The device a worker process scores on, as torch names it inside that process.
 DEVICE_ENV = "DIGITSCORE_DEVICE"
 #: The device as the launcher's user named it (``cuda:2``): for logs, since inside it is cuda:0.
@@ -30,14 +32,6 @@ DEFAULT_ORDER = "PCI_BUS_ID"
 COUNT_TIMEOUT = 120.0
 
 _COUNT_GPUS = "import torch\nprint(torch.cuda.device_count() if torch.cuda.is_available() else 0)\n"
-
-
-class DeviceError(ValueError):
-    """A device the user named is malformed or not on this host (a usage error)."""
-
-
-class GpuCountError(RuntimeError):
-    """The throwaway child could not count the GPUs (torch or the driver is broken)."""
 
 
 @dataclass(frozen=True)
@@ -131,11 +125,11 @@ def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIME
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise GpuCountError(f"counting GPUs took longer than {timeout:.0f} s") from None
+        raise GpuError(f"counting GPUs took longer than {timeout:.0f} s") from None
     lines = out.stdout.split()
     if out.returncode != 0 or not lines or not lines[-1].isdigit():
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise GpuCountError(f"could not count GPUs with torch: {last}")
+        raise GpuError(f"could not count GPUs with torch: {last}")
     return int(lines[-1])
 
 

@@ -1,28 +1,37 @@
-"""The Celery task: a thin wrapper over :func:`worker.batch.process_batch`."""
+"""The Celery task: a thin wrapper over :func:`handle_batch`, which believes the database and
+nothing else a message says.
+
+A message names a run, a batch and the run's token (core/wire.py). The worker scores the
+batch only when its own database holds that run with that token and the batch is recorded
+and unfinished; the paths and the model come from the database, the payload key from the
+token and the batch number.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import torch
+from celery.exceptions import InvalidTaskError
 from celery.signals import worker_init, worker_process_init
+from celery.worker.strategy import default as default_strategy
 from sqlalchemy.exc import OperationalError
 
-from db.queries import batch_finished, count_redelivery, recorded_paths
+from core import defaults, wire
+from core.batch import poison_rows, score_images
+from core.classifier import Classifier
+from core.errors import MessageError
+from core.text import mask_url
+from db.model_store import load_classifier
+from db.queries import RunMismatch, count_redelivery, recorded_batch, store_batch_results
 from db.session import dispose_engines, get_engine
-from worker import defaults, payloads
-from worker.app import STORED_TASK_NAME, TASK_NAME, make_app
-from worker.batch import abandon_batch, process_batch
-from worker.classifier import Classifier
 from worker.devices import current_device, describe_current_device
-from worker.model_store import load_classifier
 
 log = logging.getLogger("digitscore.worker")
-app = make_app()
+app = wire.make_app()
 
 
 def database_url() -> str:
@@ -55,59 +64,25 @@ def _no_cuda_before_fork(**_kwargs) -> None:
         raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
 
 
-Loaded = tuple[list[str], list[bytes | None], list[str | None]]
+def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's own strategy behind a check of each message's shape (core/wire.py): what
+    does not fit raises ``InvalidTaskError``, which Celery logs and acknowledges, and the
+    worker goes on with the next message instead of dying inside Celery's request parser."""
+    handle = default_strategy(task, app, consumer, **kwargs)
 
+    def task_message_handler(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            wire.check_headers(message.headers)
+            wire.check_message(
+                message.headers.get("task", ""), message.decode(), len(message.body or b"")
+            )
+        except MessageError as e:
+            raise InvalidTaskError(
+                f"message {str(message.headers.get('id'))[:64]!r} dropped: {e}"
+            ) from None
+        return handle(message, body, *args, **kw)
 
-def run_batch(
-    task: Any, run_id: int, seq: int, model_id: int, load: Callable[[], Loaded]
-) -> int:
-    """What both tasks do; ``load`` gives the batch's paths, image bytes and read errors."""
-    url = database_url()
-    engine = get_engine(url)
-    device = current_device()
-    clf = cached_classifier(url, model_id, device)
-    # A message the broker hands out again (its worker died holding it, or held it past the
-    # visibility timeout) is flagged redelivered: count it before any work, so that a batch
-    # that kills every worker is known. A retry after a database error is a new message with
-    # request.retries one higher, not a redelivery. A first delivery, by far the common case,
-    # is counted in the transaction that stores its rows: no extra write per batch.
-    retries = task.request.retries
-    if (task.request.delivery_info or {}).get("redelivered"):
-        crashes = count_redelivery(engine, run_id, seq, retries) - 1 - retries
-        if crashes >= defaults.MAX_DELIVERIES:
-            log.error("run %s batch %s killed %s workers: marking it failed", run_id, seq, crashes)
-            # its paths as the producer recorded them, whether or not its payload is there
-            paths = recorded_paths(engine, run_id, seq)
-            return abandon_batch(engine, clf, run_id, seq, paths, crashes)
-        deliveries = 0
-    else:
-        deliveries = 1 + retries
-    paths, blobs, errors = load()
-    return process_batch(
-        engine, clf, run_id, seq, paths, blobs, errors, torch.device(device), deliveries
-    )
-
-
-RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
-    "autoretry_for": (OperationalError,),  # the database is away: back off and try again
-    "retry_backoff": True,
-    "retry_backoff_max": 60,
-    "max_retries": None,
-}
-
-
-@app.task(bind=True, name=TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
-def score_batch_task(
-    self,
-    run_id: int,
-    seq: int,
-    model_id: int,
-    paths: list[str],
-    blobs: list[bytes | None],
-    errors: list[str | None],
-) -> int:
-    """A batch with its paths and image bytes inside the message."""
-    return run_batch(self, run_id, seq, model_id, lambda: (paths, blobs, errors))
+    return task_message_handler
 
 
 @lru_cache(maxsize=1)
@@ -118,44 +93,73 @@ def broker_connection() -> Any:
 
 def payload_store() -> Any:
     """The Redis client for payloads, through the broker's own connection and settings."""
-    client = payloads.redis_client(broker_connection())
-    if client is None:
-        raise RuntimeError(f"{STORED_TASK_NAME} needs a Redis broker")
-    return client
+    return wire.require_redis(broker_connection(), mask_url(app.conf.broker_url))
 
 
-@app.task(bind=True, name=STORED_TASK_NAME, **RETRY_ON_DATABASE_ERRORS)
-def score_stored_batch_task(
-    self, run_id: int, seq: int, model_id: int, images: int | list[str], key: str
-) -> int:
-    """A batch of ``images`` images whose paths and bytes wait in Redis under ``key``
-    (worker/payloads.py); the key is deleted once the batch's rows are committed. (From an
-    earlier producer, ``images`` is the list of paths, and the payload holds only the bytes.)"""
+def handle_batch(task: Any, message: wire.BatchMessage) -> int:
+    """Score and store the batch a message names, if the database says it is to be scored;
+    returns the number of rows stored."""
+    url = database_url()
+    engine = get_engine(url)
     store = payload_store()
-    sent_paths = images if isinstance(images, list) else None
-    n_images = len(images) if isinstance(images, list) else int(images)
-
-    def load() -> Loaded:
-        data = store.get(key)
-        if data is None:
-            raise payloads.PayloadError(
-                f"run {run_id} batch {seq}: its image bytes are gone from Redis (a restart "
-                f"without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
-                f"the batch stays unfinished: run `producer resume {run_id}`"
-            )
-        paths, blobs, errors = payloads.unpack(data, n_images)
-        if paths is None:
-            if sent_paths is None:
-                raise payloads.PayloadError(f"run {run_id} batch {seq}: no paths in payload")
-            paths = sent_paths
-        return paths, blobs, errors
-
+    key = wire.payload_key(message)
     try:
-        n_new = run_batch(self, run_id, seq, model_id, load)
-    except payloads.PayloadError:
-        if batch_finished(get_engine(database_url()), run_id, seq):
-            n_new = 0  # stored by an earlier delivery, which deleted the payload
-        else:
-            raise
+        batch = recorded_batch(engine, message.run_id, message.seq, message.token)
+    except RunMismatch as e:
+        log.error(
+            "%s: nothing written, its payload deleted. Is the producer on another database? "
+            "This worker's database is %s", e, mask_url(url),
+        )
+        store.delete(key)
+        return 0
+    if batch.finished:  # stored by an earlier delivery, or given up on
+        store.delete(key)
+        return 0
+    device = current_device()
+    clf = cached_classifier(url, batch.model_id, device)
+    # A message the broker hands out again (its worker died holding it, or held it past the
+    # visibility timeout) is flagged redelivered: count it before any work, so that a batch
+    # that kills every worker is known. A retry after a database error is a new message with
+    # request.retries one higher, not a redelivery. A first delivery, by far the common case,
+    # is counted in the transaction that stores its rows: no extra write per batch.
+    retries = task.request.retries
+    if (task.request.delivery_info or {}).get("redelivered"):
+        crashes = count_redelivery(engine, batch.run_id, batch.seq, retries) - 1 - retries
+        if crashes >= defaults.MAX_DELIVERIES:
+            log.error(
+                "run %s batch %s killed %s workers: marking it failed",
+                batch.run_id, batch.seq, crashes,
+            )
+            rows = poison_rows(batch.paths, clf.classes, crashes)
+            n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed")
+            store.delete(key)
+            return n_new
+        deliveries = 0
+    else:
+        deliveries = 1 + retries
+    data = store.get(key)
+    if data is None:
+        raise MessageError(
+            f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis (a "
+            f"restart without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
+            f"the batch stays unfinished: run `producer resume {batch.run_id}`"
+        )
+    blobs, errors = wire.unpack_payload(data, len(batch.paths))
+    rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
+    n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)
     return n_new
+
+
+@app.task(
+    bind=True,
+    name=wire.TASK_NAME,
+    Strategy="worker.tasks:checked_strategy",
+    autoretry_for=(OperationalError,),  # the database is away: back off and try again
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def score_batch_task(self, run_id: int, seq: int, token: str) -> int:
+    """Score batch ``seq`` of run ``run_id`` (see :func:`handle_batch`)."""
+    return handle_batch(self, wire.BatchMessage.from_args([run_id, seq, token]))

@@ -2,7 +2,7 @@
 
 Such a file is decoded with libspng (through ``pyspng``), about five times faster than
 Pillow; every other file, and any file libspng does not decode, goes to
-:func:`worker.images.decode_batch`, so it gets exactly the pixels or the error it gets there.
+:func:`core.images.decode_each`, so it gets exactly the pixels or the error it gets there.
 
 "Plain" is checked from the bytes before libspng sees them, and is deliberately narrow:
 
@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from worker import images
+from core import images
 
 try:  # a platform without a pyspng wheel still scores, through Pillow only
     import pyspng
@@ -116,11 +116,11 @@ def decode_plain_png(data: bytes, height: int, width: int) -> np.ndarray | None:
     return pixels
 
 
-def decode_batch(
+def decode_images(
     blobs: Sequence[bytes], height: int, width: int
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """:func:`worker.images.decode_batch` with plain PNGs decoded by libspng: the same stack,
-    indices and errors, faster. Every other image is decoded by ``worker.images``."""
+    """:func:`core.images.decode_each` with plain PNGs decoded by libspng: the same stack,
+    indices and errors, faster. Every other image is decoded by ``core.images``."""
     n = len(blobs)
     stack = np.empty((n, height, width), dtype=np.uint8)
     decoded = np.zeros(n, dtype=bool)
@@ -134,7 +134,7 @@ def decode_batch(
         decoded[i] = True
     errors: dict[int, str] = {}
     if slow:
-        slow_stack, slow_ok, slow_errors = images.decode_batch(
+        slow_stack, slow_ok, slow_errors = images.decode_each(
             [blobs[i] for i in slow], height, width
         )
         for k, j in enumerate(slow_ok):

@@ -14,10 +14,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
-class ImageError(ValueError):
-    """An image that cannot be scored; ``str(error)`` is the reason stored in its error row."""
-
+from core.errors import ImageError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -118,10 +115,10 @@ def _to_uint8_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def decode_batch(
+def decode_each(
     blobs: Sequence[bytes], height: int, width: int
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Decode many images into one stacked ``(n_ok, height, width)`` uint8 array.
+    """Decode many images with Pillow into one stacked ``(n_ok, height, width)`` uint8 array.
 
     Returns the stack, the indices (into ``blobs``) of the decoded images in stack order, and
     the reason for every index that failed.

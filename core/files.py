@@ -18,12 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.tables import printable
-from worker import defaults
-
-
-class DirectoryError(ValueError):
-    """A directory that cannot be submitted: missing, not a directory, or without images."""
+from core import defaults
+from core.errors import DirectoryError
+from core.text import printable
 
 
 def check_directory(root: Path) -> Path:
@@ -157,7 +154,9 @@ def _kind(entry: os.DirEntry[str]) -> str:
 
 
 @dataclass
-class Batch:
+class FileBatch:
+    """Files read for one batch: relative paths, their bytes (or None) and read errors."""
+
     paths: list[str] = field(default_factory=list)
     blobs: list[bytes | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
@@ -252,18 +251,18 @@ def batches(
     files: Iterable[tuple[str, str]],
     max_images: int = defaults.BATCH_SIZE,
     max_bytes: int = defaults.BATCH_BYTES,
-) -> Iterator[Batch]:
+) -> Iterator[FileBatch]:
     """Read files into batches of at most ``max_images`` images and ``max_bytes`` bytes
     (a single file larger than ``max_bytes`` travels alone)."""
     if max_images < 1:
         raise ValueError("a batch must hold at least one image")
-    batch = Batch()
+    batch = FileBatch()
     for path, rel in files:
         data, error = read_file(path)
         size = len(data or b"")
         if batch and (len(batch) >= max_images or batch.n_bytes + size > max_bytes):
             yield batch
-            batch = Batch()
+            batch = FileBatch()
         batch.add(rel, data, error)
     if batch:
         yield batch

@@ -15,8 +15,6 @@ DATABASE_URL_ENV = "DIGITSCORE_DATABASE_URL"
 #: Celery broker URL (env ``DIGITSCORE_BROKER_URL``). ``None``: score in this process.
 BROKER_URL: str | None = None
 BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
-#: The broker a ``worker`` uses when ``DIGITSCORE_BROKER_URL`` is unset.
-DEFAULT_WORKER_BROKER = "redis://127.0.0.1:6379/0"
 #: Celery pool processes per device (``worker --concurrency``).
 WORKER_CONCURRENCY = 1
 
@@ -36,18 +34,14 @@ QUEUE = "digitscore"
 QUEUE_ENV = "DIGITSCORE_QUEUE"
 
 #: Whether workers and the producer send Celery task events, for flower (env
-#: ``DIGITSCORE_TASK_EVENTS``: 1 or 0). Off by default, as in Celery: each batch then costs
-#: the worker's main process three event messages fewer. A running flower turns the workers'
-#: events on by itself (its ``enable_events``); docker-compose.yml sets 1.
+#: ``DIGITSCORE_TASK_EVENTS``: 1 or 0). Off by default, as in Celery, which spares each batch
+#: three event messages; a running flower turns the workers' events on by itself.
 TASK_EVENTS = False
 TASK_EVENTS_ENV = "DIGITSCORE_TASK_EVENTS"
 
-#: Most images in one batch (images). Each batch costs a fixed 3-4 ms (a message, a
-#: payload, a transaction, Celery's bookkeeping); one worker with a full queue ran at 0.64,
-#: 0.71 and 0.77 of the decode-and-score limit at 1,024, 2,048 and 4,096 images (medians of
-#: 4 interleaved rounds, the limit measured beside each run; a run before the paths left the
-#: message: 0.69 and 0.72 at 2,048 and 4,096). Larger batches leave more of a run's last
-#: seconds to one worker.
+#: Most images in one batch (images). Each batch has a fixed cost (a message, a payload, a
+#: transaction, Celery's bookkeeping) that larger batches spread thinner; smaller ones share
+#: a run's last seconds among more workers (docs/performance.md has the measurements).
 BATCH_SIZE = 4096
 #: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
 BATCH_BYTES = 8 * 1024 * 1024
@@ -66,6 +60,9 @@ TRAIN_BATCH_SIZE = 256
 SEED = 42
 #: Fraction of the training images held out for validation when no ``--valid`` is given.
 HOLDOUT_FRACTION = 0.2
+
+#: ``producer --debug`` as an env var: show tracebacks (env ``DIGITSCORE_DEBUG=1``).
+DEBUG_ENV = "DIGITSCORE_DEBUG"
 
 #: Seconds between progress polls of ``submit --wait`` (seconds).
 POLL_INTERVAL = 0.5

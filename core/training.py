@@ -1,4 +1,10 @@
-"""Training both models from labelled class folders (``DIR/3/*.png``, ``DIR/7/*.png``...)."""
+"""Training both models from labelled class folders (``DIR/3/*.png``, ``DIR/7/*.png``...).
+
+The ideal digits are each class's mean image. The linear model is chapter 4's SGD loop (init,
+predict, loss, gradient, step, repeat) generalised from two classes to any number: the loss
+is softmax cross-entropy over ``K`` outputs rather than the chapter's sigmoid + ``mnist_loss``,
+so one model serves 3-vs-7 and all ten digits alike.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,81 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from producer.files import DirectoryError, DirectoryWalk, check_directory, read_file
-from worker.classifier import Classifier
-from worker.ideal import ideal_images
-from worker.images import ImageError, decode_gray, image_size
-from worker.scoring import score_batch
-from worker.sgd import EpochStats, train_sgd
+from core.classifier import Classifier
+from core.errors import DirectoryError
+from core.files import DirectoryWalk, check_directory, read_file
+from core.images import ImageError, decode_gray, image_size
+from core.scoring import linear, score_tensor
+
+
+def ideal_image(stacked: torch.Tensor) -> torch.Tensor:
+    """The mean of a ``N x H x W`` uint8 stack: ``stack.float()/255`` then ``mean(0)``."""
+    if stacked.shape[0] == 0:
+        raise ValueError("cannot average an empty stack of images")
+    return (stacked.float() / 255).mean(0)
+
+
+def ideal_images(stacked: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """One ideal image per class, ``K x H x W``, from images labelled ``0..K-1``."""
+    return torch.stack([ideal_image(stacked[labels == k]) for k in range(n_classes)])
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    loss: float
+    accuracy: float
+
+
+def init_params(n_inputs: int, n_classes: int, generator: torch.Generator):
+    weights = (torch.randn(n_inputs, n_classes, generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(n_classes).requires_grad_()
+    return weights, bias
+
+
+def train_sgd(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train on ``x`` (``N x D`` floats 0-1) and labels ``y`` (``N``, 0..K-1).
+
+    Returns ``weights`` (``D x K``) and ``bias`` (``K``). The same seed and data give the
+    same parameters bit for bit: initialisation and shuffling draw from one seeded generator.
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError("epochs and batch size must be at least 1 and the learning rate > 0")
+    generator = torch.Generator().manual_seed(seed)
+    weights, bias = init_params(x.shape[1], n_classes, generator)
+    n = x.shape[0]
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        total_loss = 0.0
+        correct = 0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx], y[idx]
+            logits = linear(xb, weights, bias)  # predict
+            loss = F.cross_entropy(logits, yb)  # loss
+            loss.backward()  # gradient
+            with torch.no_grad():  # step
+                weights -= lr * weights.grad
+                bias -= lr * bias.grad
+                weights.grad.zero_()
+                bias.grad.zero_()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        if on_epoch is not None:
+            on_epoch(EpochStats(epoch, total_loss / n, correct / n))
+    return weights.detach(), bias.detach()
 
 
 @dataclass
@@ -84,7 +158,7 @@ def require_every_class(data: LabelledImages, root: Path) -> None:
 
 
 def accuracies(clf: Classifier, data: LabelledImages) -> dict[str, float]:
-    scores = score_batch(clf, data.stack)
+    scores = score_tensor(clf, data.stack)
     return {
         name: float((pred == data.labels).float().mean())
         for name, pred in (("l1", scores.pred_l1), ("l2", scores.pred_l2), ("sgd", scores.pred_sgd))

@@ -7,20 +7,17 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from db.models import Model, utcnow
-from worker.classifier import (
+from core.classifier import (
     Classifier,
     classes_from_json,
     classes_to_json,
     tensor_from_bytes,
     tensor_to_bytes,
 )
+from core.errors import ModelNotFound
+from db.models import Model, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"
-
-
-class ModelNotFound(LookupError):
-    """No such model, or none trained yet; the message says to run ``producer train``."""
 
 
 @dataclass(frozen=True)

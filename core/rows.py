@@ -1,0 +1,34 @@
+"""A ``predictions`` row as scoring makes it and the database stores it, defined once."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+#: The predictors, in the order every report lists them; ``pred_<p>`` is each one's column.
+PREDICTORS = ("l1", "l2", "sgd")
+
+
+class PredictionRow(TypedDict):
+    """One image's result: its predictions, or the reason it could not be scored."""
+
+    path: str
+    label: str | None
+    pred_l1: str | None
+    pred_l2: str | None
+    pred_sgd: str | None
+    dist_l1: float | None
+    dist_l2: float | None
+    prob_sgd: float | None
+    error: str | None
+
+
+#: The keys of a row, in the order they are written.
+ROW_KEYS: tuple[str, ...] = tuple(PredictionRow.__annotations__)
+
+
+def unscored_row(path: str, label: str | None, error: str | None = None) -> PredictionRow:
+    """A row with no predictions (yet), and, if given, the reason why not."""
+    return PredictionRow(
+        path=path, label=label, pred_l1=None, pred_l2=None, pred_sgd=None,
+        dist_l1=None, dist_l2=None, prob_sgd=None, error=error,
+    )

@@ -1,0 +1,224 @@
+"""The wire: everything the producer and the workers say to each other through the broker.
+
+One task, :data:`TASK_NAME`, and one message, :class:`BatchMessage`: a run id, a batch number
+and the run's token, as three positional arguments, msgpack-encoded (never pickle). A message
+carries no paths, no model id and no Redis key: the worker reads the batch's paths and model
+from the database (the producer recorded them before sending), and derives the payload key
+from the run, its token and the batch number. So a message can at most ask for work the
+database already holds, on the batch it names.
+
+A batch's image bytes wait in Redis under :func:`payload_key` (a claim check), so that the
+message stays a few hundred bytes whatever the batch: the payload is msgpack
+``[blobs, errors]``, two lists as long as the batch's recorded paths, ``blobs[i]`` bytes or
+nil and ``errors[i]`` a string or nil (why the producer could not read file ``i``). It is
+deleted once the batch's rows are committed and expires after ``DIGITSCORE_PAYLOAD_TTL``;
+a batch whose payload is gone stays unfinished for ``producer resume``.
+
+:func:`check_message` validates what arrives before Celery unpacks it, so a malformed message
+costs a log line, not a worker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from core import defaults
+from core.errors import BrokerURLError, MessageError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+#: The one task a producer sends and a worker runs.
+TASK_NAME = "digitscore.score_batch"
+#: Every payload key starts with this, then the run, its token and the batch number.
+PAYLOAD_PREFIX = "digitscore:payload:"
+#: A run token: 32 lowercase hex digits (``uuid4().hex``).
+TOKEN = re.compile(r"[0-9a-f]{32}")
+#: The largest message body a worker accepts (bytes); a real one is under 200.
+MAX_BODY_BYTES = 4096
+#: The largest id or batch number in a message (a 63-bit database integer).
+MAX_ID = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class BatchMessage:
+    """Score batch ``seq`` of run ``run_id``, whose token is ``token``."""
+
+    run_id: int
+    seq: int
+    token: str
+
+    def args(self) -> list[Any]:
+        return [self.run_id, self.seq, self.token]
+
+    @classmethod
+    def from_args(cls, args: Any, kwargs: Any = None) -> BatchMessage:
+        """The message of a task's arguments, or :class:`MessageError` saying what is wrong."""
+        if kwargs:
+            raise MessageError(f"unexpected keyword arguments {sorted(map(str, kwargs))[:5]}")
+        if not isinstance(args, (list, tuple)) or len(args) != 3:
+            raise MessageError("arguments must be [run_id, seq, token]")
+        run_id, seq, token = args
+        for name, value in (("run_id", run_id), ("seq", seq)):
+            if type(value) is not int or not 0 <= value <= MAX_ID:
+                raise MessageError(f"{name} must be a whole number from 0 to 2**63-1")
+        if not isinstance(token, str) or not TOKEN.fullmatch(token):
+            raise MessageError("token must be 32 lowercase hex digits")
+        return cls(run_id, seq, token)
+
+
+def check_message(task_name: str, body: Any, size: int) -> BatchMessage:
+    """The message of a Celery protocol-2 body ``(args, kwargs, embed)`` of ``size`` encoded
+    bytes, or :class:`MessageError`."""
+    if task_name != TASK_NAME:
+        raise MessageError(f"unknown task {task_name[:80]!r}")
+    if size > MAX_BODY_BYTES:
+        raise MessageError(f"body of {size} bytes (at most {MAX_BODY_BYTES})")
+    if not isinstance(body, (list, tuple)) or len(body) != 3:
+        raise MessageError("body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(embed, dict) or (kwargs is not None and not isinstance(kwargs, dict)):
+        raise MessageError("body is not [args, kwargs, embed]")
+    if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
+        raise MessageError("callbacks, chains and chords are not accepted")
+    return BatchMessage.from_args(args, kwargs)
+
+
+def check_headers(headers: Any) -> None:
+    """The Celery protocol-2 headers a worker reads before the task runs, each of the type
+    Celery expects; anything else raises :class:`MessageError`."""
+    if not isinstance(headers, dict):
+        raise MessageError("headers are not a map")
+    for name in ("task", "id"):
+        if not isinstance(headers.get(name), str):
+            raise MessageError(f"header {name!r} is not a string")
+    retries = headers.get("retries", 0)
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise MessageError("header 'retries' is not a whole number")
+    for name in ("eta", "expires"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            raise MessageError(f"header {name!r} is not an ISO 8601 time") from None
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, (list, tuple)) and len(limits) == 2
+        and all(v is None or type(v) in (int, float) for v in limits)
+    ):
+        raise MessageError("header 'timelimit' is not [soft, hard] seconds")
+    for name in ("root_id", "parent_id", "group", "shadow", "lang", "origin"):
+        if headers.get(name) is not None and not isinstance(headers[name], str):
+            raise MessageError(f"header {name!r} is not a string")
+
+
+def payload_key(message: BatchMessage) -> str:
+    """Where the batch a message names keeps its payload: a re-send of the batch overwrites
+    it, and a message can name no other key."""
+    return f"{PAYLOAD_PREFIX}{message.run_id}:{message.token}:{message.seq}"
+
+
+def pack_payload(blobs: Sequence[bytes | None], errors: Sequence[str | None]) -> bytes:
+    if len(blobs) != len(errors):
+        raise ValueError(f"{len(blobs)} images but {len(errors)} read errors")
+    return msgpack.packb([list(blobs), list(errors)], use_bin_type=True)
+
+
+def unpack_payload(
+    data: bytes, n_images: int, max_file_bytes: int = defaults.MAX_FILE_BYTES
+) -> tuple[list[bytes | None], list[str | None]]:
+    """A payload's image bytes and read errors, checked against the batch's recorded size and
+    the producer's own limit per file: anything else raises :class:`MessageError`."""
+    try:
+        value = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True,
+            max_bin_len=max_file_bytes, max_str_len=64 * 1024,
+            max_array_len=max(n_images, 2), max_map_len=0, max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise MessageError(f"payload is not what a producer writes: {e}") from None
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(part, list) and len(part) == n_images for part in value)):
+        raise MessageError(f"payload is not two lists of {n_images} items")
+    blobs, errors = value
+    if not all(b is None or isinstance(b, bytes) for b in blobs):
+        raise MessageError("payload images must be bytes or nil")
+    if not all(e is None or isinstance(e, str) for e in errors):
+        raise MessageError("payload read errors must be strings or nil")
+    return blobs, errors
+
+
+def redis_client(connection: Any) -> Any | None:
+    """The Redis client of a kombu connection to a Redis broker (its own URL, password,
+    database and TLS settings), or ``None`` for any other transport."""
+    if getattr(connection.transport, "driver_type", None) != "redis":
+        return None
+    return connection.default_channel.client
+
+
+def require_redis(connection: Any, broker_masked: str) -> Any:
+    client = redis_client(connection)
+    if client is None:
+        raise BrokerURLError(
+            f"the broker {broker_masked} is not Redis: batches keep their image bytes in Redis "
+            "while queued, so use a redis:// (or rediss://) broker"
+        )
+    return client
+
+
+def make_app(broker_url: str | None = None) -> Celery:
+    """The Celery app producer and workers share: msgpack only, at-least-once delivery.
+
+    Its settings come from ``DIGITSCORE_*`` env vars, read now, so that the producer and
+    every worker agree on them.
+    """
+    from celery import Celery
+
+    broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, None)
+    if not broker:
+        raise BrokerURLError(
+            f"no broker: set {defaults.BROKER_URL_ENV} (or --broker-url), e.g. "
+            "redis://127.0.0.1:6379/0"
+        )
+    timeout = defaults.visibility_timeout()
+    events = defaults.task_events()
+    app = Celery("digitscore", broker=broker, set_as_current=False)
+    # The visibility timeout is read from the broker's and the result backend's transport
+    # options; no results are kept, but both are set so no part of Celery falls back to 1 h.
+    transport = {
+        "visibility_timeout": timeout,
+        # kombu sweeps for the unacked messages of dead workers every interval x throttle
+        # seconds (100 s by default, whatever the timeout): every timeout/5 (1-10 s) instead,
+        # so a dead worker's batch is back in the queue within about 1.2 x the timeout.
+        "unacked_restore_interval": max(1, min(10, timeout // 5)),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": defaults.BROKER_CONNECT_TIMEOUT,
+        "socket_timeout": 30,
+    }
+    app.conf.update(
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack"],  # anything else (pickle!) is rejected and logged
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,  # ack after the rows are committed
+        task_reject_on_worker_lost=True,  # a killed worker's batch goes back to the queue
+        worker_prefetch_multiplier=1,
+        task_default_queue=defaults.queue(),
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": timeout},
+        broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=events,  # for flower; see defaults.TASK_EVENTS
+        task_send_sent_event=events,
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,159 @@
+"""The wire (core/wire.py) without a server: the one message, the payload, what is refused,
+and the task's handling of a batch through its own code (fakeredis for the payload store)."""
+
+from __future__ import annotations
+
+import fakeredis
+import msgpack
+import pytest
+from sqlalchemy import text
+
+from core import defaults, wire
+from core.errors import BrokerURLError, MessageError
+from db import queries
+from db.session import get_engine
+from tests.test_results import save
+
+TOKEN = "0123456789abcdef" * 2
+
+
+def test_message_arguments_are_checked():
+    assert wire.BatchMessage.from_args([1, 2, TOKEN]) == wire.BatchMessage(1, 2, TOKEN)
+    assert wire.BatchMessage(1, 2, TOKEN).args() == [1, 2, TOKEN]
+    bad = [
+        ({"not": "a list"}, "run_id, seq, token"),
+        (5, "run_id, seq, token"),
+        ([1, 2], "run_id, seq, token"),
+        (["1", 2, TOKEN], "run_id must be"),
+        ([1, -2, TOKEN], "seq must be"),
+        ([1, True, TOKEN], "seq must be"),
+        ([1, 2**64, TOKEN], "seq must be"),
+        ([1, 2, "x" * 32], "token must be"),
+        ([1, 2, None], "token must be"),
+    ]
+    for args, reason in bad:
+        with pytest.raises(MessageError, match=reason):
+            wire.BatchMessage.from_args(args)
+    with pytest.raises(MessageError, match="keyword"):
+        wire.BatchMessage.from_args([1, 2, TOKEN], {"paths": ["/etc/passwd"]})
+
+
+def test_bodies_and_headers_that_do_not_fit_are_refused():
+    good = [[1, 2, TOKEN], {}, {"callbacks": None, "errbacks": None, "chain": None}]
+    assert wire.check_message(wire.TASK_NAME, good, 60) == wire.BatchMessage(1, 2, TOKEN)
+    for name, body, size, reason in [
+        ("other.task", good, 60, "unknown task"),
+        (wire.TASK_NAME, good, 10**6, "bytes"),
+        (wire.TASK_NAME, {"not": "a list"}, 10, "args, kwargs, embed"),
+        (wire.TASK_NAME, [[1, 2, TOKEN], {}, None], 10, "args, kwargs, embed"),
+        (wire.TASK_NAME, [[1, 2, TOKEN], {}, {"chain": [{"task": "x"}]}], 10, "chains"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_message(name, body, size)
+    headers = {"task": wire.TASK_NAME, "id": "x", "retries": 0, "eta": None}
+    wire.check_headers(headers)
+    for change, reason in [
+        ({"id": 5}, "'id'"),
+        ({"retries": "3"}, "retries"),
+        ({"eta": "tomorrow"}, "eta"),
+        ({"expires": 12}, "expires"),
+        ({"timelimit": "x"}, "timelimit"),
+        ({"group": ["x"]}, "group"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_headers({**headers, **change})
+
+
+def test_payload_round_trip_and_what_is_refused():
+    blobs, errors = [b"\x89PNG...", None, b""], [None, "file could not be read: gone", None]
+    assert wire.unpack_payload(wire.pack_payload(blobs, errors), 3) == (blobs, errors)
+    with pytest.raises(ValueError, match="2 images but 1 read errors"):
+        wire.pack_payload([b"a", b"b"], [None])
+    bad = {
+        b"\xc1": "not what a producer writes",
+        msgpack.packb([[b"a"], [None]]) + b"x": "not what a producer writes",
+        msgpack.packb([[b"a"], [None], []]): "max_array_len",
+        msgpack.packb([["text"], [None]], use_bin_type=True): "bytes or nil",
+        msgpack.packb([[b"a"], [3]], use_bin_type=True): "strings or nil",
+        msgpack.packb({"blobs": []}): "not what a producer writes",
+        msgpack.packb([[b"x" * 20], [None]], use_bin_type=True): "not what a producer writes",
+    }
+    for data, reason in bad.items():
+        with pytest.raises(MessageError, match=reason):
+            wire.unpack_payload(data, 1, max_file_bytes=10)
+
+
+def test_the_app_accepts_msgpack_only_and_needs_a_broker(monkeypatch):
+    app = wire.make_app("memory://")
+    assert app.conf.accept_content == ["msgpack"]
+    assert app.conf.task_serializer == "msgpack"
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+    vt = app.conf.broker_transport_options["visibility_timeout"]
+    assert vt == app.conf.result_backend_transport_options["visibility_timeout"] == 600
+    monkeypatch.delenv(defaults.BROKER_URL_ENV, raising=False)
+    with pytest.raises(BrokerURLError, match="no broker"):
+        wire.make_app()
+
+
+def test_task_events_are_off_unless_asked_for_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.delenv("DIGITSCORE_TASK_EVENTS", raising=False)
+    app = wire.make_app("memory://")
+    assert not app.conf.worker_send_task_events and not app.conf.task_send_sent_event
+    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "1")
+    app = wire.make_app("memory://")
+    assert app.conf.worker_send_task_events and app.conf.task_send_sent_event
+    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "maybe")
+    with pytest.raises(ValueError, match="DIGITSCORE_TASK_EVENTS='maybe': use 1 or 0"):
+        wire.make_app("memory://")
+
+
+class FakeTask:
+    class request:  # noqa: N801 - Celery's attribute name
+        retries = 0
+        delivery_info: dict = {}
+
+
+def test_the_task_scores_what_the_database_recorded_and_nothing_else(
+    monkeypatch, classifier, sample_dir, tmp_path
+):
+    """The paths come from the batch's record; a wrong token, an unknown run or batch, or a
+    finished batch writes nothing; the payload key is deleted in each case."""
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setenv(defaults.DATABASE_URL_ENV, url)
+    engine = get_engine(url)
+    model_id = save(engine, classifier)
+    files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:6]
+    paths = [f"3/{f.name}" for f in files]
+    blobs: list[bytes | None] = [f.read_bytes() for f in files]
+    with engine.begin() as conn:
+        run_id, token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "celery")
+        queries.record_batch(conn, run_id, 0, paths[:3], 0)
+        queries.record_batch(conn, run_id, 1, paths[3:], 0)
+    store = fakeredis.FakeRedis()
+    monkeypatch.setattr(tasks, "payload_store", lambda: store)
+    for seq in (0, 1):
+        part = slice(3 * seq, 3 * seq + 3)
+        store.set(wire.payload_key(wire.BatchMessage(run_id, seq, token)),
+                  wire.pack_payload(blobs[part], [None] * 3))
+    other = "f" * 32
+    for message in (
+        wire.BatchMessage(run_id, 0, other),  # another database's run 1
+        wire.BatchMessage(run_id + 1, 0, token),  # no such run
+        wire.BatchMessage(run_id, 9, token),  # no such batch
+    ):
+        assert tasks.handle_batch(FakeTask, message) == 0
+    assert store.get(wire.payload_key(wire.BatchMessage(run_id, 0, token)))  # not another's
+    assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 0, token)) == 3
+    assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 1, token)) == 3
+    store.set(wire.payload_key(wire.BatchMessage(run_id, 1, token)),
+              wire.pack_payload(blobs[:3], [None] * 3))
+    assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 1, token)) == 0  # finished
+    assert store.keys() == []
+    with engine.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT path, batch_seq FROM predictions WHERE error IS NULL ORDER BY id")).all()
+    assert [tuple(r) for r in stored] == [(p, i // 3) for i, p in enumerate(paths)]
