@@ -28,6 +28,8 @@ PG_ADMIN_URL = os.environ.get(
     "DIGITSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+#: The Redis database the tests' queues and payloads use (one per concurrent checkout).
+REDIS_DB = int(os.environ.get("DIGITSCORE_TEST_REDIS_DB", "9"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +175,7 @@ def redis_server() -> str:
 def broker_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A broker URL and a queue of this test's own, so tests never see each other's tasks."""
     queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
-    env = {"DIGITSCORE_BROKER_URL": f"{redis_server}/9", "DIGITSCORE_QUEUE": queue}
+    env = {"DIGITSCORE_BROKER_URL": f"{redis_server}/{REDIS_DB}", "DIGITSCORE_QUEUE": queue}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     yield env

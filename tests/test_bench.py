@@ -16,11 +16,11 @@ import pytest
 from sqlalchemy import text
 
 from bench import common, dataset, naive_celery, plain_script, report, runners, system
+from core import fast_decode, images
 from db.session import dispose_engines, get_engine
 from producer.submit import EmbeddedSender, submit_directory
-from tests.conftest import ROOT
+from tests.conftest import REDIS_DB, ROOT
 from tests.test_results import save
-from core import fast_decode, images
 
 COLUMNS = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -151,15 +151,15 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
     them: every image done, the predictions equal to the plain script's."""
     common.store_model(sqlite_url, classifier)
     queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
-    env = system.service_env(f"{redis_server}/9", queue, sqlite_url)
+    env = system.service_env(f"{redis_server}/{REDIS_DB}", queue, sqlite_url)
     try:
         with system.WorkerSet(1, "cpu", env, tmp_path) as workers:
             result = system.submit_and_wait(sample_dir / "valid", env, tmp_path)
             memory = workers.peak_memory()
             full = system.submit_then_release(
-                sample_dir / "valid", env, tmp_path, f"{redis_server}/9")
+                sample_dir / "valid", env, tmp_path, f"{redis_server}/{REDIS_DB}")
     finally:
-        system.delete_queue(f"{redis_server}/9", queue)
+        system.delete_queue(f"{redis_server}/{REDIS_DB}", queue)
     assert result.n_images == 200 and 0 < result.seconds < 60 and result.rate > 0
     assert memory["worker_pool_mib"] > 20 and memory["worker_main_mib"] > 20
     plain_script.score_directory(sample_dir / "valid", tmp_path / "out.csv", classifier)
