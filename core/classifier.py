@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: reading models needs none
+    import torch
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Classifier:
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return t.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
 
 
 def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -51,6 +54,8 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     expected = int(np.prod(shape))
     if array.size != expected:
         raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
+    import torch
+
     return torch.from_numpy(array.astype(np.float32).reshape(shape))
 
 

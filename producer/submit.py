@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine
 
+if TYPE_CHECKING:
+    from core.classifier import Classifier
+
 from core import defaults
-from core.batch import score_images
-from core.classifier import Classifier
 from core.errors import DirectoryError
 from core.files import DirectoryWalk, FileBatch, batches, check_directory, read_file
 from core.wire import BatchMessage
@@ -43,6 +44,9 @@ class EmbeddedSender:
         self.classifier = classifier
 
     def send(self, message: BatchMessage, batch: FileBatch) -> None:
+        # imported here: a producer that only enqueues never loads torch
+        from core.batch import score_images
+
         rows = score_images(self.classifier, batch.paths, batch.blobs, batch.errors)
         queries.store_batch_results(self.engine, message.run_id, message.seq, rows)
 

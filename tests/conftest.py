@@ -49,6 +49,15 @@ def score_and_store(engine, classifier, run_id, seq, paths, blobs, errors=None) 
     return store_batch_results(engine, run_id, seq, score_images(classifier, paths, blobs, errors))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Score on one thread, as a worker's pool process does: a matrix product's last bits
+    depend on how many threads split it, and tests compare scores bit for bit."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_engines() -> Iterator[None]:
     yield

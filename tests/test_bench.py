@@ -75,7 +75,12 @@ def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifi
     with sqlite3.connect(results) as db:
         got = {Path(r[0]).relative_to(sample_dir / "valid").as_posix(): tuple(r[1:])
                for r in db.execute("SELECT * FROM results")}
-    assert got == {k: plain[k] for k in got} and len(got) == 20
+    # One image at a time multiplies a 1-row matrix, whose last bits differ from a stack's:
+    # the predictions and distances are equal, the SGD probability to float32 precision.
+    assert len(got) == 20
+    for path, row in got.items():
+        assert row[:6] == plain[path][:6], path
+        assert row[6] == pytest.approx(plain[path][6], rel=1e-6), path
 
 
 def test_image_sets_hold_real_digits_in_class_folders_and_are_reused(tmp_path):
