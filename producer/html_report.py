@@ -29,7 +29,7 @@ from producer.pictures import (
     load_thumbnail,
     weight_pictures,
 )
-from producer.report import NAMES, build_report
+from producer.report import NAMES, _secs, build_report
 from producer.tables import pct
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -73,10 +73,6 @@ def _table(headers: Sequence[str], rows: Iterable[str], cls: str = "") -> str:
 
 def _num(value: Any) -> str:
     return f'<td class="num">{esc(value)}</td>'
-
-
-def _secs(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f} s"
 
 
 def _summary(report: dict[str, Any]) -> str:
