@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from core import defaults, wire
-from core.errors import BrokerUnavailable
+from core.errors import BrokerUnavailable, BrokerURLError
 from core.files import FileBatch
 from core.text import mask_url
 
@@ -29,6 +29,11 @@ class CelerySender:
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=timeout)
+        except ValueError:  # kombu could not parse it; its message may quote the password
+            raise BrokerURLError(
+                f"the broker URL {mask_url(self.url)} cannot be parsed: percent-escape "
+                "reserved characters in its password (# as %23, / as %2F, @ as %40)"
+            ) from None
         except Exception as e:
             raise BrokerUnavailable(
                 f"cannot reach the broker {mask_url(self.url)} ({type(e).__name__}): start it, "
