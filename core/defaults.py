@@ -68,6 +68,10 @@ DEBUG_ENV = "DIGITSCORE_DEBUG"
 POLL_INTERVAL = 0.5
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
+#: Seconds between a worker's heartbeats into the database's ``workers`` table; a worker not
+#: seen for three of them is taken to be gone.
+HEARTBEAT_SECONDS = 10
+
 #: Worker deaths on one batch after which it is declared poison: its images get error rows.
 MAX_DELIVERIES = 3
 #: SQLite busy timeout (milliseconds).

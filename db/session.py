@@ -113,9 +113,10 @@ def driver_reason(e: DBAPIError) -> str:
     return mask_urls_in(lines[0])
 
 
-def dispose_engines() -> None:
-    """Forget every engine (after a fork, or between tests)."""
+def dispose_engines(close: bool = True) -> None:
+    """Forget every engine: between tests, or with ``close=False`` in a forked child, whose
+    inherited connections belong to the parent and must not be closed from here."""
     for engine in _engines.values():
-        engine.dispose()
+        engine.dispose(close=close)
     _engines.clear()
 

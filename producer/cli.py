@@ -228,6 +228,7 @@ from producer.report_commands import (  # noqa: E402
     report_cmd,
     runs_cmd,
     show_model_cmd,
+    workers_cmd,
 )
 from producer.run_commands import resume_cmd, status_cmd, submit_cmd  # noqa: E402
 
@@ -240,5 +241,6 @@ for _command in (
     models_cmd,
     show_model_cmd,
     compare_cmd,
+    workers_cmd,
 ):
     cli.add_command(_command)

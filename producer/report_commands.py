@@ -100,6 +100,46 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     click.echo(format_table(headers, table, "rlrrrrrrl"))
 
 
+@click.command("workers", context_settings=HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@database_option
+def workers_cmd(as_json: bool, engine: Any) -> None:
+    """List the live workers that write to this database: device, queue, rate, last batch.
+
+    A worker registers when it starts and is seen again every few seconds; one not seen for
+    three heartbeats, or stopped, is not listed.
+
+    \b
+    Example:
+      producer workers --json
+    """
+    from core import defaults
+    from db.workers import live_workers
+    from producer.tables import format_table
+
+    with engine.connect() as conn:
+        rows = live_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        click.echo(
+            "no live worker writes to this database: start `worker` with the same "
+            f"{defaults.DATABASE_URL_ENV}"
+        )
+        return
+    table = [
+        [
+            r["name"], r["device"], r["queue"], r["batches"], r["images"],
+            "-" if r["images_per_second"] is None else f"{r['images_per_second']:,.0f}",
+            "-" if r["last_batch_at"] is None else f"{r['last_batch_at']:%H:%M:%S}",
+        ]
+        for r in rows
+    ]
+    headers = ["name", "device", "queue", "batches", "images", "images/s", "last batch"]
+    click.echo(format_table(headers, table, "lllrrrl"))
+
+
 @click.command("report", context_settings=HELP)
 @click.argument("run", type=RunArg())
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 from functools import lru_cache
 from typing import Any
 
 import torch
 from celery.exceptions import InvalidTaskError
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from celery.worker.strategy import default as default_strategy
 from sqlalchemy.exc import OperationalError
 
@@ -28,6 +31,7 @@ from core.text import mask_url
 from db.model_store import load_classifier
 from db.queries import RunMismatch, count_redelivery, recorded_batch, store_batch_results
 from db.session import dispose_engines, get_engine
+from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker.devices import current_device, describe_current_device
 
 log = logging.getLogger("digitscore.worker")
@@ -50,7 +54,7 @@ def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
 @worker_process_init.connect
 def _on_process_start(**_kwargs) -> None:
     # Connections must not cross a fork; CUDA is first touched here, in the pool process.
-    dispose_engines()
+    dispose_engines(close=False)
     broker_connection.cache_clear()
     if current_device() == "cpu":
         torch.set_num_threads(1)
@@ -62,6 +66,40 @@ def _no_cuda_before_fork(**_kwargs) -> None:
     """The Celery main process forks the pool: CUDA must not be initialised in it."""
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
+
+
+#: The node name this main process registered under.
+_registered: list[str] = []
+
+
+@worker_ready.connect
+def _register(sender: Any = None, **_kwargs) -> None:
+    """Enter this worker in its database's registry and keep it seen there, from the main
+    process, so that a producer can tell which workers write where (``producer workers``)."""
+    name = str(sender.hostname)
+    _registered.append(name)
+    engine = get_engine(database_url())
+    register_worker(engine, name, socket.gethostname(), os.getpid(),
+                    describe_current_device(), defaults.queue())
+
+    def beat() -> None:
+        while True:
+            time.sleep(defaults.HEARTBEAT_SECONDS)
+            try:
+                heartbeat(engine, name)
+            except Exception as e:  # the database is away: the next beat tries again
+                log.warning("heartbeat failed: %s", type(e).__name__)
+
+    threading.Thread(target=beat, name="digitscore-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _unregister(**_kwargs) -> None:
+    try:
+        for name in _registered:
+            stop_worker(get_engine(database_url()), name)
+    except Exception as e:
+        log.warning("could not mark this worker stopped: %s", type(e).__name__)
 
 
 def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
@@ -148,6 +186,9 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
     n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)
+    node = getattr(task.request, "hostname", None)
+    if node:
+        count_batch(engine, node, len(rows))
     return n_new
 
 

@@ -1,0 +1,73 @@
+"""The worker registry: who writes to this database, on which device, and how fast."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from db.models import Worker, utcnow
+
+
+def register_worker(
+    engine: Engine, name: str, host: str, pid: int, device: str, queue: str
+) -> None:
+    """Record a starting worker; a restarted one under the same name starts its row afresh."""
+    now = utcnow()
+    values = dict(host=host, pid=pid, device=device, queue=queue, started_at=now, last_seen=now,
+                  stopped_at=None, batches=0, images=0, last_batch_at=None)
+    with engine.begin() as conn:
+        found = conn.execute(update(Worker).where(Worker.name == name).values(**values))
+        if not found.rowcount:
+            conn.execute(insert(Worker).values(name=name, **values))
+
+
+def heartbeat(engine: Engine, name: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Worker).where(Worker.name == name).values(last_seen=utcnow()))
+
+
+def count_batch(engine: Engine, name: str, n_images: int) -> None:
+    """Add a stored batch to its worker's counts (a heartbeat too)."""
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            update(Worker)
+            .where(Worker.name == name)
+            .values(batches=Worker.batches + 1, images=Worker.images + n_images,
+                    last_batch_at=now, last_seen=now)
+        )
+
+
+def stop_worker(engine: Engine, name: str) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            update(Worker).where(Worker.name == name).values(stopped_at=now, last_seen=now)
+        )
+
+
+def live_workers(
+    conn: Connection, within: float, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Workers seen in the last ``within`` seconds and not stopped, each with its rate
+    (images per second since it started)."""
+    now = now or utcnow()
+    rows = conn.execute(
+        select(Worker.__table__)
+        .where(Worker.stopped_at.is_(None), Worker.last_seen >= now - timedelta(seconds=within))
+        .order_by(Worker.name)
+    ).mappings()
+    out = []
+    for r in rows:
+        row = dict(r)
+        seconds = (_aware(row["last_seen"]) - _aware(row["started_at"])).total_seconds()
+        row["images_per_second"] = row["images"] / seconds if seconds > 0 else None
+        out.append(row)
+    return out
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives back naive timestamps of what was stored in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
