@@ -60,6 +60,11 @@ class BrokerUnavailable(DigitscoreError):
     """The broker cannot be reached or refuses a write."""
 
 
+class SubmitInterrupted(DigitscoreError):
+    """A ``submit`` or ``resume`` stopped part way by the database, the broker or the file
+    system; the run is kept, and ``producer resume RUN`` sends the rest once that is fixed."""
+
+
 class GpuError(DigitscoreError):
     """The GPUs cannot be counted or used as the host's devices promise."""
 

@@ -8,7 +8,7 @@ from typing import Any
 from core import defaults, wire
 from core.errors import BrokerUnavailable
 from core.files import FileBatch
-from core.text import mask_url
+from core.text import first_line, mask_url
 
 
 class CelerySender:
@@ -43,8 +43,20 @@ class CelerySender:
         return self._redis
 
     def send(self, message: wire.BatchMessage, batch: FileBatch) -> None:
+        """Store the batch's bytes, then enqueue its message; raises :class:`BrokerUnavailable`
+        with Redis's or kombu's own first line when the broker is gone or refuses a write
+        (``OOM command not allowed`` under ``maxmemory``)."""
+        from kombu.exceptions import KombuError
+        from redis.exceptions import RedisError
+
         key = wire.payload_key(message)
-        self._payload_store().set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
-        self.app.send_task(
-            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
-        )
+        try:
+            store = self._payload_store()
+            store.set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
+            self.app.send_task(
+                wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
+            )
+        except (RedisError, KombuError, OSError) as e:
+            raise BrokerUnavailable(
+                f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"
+            ) from e

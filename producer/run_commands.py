@@ -78,8 +78,10 @@ class Counter:
             click.echo(f"\r{self.label} {self.n:,} images ({rate:,.0f}/s)", err=True, nl=False)
 
     def close(self) -> None:
+        """End the progress line (once)."""
         if self.tty and self.n:
             click.echo("", err=True)
+        self.tty = False
 
 
 @click.command("submit", context_settings=HELP)
@@ -120,6 +122,12 @@ def submit_cmd(
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
     counter = Counter("sent" if sender.backend == "celery" else "scored")
+    created: list[int] = []
+
+    def on_run(run_id: int) -> None:
+        created.append(run_id)
+        echo_err(f"run {run_id} created")
+
     try:
         sub = submit_directory(
             engine,
@@ -128,9 +136,16 @@ def submit_cmd(
             sender,
             batch_size=batch_size,
             batch_bytes=batch_bytes,
-            on_run=lambda r: echo_err(f"run {r} created"),
+            on_run=on_run,
             on_batch=counter,
         )
+    except KeyboardInterrupt:
+        if not created:
+            raise
+        counter.close()
+        run_id = created[0]
+        echo_err(f"stopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+        sys.exit(130)
     finally:
         counter.close()
     click.echo(
@@ -211,8 +226,23 @@ def status_cmd(run: int | str, engine: Any) -> None:
 
     with engine.connect() as conn:
         r = get_run(conn, resolve_run(conn, run))
+    click.echo(status_line(r))
+
+
+def status_line(r: dict[str, Any]) -> str:
+    """A run's status and counts; for a run whose submission has not finished, how to finish it.
+
+    ``submitted_at`` is set when the producer has sent every batch. While it is unset, either
+    a producer is still sending or it stopped part way; the database cannot tell which, so the
+    hint says both."""
     total = "?" if r["n_images"] is None else r["n_images"]
-    click.echo(
+    line = (
         f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
         f"({r['n_scored']} scored, {r['n_failed']} failed)"
     )
+    if r["submitted_at"] is None and r["status"] in ("queued", "running"):
+        line += (
+            f"; not all sent yet: if its `producer submit` was interrupted (nothing is sending "
+            f"it now), run `producer resume {r['id']}` to send the rest"
+        )
+    return line
