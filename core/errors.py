@@ -65,6 +65,10 @@ class SubmitInterrupted(DigitscoreError):
     system; the run is kept, and ``producer resume RUN`` sends the rest once that is fixed."""
 
 
+class WaitTimeout(DigitscoreError):
+    """``--wait --timeout S`` gave up: the run goes on without the command that waited."""
+
+
 class GpuError(DigitscoreError):
     """The GPUs cannot be counted or used as the host's devices promise."""
 

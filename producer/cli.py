@@ -228,11 +228,12 @@ from producer.report_commands import (  # noqa: E402
     runs_cmd,
     show_model_cmd,
 )
-from producer.run_commands import resume_cmd, status_cmd, submit_cmd  # noqa: E402
+from producer.run_commands import resume_cmd, status_cmd, submit_cmd, wait_cmd  # noqa: E402
 
 for _command in (
     submit_cmd,
     resume_cmd,
+    wait_cmd,
     status_cmd,
     runs_cmd,
     report_cmd,

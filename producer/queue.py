@@ -60,3 +60,38 @@ class CelerySender:
             raise BrokerUnavailable(
                 f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"
             ) from e
+
+
+def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIMEOUT) -> list[str]:
+    """The names of the workers that consume ``queue``, as they answer Celery's control API
+    within ``timeout`` seconds."""
+    app = wire.make_app(broker_url)
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    finally:
+        app.close()
+    return sorted(
+        node for node, queues in replies.items() if any(q.get("name") == queue for q in queues)
+    )
+
+
+def why_idle(broker_url: str, database: str) -> str:
+    """The likely reason no batch of a run is being stored, found by asking the broker which
+    workers consume the queue. ``database`` is the run's database, password masked."""
+    queue, broker = defaults.queue(), mask_url(broker_url)
+    try:
+        nodes = consumers(broker_url, queue)
+    except Exception as e:
+        reason = first_line(e)
+        return f"cannot ask the broker {broker} which workers consume queue {queue}: {reason}"
+    if not nodes:
+        return (
+            f"no worker consumes queue {queue} on broker {broker}: start `worker` with "
+            f"{defaults.BROKER_URL_ENV} set to that broker and {defaults.DATABASE_URL_ENV} to "
+            f"{database}"
+        )
+    return (
+        f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} "
+        f"({', '.join(nodes)}) but stored none of this run's batches: they may be busy with "
+        f"other runs, or write to another database than {database}"
+    )
