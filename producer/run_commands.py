@@ -267,7 +267,14 @@ def resume_cmd(
 @click.command("wait", context_settings=HELP)
 @click.argument("run", type=RunArg())
 @timeout_option
-@broker_option
+@click.option(
+    "--broker-url",
+    envvar=defaults.BROKER_URL_ENV,
+    default=None,
+    metavar="URL",
+    help=f"The run's broker, asked which workers consume its queue when the run does not "
+    f"move [env {defaults.BROKER_URL_ENV}].",
+)
 @database_option
 def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engine: Any) -> None:
     """Wait for RUN, submitted earlier, showing its progress; then print its report.
