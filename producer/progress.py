@@ -62,7 +62,8 @@ def wait_for_run(
             click.echo("\r" + line, err=True, nl=False)
         elif now >= next_report:
             click.echo(f"run {run_id}: {line}", err=True)
-            next_report = now + report_every
+            while next_report <= now:  # on a fixed grid: every report_every s from the start
+                next_report += report_every
         if p.status in ("done", "failed"):
             if tty:
                 click.echo("", err=True)
