@@ -237,3 +237,27 @@ def test_redis_out_of_memory_mid_submit_one_line_then_resume_completes(
     r = run_cli("resume", "1", "--wait", "--database-url", sqlite_url, env=broker)
     assert r.exit_code == 0, r.output
     assert_exactly_once(sqlite_url, FILES)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_mid_submit_exits_130_naming_resume_then_resume_completes(
+    run_cli, sample_dir, sqlite_url
+):
+    train(run_cli, sample_dir, sqlite_url)
+    producer = start_producer(
+        "submit", str(sample_dir), "--batch-size", "1", "--database-url", sqlite_url,
+        # SIGINT as a terminal's Ctrl-C delivers it, even if this test runs with it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    pause_mid_submit(sqlite_url, 20, producer)
+    producer.send_signal(signal.SIGINT)
+    resume_producer(producer)
+    out, err = producer.communicate(timeout=60)
+    assert producer.returncode == 130, (out, err)
+    assert "Traceback" not in out + err
+    assert err.splitlines()[-1] == "stopped; run 1 is kept: `producer resume 1` sends the rest"
+    r = run_cli("resume", "1", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    assert_exactly_once(sqlite_url, FILES)
