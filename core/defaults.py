@@ -66,6 +66,14 @@ DEBUG_ENV = "DIGITSCORE_DEBUG"
 
 #: Seconds between progress polls of ``submit --wait`` (seconds).
 POLL_INTERVAL = 0.5
+#: Seconds ``--wait`` waits with no batch of the run stored before it says why it may be
+#: stuck (env ``DIGITSCORE_STALL_HINT_AFTER``).
+STALL_HINT_AFTER = 30
+STALL_HINT_AFTER_ENV = "DIGITSCORE_STALL_HINT_AFTER"
+#: Seconds between two progress lines of ``--wait`` when stderr is not a terminal (seconds).
+PROGRESS_EVERY = 10
+#: Seconds to wait for the workers' replies when asking which of them consume the queue.
+INSPECT_TIMEOUT = 1.0
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
 #: Seconds between a worker's heartbeats into the database's ``workers`` table; a worker not
@@ -109,6 +117,10 @@ def positive_seconds(env: str, default: int) -> int:
 
 def visibility_timeout() -> int:
     return positive_seconds(VISIBILITY_TIMEOUT_ENV, VISIBILITY_TIMEOUT)
+
+
+def stall_hint_after() -> int:
+    return positive_seconds(STALL_HINT_AFTER_ENV, STALL_HINT_AFTER)
 
 
 def payload_ttl() -> int:

@@ -3,7 +3,7 @@
 Each message says what went wrong and what to do next. The ``producer`` and ``worker`` command
 lines turn them into one line on stderr and an exit status in one place each (producer/cli.py,
 worker/cli.py): :attr:`DigitscoreError.exit_code` is 2 for bad usage or input, 1 for a failure
-at run time. docs/errors.md lists them.
+at run time (README.md, "Errors and exit codes").
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ class DatabaseUnavailable(DigitscoreError):
 
 class BrokerUnavailable(DigitscoreError):
     """The broker cannot be reached or refuses a write."""
+
+
+class SubmitInterrupted(DigitscoreError):
+    """A ``submit`` or ``resume`` stopped part way by the database, the broker or the file
+    system; the run is kept, and ``producer resume RUN`` sends the rest once that is fixed."""
+
+
+class WaitTimeout(DigitscoreError):
+    """``--wait --timeout S`` gave up: the run goes on without the command that waited."""
 
 
 class GpuError(DigitscoreError):

@@ -57,3 +57,10 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 def mask_urls_in(text: str) -> str:
     """``text`` with every URL in it masked by :func:`mask_url`."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, any URL in it masked; its type's name when
+    the message is empty."""
+    lines = str(e).strip().splitlines()
+    return mask_urls_in(lines[0]) if lines else type(e).__name__

@@ -13,7 +13,7 @@ from sqlalchemy.pool import StaticPool
 
 from core import defaults
 from core.errors import DatabaseUnavailable, DatabaseURLError
-from core.text import mask_url, mask_urls_in
+from core.text import first_line, mask_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any 64-bit number of our own: serialises schema upgrades of processes starting at once.
@@ -109,8 +109,7 @@ def get_engine(url: str) -> Engine:
 
 def driver_reason(e: DBAPIError) -> str:
     """The first line of the database driver's own message, any URL in it masked."""
-    lines = str(e.orig).strip().splitlines() or [type(e.orig).__name__]
-    return mask_urls_in(lines[0])
+    return first_line(e.orig if e.orig is not None else e)
 
 
 def dispose_engines(close: bool = True) -> None:

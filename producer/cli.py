@@ -15,7 +15,7 @@ import click
 
 from core import defaults
 from core.errors import EXIT_FAILURE, DigitscoreError
-from core.text import mask_urls_in
+from core.text import first_line
 from producer.options import HELP, database_option, echo_err
 
 
@@ -48,9 +48,8 @@ def debug_enabled(ctx: click.Context) -> bool:
 
 def describe_unexpected(e: BaseException) -> str:
     """An exception's type and the first line of its message, any URL in it masked."""
-    lines = str(e).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(e).__name__}: {mask_urls_in(first)}" if first else type(e).__name__
+    first = first_line(e)
+    return type(e).__name__ if first == type(e).__name__ else f"{type(e).__name__}: {first}"
 
 
 @click.group(
@@ -230,11 +229,12 @@ from producer.report_commands import (  # noqa: E402
     show_model_cmd,
     workers_cmd,
 )
-from producer.run_commands import resume_cmd, status_cmd, submit_cmd  # noqa: E402
+from producer.run_commands import resume_cmd, status_cmd, submit_cmd, wait_cmd  # noqa: E402
 
 for _command in (
     submit_cmd,
     resume_cmd,
+    wait_cmd,
     status_cmd,
     runs_cmd,
     report_cmd,

@@ -1,14 +1,17 @@
-"""Waiting for a run while showing its progress, read from the database."""
+"""Waiting for a run while showing its progress, read from the database; saying why when it
+does not move."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from core import defaults
+from core.errors import WaitTimeout
 from db.queries import progress
 
 
@@ -23,23 +26,61 @@ def progress_line(done: int, total: int | None, rate: float) -> str:
     return f"[{bar}] {done:,}/{total:,} images  {rate:,.0f} images/s  {eta_text}"
 
 
-def wait_for_run(engine: Any, run_id: int, interval: float = defaults.POLL_INTERVAL) -> str:
+def wait_for_run(
+    engine: Any,
+    run_id: int,
+    interval: float = defaults.POLL_INTERVAL,
+    *,
+    timeout: float | None = None,
+    explain: Callable[[], str] | None = None,
+    stall_after: float | None = None,
+    report_every: float = defaults.PROGRESS_EVERY,
+) -> str:
     """Poll until the run is done or failed; show progress on stderr; return the status.
 
-    Ctrl-C raises KeyboardInterrupt to the caller and leaves the run going.
+    On a terminal the progress line is redrawn at every poll; otherwise one line is printed
+    every ``report_every`` seconds. When no batch of the run has been stored for
+    ``stall_after`` seconds (``DIGITSCORE_STALL_HINT_AFTER``, 30 by default), ``explain()``
+    says why it may be stuck, once per stall. After ``timeout`` seconds :class:`WaitTimeout`
+    is raised; the run goes on. Ctrl-C raises KeyboardInterrupt to the caller.
     """
     tty = sys.stderr.isatty()
+    stall_after = defaults.stall_hint_after() if stall_after is None else stall_after
     start = time.monotonic()
-    with engine.connect() as conn:
-        first = progress(conn, run_id).done
+    first: int | None = None
+    last_done, last_change, hinted = -1, start, False
+    next_report = start + report_every
     while True:
         with engine.connect() as conn:
             p = progress(conn, run_id)
-        rate = (p.done - first) / max(time.monotonic() - start, 1e-9)
+        now = time.monotonic()
+        first = p.done if first is None else first
+        if p.done != last_done:
+            last_done, last_change, hinted = p.done, now, False
+        line = progress_line(p.done, p.n_images, (p.done - first) / max(now - start, 1e-9))
         if tty:
-            click.echo("\r" + progress_line(p.done, p.n_images, rate), err=True, nl=False)
+            click.echo("\r" + line, err=True, nl=False)
+        elif now >= next_report:
+            click.echo(f"run {run_id}: {line}", err=True)
+            while next_report <= now:  # on a fixed grid: every report_every s from the start
+                next_report += report_every
         if p.status in ("done", "failed"):
             if tty:
                 click.echo("", err=True)
             return p.status
+        if explain is not None and not hinted and now - last_change >= stall_after:
+            hinted = True
+            hint = explain()
+            if tty:
+                click.echo("", err=True)  # keep the progress line
+            stalled = now - last_change
+            click.echo(f"no batch of run {run_id} stored for {stalled:.0f} s: {hint}", err=True)
+        if timeout is not None and now - start >= timeout:
+            if tty:
+                click.echo("", err=True)
+            total = "?" if p.n_images is None else f"{p.n_images:,}"
+            raise WaitTimeout(
+                f"run {run_id} not done after --timeout {timeout:g} s ({p.done:,}/{total} "
+                f"images); it goes on: see `producer status {run_id}`"
+            )
         time.sleep(interval)

@@ -8,7 +8,7 @@ from typing import Any
 from core import defaults, wire
 from core.errors import BrokerUnavailable, BrokerURLError
 from core.files import FileBatch
-from core.text import mask_url
+from core.text import first_line, mask_url
 
 
 class CelerySender:
@@ -48,8 +48,55 @@ class CelerySender:
         return self._redis
 
     def send(self, message: wire.BatchMessage, batch: FileBatch) -> None:
+        """Store the batch's bytes, then enqueue its message; raises :class:`BrokerUnavailable`
+        with Redis's or kombu's own first line when the broker is gone or refuses a write
+        (``OOM command not allowed`` under ``maxmemory``)."""
+        from kombu.exceptions import KombuError
+        from redis.exceptions import RedisError
+
         key = wire.payload_key(message)
-        self._payload_store().set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
-        self.app.send_task(
-            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
+        try:
+            store = self._payload_store()
+            store.set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
+            self.app.send_task(
+                wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
+            )
+        except (RedisError, KombuError, OSError) as e:
+            raise BrokerUnavailable(
+                f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"
+            ) from e
+
+
+def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIMEOUT) -> list[str]:
+    """The names of the workers that consume ``queue``, as they answer Celery's control API
+    within ``timeout`` seconds."""
+    app = wire.make_app(broker_url)
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    finally:
+        app.close()
+    return sorted(
+        node for node, queues in replies.items() if any(q.get("name") == queue for q in queues)
+    )
+
+
+def why_idle(broker_url: str, database: str) -> str:
+    """The likely reason no batch of a run is being stored, found by asking the broker which
+    workers consume the queue. ``database`` is the run's database, password masked."""
+    queue, broker = defaults.queue(), mask_url(broker_url)
+    try:
+        nodes = consumers(broker_url, queue)
+    except Exception as e:
+        reason = first_line(e)
+        return f"cannot ask the broker {broker} which workers consume queue {queue}: {reason}"
+    if not nodes:
+        return (
+            f"no worker consumes queue {queue} on broker {broker}: start `worker` with "
+            f"{defaults.BROKER_URL_ENV} set to that broker and {defaults.DATABASE_URL_ENV} to "
+            f"{database}"
         )
+    return (
+        f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} "
+        f"({', '.join(nodes)}) but stored none of this run's batches: they may be busy with "
+        f"other runs, or write to another database than {database}"
+    )

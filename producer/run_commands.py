@@ -3,6 +3,7 @@ producer.submit, producer.report and db.queries."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -78,14 +79,38 @@ class Counter:
             click.echo(f"\r{self.label} {self.n:,} images ({rate:,.0f}/s)", err=True, nl=False)
 
     def close(self) -> None:
+        """End the progress line (once)."""
         if self.tty and self.n:
             click.echo("", err=True)
+        self.tty = False
+
+
+def timeout_option(f: Any) -> Any:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        metavar="S",
+        help="Give up waiting after S seconds (exit 1); the run goes on. Default: wait on.",
+    )(f)
+
+
+def wait_options(f: Any) -> Any:
+    f = timeout_option(f)
+    return click.option(
+        "--wait", is_flag=True, help="Wait until the run is done, then print its report."
+    )(f)
+
+
+def check_timeout(wait: bool, timeout: float | None) -> None:
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout is how long --wait waits: give --wait too")
 
 
 @click.command("submit", context_settings=HELP)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", "model_id", type=int, help="Model id to score with; default: newest.")
-@click.option("--wait", is_flag=True, help="Wait until the run is done, then print its report.")
+@wait_options
 @batch_options
 @broker_option
 @database_option
@@ -93,6 +118,7 @@ def submit_cmd(
     directory: Path,
     model_id: int | None,
     wait: bool,
+    timeout: float | None,
     batch_size: int,
     batch_bytes: int,
     broker_url: str | None,
@@ -105,14 +131,22 @@ def submit_cmd(
     bytes inline) for `worker` processes.
 
     \b
+    If it stops part way (the database or the broker failed), it says why and exits 1;
+    `producer resume RUN` then sends the rest. With --wait, when no batch is stored for 30 s
+    (DIGITSCORE_STALL_HINT_AFTER), it asks the broker whether any worker consumes the queue
+    and says what it finds.
+
+    \b
     Examples:
       producer submit ./mnist/valid --wait
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit ./images --model 3
+      producer submit ./images --wait --timeout 600
     """
     from core.files import check_directory
     from db.model_store import resolve_model_id
     from producer.submit import submit_directory
 
+    check_timeout(wait, timeout)
     check_directory(directory)
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
@@ -120,6 +154,12 @@ def submit_cmd(
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
     counter = Counter("sent" if sender.backend == "celery" else "scored")
+    created: list[int] = []
+
+    def on_run(run_id: int) -> None:
+        created.append(run_id)
+        echo_err(f"run {run_id} created")
+
     try:
         sub = submit_directory(
             engine,
@@ -128,9 +168,16 @@ def submit_cmd(
             sender,
             batch_size=batch_size,
             batch_bytes=batch_bytes,
-            on_run=lambda r: echo_err(f"run {r} created"),
+            on_run=on_run,
             on_batch=counter,
         )
+    except KeyboardInterrupt:
+        if not created:
+            raise
+        counter.close()
+        run_id = created[0]
+        echo_err(f"stopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+        sys.exit(130)
     finally:
         counter.close()
     click.echo(
@@ -138,18 +185,36 @@ def submit_cmd(
         f"({sub.n_skipped} other files skipped), status {sub.status}"
     )
     if wait:
-        _wait_and_report(engine, sub.run_id)
+        _wait_and_report(engine, sub.run_id, broker_url, timeout)
 
 
-def _wait_and_report(engine: Any, run_id: int) -> None:
+def _wait_and_report(
+    engine: Any, run_id: int, broker_url: str | None, timeout: float | None
+) -> None:
+    """Wait for the run (saying why when it does not move), then print its report."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.errors import DatabaseUnavailable
+    from core.text import mask_url
     from producer.progress import wait_for_run
     from producer.report import build_report, format_report
+    from producer.submit import failure_cause
 
+    explain = None
+    if broker_url:
+        from producer.queue import why_idle
+
+        explain = functools.partial(why_idle, broker_url, mask_url(engine.url))
     try:
-        status = wait_for_run(engine, run_id)
+        status = wait_for_run(engine, run_id, timeout=timeout, explain=explain)
     except KeyboardInterrupt:
         echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
         sys.exit(130)
+    except SQLAlchemyError as e:
+        raise DatabaseUnavailable(
+            f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes on "
+            f"without this command: see `producer status {run_id}`"
+        ) from e
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
     if status == "failed":
@@ -158,13 +223,14 @@ def _wait_and_report(engine: Any, run_id: int) -> None:
 
 @click.command("resume", context_settings=HELP)
 @click.argument("run", type=RunArg())
-@click.option("--wait", is_flag=True, help="Wait until the run is done, then print its report.")
+@wait_options
 @batch_options
 @broker_option
 @database_option
 def resume_cmd(
     run: int | str,
     wait: bool,
+    timeout: float | None,
     batch_size: int,
     batch_bytes: int,
     broker_url: str | None,
@@ -183,6 +249,7 @@ def resume_cmd(
     from db.queries import get_run
     from producer.submit import resume_run
 
+    check_timeout(wait, timeout)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
@@ -194,7 +261,34 @@ def resume_cmd(
         f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
     )
     if wait:
-        _wait_and_report(engine, run_id)
+        _wait_and_report(engine, run_id, broker_url, timeout)
+
+
+@click.command("wait", context_settings=HELP)
+@click.argument("run", type=RunArg())
+@timeout_option
+@click.option(
+    "--broker-url",
+    envvar=defaults.BROKER_URL_ENV,
+    default=None,
+    metavar="URL",
+    help=f"The run's broker, asked which workers consume its queue when the run does not "
+    f"move [env {defaults.BROKER_URL_ENV}].",
+)
+@database_option
+def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engine: Any) -> None:
+    """Wait for RUN, submitted earlier, showing its progress; then print its report.
+
+    Exits 1 if the run failed or --timeout passed. With a broker set, says why when no batch
+    is stored for 30 s (DIGITSCORE_STALL_HINT_AFTER).
+
+    \b
+    Example:
+      producer wait latest --timeout 3600
+    """
+    with engine.connect() as conn:
+        run_id = resolve_run(conn, run)
+    _wait_and_report(engine, run_id, broker_url, timeout)
 
 
 @click.command("status", context_settings=HELP)
@@ -211,8 +305,23 @@ def status_cmd(run: int | str, engine: Any) -> None:
 
     with engine.connect() as conn:
         r = get_run(conn, resolve_run(conn, run))
+    click.echo(status_line(r))
+
+
+def status_line(r: dict[str, Any]) -> str:
+    """A run's status and counts; for a run whose submission has not finished, how to finish it.
+
+    ``submitted_at`` is set when the producer has sent every batch. While it is unset, either
+    a producer is still sending or it stopped part way; the database cannot tell which, so the
+    hint says both."""
     total = "?" if r["n_images"] is None else r["n_images"]
-    click.echo(
+    line = (
         f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
         f"({r['n_scored']} scored, {r['n_failed']} failed)"
     )
+    if r["submitted_at"] is None and r["status"] in ("queued", "running"):
+        line += (
+            f"; not all sent yet: if its `producer submit` was interrupted (nothing is sending "
+            f"it now), run `producer resume {r['id']}` to send the rest"
+        )
+    return line

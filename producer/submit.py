@@ -4,28 +4,41 @@ A sender either scores the batch in this process (the embedded default) or enque
 the Celery workers; both score with ``core.batch.score_images`` and store with
 ``db.queries.store_batch_results``.
 Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
-what was sent and re-send what has no results.
+what was sent and re-send what has no results. A failure part way (the database full or gone,
+the broker gone or refusing writes, a file system error) therefore leaves a run that
+``producer resume`` completes: it is raised as one :class:`SubmitInterrupted` that names the
+cause in the driver's own words and that command.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 if TYPE_CHECKING:
     from core.classifier import Classifier
 
 from core import defaults
-from core.errors import DirectoryError
+from core.errors import (
+    BadInput,
+    DatabaseUnavailable,
+    DigitscoreError,
+    DirectoryError,
+    SubmitInterrupted,
+)
 from core.files import DirectoryWalk, FileBatch, batches, check_directory, read_file
+from core.text import first_line, mask_url
 from core.wire import BatchMessage
 from db import queries
+from db.session import driver_reason
 
 
 class Sender(Protocol):
@@ -86,12 +99,51 @@ def submit_directory(
     if first is None:
         suffixes = ", ".join(sorted(defaults.IMAGE_SUFFIXES))
         raise DirectoryError(f"no images in {str(root)!r} (looked for files ending {suffixes})")
-    with engine.begin() as conn:
-        run_id, token = queries.create_run(conn, model_id, str(root), sender.backend)
+    try:
+        with engine.begin() as conn:
+            run_id, token = queries.create_run(conn, model_id, str(root), sender.backend)
+    except SQLAlchemyError as e:
+        raise DatabaseUnavailable(
+            f"cannot create a run: {failure_cause(engine, e)}; nothing was submitted"
+        ) from e
     if on_run is not None:
         on_run(run_id)
-    n_batches = _send_all(engine, run_id, token, chain([first], stream), 0, sender, on_batch)
-    return _finish(engine, run_id, walk.n_skipped, n_batches)
+    with kept_for_resume(engine, run_id, "submit"):
+        n_batches = _send_all(engine, run_id, token, chain([first], stream), 0, sender, on_batch)
+        return _finish(engine, run_id, walk.n_skipped, n_batches)
+
+
+def failure_cause(engine: Engine, e: BaseException) -> str:
+    """What failed, in its own words: the database or broker named (password masked) and the
+    first line of the driver's message."""
+    if isinstance(e, DigitscoreError):  # the sender's BrokerUnavailable already says it all
+        return str(e).rstrip(".")
+    if isinstance(e, DBAPIError):
+        kind = type(e.orig).__name__ if e.orig is not None else type(e).__name__
+        reason = driver_reason(e).rstrip(".")
+        return f"the database {mask_url(engine.url)} failed ({kind}): {reason}"
+    reason = f"{type(e).__name__}: {first_line(e).rstrip('.')}"
+    if isinstance(e, SQLAlchemyError):
+        return f"the database {mask_url(engine.url)} failed: {reason}"
+    if isinstance(e, OSError):  # the file system (reading the directory, a full disk)
+        return reason
+    return f"{reason} (run again with --debug for the traceback)"
+
+
+@contextmanager
+def kept_for_resume(engine: Engine, run_id: int, command: str) -> Iterator[None]:
+    """Turn any failure of a run's submission into one :class:`SubmitInterrupted` naming its
+    cause and ``producer resume RUN``. Bad input (the source directory gone) is left as it is:
+    resuming cannot mend it."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except Exception as e:
+        raise SubmitInterrupted(
+            f"run {run_id} stopped part way through {command}: {failure_cause(engine, e)}; "
+            f"the run is kept: once that is fixed, run `producer resume {run_id}`"
+        ) from e
 
 
 def _send_all(
@@ -145,6 +197,18 @@ def resume_run(
     """Re-send every batch of a run that has no results yet, re-reading its files from the
     run's source directory; if the producer died mid-walk, walk again and send the rest.
     Returns the number of batches re-sent and the submission as it now stands."""
+    with kept_for_resume(engine, run_id, "resume"):
+        return _resume(engine, run_id, sender, batch_size, batch_bytes, on_batch)
+
+
+def _resume(
+    engine: Engine,
+    run_id: int,
+    sender: Sender,
+    batch_size: int,
+    batch_bytes: int,
+    on_batch: OnBatch | None,
+) -> tuple[int, Submission]:
     with engine.connect() as conn:
         run = queries.get_run(conn, run_id)
         pending = queries.unfinished_batches(conn, run_id)

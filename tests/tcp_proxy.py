@@ -28,6 +28,12 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and break every open one."""
         if self._listener is not None:
+            # shutdown first: a bare close() leaves the accept() blocked in the other thread
+            # holding the socket open, and it goes on accepting connections
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         with self._lock:

@@ -101,7 +101,31 @@ def test_corrupt_image_gets_an_error_row_and_the_rest_are_scored(
 
 def test_help_needs_no_database(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for cmd in ([], ["submit"], ["train"], ["report"], ["resume"], ["sample-data"]):
+    for cmd in ([], ["submit"], ["train"], ["report"], ["resume"], ["wait"], ["sample-data"]):
         r = run_cli(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
     assert not (tmp_path / "digitscore.db").exists()
+
+
+def test_wait_reports_a_done_run_and_times_out_on_one_that_does_not_move(
+    run_cli, model_db, sample_dir
+):
+    from db.queries import create_run
+
+    db = ["--database-url", model_db]
+    r = run_cli("submit", str(sample_dir / "valid"), "--timeout", "5", *db)
+    assert r.exit_code == 2 and "give --wait too" in r.output
+    assert run_cli("submit", str(sample_dir / "valid"), *db).exit_code == 0
+    r = run_cli("wait", "latest", *db)
+    assert r.exit_code == 0, r.output
+    assert "run 1" in r.stdout and "200" in r.stdout
+    with get_engine(model_db).begin() as conn:  # a run whose producer never sent a batch
+        run_id, _ = create_run(conn, 1, str(sample_dir / "valid"), "celery")
+    r = run_cli("wait", str(run_id), "--timeout", "0.5", *db)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[-1] == (
+        f"Error: run {run_id} not done after --timeout 0.5 s (0/? images); it goes on: see "
+        f"`producer status {run_id}`"
+    )
+    r = run_cli("status", str(run_id), *db)
+    assert f"run `producer resume {run_id}` to send the rest" in r.stdout

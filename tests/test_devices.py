@@ -166,19 +166,21 @@ def test_a_worker_process_describes_its_device_for_the_log(monkeypatch):
 
 
 def test_celery_command_line_is_exact():
-    cmd = celery_command(DeviceSpec("cuda", 1), 3, "digits", ["--without-mingle"], python="py")
+    cmd = celery_command(
+        DeviceSpec("cuda", 1), 3, "digits", ["--without-mingle"], python="py", launcher_pid=42
+    )
     assert cmd == [
         "py", "-m", "celery", "--app", "worker.tasks", "worker",
         "--queues", "digits",
         "--concurrency", "3",
         "--pool", "prefork",
-        "--hostname", "digitscore-cuda1@%h",
+        "--hostname", "digitscore-cuda1-42@%h",
         "--loglevel", "INFO",
         "--without-mingle",
     ]  # fmt: skip
     assert celery_command(DeviceSpec("cpu"), 1, "q") == [
         sys.executable, "-m", "celery", "--app", "worker.tasks", "worker", "--queues", "q",
-        "--concurrency", "1", "--pool", "prefork", "--hostname", "digitscore-cpu@%h",
+        "--concurrency", "1", "--pool", "prefork", "--hostname", f"digitscore-cpu-{os.getpid()}@%h",
         "--loglevel", "INFO",
     ]  # fmt: skip
 

@@ -184,7 +184,8 @@ def test_one_pinned_worker_per_visible_gpu_with_the_exact_command_line(launch):
         record = w.record(f"cuda{index}")
         expected = [sys.executable, "-m", "celery", "--app", "worker.tasks", "worker", "--queues"]
         expected += ["digitscore", "--concurrency", "2", "--pool", "prefork", "--hostname"]
-        expected += [f"digitscore-cuda{index}@%h", "--loglevel", "INFO", "--without-gossip"]
+        expected += [f"digitscore-cuda{index}-{w.proc.pid}@%h", "--loglevel", "INFO"]
+        expected += ["--without-gossip"]
         assert record["argv"] == expected[3:]  # what follows `python -m celery`
         assert record["env"] == {
             "CUDA_VISIBLE_DEVICES": physical,
@@ -205,6 +206,17 @@ def test_no_gpu_means_one_worker_on_the_cpu(launch):
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait() == 0
     assert "started the worker on cpu" in w.stderr()
+
+
+def test_two_launchers_on_one_host_name_their_cpu_workers_apart(launch):
+    launched = [launch("--device", "cpu") for _ in range(2)]
+    names = [w.record("cpu")["argv"][w.record("cpu")["argv"].index("--hostname") + 1]
+             for w in launched]
+    for w in launched:
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert names == [f"digitscore-cpu-{w.proc.pid}@%h" for w in launched]
+    assert names[0] != names[1]
 
 
 def test_gpus_that_cannot_be_counted_exit_1_and_start_nothing(launch):

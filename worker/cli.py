@@ -60,8 +60,15 @@ def celery_command(
     queue: str,
     extra: Sequence[str] = (),
     python: str = sys.executable,
+    launcher_pid: int | None = None,
 ) -> list[str]:
-    """The ``celery worker`` command line of the worker pinned to ``spec``."""
+    """The ``celery worker`` command line of the worker pinned to ``spec``.
+
+    Its node name, ``digitscore-<device>-<launcher pid>@<host>``, is unique per device and
+    launcher, so two launchers on one host never share a name (Celery's control commands
+    and flower would see them as one node).
+    """
+    pid = os.getpid() if launcher_pid is None else launcher_pid
     return [
         python,
         "-m",
@@ -76,7 +83,7 @@ def celery_command(
         "--pool",
         "prefork",
         "--hostname",
-        f"digitscore-{spec.node}@%h",
+        f"digitscore-{spec.node}-{pid}@%h",
         "--loglevel",
         "INFO",
         *extra,

@@ -1,0 +1,96 @@
+"""``--wait`` says why a run does not move, prints progress when piped, and ``--timeout`` ends
+it with exit 1: a real ``producer submit`` process, real Redis, with and without a worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import ROOT, wait_for_log
+from tests.test_faults import train
+
+pytestmark = pytest.mark.integration
+
+
+def submit_and_watch(source, db_url: str, env: dict[str, str], *args: str):
+    """Run ``producer submit SOURCE --wait ARGS`` with its output piped (not a terminal);
+    return its exit status and each line of stdout and of stderr with the seconds since the
+    start."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
+         "--wait", "--database-url", db_url, *args],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    out: list[tuple[float, str]] = []
+    err: list[tuple[float, str]] = []
+
+    def read(stream, lines: list[tuple[float, str]]) -> None:
+        for line in stream:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+
+    readers = [threading.Thread(target=read, args=pair) for pair in
+               ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout=120)
+    for reader in readers:
+        reader.join()
+    return proc.returncode, out, err
+
+
+def test_no_worker_hint_within_30_s_progress_every_10_s_and_timeout_exits_1(
+    run_cli, sample_dir, sqlite_url, broker_env
+):
+    train(run_cli, sample_dir, sqlite_url)
+    status, out, lines = submit_and_watch(
+        sample_dir / "valid", sqlite_url, broker_env, "--timeout", "36"
+    )
+    text = "\n".join(line for _, line in out + lines)
+    assert status == 1, text
+    assert "Traceback" not in text
+    # waiting starts once every batch is sent, which the stdout line says
+    waiting = next(t for t, line in out if line.startswith("run 1: 200 images"))
+    assert "status queued" in out[0][1] and len(out) == 1  # no report: the run is not done
+    hints = [(t, line) for t, line in lines if line.startswith("no batch of run 1 stored for")]
+    assert len(hints) == 1, text
+    at, hint = hints[0]
+    # the default: 30 s without a stored batch, then a second to ask the workers
+    assert 30 <= at - waiting <= 35, text
+    queue, broker = broker_env["DIGITSCORE_QUEUE"], broker_env["DIGITSCORE_BROKER_URL"]
+    assert f"no worker consumes queue {queue} on broker {broker}" in hint
+    assert f"DIGITSCORE_DATABASE_URL to {sqlite_url}" in hint
+    progress = [t - waiting for t, line in lines if line.startswith("run 1: [")]
+    assert len(progress) == 3, text  # every 10 s: at 10, 20 and 30 s
+    assert all(10 * (i + 1) <= t <= 10 * (i + 1) + 4 for i, t in enumerate(progress)), progress
+    assert lines[-1][1] == (
+        "Error: run 1 not done after --timeout 36 s (0/200 images); it goes on: see "
+        "`producer status 1`"
+    )
+
+
+def test_workers_on_the_queue_but_none_storing_are_named(
+    run_cli, sample_dir, sqlite_url, tmp_path, broker_env, start_worker
+):
+    train(run_cli, sample_dir, sqlite_url)
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": elsewhere}, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    env = {**broker_env, "DIGITSCORE_STALL_HINT_AFTER": "3"}
+    status, out, lines = submit_and_watch(
+        sample_dir / "valid", sqlite_url, env, "--timeout", "8"
+    )
+    text = "\n".join(line for _, line in out + lines)
+    assert status == 1, text
+    hint = next(line for _, line in lines if line.startswith("no batch of run 1 stored for"))
+    queue = broker_env["DIGITSCORE_QUEUE"]
+    assert f"1 worker(s) consume queue {queue} on broker" in hint, hint
+    assert f"(digitscore-cpu-{worker.pid}@" in hint, hint
+    assert f"write to another database than {sqlite_url}" in hint, hint
+    assert "--timeout 8 s" in lines[-1][1]
