@@ -251,6 +251,33 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
         return str(values["status"])
 
 
+@dataclass(frozen=True)
+class Stall:
+    """A run with batches still queued and no batch stored for ``seconds``."""
+
+    queued_batches: int
+    seconds: float
+
+
+def stall(conn: Connection, run: dict[str, Any], now: datetime | None = None) -> Stall | None:
+    """How long run ``run`` has stored nothing while batches of it wait, or ``None`` when it
+    is not waiting on a batch (done, failed, or none queued)."""
+    if run["status"] not in ("queued", "running"):
+        return None
+    queued, last = conn.execute(
+        select(
+            func.count().filter(Batch.status == "queued"),
+            func.max(Batch.finished_at),
+        ).where(Batch.run_id == run["id"])
+    ).one()
+    if not queued:
+        return None
+    since = last or run["submitted_at"] or run["created_at"]
+    if since.tzinfo is None:  # SQLite gives back the stored UTC time without its zone
+        since = since.replace(tzinfo=utcnow().tzinfo)
+    return Stall(int(queued), ((now or utcnow()) - since).total_seconds())
+
+
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
     row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().one_or_none()
     if row is None:

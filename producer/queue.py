@@ -80,10 +80,13 @@ def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIM
     )
 
 
-def why_idle(broker_url: str, database: str) -> str:
+def why_idle(broker_url: str, engine: Any) -> str:
     """The likely reason no batch of a run is being stored, found by asking the broker which
-    workers consume the queue. ``database`` is the run's database, password masked."""
-    queue, broker = defaults.queue(), mask_url(broker_url)
+    workers consume the queue and the run's database which workers write to it (its
+    ``workers`` registry)."""
+    from db.workers import live_workers
+
+    queue, broker, database = defaults.queue(), mask_url(broker_url), mask_url(engine.url)
     try:
         nodes = consumers(broker_url, queue)
     except Exception as e:
@@ -95,8 +98,17 @@ def why_idle(broker_url: str, database: str) -> str:
             f"{defaults.BROKER_URL_ENV} set to that broker and {defaults.DATABASE_URL_ENV} to "
             f"{database}"
         )
+    with engine.connect() as conn:
+        writers = {w["name"] for w in live_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)}
+    elsewhere = [n for n in nodes if n not in writers]
+    if elsewhere:
+        return (
+            f"worker(s) {', '.join(elsewhere)} consume queue {queue} on broker {broker} but "
+            f"none of them writes to this database, {database}: set their "
+            f"{defaults.DATABASE_URL_ENV} to it (or this producer's to theirs)"
+        )
     return (
-        f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} "
-        f"({', '.join(nodes)}) but stored none of this run's batches: they may be busy with "
-        f"other runs, or write to another database than {database}"
+        f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} and write to "
+        f"{database} ({', '.join(nodes)}) but stored none of this run's batches: they may be "
+        "busy with other runs"
     )

@@ -71,11 +71,14 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     Example:
       producer runs --limit 10
     """
-    from db.queries import list_runs
+    from db.queries import list_runs, stall
+    from producer.run_commands import stall_hint
     from producer.tables import format_table, pct
 
     with engine.connect() as conn:
         rows = list_runs(conn, limit)
+        for r in rows:
+            r["stall_hint"] = stall_hint(r["id"], stall(conn, r))
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
@@ -98,6 +101,9 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     ]
     headers = ["id", "status", "model", "images", "failed", "L1", "L2", "SGD", "source"]
     click.echo(format_table(headers, table, "rlrrrrrrl"))
+    for r in rows:
+        if r["stall_hint"]:
+            click.echo(f"run {r['id']} {r['stall_hint']}")
 
 
 @click.command("workers", context_settings=HELP)

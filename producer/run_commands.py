@@ -195,7 +195,6 @@ def _wait_and_report(
     from sqlalchemy.exc import SQLAlchemyError
 
     from core.errors import DatabaseUnavailable
-    from core.text import mask_url
     from producer.progress import wait_for_run
     from producer.report import build_report, format_report
     from producer.submit import failure_cause
@@ -204,7 +203,7 @@ def _wait_and_report(
     if broker_url:
         from producer.queue import why_idle
 
-        explain = functools.partial(why_idle, broker_url, mask_url(engine.url))
+        explain = functools.partial(why_idle, broker_url, engine)
     try:
         status = wait_for_run(engine, run_id, timeout=timeout, explain=explain)
     except KeyboardInterrupt:
@@ -301,11 +300,26 @@ def status_cmd(run: int | str, engine: Any) -> None:
     Example:
       producer status latest
     """
-    from db.queries import get_run
+    from db.queries import get_run, stall
 
     with engine.connect() as conn:
         r = get_run(conn, resolve_run(conn, run))
-    click.echo(status_line(r))
+        stalled = stall(conn, r)
+    line = status_line(r)
+    hint = stall_hint(r["id"], stalled)
+    click.echo(f"{line}; {hint}" if hint else line)
+
+
+def stall_hint(run_id: int, stalled: Any) -> str | None:
+    """For a run that stored nothing for longer than the visibility timeout while batches of
+    it wait: what to look at."""
+    if stalled is None or stalled.seconds <= defaults.visibility_timeout():
+        return None
+    return (
+        f"stalled: no batch stored for {stalled.seconds:,.0f} s while {stalled.queued_batches} "
+        f"wait: see `producer workers` (no live worker writes to this database?), then "
+        f"`producer resume {run_id}` if the broker lost them"
+    )
 
 
 def status_line(r: dict[str, Any]) -> str:
