@@ -129,3 +129,13 @@ def test_wait_reports_a_done_run_and_times_out_on_one_that_does_not_move(
     )
     r = run_cli("status", str(run_id), *db)
     assert f"run `producer resume {run_id}` to send the rest" in r.stdout
+
+
+def test_database_errors_name_their_cause_with_the_right_exit_code(run_cli, tmp_path):
+    r = run_cli("runs", "--database-url", "mysql://root:pw@127.0.0.1/test")
+    assert r.exit_code == 2
+    assert "unsupported database 'mysql'" in r.output and "postgresql://" in r.output
+    assert "pw" not in r.output
+    r = run_cli("runs", "--database-url", f"sqlite:///{tmp_path}/no/such/dir/x.db")
+    assert r.exit_code == 1
+    assert "unable to open database file" in r.output and "server is up" not in r.output
