@@ -7,6 +7,7 @@ docs/schema.md true to it in the same commit.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +20,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    column,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -112,6 +115,22 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+#: Which rows are a predictor's mistakes: scored, labelled, predicted wrong. The partial
+#: indexes below hold only those rows, and :func:`db.views.confident_mistakes` filters with
+#: exactly these terms so that both databases can use them.
+MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
+
+
+def _mistakes_index(p: str, confidence: Any) -> Index:
+    """A run's mistakes of predictor ``p``, surest first (``confidence`` says in which order),
+    then by path: the top N of the HTML report are the index's first N entries."""
+    where = text(MISTAKE.format(p=p))
+    return Index(
+        f"ix_predictions_mistakes_{p}", "run_id", confidence, "path",
+        sqlite_where=where, postgresql_where=where,
+    )
+
+
 class Prediction(Base):
     """One row per submitted image: its predictions, or the reason it could not be scored."""
 
@@ -119,6 +138,14 @@ class Prediction(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "path", name="uq_predictions_run_path"),
         Index("ix_predictions_run_batch", "run_id", "batch_seq"),
+        # the failed rows of a run in path order (migration 0006)
+        Index(
+            "ix_predictions_failures", "run_id", "path",
+            sqlite_where=text("error IS NOT NULL"), postgresql_where=text("error IS NOT NULL"),
+        ),
+        _mistakes_index("l1", "dist_l1"),
+        _mistakes_index("l2", "dist_l2"),
+        _mistakes_index("sgd", column("prob_sgd").desc()),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -134,3 +161,26 @@ class Prediction(Base):
     prob_sgd: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunCount(Base):
+    """How many of a run's labelled, scored images with ``label`` a predictor called
+    ``predicted``: the run's confusion counts, kept by each batch's commit (migration 0006)."""
+
+    __tablename__ = "run_counts"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    predictor: Mapped[str] = mapped_column(String(10), primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    predicted: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+class RunFailure(Base):
+    """How many of a run's rows have ``error`` as their reason (migration 0006)."""
+
+    __tablename__ = "run_failures"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    error: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)

@@ -2,20 +2,22 @@
 
 Writes of results are idempotent: a batch's rows go in with insert-or-ignore on
 (run_id, path) in one transaction that also marks the batch done and adds the rows that were
-new to the run's counts (scored, failed, labelled, right per predictor), from which its
-accuracies and status follow. A redelivered batch therefore never duplicates a row or skews
+new to the run's counts (scored, failed, labelled, right per predictor; its confusion counts
+in ``run_counts`` and failure reasons in ``run_failures``), from which its accuracies and
+status follow. A redelivered batch therefore never duplicates a row or skews
 a count, and a commit costs the same however many rows the run already has.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, case, func, insert, select, text, update
 
 from core.errors import MessageError, RunNotFound
 from core.rows import PREDICTORS, PredictionRow
@@ -108,22 +110,63 @@ class RowCounts:
     failed: int = 0
     labelled: int = 0  # scored, with a label
     correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
+    #: (predictor, label, predicted) -> labelled, scored rows: what ``run_counts`` adds
+    confusion: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: error -> failed rows: what ``run_failures`` adds
+    failures: dict[str, int] = field(default_factory=dict)
 
 
 def count_rows(rows: Iterable[PredictionRow]) -> RowCounts:
-    scored = failed = labelled = right_l1 = right_l2 = right_sgd = 0
+    scored = 0
+    failures: Counter[str] = Counter()
+    # one count per distinct (label, l1, l2, sgd): a batch has a few dozen of them
+    outcomes: Counter[tuple[str, str | None, str | None, str | None]] = Counter()
     for r in rows:
-        if r["error"] is not None:
-            failed += 1
+        error = r["error"]
+        if error is not None:
+            failures[error] += 1
             continue
         scored += 1
         label = r["label"]
         if label is not None:
-            labelled += 1
-            right_l1 += r["pred_l1"] == label
-            right_l2 += r["pred_l2"] == label
-            right_sgd += r["pred_sgd"] == label
-    return RowCounts(scored, failed, labelled, (right_l1, right_l2, right_sgd))
+            outcomes[(label, r["pred_l1"], r["pred_l2"], r["pred_sgd"])] += 1
+    confusion: Counter[tuple[str, str, str]] = Counter()
+    right = [0, 0, 0]
+    for (label, *predicted), n in outcomes.items():
+        for i, (p, pred) in enumerate(zip(PREDICTORS, predicted, strict=True)):
+            if pred is not None:  # a scored row has every prediction
+                confusion[(p, label, pred)] += n
+            right[i] += n if pred == label else 0
+    return RowCounts(
+        scored, failures.total(), outcomes.total(), (right[0], right[1], right[2]),
+        dict(confusion), dict(failures),
+    )
+
+
+_ADD_CONFUSION = text(
+    "INSERT INTO run_counts (run_id, predictor, label, predicted, n) "
+    "VALUES (:run_id, :predictor, :label, :predicted, :n) "
+    "ON CONFLICT (run_id, predictor, label, predicted) DO UPDATE SET n = run_counts.n + excluded.n"
+)
+_ADD_FAILURES = text(
+    "INSERT INTO run_failures (run_id, error, n) VALUES (:run_id, :error, :n) "
+    "ON CONFLICT (run_id, error) DO UPDATE SET n = run_failures.n + excluded.n"
+)
+
+
+def add_counts(conn: Connection, run_id: int, new: RowCounts) -> None:
+    """Add a batch's new rows to the run's confusion counts and failure reasons (an upsert
+    per distinct cell, the same on SQLite and PostgreSQL)."""
+    if new.confusion:
+        conn.execute(_ADD_CONFUSION, [
+            {"run_id": run_id, "predictor": p, "label": label, "predicted": pred, "n": n}
+            for (p, label, pred), n in sorted(new.confusion.items())
+        ])
+    if new.failures:
+        conn.execute(_ADD_FAILURES, [
+            {"run_id": run_id, "error": error, "n": n}
+            for error, n in sorted(new.failures.items())
+        ])
 
 
 #: The run's columns :func:`add_to_run` needs, read under the run's lock.
@@ -135,9 +178,10 @@ RUN_COUNTS = (
 
 def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
     """Add a batch's new rows to its run, whose :data:`RUN_COUNTS` ``run`` was read under
-    the lock, and set the accuracies (right / labelled) and the status from the sums; return
-    the status. The same cost whatever the run's size: re-aggregating the run's rows on every
-    batch made a run of n images cost O(n^2 / batch size)."""
+    the lock, and to its confusion counts and failure reasons (:func:`add_counts`); set the
+    accuracies (right / labelled) and the status from the sums; return the status. The same
+    cost whatever the run's size: re-aggregating the run's rows on every batch made a run of
+    n images cost O(n^2 / batch size)."""
     labelled = int(run.n_labelled) + new.labelled
     values: dict[str, Any] = {
         "n_scored": int(run.n_scored) + new.scored,
@@ -154,6 +198,7 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
         values["started_at"] = utcnow()
     values.update(settle_status(run.status, n_rows, run.n_images))
     conn.execute(update(Run).where(Run.id == run_id).values(**values))
+    add_counts(conn, run_id, new)
     return str(values["status"])
 
 

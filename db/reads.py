@@ -1,14 +1,20 @@
-"""Reads that reports need beyond db/views.py: a model's classes, a run's batches, its
-failures grouped by reason."""
+"""Reads that reports need beyond db/views.py: a model's classes, a run's batches, and the
+counts each batch's commit keeps (``run_counts``, ``run_failures``), from which a report's
+accuracies, confusion matrices and failure reasons follow without reading ``predictions``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, select
 
 from core.classifier import classes_from_json
-from db.models import Batch, Model, Prediction
+from core.rows import PREDICTORS
+from db.models import Batch, Model, RunCount, RunFailure
+
+#: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
+Confusion = dict[str, dict[str, dict[str, int]]]
 
 
 def model_classes(conn: Connection, model_id: int) -> list[str]:
@@ -27,12 +33,52 @@ def batch_timings(conn: Connection, run_id: int) -> list[Any]:
     )
 
 
-def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
-    n = func.count().label("n")
+def confusion_counts(conn: Connection, run_id: int) -> Confusion:
+    """The run's confusion counts (``run_counts``): labelled, scored images per predictor,
+    label and prediction; equal to the ``run_confusion`` view's rows for the run."""
+    out: Confusion = {p: {} for p in PREDICTORS}
     rows = conn.execute(
-        select(Prediction.error, n)
-        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
-        .group_by(Prediction.error)
-        .order_by(n.desc(), Prediction.error)
+        select(RunCount.predictor, RunCount.label, RunCount.predicted, RunCount.n).where(
+            RunCount.run_id == run_id, RunCount.n > 0
+        )
+    )
+    for predictor, label, predicted, n in rows:
+        out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
+    return out
+
+
+def _accuracy(n_images: int, n_correct: int) -> dict[str, Any]:
+    return {"n_images": n_images, "n_correct": n_correct, "accuracy": n_correct / n_images}
+
+
+def class_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
+    """``{predictor, label, n_images, n_correct, accuracy}`` per predictor and class, as the
+    ``run_class_accuracy`` view gives them, from a run's :func:`confusion_counts`."""
+    return [
+        {"predictor": p, "label": label, **_accuracy(sum(cells.values()), cells.get(label, 0))}
+        for p in sorted(confusion)
+        for label, cells in sorted(confusion[p].items())
+    ]
+
+
+def run_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
+    """``{predictor, n_images, n_correct, accuracy}`` per predictor with labelled images, as
+    the ``run_accuracy`` view gives them, from a run's :func:`confusion_counts`."""
+    out = []
+    for p in sorted(confusion):
+        rows = confusion[p]
+        n_images = sum(n for cells in rows.values() for n in cells.values())
+        if n_images:
+            right = sum(cells.get(label, 0) for label, cells in rows.items())
+            out.append({"predictor": p, **_accuracy(n_images, right)})
+    return out
+
+
+def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """``{error, n}`` per reason, most frequent first (``run_failures``)."""
+    rows = conn.execute(
+        select(RunFailure.error, RunFailure.n)
+        .where(RunFailure.run_id == run_id, RunFailure.n > 0)
+        .order_by(RunFailure.n.desc(), RunFailure.error)
     )
     return [{"error": e, "n": int(k)} for e, k in rows]
