@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Unpack
 
-from sqlalchemy import Connection, Engine, case, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Select, case, func, insert, select, text, update
 
 from core.errors import MessageError, RunNotFound
 from core.rows import PREDICTORS, PredictionRow
@@ -337,13 +337,18 @@ def next_batch_seq(conn: Connection, run_id: int) -> int:
 
 
 def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str | None]]:
-    rows = conn.execute(
+    """The run's first ``limit`` failed rows by path, read from the partial index
+    ``ix_predictions_failures`` (which holds only failed rows)."""
+    return [(p, e) for p, e in conn.execute(failures_query(run_id, limit))]
+
+
+def failures_query(run_id: int, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
+    return (
         select(Prediction.path, Prediction.error)
         .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
         .order_by(Prediction.path)
         .limit(limit)
     )
-    return [(p, e) for p, e in rows]
 
 
 @dataclass(frozen=True)

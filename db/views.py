@@ -9,7 +9,7 @@ helpers over the views here let tests check that both give the same numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
 from sqlalchemy.orm import aliased
@@ -116,15 +116,19 @@ def confident_mistakes(
     first ``limit`` entries of the run and stop, however many rows the run has. On SQLite,
     ``EXPLAIN QUERY PLAN`` says ``SEARCH predictions USING INDEX ix_predictions_mistakes_sgd
     (run_id=?)`` and no ``TEMP B-TREE`` (tests/test_run_counts.py checks it)."""
+    rows = conn.execute(mistakes_query(run_id, predictor, limit)).mappings()
+    return [dict(r) for r in rows]
+
+
+def mistakes_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
     score, direction = _CONFIDENCE[predictor]
     order = score.desc() if direction == "desc" else score.asc()
-    rows = conn.execute(
+    return (
         select(*PREDICTION_COLUMNS)
         .where(Prediction.run_id == run_id, text(MISTAKE.format(p=predictor)))
         .order_by(order, Prediction.path)
         .limit(limit)
-    ).mappings()
-    return [dict(r) for r in rows]
+    )
 
 
 def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:
@@ -143,8 +147,10 @@ def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:
     return {"both": both, "only_a": n_a - both, "only_b": n_b - both}
 
 
-def _changed_query(run_a: int, run_b: int) -> Select[Any]:
-    """Rows in path order; ``a`` is run A's side of the join."""
+def changed_query(run_a: int, run_b: int) -> Select[Any]:
+    """Rows in path order; ``a`` is run A's side of the join. Both databases can walk run
+    A's rows in the unique index on (run_id, path) and look each path up in run B, so with
+    a LIMIT the query stops after that many changed rows instead of sorting the run."""
     a = aliased(Prediction, name="a")
     b = aliased(Prediction, name="b")
     differs = [
@@ -168,7 +174,7 @@ def _changed_query(run_a: int, run_b: int) -> Select[Any]:
 
 def count_changed(conn: Connection, run_a: int, run_b: int) -> int:
     """How many images in both runs (by path) have any prediction or error that differs."""
-    sub = _changed_query(run_a, run_b).subquery()
+    sub = changed_query(run_a, run_b).subquery()
     return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
 
 
@@ -177,7 +183,7 @@ def changed_predictions(
 ) -> list[dict[str, Any]]:
     """Images in both runs (matched by path) whose prediction by any predictor, or whose
     error, differs; in path order. NULLs compare as values (``IS DISTINCT FROM``)."""
-    query = _changed_query(run_a, run_b)
+    query = changed_query(run_a, run_b)
     if limit is not None:
         query = query.limit(limit)
     return [dict(r) for r in conn.execute(query).mappings()]
