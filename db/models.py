@@ -7,7 +7,6 @@ docs/schema.md true to it in the same commit.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -20,7 +19,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -115,22 +113,6 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-#: Which rows are a predictor's mistakes: scored, labelled, predicted wrong. The partial
-#: indexes below hold only those rows, and :func:`db.views.confident_mistakes` filters with
-#: exactly these terms so that both databases can use them.
-MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
-
-
-def _mistakes_index(p: str, confidence: Any) -> Index:
-    """A run's mistakes of predictor ``p``, surest first (``confidence`` says in which order),
-    then by path: the top N of the HTML report are the index's first N entries."""
-    where = text(MISTAKE.format(p=p))
-    return Index(
-        f"ix_predictions_mistakes_{p}", "run_id", confidence, "path",
-        sqlite_where=where, postgresql_where=where,
-    )
-
-
 class Prediction(Base):
     """One row per submitted image: its predictions, or the reason it could not be scored."""
 
@@ -143,9 +125,6 @@ class Prediction(Base):
             "ix_predictions_failures", "run_id", "path",
             sqlite_where=text("error IS NOT NULL"), postgresql_where=text("error IS NOT NULL"),
         ),
-        _mistakes_index("l1", "dist_l1"),
-        _mistakes_index("l2", "dist_l2"),
-        _mistakes_index("sgd", column("prob_sgd").desc()),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -184,3 +163,19 @@ class RunFailure(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     error: Mapped[str] = mapped_column(Text, primary_key=True)
     n: Mapped[int] = mapped_column(Integer)
+
+
+class RunMistake(Base):
+    """One of a run's most confident mistakes by a predictor (at most
+    :data:`db.mistakes.KEPT` per run and predictor; migration 0006)."""
+
+    __tablename__ = "run_mistakes"
+    __table_args__ = (
+        Index("ix_run_mistakes_rank", "run_id", "predictor", "rank_key", "path"),
+    )
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    predictor: Mapped[str] = mapped_column(String(10), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    # dist_l1, dist_l2 or -prob_sgd of the row: smaller is surer
+    rank_key: Mapped[float] = mapped_column(Float)

@@ -11,17 +11,18 @@ a count, and a commit costs the same however many rows the run already has.
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Unpack
 
-from sqlalchemy import Connection, Engine, Select, case, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Select, case, func, insert, select, update
 
 from core.errors import MessageError, RunNotFound
 from core.rows import PREDICTORS, PredictionRow
 from db.bulk import insert_new_rows
+from db.counts import RowCounts, add_counts, count_rows
+from db.mistakes import keep_mistakes
 from db.models import Batch, Prediction, Run, utcnow
 
 
@@ -74,7 +75,8 @@ def store_batch_results(
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
     were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
     db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
-    rows into the run (see :func:`add_to_run`).
+    rows into the run (see :func:`add_to_run`) and keep those among its most confident
+    mistakes (db/mistakes.py).
     """
     now = utcnow()
     with engine.begin() as conn:
@@ -95,78 +97,12 @@ def store_batch_results(
             )
         )
         add_to_run(conn, run_id, run, count_rows(new))
+        keep_mistakes(conn, run_id, new)
     return len(new)
 
 
 class RunMismatch(MessageError):
     """A message for a run or batch this database does not hold as the message names it."""
-
-
-@dataclass(frozen=True)
-class RowCounts:
-    """What a set of prediction rows adds to its run's counts."""
-
-    scored: int = 0
-    failed: int = 0
-    labelled: int = 0  # scored, with a label
-    correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
-    #: (predictor, label, predicted) -> labelled, scored rows: what ``run_counts`` adds
-    confusion: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    #: error -> failed rows: what ``run_failures`` adds
-    failures: dict[str, int] = field(default_factory=dict)
-
-
-def count_rows(rows: Iterable[PredictionRow]) -> RowCounts:
-    scored = 0
-    failures: Counter[str] = Counter()
-    # one count per distinct (label, l1, l2, sgd): a batch has a few dozen of them
-    outcomes: Counter[tuple[str, str | None, str | None, str | None]] = Counter()
-    for r in rows:
-        error = r["error"]
-        if error is not None:
-            failures[error] += 1
-            continue
-        scored += 1
-        label = r["label"]
-        if label is not None:
-            outcomes[(label, r["pred_l1"], r["pred_l2"], r["pred_sgd"])] += 1
-    confusion: Counter[tuple[str, str, str]] = Counter()
-    right = [0, 0, 0]
-    for (label, *predicted), n in outcomes.items():
-        for i, (p, pred) in enumerate(zip(PREDICTORS, predicted, strict=True)):
-            if pred is not None:  # a scored row has every prediction
-                confusion[(p, label, pred)] += n
-            right[i] += n if pred == label else 0
-    return RowCounts(
-        scored, failures.total(), outcomes.total(), (right[0], right[1], right[2]),
-        dict(confusion), dict(failures),
-    )
-
-
-_ADD_CONFUSION = text(
-    "INSERT INTO run_counts (run_id, predictor, label, predicted, n) "
-    "VALUES (:run_id, :predictor, :label, :predicted, :n) "
-    "ON CONFLICT (run_id, predictor, label, predicted) DO UPDATE SET n = run_counts.n + excluded.n"
-)
-_ADD_FAILURES = text(
-    "INSERT INTO run_failures (run_id, error, n) VALUES (:run_id, :error, :n) "
-    "ON CONFLICT (run_id, error) DO UPDATE SET n = run_failures.n + excluded.n"
-)
-
-
-def add_counts(conn: Connection, run_id: int, new: RowCounts) -> None:
-    """Add a batch's new rows to the run's confusion counts and failure reasons (an upsert
-    per distinct cell, the same on SQLite and PostgreSQL)."""
-    if new.confusion:
-        conn.execute(_ADD_CONFUSION, [
-            {"run_id": run_id, "predictor": p, "label": label, "predicted": pred, "n": n}
-            for (p, label, pred), n in sorted(new.confusion.items())
-        ])
-    if new.failures:
-        conn.execute(_ADD_FAILURES, [
-            {"run_id": run_id, "error": error, "n": n}
-            for error, n in sorted(new.failures.items())
-        ])
 
 
 #: The run's columns :func:`add_to_run` needs, read under the run's lock.

@@ -1,6 +1,5 @@
 """Reads over the SQL views of migration 0002 (``run_accuracy``, ``run_class_accuracy``,
-``run_confusion``) and over ``predictions`` for the questions reports ask: the most
-confidently misclassified images, and what changed between two runs.
+``run_confusion``) and over ``predictions`` for what changed between two runs.
 
 The views are a public interface documented in docs/schema.md, for ad-hoc SQL; they
 aggregate every row of a run, so reports read the kept counts instead (db/reads.py), and the
@@ -9,13 +8,13 @@ helpers over the views here let tests check that both give the same numbers.
 
 from __future__ import annotations
 
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
 from sqlalchemy.orm import aliased
 
 from core.rows import PREDICTORS
-from db.models import MISTAKE, Prediction
+from db.models import Prediction
 
 run_accuracy_view = table(
     "run_accuracy",
@@ -84,51 +83,6 @@ def confusion(conn: Connection, run_id: int) -> dict[str, dict[str, dict[str, in
     for predictor, label, predicted, n in rows:
         out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
     return out
-
-
-# How sure each predictor was of its prediction, and which order puts the surest first.
-_CONFIDENCE = {
-    "l1": (Prediction.dist_l1, "asc"),
-    "l2": (Prediction.dist_l2, "asc"),
-    "sgd": (Prediction.prob_sgd, "desc"),
-}
-
-PREDICTION_COLUMNS = (
-    Prediction.path,
-    Prediction.label,
-    Prediction.pred_l1,
-    Prediction.pred_l2,
-    Prediction.pred_sgd,
-    Prediction.dist_l1,
-    Prediction.dist_l2,
-    Prediction.prob_sgd,
-)
-
-
-def confident_mistakes(
-    conn: Connection, run_id: int, predictor: str, limit: int
-) -> list[dict[str, Any]]:
-    """The labelled images ``predictor`` got wrong, surest first: highest SGD probability,
-    or smallest L1/L2 distance to the (wrong) ideal image it chose; then by path.
-
-    The filter is the very WHERE clause of the partial index ``ix_predictions_mistakes_<p>``
-    (:data:`db.models.MISTAKE`), whose entries are in this order: both databases read the
-    first ``limit`` entries of the run and stop, however many rows the run has. On SQLite,
-    ``EXPLAIN QUERY PLAN`` says ``SEARCH predictions USING INDEX ix_predictions_mistakes_sgd
-    (run_id=?)`` and no ``TEMP B-TREE`` (tests/test_run_counts.py checks it)."""
-    rows = conn.execute(mistakes_query(run_id, predictor, limit)).mappings()
-    return [dict(r) for r in rows]
-
-
-def mistakes_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
-    score, direction = _CONFIDENCE[predictor]
-    order = score.desc() if direction == "desc" else score.asc()
-    return (
-        select(*PREDICTION_COLUMNS)
-        .where(Prediction.run_id == run_id, text(MISTAKE.format(p=predictor)))
-        .order_by(order, Prediction.path)
-        .limit(limit)
-    )
 
 
 def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:

@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 from core.classifier import Classifier
 from core.rows import PREDICTORS
 from core.text import printable
-from db import views
+from db.mistakes import confident_mistakes
 from db.model_store import load_classifier
 from producer.pictures import (
     colour_bar,
@@ -258,6 +258,6 @@ def build_html(
     report = build_report(conn, run_id, max_failures)
     classifier = load_classifier(conn, report["run"]["model_id"])
     mistakes = {
-        p: views.confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
+        p: confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
     }
     return render_html(report, classifier, mistakes)

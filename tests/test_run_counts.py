@@ -1,7 +1,7 @@
-"""The counts each batch's commit keeps (``run_counts``, ``run_failures``) equal what the SQL
-views and ``predictions`` give, whatever batches arrive; migration 0006 fills them for
-existing runs; the most confident mistakes and the first failures are read through partial
-indexes, in the order a scan of the run would give."""
+"""The counts each batch's commit keeps (``run_counts``, ``run_failures``) and its kept most
+confident mistakes (``run_mistakes``) equal what the SQL views and a sort of ``predictions``
+give, whatever batches arrive; migration 0006 fills them for existing runs; the reports read
+them, and the first failures and ``compare --limit``'s rows, through indexes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from core.batch import label_for, poison_rows
 from core.rows import PREDICTORS, PredictionRow, unscored_row
-from db import queries, reads, views
+from db import mistakes, queries, reads, views
 from db.session import get_engine
 from producer.report import build_report
 from tests.conftest import score_and_store
@@ -80,15 +80,21 @@ def assert_counts_agree(engine: Engine, run_id: int) -> dict[str, Any]:
         assert {r["error"]: r["n"] for r in reasons} == {e: int(n) for e, n in grouped}
         run = queries.get_run(conn, run_id)
         assert sum(r["n"] for r in reasons) == run["n_failed"]
+        for p in PREDICTORS:  # the kept mistakes are the top of a sort of the run's rows
+            kept = mistakes.confident_mistakes(conn, run_id, p, mistakes.KEPT)
+            top = conn.execute(mistakes.scan_query(run_id, p, mistakes.KEPT)).mappings()
+            assert kept == [dict(r) for r in top]
         return counts
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_kept_counts_equal_the_views_after_any_batches(any_db_url, seed):
+def test_kept_counts_equal_the_views_after_any_batches(any_db_url, seed, monkeypatch):
     """Two runs take random batches: new ones (some repeating a path), redeliveries scored
     differently, batches overlapping earlier ones, poison batches; after every batch each
-    run's counts equal the views' aggregates and its failures the GROUP BY of its rows."""
+    run's counts equal the views' aggregates, its failures the GROUP BY of its rows, and its
+    kept mistakes (7 here, so that batches push some out) the top of a sort of its rows."""
+    monkeypatch.setattr(mistakes, "KEPT", 7)
     rng = random.Random(seed)
     engine = get_engine(any_db_url)
     model_id = add_model(engine, CLASSES)
@@ -180,7 +186,8 @@ def test_kept_counts_of_real_batches_with_errors_redeliveries_and_poison(
 @pytest.mark.integration
 def test_migration_0006_counts_the_rows_of_existing_runs(any_db_url):
     """A database at revision 0004 with runs and rows: upgrading fills run_counts and
-    run_failures from the rows (a run without rows gets none)."""
+    run_failures from the rows, and run_mistakes with each predictor's 100 surest mistakes
+    (run 4 has 150, tying in pairs); a run without rows gets none."""
     from alembic import command
     from alembic.config import Config
 
@@ -193,13 +200,15 @@ def test_migration_0006_counts_the_rows_of_existing_runs(any_db_url):
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0004")
     model_id = add_model(engine, ["3", "7"])
-    rows = {  # run: [(path, label, l1, l2, sgd, error)]
-        1: [("3/a", "3", "3", "3", "7", None), ("3/b", "3", "7", "3", "3", None),
-            ("7/c", "7", "7", "3", "7", None), ("x/d", None, "3", "3", "3", None),
-            ("3/e", "3", None, None, None, "bad"), ("7/f", "7", None, None, None, "bad"),
-            ("7/g", "7", None, None, None, "worse")],
-        2: [("7/a", "7", "7", "7", "7", None), ("7/b", "7", "7", "7", "3", None)],
+    rows = {  # run: [(path, label, l1, l2, sgd, error, confidence)]
+        1: [("3/a", "3", "3", "3", "7", None, 0.5), ("3/b", "3", "7", "3", "3", None, 0.25),
+            ("7/c", "7", "7", "3", "7", None, 0.75), ("x/d", None, "3", "3", "3", None, 0.5),
+            ("3/e", "3", None, None, None, "bad", None),
+            ("7/f", "7", None, None, None, "bad", None),
+            ("7/g", "7", None, None, None, "worse", None)],
+        2: [("7/a", "7", "7", "7", "7", None, 0.5), ("7/b", "7", "7", "7", "3", None, 0.5)],
         3: [],
+        4: [(f"3/{i:03}", "3", "7", "7", "7", None, (i // 2) / 1000) for i in range(150)],
     }
     with engine.begin() as conn:
         for run_id, run_rows in rows.items():
@@ -207,13 +216,14 @@ def test_migration_0006_counts_the_rows_of_existing_runs(any_db_url):
                 "INSERT INTO runs (id, model_id, source_dir, backend, status, n_skipped, "
                 "n_scored, n_failed, created_at) VALUES (:r, :m, '/d', 'embedded', 'done', 0, "
                 "0, 0, :at)"), {"r": run_id, "m": model_id, "at": AT})
-            for path, label, l1, l2, sgd, error in run_rows:
+            if run_rows:
                 conn.execute(text(
                     "INSERT INTO predictions (run_id, batch_seq, path, label, pred_l1, "
-                    "pred_l2, pred_sgd, error, scored_at) VALUES (:r, 0, :p, :l, :a, :b, :c, "
-                    ":e, :at)"),
+                    "pred_l2, pred_sgd, dist_l1, dist_l2, prob_sgd, error, scored_at) VALUES "
+                    "(:r, 0, :p, :l, :a, :b, :c, :d, :d, :d, :e, :at)"), [
                     {"r": run_id, "p": path, "l": label, "a": l1, "b": l2, "c": sgd, "e": error,
-                     "at": AT})
+                     "d": d, "at": AT}
+                    for path, label, l1, l2, sgd, error, d in run_rows])
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
@@ -224,25 +234,40 @@ def test_migration_0006_counts_the_rows_of_existing_runs(any_db_url):
         })
         failures = {(r, e): n for r, e, n in conn.execute(text(
             "SELECT run_id, error, n FROM run_failures"))}
+        kept = {
+            (r, p): list(conn.execute(mistakes.kept_query(r, p, 2000)).scalars())
+            for r in rows for p in PREDICTORS
+        }
     engine.dispose()
     expected: Counter[tuple[int, str, str, str]] = Counter()
+    expected_kept = {}
     for run_id, run_rows in rows.items():
-        for _, label, *preds, error in run_rows:
+        for _, label, *preds, error, _d in run_rows:
             if error is None and label is not None:
                 for p, pred in zip(PREDICTORS, preds, strict=True):
                     expected[(run_id, p, label, pred)] += 1
+        for i, p in enumerate(PREDICTORS):
+            wrong = [(d if p != "sgd" else -d, path) for path, label, *preds, error, d in run_rows
+                     if error is None and label is not None and preds[i] != label]
+            expected_kept[(run_id, p)] = [path for _, path in sorted(wrong)[:100]]
     assert counts == expected
     assert counts[(1, "sgd", "3", "7")] == 1 and counts[(2, "l1", "7", "7")] == 2
     assert failures == {(1, "bad"): 2, (1, "worse"): 1}
+    assert kept == expected_kept
+    assert kept[(1, "l1")] == ["3/b"] and kept[(2, "sgd")] == ["7/b"]
+    assert kept[(4, "sgd")][:3] == ["3/148", "3/149", "3/146"]
+    assert len(kept[(4, "l1")]) == 100 and kept[(4, "l1")][-1] == "3/099"
 
 
 # ------------------------------------------------------------------ bounded reads
 
 
 @pytest.fixture
-def mistakes_run(any_db_url) -> tuple[Engine, int, list[PredictionRow]]:
-    """A run of 3,000 made-up rows in 30 batches, many mistakes tying on confidence; and a
-    second run of the same paths, answers shifted (for compare's plan)."""
+def mistakes_run(any_db_url, monkeypatch) -> tuple[Engine, int, list[PredictionRow]]:
+    """A run of 3,000 made-up rows in 30 batches, many mistakes tying on confidence, keeping
+    10 mistakes per predictor; and a second run of the same paths, answers shifted (for
+    compare's plan)."""
+    monkeypatch.setattr(mistakes, "KEPT", 10)
     rng = random.Random(7)
     engine = get_engine(any_db_url)
     run_id = new_run(engine, add_model(engine, CLASSES))
@@ -267,8 +292,8 @@ def mistakes_run(any_db_url) -> tuple[Engine, int, list[PredictionRow]]:
 
 @pytest.mark.integration
 def test_confident_mistakes_and_first_failures_are_the_top_of_the_run(mistakes_run):
-    """The top N read through the partial indexes equal a sort of all the run's rows: surest
-    first, ties by path; the first failures by path."""
+    """The kept mistakes (10) and, for longer lists, the scan of the run equal a sort of all
+    the run's rows: surest first, ties by path; the first failures by path."""
     engine, run_id, stored = mistakes_run
     with engine.connect() as conn:
         for p in PREDICTORS:
@@ -277,9 +302,14 @@ def test_confident_mistakes_and_first_failures_are_the_top_of_the_run(mistakes_r
             sign = -1 if p == "sgd" else 1
             score = {"l1": "dist_l1", "l2": "dist_l2", "sgd": "prob_sgd"}[p]
             wrong.sort(key=lambda r: (sign * r[score], r["path"]))  # type: ignore[literal-required]
-            got = views.confident_mistakes(conn, run_id, p, 24)
-            assert [r["path"] for r in got] == [r["path"] for r in wrong[:24]]
+            for n in (3, 10, 24):
+                got = mistakes.confident_mistakes(conn, run_id, p, n)
+                assert [r["path"] for r in got] == [r["path"] for r in wrong[:n]]
             assert len({r[score] for r in got}) < 24  # ties, ordered by path
+            n_kept = conn.execute(text(
+                "SELECT COUNT(*) FROM run_mistakes WHERE run_id = :r AND predictor = :p"),
+                {"r": run_id, "p": p}).scalar_one()
+            assert n_kept == 10
         first = queries.failures(conn, run_id, 20)
     failed = sorted((r["path"], r["error"]) for r in stored if r["error"] is not None)
     assert first == failed[:20]
@@ -287,9 +317,10 @@ def test_confident_mistakes_and_first_failures_are_the_top_of_the_run(mistakes_r
 
 @pytest.mark.integration
 def test_confident_mistakes_failures_and_compare_read_an_index_not_the_run(mistakes_run):
-    """The plans walk an index of the run's rows in the order asked for and sort nothing, so
-    that the LIMIT ends the read: the partial indexes for the top N mistakes per predictor and
-    the first failures, the unique (run_id, path) index for ``compare --limit``."""
+    """The plans walk an index in the order asked for and sort nothing, so that the LIMIT
+    ends the read: ``run_mistakes``' index for the top N mistakes per predictor, whose rows
+    are then found by path; the partial index for the first failures; the unique
+    (run_id, path) index for ``compare --limit``."""
     engine, run_id, _ = mistakes_run
     sqlite = engine.dialect.name == "sqlite"
 
@@ -300,12 +331,24 @@ def test_confident_mistakes_failures_and_compare_read_an_index_not_the_run(mista
             lines = [r[3] if sqlite else r[0] for r in conn.exec_driver_sql(f"{explain} {sql}")]
         return " | ".join(lines)
 
+    with engine.begin() as conn:  # as when a run has many mistakes
+        conn.execute(text("INSERT INTO run_mistakes (run_id, predictor, path, rank_key) "
+                          "SELECT run_id, 'x', path, 0 FROM predictions"))
+        conn.execute(text("ANALYZE"))
     for p in PREDICTORS:
-        got = plan(views.mistakes_query(run_id, p, 24))
+        got = plan(mistakes.kept_query(run_id, p, 24))
         if sqlite:
-            assert got == f"SEARCH predictions USING INDEX ix_predictions_mistakes_{p} (run_id=?)"
+            assert got == ("SEARCH run_mistakes USING COVERING INDEX ix_run_mistakes_rank "
+                           "(run_id=? AND predictor=?)"), got
         else:
-            assert f"Index Scan using ix_predictions_mistakes_{p} " in got and "Sort" not in got
+            assert "Index Only Scan using ix_run_mistakes_rank" in got and "Sort" not in got, got
+    got = plan(mistakes.rows_query(run_id, ["3/a.png", "1/b.png"]))
+    if sqlite:
+        assert got == (
+            "SEARCH predictions USING INDEX sqlite_autoindex_predictions_1 (run_id=? AND path=?)"
+        )
+    else:
+        assert "Index Scan using uq_predictions_run_path" in got and "Seq Scan" not in got, got
     got = plan(queries.failures_query(run_id, 20))
     if sqlite:
         assert got == "SEARCH predictions USING INDEX ix_predictions_failures (run_id=?)"

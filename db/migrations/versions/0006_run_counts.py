@@ -1,10 +1,10 @@
-"""Runs keep their confusion counts (``run_counts``) and their failures by reason
-(``run_failures``), added to by each batch's commit like the counts of ``runs``, so that a
-report reads a few hundred numbers instead of every row of the run. Partial indexes on
-``predictions`` hold each predictor's mistakes, surest first, and the failed rows, so that the
-HTML report's top N and the first failures are read without scanning the run.
+"""Runs keep their confusion counts (``run_counts``), their failures by reason
+(``run_failures``) and their 100 most confident mistakes per predictor (``run_mistakes``),
+kept by each batch's commit like the counts of ``runs``, so that a report reads a few hundred
+numbers and rows instead of every row of the run. A partial index on ``predictions`` holds
+the failed rows, so that the first failures are read without scanning the run.
 
-Existing runs get the counts of their rows.
+Existing runs get the counts and mistakes of their rows.
 
 Revision ID: 0006
 Revises: 0004
@@ -19,16 +19,15 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
-CONFIDENCE = {"l1": "dist_l1", "l2": "dist_l2", "sgd": "prob_sgd DESC"}
+KEPT = 100
+#: each predictor's rank key: smaller is surer
+RANK_KEY = {"l1": "dist_l1", "l2": "dist_l2", "sgd": "-prob_sgd"}
 
 
 def _partial(name: str, columns: list, where: str) -> None:
     """An index over only the rows that meet ``where``, on both databases."""
     clause = sa.text(where)
-    op.create_index(
-        name, "predictions", columns, sqlite_where=clause, postgresql_where=clause
-    )
+    op.create_index(name, "predictions", columns, sqlite_where=clause, postgresql_where=clause)
 
 
 def upgrade() -> None:
@@ -56,17 +55,29 @@ def upgrade() -> None:
         "INSERT INTO run_failures (run_id, error, n) SELECT run_id, error, COUNT(*) "
         "FROM predictions WHERE error IS NOT NULL GROUP BY run_id, error"
     )
-    _partial("ix_predictions_failures", ["run_id", "path"], "error IS NOT NULL")
-    for p, confidence in CONFIDENCE.items():
-        _partial(
-            f"ix_predictions_mistakes_{p}", ["run_id", sa.text(confidence), "path"],
-            MISTAKE.format(p=p),
+    op.create_table(
+        "run_mistakes",
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+        sa.Column("predictor", sa.String(10), primary_key=True),
+        sa.Column("path", sa.Text, primary_key=True),
+        sa.Column("rank_key", sa.Float, nullable=False),
+    )
+    op.create_index(
+        "ix_run_mistakes_rank", "run_mistakes", ["run_id", "predictor", "rank_key", "path"]
+    )
+    for p, key in RANK_KEY.items():
+        op.execute(
+            "INSERT INTO run_mistakes (run_id, predictor, path, rank_key) "
+            f"SELECT run_id, '{p}', path, rank_key FROM (SELECT run_id, path, {key} AS rank_key, "
+            f"ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY {key}, path) AS n "
+            "FROM predictions WHERE error IS NULL AND label IS NOT NULL "
+            f"AND pred_{p} <> label AND {key} IS NOT NULL) AS ranked WHERE n <= {KEPT}"
         )
+    _partial("ix_predictions_failures", ["run_id", "path"], "error IS NOT NULL")
 
 
 def downgrade() -> None:
-    for p in CONFIDENCE:
-        op.drop_index(f"ix_predictions_mistakes_{p}", table_name="predictions")
     op.drop_index("ix_predictions_failures", table_name="predictions")
+    op.drop_table("run_mistakes")
     op.drop_table("run_failures")
     op.drop_table("run_counts")
