@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +52,3 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
     return torch.from_numpy(array.astype(np.float32).reshape(shape))
 
-
-def classes_to_json(classes: tuple[str, ...]) -> str:
-    return json.dumps(list(classes))
-
-
-def classes_from_json(text: str) -> tuple[str, ...]:
-    value = json.loads(text)
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise ValueError("stored classes must be a JSON list of strings")
-    return tuple(value)

@@ -7,13 +7,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from core.classifier import (
-    Classifier,
-    classes_from_json,
-    classes_to_json,
-    tensor_from_bytes,
-    tensor_to_bytes,
-)
+from core.classes import classes_from_json, classes_to_json
+from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
 from core.errors import ModelNotFound
 from db.models import Model, utcnow
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from core.classifier import classes_from_json
+from core.classes import classes_from_json
 from core.rows import PREDICTORS
 from db.models import Batch, Model, RunCount, RunFailure
 

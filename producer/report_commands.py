@@ -114,7 +114,8 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     type=click.IntRange(min=0),
     default=24,
     show_default=True,
-    help="Misclassified images shown per predictor in the HTML page.",
+    help="Misclassified images shown per predictor in the HTML page (up to 100 are read from "
+    "the ones each run keeps; more sorts the run's rows).",
 )
 @database_option
 def report_cmd(
