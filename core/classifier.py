@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from core.storage import array_from_bytes
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,5 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    array = np.frombuffer(data, dtype="<f4")
-    expected = int(np.prod(shape))
-    if array.size != expected:
-        raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
-    return torch.from_numpy(array.astype(np.float32).reshape(shape))
+    return torch.from_numpy(array_from_bytes(data, shape))
 

@@ -5,12 +5,15 @@ accuracies, confusion matrices and failure reasons follow without reading ``pred
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, select
 
-from core.classes import classes_from_json
+from core.errors import ModelNotFound
 from core.rows import PREDICTORS
+from core.storage import array_from_bytes, classes_from_json
 from db.models import Batch, Model, RunCount, RunFailure
 
 #: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
@@ -20,6 +23,42 @@ Confusion = dict[str, dict[str, dict[str, int]]]
 def model_classes(conn: Connection, model_id: int) -> list[str]:
     text = conn.execute(select(Model.classes).where(Model.id == model_id)).scalar_one()
     return list(classes_from_json(text))
+
+
+@dataclass(frozen=True)
+class ModelArrays:
+    """A stored model's class names, ideal images (``K x H x W``) and SGD weights
+    (``H*W x K``) as NumPy arrays: what its pictures need, read without torch."""
+
+    classes: tuple[str, ...]
+    ideals: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return int(self.ideals.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.ideals.shape[2])
+
+
+def model_arrays(conn: Connection, model_id: int) -> ModelArrays:
+    row = conn.execute(
+        select(Model.classes, Model.height, Model.width, Model.ideal_images, Model.sgd_weights)
+        .where(Model.id == model_id)
+    ).one_or_none()
+    if row is None:
+        raise ModelNotFound(
+            f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
+        )
+    classes = classes_from_json(row.classes)
+    k, h, w = len(classes), row.height, row.width
+    return ModelArrays(
+        classes,
+        array_from_bytes(row.ideal_images, (k, h, w)),
+        array_from_bytes(row.sgd_weights, (h * w, k)),
+    )
 
 
 def batch_timings(conn: Connection, run_id: int) -> list[Any]:
