@@ -208,15 +208,18 @@ def measure(url: str, args: argparse.Namespace, clf: Any, seed_root: Path, work:
 
 
 def format_results(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    lines = ["| database | command | " + " | ".join(
-        f"{int(s):,} rows" for s in next(iter(results.values()))) + " | ratio |",
-        "|---|---|" + "---|" * (len(next(iter(results.values()))) + 1)]
+    """One line per database and command: median (fastest) seconds at each size, and the
+    ratio of the medians at the largest and the smallest size."""
+    sizes = [f["rows"] for f in next(iter(results.values())).values()]
+    lines = ["| database | command | " + " | ".join(f"{n:,} rows" for n in sizes)
+             + " | ratio |", "|---|---|" + "---|" * (len(sizes) + 1)]
     for db, by_size in results.items():
         for name in [*COMMANDS, "reads_over_the_rows", "reads_of_the_counts"]:
-            medians = [statistics.median(f[name]) for f in by_size.values()]
+            runs = [f[name] for f in by_size.values()]
+            medians = [statistics.median(r) for r in runs]
+            cells = [f"{m:.2f} ({min(r):.2f})" for m, r in zip(medians, runs, strict=True)]
             ratio = medians[-1] / medians[0] if medians[0] else float("nan")
-            lines.append(f"| {db} | {name} | " + " | ".join(f"{m:.2f} s" for m in medians)
-                         + f" | {ratio:.2f} |")
+            lines.append(f"| {db} | {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     return "\n".join(lines)
 
 
