@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:  # torch is imported where a tensor is made: reading models needs none
     import torch
+
+from core.storage import array_from_bytes
 
 
 @dataclass(frozen=True)
@@ -50,21 +49,7 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    array = np.frombuffer(data, dtype="<f4")
-    expected = int(np.prod(shape))
-    if array.size != expected:
-        raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
     import torch
 
-    return torch.from_numpy(array.astype(np.float32).reshape(shape))
+    return torch.from_numpy(array_from_bytes(data, shape))
 
-
-def classes_to_json(classes: tuple[str, ...]) -> str:
-    return json.dumps(list(classes))
-
-
-def classes_from_json(text: str) -> tuple[str, ...]:
-    value = json.loads(text)
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise ValueError("stored classes must be a JSON list of strings")
-    return tuple(value)

@@ -7,14 +7,9 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from core.classifier import (
-    Classifier,
-    classes_from_json,
-    classes_to_json,
-    tensor_from_bytes,
-    tensor_to_bytes,
-)
+from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
 from core.errors import ModelNotFound
+from core.storage import classes_from_json, classes_to_json
 from db.models import Model, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"

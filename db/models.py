@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -119,6 +120,11 @@ class Prediction(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "path", name="uq_predictions_run_path"),
         Index("ix_predictions_run_batch", "run_id", "batch_seq"),
+        # the failed rows of a run in path order (migration 0006)
+        Index(
+            "ix_predictions_failures", "run_id", "path",
+            sqlite_where=text("error IS NOT NULL"), postgresql_where=text("error IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -154,3 +160,42 @@ class Worker(Base):
     batches: Mapped[int] = mapped_column(Integer, default=0)
     images: Mapped[int] = mapped_column(Integer, default=0)
     last_batch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunCount(Base):
+    """How many of a run's labelled, scored images with ``label`` a predictor called
+    ``predicted``: the run's confusion counts, kept by each batch's commit (migration 0006)."""
+
+    __tablename__ = "run_counts"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    predictor: Mapped[str] = mapped_column(String(10), primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    predicted: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+class RunFailure(Base):
+    """How many of a run's rows have ``error`` as their reason (migration 0006)."""
+
+    __tablename__ = "run_failures"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    error: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+class RunMistake(Base):
+    """One of a run's most confident mistakes by a predictor (at most
+    :data:`db.mistakes.KEPT` per run and predictor; migration 0006)."""
+
+    __tablename__ = "run_mistakes"
+    __table_args__ = (
+        Index("ix_run_mistakes_rank", "run_id", "predictor", "rank_key", "path"),
+    )
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    predictor: Mapped[str] = mapped_column(String(10), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    # dist_l1, dist_l2 or -prob_sgd of the row: smaller is surer
+    rank_key: Mapped[float] = mapped_column(Float)

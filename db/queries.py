@@ -2,8 +2,9 @@
 
 Writes of results are idempotent: a batch's rows go in with insert-or-ignore on
 (run_id, path) in one transaction that also marks the batch done and adds the rows that were
-new to the run's counts (scored, failed, labelled, right per predictor), from which its
-accuracies and status follow. A redelivered batch therefore never duplicates a row or skews
+new to the run's counts (scored, failed, labelled, right per predictor; its confusion counts
+in ``run_counts`` and failure reasons in ``run_failures``), from which its accuracies and
+status follow. A redelivered batch therefore never duplicates a row or skews
 a count, and a commit costs the same however many rows the run already has.
 """
 
@@ -13,13 +14,15 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Unpack
 
-from sqlalchemy import Connection, Engine, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, case, func, insert, select, update
 
 from core.errors import MessageError, RunNotFound
 from core.rows import PREDICTORS, PredictionRow
 from db.bulk import insert_new_rows
+from db.counts import RowCounts, add_counts, count_rows
+from db.mistakes import keep_mistakes
 from db.models import Batch, Prediction, Run, utcnow
 
 
@@ -72,7 +75,8 @@ def store_batch_results(
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
     were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
     db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
-    rows into the run (see :func:`add_to_run`).
+    rows into the run (see :func:`add_to_run`) and keep those among its most confident
+    mistakes (db/mistakes.py).
     """
     now = utcnow()
     with engine.begin() as conn:
@@ -93,37 +97,12 @@ def store_batch_results(
             )
         )
         add_to_run(conn, run_id, run, count_rows(new))
+        keep_mistakes(conn, run_id, new)
     return len(new)
 
 
 class RunMismatch(MessageError):
     """A message for a run or batch this database does not hold as the message names it."""
-
-
-@dataclass(frozen=True)
-class RowCounts:
-    """What a set of prediction rows adds to its run's counts."""
-
-    scored: int = 0
-    failed: int = 0
-    labelled: int = 0  # scored, with a label
-    correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
-
-
-def count_rows(rows: Iterable[PredictionRow]) -> RowCounts:
-    scored = failed = labelled = right_l1 = right_l2 = right_sgd = 0
-    for r in rows:
-        if r["error"] is not None:
-            failed += 1
-            continue
-        scored += 1
-        label = r["label"]
-        if label is not None:
-            labelled += 1
-            right_l1 += r["pred_l1"] == label
-            right_l2 += r["pred_l2"] == label
-            right_sgd += r["pred_sgd"] == label
-    return RowCounts(scored, failed, labelled, (right_l1, right_l2, right_sgd))
 
 
 #: The run's columns :func:`add_to_run` needs, read under the run's lock.
@@ -135,9 +114,10 @@ RUN_COUNTS = (
 
 def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
     """Add a batch's new rows to its run, whose :data:`RUN_COUNTS` ``run`` was read under
-    the lock, and set the accuracies (right / labelled) and the status from the sums; return
-    the status. The same cost whatever the run's size: re-aggregating the run's rows on every
-    batch made a run of n images cost O(n^2 / batch size)."""
+    the lock, and to its confusion counts and failure reasons (:func:`add_counts`); set the
+    accuracies (right / labelled) and the status from the sums; return the status. The same
+    cost whatever the run's size: re-aggregating the run's rows on every batch made a run of
+    n images cost O(n^2 / batch size)."""
     labelled = int(run.n_labelled) + new.labelled
     values: dict[str, Any] = {
         "n_scored": int(run.n_scored) + new.scored,
@@ -154,6 +134,7 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
         values["started_at"] = utcnow()
     values.update(settle_status(run.status, n_rows, run.n_images))
     conn.execute(update(Run).where(Run.id == run_id).values(**values))
+    add_counts(conn, run_id, new)
     return str(values["status"])
 
 
@@ -319,13 +300,18 @@ def next_batch_seq(conn: Connection, run_id: int) -> int:
 
 
 def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, str | None]]:
-    rows = conn.execute(
+    """The run's first ``limit`` failed rows by path, read from the partial index
+    ``ix_predictions_failures`` (which holds only failed rows)."""
+    return [(p, e) for p, e in conn.execute(failures_query(run_id, limit))]
+
+
+def failures_query(run_id: int, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
+    return (
         select(Prediction.path, Prediction.error)
         .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
         .order_by(Prediction.path)
         .limit(limit)
     )
-    return [(p, e) for p, e in rows]
 
 
 @dataclass(frozen=True)

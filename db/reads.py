@@ -1,19 +1,64 @@
-"""Reads that reports need beyond db/views.py: a model's classes, a run's batches, its
-failures grouped by reason."""
+"""Reads that reports need beyond db/views.py: a model's classes, a run's batches, and the
+counts each batch's commit keeps (``run_counts``, ``run_failures``), from which a report's
+accuracies, confusion matrices and failure reasons follow without reading ``predictions``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+import numpy as np
+from sqlalchemy import Connection, select
 
-from core.classifier import classes_from_json
-from db.models import Batch, Model, Prediction
+from core.errors import ModelNotFound
+from core.rows import PREDICTORS
+from core.storage import array_from_bytes, classes_from_json
+from db.models import Batch, Model, RunCount, RunFailure
+
+#: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
+Confusion = dict[str, dict[str, dict[str, int]]]
 
 
 def model_classes(conn: Connection, model_id: int) -> list[str]:
     text = conn.execute(select(Model.classes).where(Model.id == model_id)).scalar_one()
     return list(classes_from_json(text))
+
+
+@dataclass(frozen=True)
+class ModelArrays:
+    """A stored model's class names, ideal images (``K x H x W``) and SGD weights
+    (``H*W x K``) as NumPy arrays: what its pictures need, read without torch."""
+
+    classes: tuple[str, ...]
+    ideals: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return int(self.ideals.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.ideals.shape[2])
+
+
+def model_arrays(conn: Connection, model_id: int) -> ModelArrays:
+    row = conn.execute(
+        select(Model.classes, Model.height, Model.width, Model.ideal_images, Model.sgd_weights)
+        .where(Model.id == model_id)
+    ).one_or_none()
+    if row is None:
+        raise ModelNotFound(
+            f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
+        )
+    classes = classes_from_json(row.classes)
+    k, h, w = len(classes), row.height, row.width
+    return ModelArrays(
+        classes,
+        array_from_bytes(row.ideal_images, (k, h, w)),
+        array_from_bytes(row.sgd_weights, (h * w, k)),
+    )
 
 
 def batch_timings(conn: Connection, run_id: int) -> list[Any]:
@@ -27,12 +72,52 @@ def batch_timings(conn: Connection, run_id: int) -> list[Any]:
     )
 
 
-def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
-    n = func.count().label("n")
+def confusion_counts(conn: Connection, run_id: int) -> Confusion:
+    """The run's confusion counts (``run_counts``): labelled, scored images per predictor,
+    label and prediction; equal to the ``run_confusion`` view's rows for the run."""
+    out: Confusion = {p: {} for p in PREDICTORS}
     rows = conn.execute(
-        select(Prediction.error, n)
-        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
-        .group_by(Prediction.error)
-        .order_by(n.desc(), Prediction.error)
+        select(RunCount.predictor, RunCount.label, RunCount.predicted, RunCount.n).where(
+            RunCount.run_id == run_id, RunCount.n > 0
+        )
+    )
+    for predictor, label, predicted, n in rows:
+        out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
+    return out
+
+
+def _accuracy(n_images: int, n_correct: int) -> dict[str, Any]:
+    return {"n_images": n_images, "n_correct": n_correct, "accuracy": n_correct / n_images}
+
+
+def class_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
+    """``{predictor, label, n_images, n_correct, accuracy}`` per predictor and class, as the
+    ``run_class_accuracy`` view gives them, from a run's :func:`confusion_counts`."""
+    return [
+        {"predictor": p, "label": label, **_accuracy(sum(cells.values()), cells.get(label, 0))}
+        for p in sorted(confusion)
+        for label, cells in sorted(confusion[p].items())
+    ]
+
+
+def run_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
+    """``{predictor, n_images, n_correct, accuracy}`` per predictor with labelled images, as
+    the ``run_accuracy`` view gives them, from a run's :func:`confusion_counts`."""
+    out = []
+    for p in sorted(confusion):
+        rows = confusion[p]
+        n_images = sum(n for cells in rows.values() for n in cells.values())
+        if n_images:
+            right = sum(cells.get(label, 0) for label, cells in rows.items())
+            out.append({"predictor": p, **_accuracy(n_images, right)})
+    return out
+
+
+def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+    """``{error, n}`` per reason, most frequent first (``run_failures``)."""
+    rows = conn.execute(
+        select(RunFailure.error, RunFailure.n)
+        .where(RunFailure.run_id == run_id, RunFailure.n > 0)
+        .order_by(RunFailure.n.desc(), RunFailure.error)
     )
     return [{"error": e, "n": int(k)} for e, k in rows]

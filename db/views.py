@@ -1,9 +1,9 @@
 """Reads over the SQL views of migration 0002 (``run_accuracy``, ``run_class_accuracy``,
-``run_confusion``) and over ``predictions`` for the questions reports ask: the most
-confidently misclassified images, and what changed between two runs.
+``run_confusion``) and over ``predictions`` for what changed between two runs.
 
-The views are a public interface documented in docs/schema.md; these helpers only select
-from them, so users get the same numbers in ``sqlite3``/``psql`` as in ``producer report``.
+The views are a public interface documented in docs/schema.md, for ad-hoc SQL; they
+aggregate every row of a run, so reports read the kept counts instead (db/reads.py), and the
+helpers over the views here let tests check that both give the same numbers.
 """
 
 from __future__ import annotations
@@ -85,47 +85,6 @@ def confusion(conn: Connection, run_id: int) -> dict[str, dict[str, dict[str, in
     return out
 
 
-# How sure each predictor was of its prediction, and which order puts the surest first.
-_CONFIDENCE = {
-    "l1": (Prediction.dist_l1, "asc"),
-    "l2": (Prediction.dist_l2, "asc"),
-    "sgd": (Prediction.prob_sgd, "desc"),
-}
-
-PREDICTION_COLUMNS = (
-    Prediction.path,
-    Prediction.label,
-    Prediction.pred_l1,
-    Prediction.pred_l2,
-    Prediction.pred_sgd,
-    Prediction.dist_l1,
-    Prediction.dist_l2,
-    Prediction.prob_sgd,
-)
-
-
-def confident_mistakes(
-    conn: Connection, run_id: int, predictor: str, limit: int
-) -> list[dict[str, Any]]:
-    """The labelled images ``predictor`` got wrong, surest first: highest SGD probability,
-    or smallest L1/L2 distance to the (wrong) ideal image it chose."""
-    score, direction = _CONFIDENCE[predictor]
-    predicted = getattr(Prediction, f"pred_{predictor}")
-    order = score.desc() if direction == "desc" else score.asc()
-    rows = conn.execute(
-        select(*PREDICTION_COLUMNS)
-        .where(
-            Prediction.run_id == run_id,
-            Prediction.error.is_(None),
-            Prediction.label.is_not(None),
-            predicted != Prediction.label,
-        )
-        .order_by(order, Prediction.path)
-        .limit(limit)
-    ).mappings()
-    return [dict(r) for r in rows]
-
-
 def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:
     """Images (by path) in both runs, only in the first, only in the second."""
     row = conn.execute(
@@ -142,8 +101,10 @@ def count_paths(conn: Connection, run_a: int, run_b: int) -> dict[str, int]:
     return {"both": both, "only_a": n_a - both, "only_b": n_b - both}
 
 
-def _changed_query(run_a: int, run_b: int) -> Select[Any]:
-    """Rows in path order; ``a`` is run A's side of the join."""
+def changed_query(run_a: int, run_b: int) -> Select[Any]:
+    """Rows in path order; ``a`` is run A's side of the join. Both databases can walk run
+    A's rows in the unique index on (run_id, path) and look each path up in run B, so with
+    a LIMIT the query stops after that many changed rows instead of sorting the run."""
     a = aliased(Prediction, name="a")
     b = aliased(Prediction, name="b")
     differs = [
@@ -167,7 +128,7 @@ def _changed_query(run_a: int, run_b: int) -> Select[Any]:
 
 def count_changed(conn: Connection, run_a: int, run_b: int) -> int:
     """How many images in both runs (by path) have any prediction or error that differs."""
-    sub = _changed_query(run_a, run_b).subquery()
+    sub = changed_query(run_a, run_b).subquery()
     return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
 
 
@@ -176,7 +137,7 @@ def changed_predictions(
 ) -> list[dict[str, Any]]:
     """Images in both runs (matched by path) whose prediction by any predictor, or whose
     error, differs; in path order. NULLs compare as values (``IS DISTINCT FROM``)."""
-    query = _changed_query(run_a, run_b)
+    query = changed_query(run_a, run_b)
     if limit is not None:
         query = query.limit(limit)
     return [dict(r) for r in conn.execute(query).mappings()]

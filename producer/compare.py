@@ -1,8 +1,10 @@
 """Comparing two runs: accuracy deltas per predictor and class, and the images (matched by
 their path relative to each run's source directory) whose prediction changed.
 
-Accuracies come from the ``run_accuracy`` and ``run_class_accuracy`` views; a delta is
-``B - A``, so a positive delta means run B is better.
+Accuracies come from each run's confusion counts (``run_counts``, equal to the
+``run_accuracy`` and ``run_class_accuracy`` views); a delta is ``B - A``, so a positive delta
+means run B is better. The changed images are read in path order through the unique index on
+(run_id, path), and the query stops after ``limit`` of them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from core.text import printable
-from db import queries, views
+from db import queries, reads, views
 from producer.report import NAMES
 from producer.tables import format_table, pct
 
@@ -47,16 +49,17 @@ def _side_by_side(rows_a: list[dict], rows_b: list[dict], key: tuple[str, ...]) 
 def compare_runs(conn: Connection, run_a: int, run_b: int, limit: int = 50) -> dict[str, Any]:
     """Everything ``producer compare`` shows, as one JSON-ready dict."""
     a, b = queries.get_run(conn, run_a), queries.get_run(conn, run_b)
+    counts_a, counts_b = reads.confusion_counts(conn, run_a), reads.confusion_counts(conn, run_b)
     return {
         "run_a": {k: a[k] for k in RUN_FIELDS},
         "run_b": {k: b[k] for k in RUN_FIELDS},
         "paths": views.count_paths(conn, run_a, run_b),
         "accuracy": _side_by_side(
-            views.run_accuracy(conn, run_a), views.run_accuracy(conn, run_b), ("predictor",)
+            reads.run_accuracy(counts_a), reads.run_accuracy(counts_b), ("predictor",)
         ),
         "per_class": _side_by_side(
-            views.class_accuracy(conn, run_a),
-            views.class_accuracy(conn, run_b),
+            reads.class_accuracy(counts_a),
+            reads.class_accuracy(counts_b),
             ("predictor", "label"),
         ),
         "changes": views.change_counts(conn, run_a, run_b),

@@ -17,11 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from core.classifier import Classifier
 from core.rows import PREDICTORS
 from core.text import printable
-from db import views
-from db.model_store import load_classifier
+from db.mistakes import confident_mistakes
+from db.reads import ModelArrays, model_arrays
 from producer.pictures import (
     colour_bar,
     data_uri,
@@ -133,7 +132,7 @@ def _confusion(name: str, classes: list[str], matrix: list[list[int]]) -> str:
     return f"<div><h3>{esc(name)}</h3>{_table(headers, rows, 'confusion')}</div>"
 
 
-def _model(classifier: Classifier, model_id: int) -> str:
+def _model(classifier: ModelArrays, model_id: int) -> str:
     ideals = ideal_pictures(classifier)
     maps, vmax = weight_pictures(classifier)
 
@@ -155,7 +154,7 @@ def _model(classifier: Classifier, model_id: int) -> str:
     )
 
 
-def _thumbnail(report: dict[str, Any], classifier: Classifier, path: str, cache: dict) -> str:
+def _thumbnail(report: dict[str, Any], classifier: ModelArrays, path: str, cache: dict) -> str:
     if path not in cache:
         img = load_thumbnail(report["run"]["source_dir"], path, classifier.height, classifier.width)
         cache[path] = None if img is None else data_uri(img)
@@ -184,7 +183,7 @@ def _card(row: dict[str, Any], thumb: str) -> str:
 
 
 def _mistakes(
-    report: dict[str, Any], classifier: Classifier, mistakes: dict[str, list[dict[str, Any]]]
+    report: dict[str, Any], classifier: ModelArrays, mistakes: dict[str, list[dict[str, Any]]]
 ) -> str:
     cache: dict[str, str | None] = {}
     parts = ["<h2>Most confidently misclassified</h2>"]
@@ -224,7 +223,7 @@ def _failures(report: dict[str, Any]) -> str:
 
 def render_html(
     report: dict[str, Any],
-    classifier: Classifier,
+    classifier: ModelArrays,
     mistakes: dict[str, list[dict[str, Any]]],
 ) -> str:
     run = report["run"]
@@ -252,8 +251,8 @@ def build_html(
 ) -> str:
     """The whole page for ``run_id``: report, model pictures, thumbnails, failures."""
     report = build_report(conn, run_id, max_failures)
-    classifier = load_classifier(conn, report["run"]["model_id"])
+    classifier = model_arrays(conn, report["run"]["model_id"])
     mistakes = {
-        p: views.confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
+        p: confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
     }
     return render_html(report, classifier, mistakes)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from core.classifier import Classifier
 from core.files import read_file
 from core.images import ImageError, decode_gray
+from db.reads import ModelArrays
 
 NEGATIVE = np.array([33, 102, 172], dtype=np.float64)  # blue
 ZERO = np.array([255, 255, 255], dtype=np.float64)  # white
@@ -53,15 +53,15 @@ def colour_bar(width: int, height: int) -> Image.Image:
     return heat_map(ramp, 1.0)
 
 
-def ideal_pictures(classifier: Classifier) -> list[Image.Image]:
-    return [gray_image(ideal.numpy()) for ideal in classifier.ideals.cpu()]
+def ideal_pictures(model: ModelArrays) -> list[Image.Image]:
+    return [gray_image(ideal) for ideal in model.ideals]
 
 
-def weight_pictures(classifier: Classifier) -> tuple[list[Image.Image], float]:
+def weight_pictures(model: ModelArrays) -> tuple[list[Image.Image], float]:
     """One heat map per class (column of the weights) and the shared scale ``vmax``."""
-    weights = classifier.weights.cpu().numpy()
+    weights = model.weights
     vmax = weight_scale(weights)
-    h, w = classifier.height, classifier.width
+    h, w = model.height, model.width
     return [heat_map(weights[:, k].reshape(h, w), vmax) for k in range(weights.shape[1])], vmax
 
 
@@ -82,7 +82,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def model_sheet(classifier: Classifier, scale: int = 4, title: str = "") -> Image.Image:
+def model_sheet(classifier: ModelArrays, scale: int = 4, title: str = "") -> Image.Image:
     """One picture of a model: a row of ideal images, a row of SGD weight maps under them
     (one column per class, named), and a colour bar giving the weights' scale."""
     ideals = ideal_pictures(classifier)

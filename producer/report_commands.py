@@ -160,7 +160,8 @@ def workers_cmd(as_json: bool, engine: Any) -> None:
     type=click.IntRange(min=0),
     default=24,
     show_default=True,
-    help="Misclassified images shown per predictor in the HTML page.",
+    help="Misclassified images shown per predictor in the HTML page (up to 100 are read from "
+    "the ones each run keeps; more sorts the run's rows).",
 )
 @database_option
 def report_cmd(
@@ -218,13 +219,14 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
       producer show-model --png model.png
       producer show-model 3 --png model3.png --scale 6
     """
-    from db.model_store import list_models, load_classifier, resolve_model_id
+    from db.model_store import list_models, resolve_model_id
+    from db.reads import model_arrays
     from producer.pictures import model_sheet, png_bytes
     from producer.tables import format_table, pct
 
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
-        clf = load_classifier(conn, model_id)
+        clf = model_arrays(conn, model_id)
         info = next(r for r in list_models(conn) if r["id"] == model_id)
     rows = [
         ["classes", ", ".join(clf.classes)],

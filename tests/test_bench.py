@@ -172,3 +172,35 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
     # the queue-full measurement scores the same images, in a run of its own
     assert full.run_id == result.run_id + 1 and full.n_images == 200 and full.seconds > 0
     assert db_rows(sqlite_url, full.run_id) == csv_rows(tmp_path / "out.csv")
+
+
+def test_report_bench_copies_a_run_with_its_counts_and_mistakes(
+    sample_dir, sqlite_url, classifier, tmp_path
+):
+    """bench/reports.py's big run is the seed's rows under new paths, its counts the seed's
+    times the copies (equal to the views over the copied rows), its kept mistakes those of
+    the copied rows, and its report the seed's with every count multiplied."""
+    from bench import reports
+    from db import mistakes
+    from producer.report import build_report
+
+    engine = get_engine(sqlite_url)
+    seed = reports.seed_run(engine, classifier, save(engine, classifier), sample_dir / "valid")
+    run_id = reports.copy_run(engine, seed, 3, tmp_path)
+    reports.check_counts(engine, run_id)
+    with engine.connect() as conn:
+        paths = conn.execute(text(
+            "SELECT path FROM predictions WHERE run_id = :r ORDER BY path"), {"r": run_id}
+        ).scalars().all()
+        before, after = build_report(conn, seed), build_report(conn, run_id)
+        for p in ("l1", "l2", "sgd"):
+            kept = mistakes.confident_mistakes(conn, run_id, p, 24)
+            assert kept == [dict(r) for r in conn.execute(
+                mistakes.scan_query(run_id, p, 24)).mappings()]
+    assert len(paths) == 3 * (200 + reports.SEED_FAILED)
+    assert paths[0].startswith("c0/") and paths[-1].startswith("c2/")
+    assert after["counts"]["failed"] == 3 * before["counts"]["failed"] == 3 * reports.SEED_FAILED
+    assert after["predictors"]["sgd"]["confusion"] == [
+        [3 * n for n in row] for row in before["predictors"]["sgd"]["confusion"]]
+    assert after["accuracy"] == before["accuracy"]
+    assert after["batches"]["n_batches"] == 3 * before["batches"]["n_batches"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from db.mistakes import confident_mistakes
 from db.session import get_engine
-from db.views import confident_mistakes
 from tests.conftest import service_missing
 from tests.populate import (
     GONE_NAME,

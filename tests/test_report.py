@@ -185,3 +185,23 @@ def test_report_of_a_missing_run_exits_2(run_cli, sqlite_url, tmp_path: Path):
     r = run_cli("report", "7", "--html", str(tmp_path / "r.html"), "--database-url", sqlite_url)
     assert r.exit_code == 2 and "run 7 does not exist" in r.output
     assert not (tmp_path / "r.html").exists()
+
+
+def test_reports_and_model_pictures_never_import_torch():
+    """``report``, ``report --json``, ``report --html`` and ``show-model`` read class names
+    and the model's arrays with NumPy: importing torch alone takes longer than a report."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys\n"
+        "from producer.cli import cli\n"
+        "import producer.report_commands, producer.report, producer.html_report\n"
+        "import producer.pictures, db.reads, db.mistakes\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={"PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "False"

@@ -2,7 +2,7 @@
 runs and counts the batches it stores, so ``producer workers`` and ``--wait`` can tell which
 workers write to this database.
 
-Revision ID: 0009
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-24
 """
@@ -10,7 +10,7 @@ Create Date: 2026-11-24
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None

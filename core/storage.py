@@ -1,0 +1,28 @@
+"""How a model is stored, without pickle: its class names as a JSON list of strings, its
+arrays as float32 little-endian bytes with the shape kept in plain columns. NumPy only, so
+that reports (class names, pictures of the model) never import torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def classes_to_json(classes: tuple[str, ...]) -> str:
+    return json.dumps(list(classes))
+
+
+def classes_from_json(text: str) -> tuple[str, ...]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ValueError("stored classes must be a JSON list of strings")
+    return tuple(value)
+
+
+def array_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.frombuffer(data, dtype="<f4")
+    expected = int(np.prod(shape))
+    if array.size != expected:
+        raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
+    return array.astype(np.float32).reshape(shape)
