@@ -24,7 +24,7 @@ from db.models import Batch, Prediction, Run, utcnow
 
 
 def create_run(
-    conn: Connection, model_id: int, source_dir: str, backend: str
+    conn: Connection, model_id: int, source_dir: str, backend: str, send_mode: str = "bytes"
 ) -> tuple[int, str]:
     """A new run's id and token."""
     token = uuid.uuid4().hex
@@ -35,6 +35,7 @@ def create_run(
             model_id=model_id,
             source_dir=source_dir,
             backend=backend,
+            send_mode=send_mode,
             status="queued",
             n_skipped=0,
             n_scored=0,
@@ -177,6 +178,8 @@ class RecordedBatch:
     model_id: int
     paths: list[str]
     status: str
+    send_mode: str = "bytes"
+    source_dir: str = ""
 
     @property
     def finished(self) -> bool:
@@ -188,7 +191,8 @@ def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> Recorde
     :class:`RunMismatch`, naming what differs."""
     with engine.connect() as conn:
         run = conn.execute(
-            select(Run.token, Run.model_id).where(Run.id == run_id)
+            select(Run.token, Run.model_id, Run.send_mode, Run.source_dir)
+            .where(Run.id == run_id)
         ).one_or_none()
         if run is None:
             raise RunMismatch(f"run {run_id} is not in this database")
@@ -199,7 +203,10 @@ def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> Recorde
         ).one_or_none()
     if row is None:
         raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
-    return RecordedBatch(run_id, seq, int(run.model_id), list(row.paths), str(row.status))
+    return RecordedBatch(
+        run_id, seq, int(run.model_id), list(row.paths), str(row.status),
+        str(run.send_mode), str(run.source_dir),
+    )
 
 
 def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
@@ -249,6 +256,10 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
             .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now, **values)
         )
         return str(values["status"])
+
+
+def set_send_mode(conn: Connection, run_id: int, send_mode: str) -> None:
+    conn.execute(update(Run).where(Run.id == run_id).values(send_mode=send_mode))
 
 
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:

@@ -106,9 +106,11 @@ def describe_settings() -> str:
             f"{defaults.DATABASE_URL} in {os.getcwd()} ({defaults.DATABASE_URL_ENV} is not set; "
             "set it to a PostgreSQL URL to share results between hosts)"
         )
+    mapping = defaults.path_map()
+    mapped = f", --send paths runs read below {mapping[0]} from {mapping[1]}" if mapping else ""
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s"
+        f"visibility timeout {timeout} s{mapped}"
     )
 
 
