@@ -171,7 +171,9 @@ def resume_run(
         mode = send_mode or run["send_mode"]
         pending = queries.unfinished_batches(conn, run_id)
     root = Path(run["source_dir"])
-    if not root.is_dir():
+    walked = run["submitted_at"] is not None
+    # a --send paths run whose walk is complete needs no file here: its workers read them
+    if ((mode == "bytes" and pending) or not walked) and not root.is_dir():
         raise DirectoryError(
             f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
         )
@@ -181,7 +183,7 @@ def resume_run(
         if on_batch is not None:
             on_batch(len(paths))
     n_skipped = run["n_skipped"]
-    if run["submitted_at"] is None:
+    if not walked:
         with engine.connect() as conn:
             sent = set(queries.batch_paths(conn, run_id))
             first_seq = queries.next_batch_seq(conn, run_id)
