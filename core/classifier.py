@@ -6,9 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-if TYPE_CHECKING:  # torch is imported where a tensor is made: reading models needs none
+if TYPE_CHECKING:  # numpy and torch are imported where a tensor is made: a report needs none
     import torch
 
 
@@ -50,6 +48,8 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    import numpy as np
+
     array = np.frombuffer(data, dtype="<f4")
     expected = int(np.prod(shape))
     if array.size != expected:

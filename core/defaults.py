@@ -85,8 +85,11 @@ HOLDOUT_FRACTION = 0.2
 #: ``producer --debug`` as an env var: show tracebacks (env ``DIGITSCORE_DEBUG=1``).
 DEBUG_ENV = "DIGITSCORE_DEBUG"
 
-#: Seconds between progress polls of ``submit --wait`` (seconds).
-POLL_INTERVAL = 0.5
+#: Seconds between progress polls of ``submit --wait``: the first after ``POLL_FIRST``, then
+#: half as long again each time up to ``POLL_INTERVAL``, so that a short run's end is
+#: noticed within a few milliseconds and a long one costs a query a quarter second.
+POLL_FIRST = 0.01
+POLL_INTERVAL = 0.25
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
 #: Worker deaths on one batch after which it is declared poison: its images get error rows.

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from core.classifier import (
-    Classifier,
-    classes_from_json,
-    classes_to_json,
-    tensor_from_bytes,
-    tensor_to_bytes,
-)
 from core.errors import ModelNotFound
 from db.models import Model, utcnow
+
+if TYPE_CHECKING:  # numpy is imported where a model is read or written: enqueuing needs none
+    from core.classifier import Classifier
 
 LOSS_NAME = "softmax_cross_entropy"
 
@@ -35,6 +31,8 @@ class TrainingRecord:
 
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
+    from core.classifier import classes_to_json, tensor_to_bytes
+
     return conn.execute(
         insert(Model)
         .values(
@@ -68,6 +66,8 @@ def resolve_model_id(conn: Connection, model_id: int | None) -> int:
 
 
 def load_classifier(conn: Connection, model_id: int) -> Classifier:
+    from core.classifier import Classifier, classes_from_json, tensor_from_bytes
+
     row = conn.execute(select(Model.__table__).where(Model.id == model_id)).mappings().first()
     if row is None:
         raise ModelNotFound(

@@ -24,10 +24,12 @@ def progress_line(done: int, total: int | None, rate: float) -> str:
 
 
 def wait_for_run(engine: Any, run_id: int, interval: float = defaults.POLL_INTERVAL) -> str:
-    """Poll until the run is done or failed; show progress on stderr; return the status.
+    """Poll until the run is done or failed, at most ``interval`` seconds apart (sooner at
+    first, see :data:`defaults.POLL_FIRST`); show progress on stderr; return the status.
 
     Ctrl-C raises KeyboardInterrupt to the caller and leaves the run going.
     """
+    delay = min(defaults.POLL_FIRST, interval)
     tty = sys.stderr.isatty()
     start = time.monotonic()
     with engine.connect() as conn:
@@ -42,4 +44,5 @@ def wait_for_run(engine: Any, run_id: int, interval: float = defaults.POLL_INTER
             if tty:
                 click.echo("", err=True)
             return p.status
-        time.sleep(interval)
+        time.sleep(delay)
+        delay = min(delay * 1.5, interval)
