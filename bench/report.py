@@ -38,6 +38,18 @@ GOALS = [
 MEMORY = [("producer_mib", "producer"), ("worker_pool_mib", "worker pool process"),
           ("worker_main_mib", "worker main process")]
 MEMORY_GOAL = 1.3
+#: The fleet figures (bench/fleet.py): name, label, unit.
+FLEET = [
+    ("handout_bytes", "producer hand-out, no worker, --send bytes", "images/s"),
+    ("handout_paths", "producer hand-out, no worker, --send paths", "images/s"),
+    ("redis_peak_mib_bytes", "Redis held by a run, every batch queued, --send bytes", "MiB"),
+    ("redis_peak_mib_paths", "Redis held by a run, every batch queued, --send paths", "MiB"),
+    ("one_image_s", "one-image submit --wait to running workers", "s"),
+]
+#: --send paths must hand out at least this many times as fast as --send bytes.
+HANDOUT_GOAL = 4.0
+#: A one-image submit --wait must take at most this long (seconds).
+ONE_IMAGE_GOAL = 1.0
 #: The issue's set size: at least 50,000 images; smaller runs are smoke runs.
 FULL_SIZE = 50_000
 
@@ -72,6 +84,7 @@ def summarise(
     args: Namespace,
     machine_text: str,
     seconds: float,
+    fleet: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     goals = []
     for name, top, bottom, goal in GOALS:
@@ -98,6 +111,20 @@ def summarise(
         "goals": goals,
         "memory_sizes": [small, large],
         "memory": mem,
+        "fleet": _fleet(fleet or {}),
+    }
+
+
+def _fleet(figures: dict[str, list[float]]) -> dict[str, Any]:
+    medians = {k: statistics.median(v) for k, v in figures.items() if v}
+    ratio = _median_ratio(figures, "handout_paths", "handout_bytes")
+    one = medians.get("one_image_s")
+    return {
+        "figures": figures,
+        "medians": medians,
+        "handout_ratio": ratio,
+        "handout_met": None if ratio is None else ratio >= HANDOUT_GOAL,
+        "one_image_met": None if one is None else one <= ONE_IMAGE_GOAL,
     }
 
 
@@ -138,4 +165,25 @@ def format_results(r: dict[str, Any]) -> str:
         b = "n/a" if m["large_mib"] is None else f"{m['large_mib']:.1f}"
         ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.2f}"
         lines.append(f"{m['process']:31s} {a:>17s} {b:>17s}   {ratio:>5s}   {_yes(m['met'])}")
+    lines += _format_fleet(r.get("fleet") or {})
     return "\n".join(lines)
+
+
+def _format_fleet(f: dict[str, Any]) -> list[str]:
+    medians = f.get("medians") or {}
+    if not medians:
+        return []
+    lines = ["", f"{'fleet (whole processes)':56s} {'median':>10s}   all rounds"]
+    for key, name, unit in FLEET:
+        if key in medians:
+            fmt = "{:,.2f}" if unit == "s" else ("{:,.1f}" if unit == "MiB" else "{:,.0f}")
+            every = ", ".join(fmt.format(x) for x in f["figures"][key])
+            lines.append(f"{name + ' (' + unit + ')':56s} {fmt.format(medians[key]):>10s}   "
+                         f"{every}")
+    if f.get("handout_ratio") is not None:
+        lines.append(f"{'hand-out --send paths / --send bytes':56s} "
+                     f"{f['handout_ratio']:10.2f}   >= {HANDOUT_GOAL:g}: {_yes(f['handout_met'])}")
+    if "one_image_s" in medians:
+        lines.append(f"{'one-image submit --wait (s)':56s} {medians['one_image_s']:10.2f}   "
+                     f"<= {ONE_IMAGE_GOAL:g}: {_yes(f['one_image_met'])}")
+    return lines

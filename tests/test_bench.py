@@ -172,3 +172,37 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
     # the queue-full measurement scores the same images, in a run of its own
     assert full.run_id == result.run_id + 1 and full.n_images == 200 and full.seconds > 0
     assert db_rows(sqlite_url, full.run_id) == csv_rows(tmp_path / "out.csv")
+
+
+def test_report_shows_the_fleet_figures_and_their_goals():
+    fleet_figures = {"handout_bytes": [40_000.0, 50_000.0], "handout_paths": [200_000.0] * 2,
+                     "redis_peak_mib_bytes": [30.0, 31.0], "redis_peak_mib_paths": [0.5] * 2,
+                     "one_image_s": [0.9, 1.5]}
+    memory = {10: {}, 20: {}}
+    args = Namespace(images=50, naive_images=5, repeat=2, device="cpu", memory=(10, 20))
+    r = report.summarise({}, memory, args, "test machine", 1.0, fleet_figures)
+    assert r["fleet"]["handout_ratio"] == 4.5 and r["fleet"]["handout_met"] is True
+    assert r["fleet"]["one_image_met"] is False  # a median of 1.2 s
+    out = report.format_results(r)
+    assert "hand-out --send paths / --send bytes" in out and "4.50" in out
+    assert "one-image submit --wait (s)" in out
+
+
+@pytest.mark.integration
+def test_fleet_handout_queues_every_batch_and_cleans_up(
+    sample_dir, sqlite_url, classifier, redis_server, tmp_path
+):
+    """Both modes hand out every image with no worker; bytes mode puts the payloads in
+    Redis, paths mode next to nothing; nothing of the run is left in Redis afterwards."""
+    import redis as redis_lib
+
+    from bench import fleet
+
+    common.store_model(sqlite_url, classifier)
+    url = f"{redis_server}/{REDIS_DB}"
+    got = {mode: fleet.handout(sample_dir / "valid", mode, url, sqlite_url, tmp_path,
+                               ["--batch-size", "50"]) for mode in fleet.MODES}
+    assert {h.n_images for h in got.values()} == {200}
+    assert got["bytes"].redis_bytes > 200 * 200  # the PNGs themselves are in Redis
+    assert 0 < got["paths"].redis_bytes < 4 * 2048  # four messages, no bytes
+    assert list(redis_lib.Redis.from_url(url).scan_iter("digitscore:payload:*")) == []
