@@ -49,11 +49,18 @@ def check_directory(root: Path) -> Path:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in defaults.IMAGE_SUFFIXES
+    """Whether the name ends in an image suffix, as ``os.path.splitext`` tells suffixes
+    (leading dots start no suffix: ``.png`` is a hidden file named png); spelled out, since
+    the walk asks it of every file."""
+    bare = name.lstrip(".")
+    dot = bare.rfind(".")
+    return dot > 0 and bare[dot:].lower() in defaults.IMAGE_SUFFIXES
 
 
 def safe_name(rel: str) -> str:
     """File names that are not valid UTF-8 cannot be stored as text: escape their bytes."""
+    if rel.isascii():  # nearly every name: nothing to escape
+        return rel
     try:
         rel.encode("utf-8")
         return rel
