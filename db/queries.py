@@ -71,17 +71,20 @@ def store_batch_results(
     deliveries: int = 0,
 ) -> int:
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
-    were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
-    db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
-    rows into the run (see :func:`add_to_run`).
+    were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
+    mark the batch (adding ``deliveries`` to its delivery count), then lock the run and count
+    the new rows into it (see :func:`add_to_run`).
+
+    The run is locked last, for the count alone: the writers of one run insert their rows
+    side by side and queue only for the few statements that end each transaction, so every
+    count still sees every earlier commit. (On PostgreSQL the lock is ``FOR NO KEY UPDATE``,
+    which the foreign-key checks of another writer's rows do not wait for; on SQLite the
+    transaction holds the database's write lock from its start anyway.) The order is the
+    same in every writer, rows then run, so no two writers can wait for each other.
     """
     now = utcnow()
     with engine.begin() as conn:
-        # Serialise result writes of one run so that every count sees every earlier commit.
-        run = conn.execute(
-            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update()
-        ).one_or_none()
-        if run is None:
+        if conn.execute(select(Run.id).where(Run.id == run_id)).one_or_none() is None:
             raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
         new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
         conn.execute(
@@ -93,6 +96,9 @@ def store_batch_results(
                 deliveries=Batch.deliveries + deliveries,
             )
         )
+        run = conn.execute(
+            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update(key_share=True)
+        ).one()
         add_to_run(conn, run_id, run, count_rows(new))
     return len(new)
 
@@ -246,7 +252,7 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     with engine.begin() as conn:
         run = conn.execute(
             select(Run.status, Run.n_scored, Run.n_failed).where(Run.id == run_id)
-            .with_for_update()
+            .with_for_update(key_share=True)
         ).one()
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
         values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
