@@ -16,8 +16,10 @@ import pytest
 import redis
 from PIL import Image, PngImagePlugin
 
-from core import defaults
-from producer.queue import default_bound, is_out_of_memory
+from core import defaults, wire
+from core.files import FileBatch
+from producer import queue as flow
+from producer.queue import CelerySender, default_bound, is_out_of_memory
 from tests.conftest import ROOT, service_missing, wait_for_log
 from tests.test_faults import RedisServer, assert_exactly_once, run_row, train, wait_done
 
@@ -186,3 +188,44 @@ def test_a_full_redis_stops_the_producer_with_resume_advice_and_resume_completes
     assert r.exit_code == 0, r.output
     assert_exactly_once(sqlite_url, n_files)
     assert run_row(sqlite_url)["n_failed"] == 0
+
+
+def _batch(n_bytes: int) -> FileBatch:
+    batch = FileBatch()
+    batch.add("3/a.png", os.urandom(n_bytes), None)
+    return batch
+
+
+def _send_in_thread(sender: CelerySender, seq: int) -> threading.Thread:
+    thread = threading.Thread(
+        target=sender.send, args=(wire.BatchMessage(1, seq, "ab" * 16), _batch(1000)),
+        daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bound", ["bytes", "batches"])
+def test_the_sender_waits_past_its_bound_until_a_payload_is_taken(
+    broker_env, monkeypatch, bound
+):
+    """Past the byte bound, or past the number of batches it remembers, ``send`` waits and
+    says so; once a worker has taken a payload (deleted its key), it goes on."""
+    per_batch = 1000 + 20 + defaults.QUEUED_MESSAGE_BYTES  # payload, its framing, message
+    if bound == "bytes":
+        monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, str(3 * per_batch))
+    else:
+        monkeypatch.setattr(flow, "MAX_TRACKED_BATCHES", 3)
+    waits: list[tuple[int, int]] = []
+    sender = CelerySender(broker_env["DIGITSCORE_BROKER_URL"],
+                          on_wait=lambda q, b: waits.append((q, b)))
+    for seq in range(3):
+        sender.send(wire.BatchMessage(1, seq, "ab" * 16), _batch(1000))
+    fourth = _send_in_thread(sender, 3)
+    time.sleep(0.5)
+    assert fourth.is_alive() and waits  # waiting for workers, and saying so
+    client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+    client.delete(wire.payload_key(wire.BatchMessage(1, 0, "ab" * 16)))  # a worker took it
+    fourth.join(5)
+    assert not fourth.is_alive()
+    assert len(sender._sent) == 3 and sender.queued_bytes <= 3 * per_batch

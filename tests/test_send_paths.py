@@ -156,3 +156,12 @@ def test_path_map_lets_workers_read_a_directory_mounted_elsewhere(
     assert r.exit_code == 0, r.output
     rows = predictions(model_db)
     assert set(rows) == set(rels) and all(row["error"] is None for row in rows.values())
+
+
+def test_with_no_broker_send_paths_reads_the_files_here(run_cli, sample_dir, model_db):
+    r = run_cli("submit", str(sample_dir / "valid"), "--send", "paths",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    assert "--send paths needs workers: reading the files in this process" in r.stderr
+    (run,) = query(model_db, "SELECT send_mode, status, n_scored FROM runs")
+    assert (run["send_mode"], run["status"], run["n_scored"]) == ("bytes", "done", 200)
