@@ -10,11 +10,13 @@ from typing import Any
 
 ROWS = [
     ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
+    ("system_sqlite_wall", "  the same, whole producer process as a shell sees it"),
     ("system_postgresql", "system: 2 workers, Redis, PostgreSQL (submit --wait)"),
     ("one_worker", "system: 1 worker, Redis, SQLite (submit --wait)"),
     ("one_worker_full", "1 worker, its queue full (producer done first)"),
     ("one_worker_busy", "  the same worker's pool process while busy (task time)"),
     ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
+    ("plain_script_wall", "  the same, whole process as a shell sees it"),
     ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
     ("limit_fast", "decode+score limit, 1 process, fast decoder"),
     ("limit_beside_worker", "  the same, just before and after the queue-full run"),
@@ -26,6 +28,8 @@ ROWS = [
 GOALS = [
     ("end to end (SQLite) / plain script", "system_sqlite", "plain_script", 2.0),
     ("end to end (PostgreSQL) / plain script", "system_postgresql", "plain_script", 2.0),
+    ("whole processes: submit --wait (SQLite) / plain script", "system_sqlite_wall",
+     "plain_script_wall", 3.0),
     ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
     ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
     ("one worker, queue full / limit measured beside it", "one_worker_full",

@@ -4,7 +4,8 @@
 
 On a generated set of real digit PNGs in ten class folders (cached in --data-dir), measures
 images/second of: the system end to end (two ``worker`` processes, Redis, SQLite and then
-PostgreSQL, ``producer submit --wait`` from its first file read until the run is done); one
+PostgreSQL, ``producer submit --wait`` from its first file read until the run is done, and
+as the whole process a shell sees, against the plain script's whole process too); one
 worker alone; the plain single-process script (bench/plain_script.py); naive Celery with one
 task per image (bench/naive_celery.py, on a subset); the decode-and-score limit of one process
 with Pillow and with the fast decoder. Then the peak memory of the producer and of a worker at
@@ -123,8 +124,7 @@ def measure_rounds(
             lambda: {"limit_pillow": runners.decode_score_rate(
                 blobs, clf, args.device, images.decode_each, batch)},
             lambda: {"limit_fast": limit()},
-            lambda: {"plain_script": _rate(runners.run_plain_script(
-                main_set, model_url, model_id, work / "plain.csv", args.device))},
+            lambda: _plain_rates(main_set, model_url, model_id, work, args.device),
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
                 naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
@@ -141,6 +141,16 @@ def measure_rounds(
 
 def _rate(result: tuple[int, float]) -> float:
     return result[0] / result[1]
+
+
+def _plain_rates(
+    root: Path, model_url: str, model_id: int, work: Path, device: str
+) -> dict[str, float]:
+    """The plain script's rate from its first file read, and as a shell sees it (the whole
+    process: its imports and model loading too)."""
+    n, seconds, wall = runners.run_plain_script_timed(
+        root, model_url, model_id, work / "plain.csv", device)
+    return {"plain_script": n / seconds, "plain_script_wall": n / wall}
 
 
 def _system_rates(
@@ -161,6 +171,8 @@ def _system_rates(
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     result = system.submit_and_wait(root, env, work, extra)
     rates = {name: result.rate}
+    if result.wall_seconds:
+        rates[f"{name}_wall"] = result.n_images / result.wall_seconds
     if name == "one_worker":
         limit_before = limit()
         before = len(ws.task_seconds())

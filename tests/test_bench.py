@@ -132,8 +132,11 @@ def test_report_says_which_goals_are_met():
     memory = {10: {"producer_mib": 100.0, "worker_pool_mib": 200.0, "worker_main_mib": 50.0},
               20: {"producer_mib": 120.0, "worker_pool_mib": 300.0, "worker_main_mib": 50.0}}
     args = Namespace(images=50, naive_images=5, repeat=3, device="cpu", memory=(10, 20))
+    rates |= {"system_sqlite_wall": [9_000.0, 8_000.0, 10_000.0],
+              "plain_script_wall": [3_000.0] * 3}
     r = report.summarise(rates, memory, args, "test machine", 1.0)
     goals = {g["goal"]: (g["ratio"], g["met"]) for g in r["goals"]}
+    assert goals["whole processes: submit --wait (SQLite) / plain script"] == (3.0, True)
     assert goals["end to end (SQLite) / plain script"] == (2.2, True)
     assert goals["end to end (SQLite) / naive Celery"] == (44.0, False)  # 10/... per round
     # judged against the limit measured beside the worker's run: 7,000 / 10,500
