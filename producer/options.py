@@ -70,7 +70,8 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.IntRange(min=1),
         default=defaults.BATCH_BYTES,
         show_default=True,
-        help="Most encoded bytes in one batch.",
+        help="Most encoded bytes in one batch (with a broker, at most a quarter of "
+        f"{defaults.MAX_QUEUED_BYTES_ENV}).",
     )(f)
     return click.option(
         "--batch-size",

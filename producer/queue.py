@@ -108,6 +108,12 @@ class CelerySender:
                 self.max_queued = default_bound(self._redis)
         return self._redis
 
+    def batch_bytes(self, asked: int) -> int:
+        """The bytes a batch may hold: ``asked``, but at most a quarter of the bound, so that
+        several batches fit in Redis at once (a small ``maxmemory`` makes a small bound)."""
+        bound = self.max_queued or defaults.MAX_QUEUED_BYTES
+        return max(1, min(asked, bound // 4))
+
     def send(self, message: wire.BatchMessage, batch: FileBatch | None) -> None:
         """Queue the batch ``message`` names; ``batch`` ``None`` sends the message alone (a
         ``--send paths`` run, whose workers read the files themselves)."""
@@ -159,13 +165,9 @@ class CelerySender:
         bound = self.max_queued or defaults.MAX_QUEUED_BYTES
         delay = WAIT_FIRST
         reported = 0.0
-        while self._sent and (
-            self.queued_bytes + cost > bound or len(self._sent) >= MAX_TRACKED_BATCHES
-        ):
+        while self._no_room(cost, bound):
             self._forget_consumed()
-            if not self._sent or (
-                self.queued_bytes + cost <= bound and len(self._sent) < MAX_TRACKED_BATCHES
-            ):
+            if not self._no_room(cost, bound):
                 return
             now = time.monotonic()
             if self.on_wait is not None and now - reported >= WAIT_REPORT_EVERY:
@@ -173,6 +175,11 @@ class CelerySender:
                 reported = now
             time.sleep(delay)
             delay = min(delay * 2, WAIT_LONGEST)
+
+    def _no_room(self, cost: int, bound: int) -> bool:
+        return bool(self._sent) and (
+            self.queued_bytes + cost > bound or len(self._sent) >= MAX_TRACKED_BATCHES
+        )
 
     def _forget_consumed(self) -> None:
         """Drop the sent batches whose payload is gone from Redis (stored by a worker)."""

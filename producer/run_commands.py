@@ -146,6 +146,8 @@ def submit_cmd(
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
     send_mode = _mode_for(sender, send_mode) or defaults.SEND
+    if sender.backend == "celery":
+        batch_bytes = sender.batch_bytes(batch_bytes)
     counter = Counter("sent" if sender.backend == "celery" else "scored")
     try:
         sub = submit_directory(
@@ -219,6 +221,8 @@ def resume_cmd(
         run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
     sender = _sender(engine, broker_url, model_id)
+    if sender.backend == "celery":
+        batch_bytes = sender.batch_bytes(batch_bytes)
     resent, sub = resume_run(
         engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
         send_mode=_mode_for(sender, send_mode),

@@ -92,6 +92,13 @@ def test_the_default_bound_is_half_of_maxmemory_up_to_256_mib():
     assert default_bound(FakeConfig(None)) == 256 * mib  # CONFIG not permitted
 
 
+def test_a_batch_takes_at_most_a_quarter_of_the_bound(monkeypatch):
+    monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, str(4 * 1024 * 1024))
+    sender = CelerySender("redis://127.0.0.1:1/0")  # never connected
+    assert sender.batch_bytes(defaults.BATCH_BYTES) == 1024 * 1024
+    assert sender.batch_bytes(1000) == 1000
+
+
 def test_max_queued_bytes_setting(monkeypatch):
     monkeypatch.delenv(defaults.MAX_QUEUED_BYTES_ENV, raising=False)
     assert defaults.max_queued_bytes() is None
