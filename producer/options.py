@@ -46,11 +46,7 @@ def broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def send_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--send bytes|paths`` / ``DIGITSCORE_SEND``: what a queued batch carries."""
-    if default is None:
-        text = "; default: the run's own"
-    else:
-        text = ""
-
+    text = "; default: the run's own" if default is None else ""
     return click.option(
         "--send",
         "send_mode",

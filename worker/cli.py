@@ -254,7 +254,9 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
     pool processes; each loads a model once and keeps it.
 
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE and
-    DIGITSCORE_VISIBILITY_TIMEOUT. Arguments after `--` go to `celery worker` as they are.
+    DIGITSCORE_VISIBILITY_TIMEOUT; and DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix
+    where this host sees the directories of `submit --send paths` runs elsewhere than the
+    producer did. Arguments after `--` go to `celery worker` as they are.
 
     \b
     Examples:
