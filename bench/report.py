@@ -46,8 +46,8 @@ MEMORY_GOAL = 1.3
 FLEET = [
     ("handout_bytes", "producer hand-out, no worker, --send bytes", "images/s"),
     ("handout_paths", "producer hand-out, no worker, --send paths", "images/s"),
-    ("redis_peak_mib_bytes", "Redis held by a run, every batch queued, --send bytes", "MiB"),
-    ("redis_peak_mib_paths", "Redis held by a run, every batch queued, --send paths", "MiB"),
+    ("redis_peak_mib_bytes", "Redis held, every batch queued, --send bytes", "MiB"),
+    ("redis_peak_mib_paths", "Redis held, every batch queued, --send paths", "MiB"),
     ("one_image_s", "one-image submit --wait to running workers", "s"),
 ]
 #: --send paths must hand out at least this many times as fast as --send bytes.

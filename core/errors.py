@@ -60,6 +60,10 @@ class BrokerUnavailable(DigitscoreError):
     """The broker cannot be reached or refuses a write."""
 
 
+class RedisFull(BrokerUnavailable):
+    """Redis refused a batch for want of memory; the message names ``producer resume RUN``."""
+
+
 class GpuError(DigitscoreError):
     """The GPUs cannot be counted or used as the host's devices promise."""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core import defaults, wire
-from core.errors import BrokerUnavailable, BrokerURLError
+from core.errors import BrokerUnavailable, BrokerURLError, RedisFull
 from core.files import FileBatch
 from core.text import mask_url
 
@@ -31,10 +31,6 @@ WAIT_REPORT_EVERY = 5.0
 
 #: Called while waiting, with the bytes queued and the bound.
 OnWait = Callable[[int, int], None]
-
-
-class RedisFull(BrokerUnavailable):
-    """Redis refused a batch for want of memory; the run stays resumable."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
