@@ -10,11 +10,13 @@ from typing import Any
 
 ROWS = [
     ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
+    ("system_sqlite_wall", "  the same, whole producer process as a shell sees it"),
     ("system_postgresql", "system: 2 workers, Redis, PostgreSQL (submit --wait)"),
     ("one_worker", "system: 1 worker, Redis, SQLite (submit --wait)"),
     ("one_worker_full", "1 worker, its queue full (producer done first)"),
     ("one_worker_busy", "  the same worker's pool process while busy (task time)"),
     ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
+    ("plain_script_wall", "  the same, whole process as a shell sees it"),
     ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
     ("limit_fast", "decode+score limit, 1 process, fast decoder"),
     ("limit_beside_worker", "  the same, just before and after the queue-full run"),
@@ -26,6 +28,8 @@ ROWS = [
 GOALS = [
     ("end to end (SQLite) / plain script", "system_sqlite", "plain_script", 2.0),
     ("end to end (PostgreSQL) / plain script", "system_postgresql", "plain_script", 2.0),
+    ("whole processes: submit --wait (SQLite) / plain script", "system_sqlite_wall",
+     "plain_script_wall", 3.0),
     ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
     ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
     ("one worker, queue full / limit measured beside it", "one_worker_full",
@@ -38,6 +42,18 @@ GOALS = [
 MEMORY = [("producer_mib", "producer"), ("worker_pool_mib", "worker pool process"),
           ("worker_main_mib", "worker main process")]
 MEMORY_GOAL = 1.3
+#: The fleet figures (bench/fleet.py): name, label, unit.
+FLEET = [
+    ("handout_bytes", "producer hand-out, no worker, --send bytes", "images/s"),
+    ("handout_paths", "producer hand-out, no worker, --send paths", "images/s"),
+    ("redis_peak_mib_bytes", "Redis held, every batch queued, --send bytes", "MiB"),
+    ("redis_peak_mib_paths", "Redis held, every batch queued, --send paths", "MiB"),
+    ("one_image_s", "one-image submit --wait to running workers", "s"),
+]
+#: --send paths must hand out at least this many times as fast as --send bytes.
+HANDOUT_GOAL = 4.0
+#: A one-image submit --wait must take at most this long (seconds).
+ONE_IMAGE_GOAL = 1.0
 #: The issue's set size: at least 50,000 images; smaller runs are smoke runs.
 FULL_SIZE = 50_000
 
@@ -72,6 +88,7 @@ def summarise(
     args: Namespace,
     machine_text: str,
     seconds: float,
+    fleet: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     goals = []
     for name, top, bottom, goal in GOALS:
@@ -98,6 +115,20 @@ def summarise(
         "goals": goals,
         "memory_sizes": [small, large],
         "memory": mem,
+        "fleet": _fleet(fleet or {}),
+    }
+
+
+def _fleet(figures: dict[str, list[float]]) -> dict[str, Any]:
+    medians = {k: statistics.median(v) for k, v in figures.items() if v}
+    ratio = _median_ratio(figures, "handout_paths", "handout_bytes")
+    one = medians.get("one_image_s")
+    return {
+        "figures": figures,
+        "medians": medians,
+        "handout_ratio": ratio,
+        "handout_met": None if ratio is None else ratio >= HANDOUT_GOAL,
+        "one_image_met": None if one is None else one <= ONE_IMAGE_GOAL,
     }
 
 
@@ -138,4 +169,25 @@ def format_results(r: dict[str, Any]) -> str:
         b = "n/a" if m["large_mib"] is None else f"{m['large_mib']:.1f}"
         ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.2f}"
         lines.append(f"{m['process']:31s} {a:>17s} {b:>17s}   {ratio:>5s}   {_yes(m['met'])}")
+    lines += _format_fleet(r.get("fleet") or {})
     return "\n".join(lines)
+
+
+def _format_fleet(f: dict[str, Any]) -> list[str]:
+    medians = f.get("medians") or {}
+    if not medians:
+        return []
+    lines = ["", f"{'fleet (whole processes)':56s} {'median':>10s}   all rounds"]
+    for key, name, unit in FLEET:
+        if key in medians:
+            fmt = "{:,.2f}" if unit == "s" else ("{:,.1f}" if unit == "MiB" else "{:,.0f}")
+            every = ", ".join(fmt.format(x) for x in f["figures"][key])
+            lines.append(f"{name + ' (' + unit + ')':56s} {fmt.format(medians[key]):>10s}   "
+                         f"{every}")
+    if f.get("handout_ratio") is not None:
+        lines.append(f"{'hand-out --send paths / --send bytes':56s} "
+                     f"{f['handout_ratio']:10.2f}   >= {HANDOUT_GOAL:g}: {_yes(f['handout_met'])}")
+    if "one_image_s" in medians:
+        lines.append(f"{'one-image submit --wait (s)':56s} {medians['one_image_s']:10.2f}   "
+                     f"<= {ONE_IMAGE_GOAL:g}: {_yes(f['one_image_met'])}")
+    return lines

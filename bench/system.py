@@ -111,6 +111,7 @@ class SubmitResult:
     n_images: int
     seconds: float  # first file read -> run done
     producer_peak_mib: float | None
+    wall_seconds: float | None = None  # the producer process, start to exit, as a shell sees
 
     @property
     def rate(self) -> float:
@@ -129,10 +130,12 @@ def submit_and_wait(
     stats_file = work_dir / f"producer-{uuid.uuid4().hex[:8]}.json"
     argv = [sys.executable, "-m", "bench.run_producer", "submit", str(directory), "--wait",
             *extra]
+    started = time.perf_counter()
     proc = subprocess.run(
         argv, env={**os.environ, **env, "BENCH_PRODUCER_STATS": str(stats_file)},
         capture_output=True, text=True, timeout=timeout, cwd=work_dir,
     )
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"producer submit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     stats = json.loads(stats_file.read_text())
@@ -147,7 +150,8 @@ def submit_and_wait(
     if run["status"] != "done" or run["n_scored"] != run["n_images"]:
         raise RuntimeError(f"run {run['id']} ended {dict(run)}")
     seconds = as_utc(run["finished_at"]).timestamp() - stats["first_read"]
-    return SubmitResult(int(run["id"]), int(run["n_images"]), seconds, stats["peak_rss_mib"])
+    return SubmitResult(int(run["id"]), int(run["n_images"]), seconds, stats["peak_rss_mib"],
+                        wall)
 
 
 def submit_then_release(

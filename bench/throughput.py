@@ -4,12 +4,17 @@
 
 On a generated set of real digit PNGs in ten class folders (cached in --data-dir), measures
 images/second of: the system end to end (two ``worker`` processes, Redis, SQLite and then
-PostgreSQL, ``producer submit --wait`` from its first file read until the run is done); one
+PostgreSQL, ``producer submit --wait`` from its first file read until the run is done, and
+as the whole process a shell sees, against the plain script's whole process too); one
 worker alone; the plain single-process script (bench/plain_script.py); naive Celery with one
 task per image (bench/naive_celery.py, on a subset); the decode-and-score limit of one process
 with Pillow and with the fast decoder. Then the peak memory of the producer and of a worker at
-two directory sizes. The measurements are interleaved, round by round, and every ratio is the
-median of the ratios of the rounds, so that a noisy machine affects both sides alike.
+two directory sizes. Then the fleet figures (bench/fleet.py): the producer's hand-out rate
+with no worker, ``--send bytes`` and ``--send paths``, whole process; Redis's peak memory
+meanwhile (every batch queued); and the whole-process wall time of a one-image
+``submit --wait`` to running workers. The measurements are interleaved, round by round,
+and every ratio is the median of the ratios of the rounds, so that a noisy machine affects
+both sides alike.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the project root is the parent folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, dataset, report, runners, system  # noqa: E402
+from bench import common, dataset, fleet, report, runners, system  # noqa: E402
 from core import defaults, fast_decode, images  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
@@ -119,8 +124,7 @@ def measure_rounds(
             lambda: {"limit_pillow": runners.decode_score_rate(
                 blobs, clf, args.device, images.decode_each, batch)},
             lambda: {"limit_fast": limit()},
-            lambda: {"plain_script": _rate(runners.run_plain_script(
-                main_set, model_url, model_id, work / "plain.csv", args.device))},
+            lambda: _plain_rates(main_set, model_url, model_id, work, args.device),
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
                 naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
@@ -137,6 +141,16 @@ def measure_rounds(
 
 def _rate(result: tuple[int, float]) -> float:
     return result[0] / result[1]
+
+
+def _plain_rates(
+    root: Path, model_url: str, model_id: int, work: Path, device: str
+) -> dict[str, float]:
+    """The plain script's rate from its first file read, and as a shell sees it (the whole
+    process: its imports and model loading too)."""
+    n, seconds, wall = runners.run_plain_script_timed(
+        root, model_url, model_id, work / "plain.csv", device)
+    return {"plain_script": n / seconds, "plain_script_wall": n / wall}
 
 
 def _system_rates(
@@ -157,6 +171,8 @@ def _system_rates(
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     result = system.submit_and_wait(root, env, work, extra)
     rates = {name: result.rate}
+    if result.wall_seconds:
+        rates[f"{name}_wall"] = result.n_images / result.wall_seconds
     if name == "one_worker":
         limit_before = limit()
         before = len(ws.task_seconds())
@@ -183,6 +199,29 @@ def measure_memory(args: argparse.Namespace, work: Path, clf: Any) -> dict[int, 
     return out
 
 
+def measure_fleet(
+    args: argparse.Namespace, work: Path, main_set: Path, clf: Any
+) -> dict[str, list[float]]:
+    """Hand-out rate (images/s) and Redis's peak (MiB the run holds) per ``--send`` mode, and the
+    one-image ``submit --wait`` (seconds, median of three per round), ``args.repeat`` rounds."""
+    out: dict[str, list[float]] = {}
+    db = common.sqlite_url(work / "fleet.db")
+    extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    image = dataset.image_paths(main_set)[0]
+    with workers(2, db, clf, args, work) as (_ws, env):
+        for r in range(args.repeat):
+            for mode in fleet.MODES:
+                h = fleet.handout(main_set, mode, args.broker_url, db, work, extra)
+                out.setdefault(f"handout_{mode}", []).append(h.rate)
+                out.setdefault(f"redis_peak_mib_{mode}", []).append(h.redis_bytes / 2**20)
+                log(f"round {r + 1}/{args.repeat}: hand-out --send {mode:5s} {h.rate:10,.0f} "
+                    f"images/s, Redis holds {h.redis_bytes / 2**20:,.1f} MiB of it")
+            one = common.median([fleet.one_image_seconds(image, env, work) for _ in range(3)])
+            out.setdefault("one_image_s", []).append(one)
+            log(f"round {r + 1}/{args.repeat}: one-image submit --wait {one:.2f} s")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not common.redis_reachable(args.broker_url):
@@ -201,9 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         model = (model_url, common.store_model(model_url, clf))
         rates = measure_rounds(args, work, main_set, clf, model)
         memory = measure_memory(args, work, clf)
+        fleet_figures = measure_fleet(args, work, main_set, clf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results = report.summarise(rates, memory, args, machine, time.perf_counter() - started)
+    results = report.summarise(rates, memory, args, machine, time.perf_counter() - started,
+                               fleet_figures)
     print(report.format_results(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where a tensor is made: reading models needs none
+if TYPE_CHECKING:  # numpy and torch are imported where a tensor is made: a report needs none
     import torch
 
 from core.storage import array_from_bytes

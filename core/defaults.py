@@ -45,6 +45,27 @@ TASK_EVENTS_ENV = "DIGITSCORE_TASK_EVENTS"
 BATCH_SIZE = 4096
 #: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
 BATCH_BYTES = 8 * 1024 * 1024
+
+#: How a batch's images reach the workers (``submit --send``, env ``DIGITSCORE_SEND``):
+#: ``bytes``, the producer reads the files and their bytes wait in Redis; ``paths``, the
+#: producer only walks and each worker reads its batch's files from the run's directory,
+#: which every worker host must see (at the same path, or mapped by ``DIGITSCORE_PATH_MAP``).
+SEND = "bytes"
+SEND_MODES = ("bytes", "paths")
+SEND_ENV = "DIGITSCORE_SEND"
+
+#: Where a worker finds the run's source directory when its host mounts it elsewhere than
+#: the producer's (env ``DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix``).
+PATH_MAP_ENV = "DIGITSCORE_PATH_MAP"
+
+#: Most payload bytes one producer keeps waiting in Redis (bytes; env
+#: ``DIGITSCORE_MAX_QUEUED_BYTES``); past it, the producer waits for workers. Unset: the
+#: smaller of this and half of Redis's ``maxmemory``, when one is set.
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+MAX_QUEUED_BYTES_ENV = "DIGITSCORE_MAX_QUEUED_BYTES"
+#: What a queued batch costs Redis besides its payload (bytes): the Celery message and its
+#: bookkeeping, counted against the bound so that batches of a few tiny files add up too.
+QUEUED_MESSAGE_BYTES = 2048
 #: Files larger than this are not read; they get an error row (bytes).
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -64,8 +85,6 @@ HOLDOUT_FRACTION = 0.2
 #: ``producer --debug`` as an env var: show tracebacks (env ``DIGITSCORE_DEBUG=1``).
 DEBUG_ENV = "DIGITSCORE_DEBUG"
 
-#: Seconds between progress polls of ``submit --wait`` (seconds).
-POLL_INTERVAL = 0.5
 #: Seconds ``--wait`` waits with no batch of the run stored before it says why it may be
 #: stuck (env ``DIGITSCORE_STALL_HINT_AFTER``).
 STALL_HINT_AFTER = 30
@@ -74,6 +93,11 @@ STALL_HINT_AFTER_ENV = "DIGITSCORE_STALL_HINT_AFTER"
 PROGRESS_EVERY = 10
 #: Seconds to wait for the workers' replies when asking which of them consume the queue.
 INSPECT_TIMEOUT = 1.0
+#: Seconds between progress polls of ``submit --wait``: the first after ``POLL_FIRST``, then
+#: half as long again each time up to ``POLL_INTERVAL``, so that a short run's end is
+#: noticed within a few milliseconds and a long one costs a query a quarter second.
+POLL_FIRST = 0.01
+POLL_INTERVAL = 0.25
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
 #: Seconds between a worker's heartbeats into the database's ``workers`` table; a worker not
@@ -125,3 +149,30 @@ def stall_hint_after() -> int:
 
 def payload_ttl() -> int:
     return positive_seconds(PAYLOAD_TTL_ENV, PAYLOAD_TTL)
+
+
+def max_queued_bytes() -> int | None:
+    """``DIGITSCORE_MAX_QUEUED_BYTES`` as a positive number of bytes, or ``None`` if unset."""
+    raw = setting(MAX_QUEUED_BYTES_ENV, None)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValueError(f"{MAX_QUEUED_BYTES_ENV}={raw!r} is not a whole number of bytes") from e
+    if value <= 0:
+        raise ValueError(f"{MAX_QUEUED_BYTES_ENV} must be a positive number of bytes")
+    return value
+
+
+def path_map() -> tuple[str, str] | None:
+    """``DIGITSCORE_PATH_MAP`` as ``(producer prefix, worker prefix)``, or ``None`` if unset."""
+    raw = setting(PATH_MAP_ENV, None)
+    if raw is None:
+        return None
+    source, sep, target = raw.partition("=")
+    if not sep or not source.startswith("/") or not target.startswith("/"):
+        raise ValueError(
+            f"{PATH_MAP_ENV}={raw!r}: use /producer/prefix=/worker/prefix (two absolute paths)"
+        )
+    return source.rstrip("/") or "/", target.rstrip("/") or "/"

@@ -67,6 +67,8 @@ class SubmitInterrupted(DigitscoreError):
 
 class WaitTimeout(DigitscoreError):
     """``--wait --timeout S`` gave up: the run goes on without the command that waited."""
+class RedisFull(BrokerUnavailable):
+    """Redis refused a batch for want of memory; the message names ``producer resume RUN``."""
 
 
 class GpuError(DigitscoreError):

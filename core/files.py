@@ -49,11 +49,18 @@ def check_directory(root: Path) -> Path:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in defaults.IMAGE_SUFFIXES
+    """Whether the name ends in an image suffix, as ``os.path.splitext`` tells suffixes
+    (leading dots start no suffix: ``.png`` is a hidden file named png); spelled out, since
+    the walk asks it of every file."""
+    bare = name.lstrip(".")
+    dot = bare.rfind(".")
+    return dot > 0 and bare[dot:].lower() in defaults.IMAGE_SUFFIXES
 
 
 def safe_name(rel: str) -> str:
     """File names that are not valid UTF-8 cannot be stored as text: escape their bytes."""
+    if rel.isascii():  # nearly every name: nothing to escape
+        return rel
     try:
         rel.encode("utf-8")
         return rel
@@ -266,3 +273,74 @@ def batches(
         batch.add(rel, data, error)
     if batch:
         yield batch
+
+
+def path_batches(files: Iterable[tuple[str, str]], max_images: int) -> Iterator[FileBatch]:
+    """Batches of at most ``max_images`` relative paths, no file read (``--send paths``: the
+    workers read them)."""
+    if max_images < 1:
+        raise ValueError("a batch must hold at least one image")
+    batch = FileBatch()
+    for _path, rel in files:
+        if len(batch.paths) >= max_images:
+            yield batch
+            batch = FileBatch()
+        batch.paths.append(rel)
+    if batch.paths:
+        yield batch
+
+
+def read_batch(root: str, paths: Iterable[str]) -> FileBatch:
+    """The files of recorded relative paths below ``root``, read as the producer's walk
+    reads them."""
+    batch = FileBatch()
+    for rel in paths:
+        data, error = read_file(os.path.join(root, rel))
+        batch.add(rel, data, error)
+    return batch
+
+
+#: The read error of a recorded path that leads out of the run's source directory.
+OUTSIDE_ROOT = "path is outside the run's source directory"
+
+
+def read_below(root: str, rel: str, max_bytes: int = defaults.MAX_FILE_BYTES) -> tuple[
+    bytes | None, str | None
+]:
+    """:func:`read_file` of ``rel`` below ``root`` (a resolved directory), refusing a path
+    whose resolved location, symlinks followed, is not below ``root``: ``..``, an absolute
+    path, or a link out of the directory get the error :data:`OUTSIDE_ROOT`."""
+    path = os.path.join(root, rel)
+    if not os.path.lexists(path):
+        raw = on_disk_name(path)  # a stored name with \xNN escapes: the file's own bytes
+        if raw is not None and os.path.lexists(raw):
+            path = raw
+    resolved = os.path.realpath(path)
+    if not resolved.startswith(os.path.join(root, "")):
+        return None, OUTSIDE_ROOT
+    if rel.endswith("/"):  # a directory the producer's walk could not list
+        resolved = os.path.join(resolved, "")
+    return read_file(resolved, max_bytes)
+
+
+def read_batch_below(root: str, paths: Iterable[str]) -> FileBatch:
+    """:func:`read_below` of each recorded path: a worker reading a ``--send paths`` batch."""
+    batch = FileBatch()
+    for rel in paths:
+        data, error = read_below(root, rel)
+        batch.add(rel, data, error)
+    return batch
+
+
+def map_prefix(path: str, mapping: tuple[str, str] | None) -> str:
+    """``path`` with its leading ``mapping[0]`` (a whole path prefix) replaced by
+    ``mapping[1]`` (``DIGITSCORE_PATH_MAP``); unchanged without a mapping or a match."""
+    if mapping is None:
+        return path
+    source, target = mapping
+    if path == source:
+        return target
+    prefix = os.path.join(source, "")
+    if path.startswith(prefix):
+        return os.path.join(target, path[len(prefix):])
+    return path

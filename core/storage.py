@@ -5,8 +5,10 @@ that reports (class names, pictures of the model) never import torch."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where an array is read: enqueuing needs none
+    import numpy as np
 
 
 def classes_to_json(classes: tuple[str, ...]) -> str:
@@ -21,6 +23,8 @@ def classes_from_json(text: str) -> tuple[str, ...]:
 
 
 def array_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    import numpy as np
+
     array = np.frombuffer(data, dtype="<f4")
     expected = int(np.prod(shape))
     if array.size != expected:

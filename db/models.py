@@ -93,6 +93,9 @@ class Run(Base):
     # gave existing runs one; the column is nullable only because SQLite cannot add it as
     # NOT NULL without rebuilding the table under its views)
     token: Mapped[str | None] = mapped_column(String(32), index=True, unique=True)
+    # 'bytes' (the producer sent each batch's image bytes through Redis) or 'paths' (workers
+    # read the files from source_dir themselves); migration 0008
+    send_mode: Mapped[str] = mapped_column(String(10), default="bytes", server_default="bytes")
 
 
 class Batch(Base):

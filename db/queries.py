@@ -27,7 +27,7 @@ from db.models import Batch, Prediction, Run, utcnow
 
 
 def create_run(
-    conn: Connection, model_id: int, source_dir: str, backend: str
+    conn: Connection, model_id: int, source_dir: str, backend: str, send_mode: str = "bytes"
 ) -> tuple[int, str]:
     """A new run's id and token."""
     token = uuid.uuid4().hex
@@ -38,6 +38,7 @@ def create_run(
             model_id=model_id,
             source_dir=source_dir,
             backend=backend,
+            send_mode=send_mode,
             status="queued",
             n_skipped=0,
             n_scored=0,
@@ -73,18 +74,21 @@ def store_batch_results(
     deliveries: int = 0,
 ) -> int:
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
-    were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
-    db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
-    rows into the run (see :func:`add_to_run`) and keep those among its most confident
+    were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
+    mark the batch (adding ``deliveries`` to its delivery count), then lock the run, count
+    the new rows into it (see :func:`add_to_run`) and keep those among its most confident
     mistakes (db/mistakes.py).
+
+    The run is locked last, for the count alone: the writers of one run insert their rows
+    side by side and queue only for the few statements that end each transaction, so every
+    count still sees every earlier commit. (On PostgreSQL the lock is ``FOR NO KEY UPDATE``,
+    which the foreign-key checks of another writer's rows do not wait for; on SQLite the
+    transaction holds the database's write lock from its start anyway.) The order is the
+    same in every writer, rows then run, so no two writers can wait for each other.
     """
     now = utcnow()
     with engine.begin() as conn:
-        # Serialise result writes of one run so that every count sees every earlier commit.
-        run = conn.execute(
-            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update()
-        ).one_or_none()
-        if run is None:
+        if conn.execute(select(Run.id).where(Run.id == run_id)).one_or_none() is None:
             raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
         new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
         conn.execute(
@@ -96,6 +100,9 @@ def store_batch_results(
                 deliveries=Batch.deliveries + deliveries,
             )
         )
+        run = conn.execute(
+            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update(key_share=True)
+        ).one()
         add_to_run(conn, run_id, run, count_rows(new))
         keep_mistakes(conn, run_id, new)
     return len(new)
@@ -158,6 +165,8 @@ class RecordedBatch:
     model_id: int
     paths: list[str]
     status: str
+    send_mode: str = "bytes"
+    source_dir: str = ""
 
     @property
     def finished(self) -> bool:
@@ -169,7 +178,8 @@ def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> Recorde
     :class:`RunMismatch`, naming what differs."""
     with engine.connect() as conn:
         run = conn.execute(
-            select(Run.token, Run.model_id).where(Run.id == run_id)
+            select(Run.token, Run.model_id, Run.send_mode, Run.source_dir)
+            .where(Run.id == run_id)
         ).one_or_none()
         if run is None:
             raise RunMismatch(f"run {run_id} is not in this database")
@@ -180,7 +190,10 @@ def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> Recorde
         ).one_or_none()
     if row is None:
         raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
-    return RecordedBatch(run_id, seq, int(run.model_id), list(row.paths), str(row.status))
+    return RecordedBatch(
+        run_id, seq, int(run.model_id), list(row.paths), str(row.status),
+        str(run.send_mode), str(run.source_dir),
+    )
 
 
 def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
@@ -220,7 +233,7 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     with engine.begin() as conn:
         run = conn.execute(
             select(Run.status, Run.n_scored, Run.n_failed).where(Run.id == run_id)
-            .with_for_update()
+            .with_for_update(key_share=True)
         ).one()
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
         values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
@@ -257,6 +270,8 @@ def stall(conn: Connection, run: dict[str, Any], now: datetime | None = None) ->
     if since.tzinfo is None:  # SQLite gives back the stored UTC time without its zone
         since = since.replace(tzinfo=utcnow().tzinfo)
     return Stall(int(queued), ((now or utcnow()) - since).total_seconds())
+def set_send_mode(conn: Connection, run_id: int, send_mode: str) -> None:
+    conn.execute(update(Run).where(Run.id == run_id).values(send_mode=send_mode))
 
 
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -75,8 +75,53 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+# A migration's own ids, as Alembic's script template writes them.
+_REVISION_LINE = re.compile(
+    r"""^(revision|down_revision)\s*=\s*(?:"([^"]*)"|'([^']*)'|(None))\s*$""", re.M
+)
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    """The newest migration's revision, read from the files' ``revision`` and
+    ``down_revision`` lines without importing Alembic; ``None`` when that cannot be told
+    (then Alembic itself decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        found = {m[0]: m[1] or m[2] or None for m in _REVISION_LINE.findall(path.read_text())}
+        if "revision" not in found:
+            continue
+        if "down_revision" not in found or found["revision"] is None:
+            return None  # a merge of several parents, or something unusual
+        revisions.add(found["revision"])
+        if found["down_revision"] is not None:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the database is at :func:`head_revision` already: one cheap query."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            return list(versions) == [head]
+    except DBAPIError:  # no such table yet (or no database: Alembic will say so)
+        return False
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Create or migrate the schema to the newest Alembic revision (safe to run concurrently)."""
+    """Create or migrate the schema to the newest Alembic revision (safe to run concurrently);
+    a database already there costs one query and no import of Alembic."""
+    if schema_is_current(engine):
+        return
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

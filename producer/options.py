@@ -44,13 +44,30 @@ def broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def send_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--send bytes|paths`` / ``DIGITSCORE_SEND``: what a queued batch carries."""
+    text = "; default: the run's own" if default is None else ""
+    return click.option(
+        "--send",
+        "send_mode",
+        type=click.Choice(defaults.SEND_MODES),
+        envvar=defaults.SEND_ENV,
+        default=default,
+        show_default=default is not None,
+        help="bytes: read the files here, their bytes wait in Redis for the workers; paths: "
+        "send only the batches' paths, each worker reads the files from the directory, "
+        f"which every worker host must see{text} [env {defaults.SEND_ENV}].",
+    )
+
+
 def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--batch-bytes",
         type=click.IntRange(min=1),
         default=defaults.BATCH_BYTES,
         show_default=True,
-        help="Most encoded bytes in one batch.",
+        help="Most encoded bytes in one batch (with a broker, at most a quarter of "
+        f"{defaults.MAX_QUEUED_BYTES_ENV}).",
     )(f)
     return click.option(
         "--batch-size",

@@ -36,7 +36,8 @@ def wait_for_run(
     stall_after: float | None = None,
     report_every: float = defaults.PROGRESS_EVERY,
 ) -> str:
-    """Poll until the run is done or failed; show progress on stderr; return the status.
+    """Poll until the run is done or failed, at most ``interval`` seconds apart (sooner at
+    first, see :data:`defaults.POLL_FIRST`); show progress on stderr; return the status.
 
     On a terminal the progress line is redrawn at every poll; otherwise one line is printed
     every ``report_every`` seconds. When no batch of the run has been stored for
@@ -44,6 +45,7 @@ def wait_for_run(
     says why it may be stuck, once per stall. After ``timeout`` seconds :class:`WaitTimeout`
     is raised; the run goes on. Ctrl-C raises KeyboardInterrupt to the caller.
     """
+    delay = min(defaults.POLL_FIRST, interval)
     tty = sys.stderr.isatty()
     stall_after = defaults.stall_hint_after() if stall_after is None else stall_after
     start = time.monotonic()
@@ -83,4 +85,5 @@ def wait_for_run(
                 f"run {run_id} not done after --timeout {timeout:g} s ({p.done:,}/{total} "
                 f"images); it goes on: see `producer status {run_id}`"
             )
-        time.sleep(interval)
+        time.sleep(delay)
+        delay = min(delay * 1.5, interval)

@@ -1,14 +1,64 @@
 """Sending batches to the Celery workers: each batch's bytes to its payload key in Redis, then
-its message (core/wire.py)."""
+its message (core/wire.py); or, for a ``--send paths`` run, the message alone.
+
+Flow control: the producer keeps at most :attr:`CelerySender.max_queued` bytes of its
+payloads (and their messages) waiting in Redis. It remembers the batches it sent whose payload
+may still be there; once the next batch would take it past the bound, it asks Redis which
+of those payloads still exist (a worker deletes a batch's payload when its rows are stored)
+and, while still over, waits for workers with a growing sleep. What it remembers is bounded
+too, so its memory stays flat however long the run.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from core import defaults, wire
-from core.errors import BrokerUnavailable, BrokerURLError
+from core.errors import BrokerUnavailable, BrokerURLError, RedisFull
 from core.files import FileBatch
 from core.text import first_line, mask_url
+
+#: Most sent batches remembered as possibly still queued; past it the producer checks which
+#: are gone and waits like over the byte bound (Redis holds a message per queued batch too).
+MAX_TRACKED_BATCHES = 10_000
+#: First and longest sleep while waiting for workers (seconds).
+WAIT_FIRST, WAIT_LONGEST = 0.05, 1.0
+#: How often a long wait is reported again (seconds).
+WAIT_REPORT_EVERY = 5.0
+
+#: Called while waiting, with the bytes queued and the bound.
+OnWait = Callable[[int, int], None]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether Redis refused a write because it reached its ``maxmemory``."""
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OutOfMemoryError) or (
+            isinstance(seen, ResponseError) and str(seen).startswith("OOM")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def default_bound(client: Any) -> int:
+    """:data:`defaults.MAX_QUEUED_BYTES`, or half of Redis's ``maxmemory`` if that is less
+    (when ``CONFIG GET`` is not allowed, the former)."""
+    from redis.exceptions import ResponseError
+
+    try:
+        maxmemory = int(client.config_get("maxmemory").get("maxmemory") or 0)
+    except (ResponseError, ValueError):
+        return defaults.MAX_QUEUED_BYTES
+    if maxmemory > 0:
+        return min(defaults.MAX_QUEUED_BYTES, maxmemory // 2)
+    return defaults.MAX_QUEUED_BYTES
 
 
 class CelerySender:
@@ -16,11 +66,16 @@ class CelerySender:
 
     backend = "celery"
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, on_wait: OnWait | None = None) -> None:
         self.url = broker_url
         self.app = wire.make_app(broker_url)
         self.queue = defaults.queue()
         self.ttl = defaults.payload_ttl()
+        self.max_queued: int | None = defaults.max_queued_bytes()
+        self.on_wait = on_wait
+        #: (payload key, bytes counted) of sent batches whose payload may still be in Redis
+        self._sent: deque[tuple[str, int]] = deque()
+        self.queued_bytes = 0
         self._connection: Any = None
         self._redis: Any = None
 
@@ -45,26 +100,101 @@ class CelerySender:
         if self._connection is None:
             self._connection = self.app.connection_for_write()
             self._redis = wire.require_redis(self._connection, mask_url(self.url))
+            if self.max_queued is None:
+                self.max_queued = default_bound(self._redis)
         return self._redis
 
-    def send(self, message: wire.BatchMessage, batch: FileBatch) -> None:
-        """Store the batch's bytes, then enqueue its message; raises :class:`BrokerUnavailable`
-        with Redis's or kombu's own first line when the broker is gone or refuses a write
-        (``OOM command not allowed`` under ``maxmemory``)."""
+    def batch_bytes(self, asked: int) -> int:
+        """The bytes a batch may hold: ``asked``, but at most a quarter of the bound, so that
+        several batches fit in Redis at once (a small ``maxmemory`` makes a small bound)."""
+        bound = self.max_queued or defaults.MAX_QUEUED_BYTES
+        return max(1, min(asked, bound // 4))
+
+    def send(self, message: wire.BatchMessage, batch: FileBatch | None) -> None:
+        """Queue the batch ``message`` names; ``batch`` ``None`` sends the message alone (a
+        ``--send paths`` run, whose workers read the files themselves). Raises
+        :class:`BrokerUnavailable` with Redis's or kombu's own first line when the broker is
+        gone or refuses a write."""
         from kombu.exceptions import KombuError
         from redis.exceptions import RedisError
 
         key = wire.payload_key(message)
         try:
             store = self._payload_store()
-            store.set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
+            if batch is not None:
+                payload = wire.pack_payload(batch.blobs, batch.errors)
+                cost = len(payload) + defaults.QUEUED_MESSAGE_BYTES
+                self._wait_for_room(cost)
+                store.set(key, payload, ex=self.ttl)
+                self._sent.append((key, cost))
+                self.queued_bytes += cost
             self.app.send_task(
                 wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
             )
-        except (RedisError, KombuError, OSError) as e:
-            raise BrokerUnavailable(
-                f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"
-            ) from e
+        except Exception as e:
+            if is_out_of_memory(e):
+                self._leave_room(key if batch is not None else None)
+                raise RedisFull(
+                    f"Redis at {mask_url(self.url)} is out of memory and refused run "
+                    f"{message.run_id}'s batch {message.seq}: start workers, or give Redis "
+                    f"more maxmemory, or lower {defaults.MAX_QUEUED_BYTES_ENV}; then run "
+                    f"`producer resume {message.run_id}`"
+                ) from None
+            if isinstance(e, (RedisError, KombuError, OSError)):
+                raise BrokerUnavailable(
+                    f"the broker {mask_url(self.url)} failed ({type(e).__name__}): "
+                    f"{first_line(e)}"
+                ) from e
+            raise
+
+    def _leave_room(self, key: str | None) -> None:
+        """After Redis refused a write: delete ``key`` (a payload no message may name) and
+        the newest payload sent before it. A Redis past its ``maxmemory`` refuses a worker's
+        every write too, so no worker could take a batch; the batch whose payload goes stays
+        unfinished for ``producer resume``."""
+        keys = [key] if key is not None else []
+        if self._sent and self._sent[-1][0] == key:
+            self.queued_bytes -= self._sent.pop()[1]
+        if self._sent:
+            newest, cost = self._sent.pop()
+            self.queued_bytes -= cost
+            keys.append(newest)
+        if keys:
+            try:
+                self._redis.delete(*keys)  # DEL is allowed when Redis is out of memory
+            except Exception:  # noqa: S110 - the refusal being reported matters more
+                pass
+
+    def _wait_for_room(self, cost: int) -> None:
+        """Return once ``cost`` more bytes fit under the bound (or nothing of ours is queued:
+        a batch larger than the bound goes alone)."""
+        bound = self.max_queued or defaults.MAX_QUEUED_BYTES
+        delay = WAIT_FIRST
+        reported = 0.0
+        while self._no_room(cost, bound):
+            self._forget_consumed()
+            if not self._no_room(cost, bound):
+                return
+            now = time.monotonic()
+            if self.on_wait is not None and now - reported >= WAIT_REPORT_EVERY:
+                self.on_wait(self.queued_bytes, bound)
+                reported = now
+            time.sleep(delay)
+            delay = min(delay * 2, WAIT_LONGEST)
+
+    def _no_room(self, cost: int, bound: int) -> bool:
+        return bool(self._sent) and (
+            self.queued_bytes + cost > bound or len(self._sent) >= MAX_TRACKED_BATCHES
+        )
+
+    def _forget_consumed(self) -> None:
+        """Drop the sent batches whose payload is gone from Redis (stored by a worker)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key, _ in self._sent:
+            pipe.exists(key)
+        still = [entry for entry, n in zip(self._sent, pipe.execute(), strict=True) if n]
+        self._sent = deque(still)
+        self.queued_bytes = sum(cost for _, cost in still)
 
 
 def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIMEOUT) -> list[str]:

@@ -79,12 +79,12 @@ def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[
                 row["n"] = r["n_images"]
                 row[f"accuracy_{r['predictor']}"] = r["accuracy"]
         per_class.append(row)
-    overall = {r["predictor"]: r for r in reads.run_accuracy(confusion)}
+    # the run's counts, kept by every batch's commit, rather than a pass over its rows
     predictors = {
         p: {
             "accuracy": run[f"accuracy_{p}"],
-            "n_images": overall[p]["n_images"] if p in overall else 0,
-            "n_correct": overall[p]["n_correct"] if p in overall else 0,
+            "n_images": int(run["n_labelled"]),
+            "n_correct": int(run[f"n_correct_{p}"]),
             "confusion": _confusion_matrix(confusion.get(p, {}), classes),
         }
         for p in PREDICTORS

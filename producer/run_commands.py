@@ -19,6 +19,7 @@ from producer.options import (
     broker_option,
     database_option,
     echo_err,
+    send_option,
 )
 
 
@@ -52,7 +53,7 @@ def _sender(engine: Any, broker_url: str | None, model_id: int) -> Any:
     if broker_url:
         from producer.queue import CelerySender
 
-        sender = CelerySender(broker_url)
+        sender = CelerySender(broker_url, on_wait=_report_wait)
         sender.check()
         return sender
     from db.model_store import load_classifier
@@ -61,6 +62,24 @@ def _sender(engine: Any, broker_url: str | None, model_id: int) -> Any:
     with engine.connect() as conn:
         clf = load_classifier(conn, model_id)
     return EmbeddedSender(engine, clf)
+
+
+def _report_wait(queued: int, bound: int) -> None:
+    mib = 1024 * 1024
+    echo_err(
+        f"\r{queued / mib:,.1f} MiB queued in Redis (at most {bound / mib:,.1f} MiB, "
+        f"{defaults.MAX_QUEUED_BYTES_ENV}): waiting for workers to take batches"
+    )
+
+
+def _mode_for(sender: Any, send_mode: str | None) -> str | None:
+    """The send mode to use (``None``: the run's own); in this process the files are read
+    whatever ``--send`` says, so a run scored here is a ``bytes`` run."""
+    if sender.backend != "embedded":
+        return send_mode
+    if send_mode == "paths":
+        echo_err("--send paths needs workers: reading the files in this process")
+    return "bytes"
 
 
 class Counter:
@@ -111,6 +130,7 @@ def check_timeout(wait: bool, timeout: float | None) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", "model_id", type=int, help="Model id to score with; default: newest.")
 @wait_options
+@send_option(defaults.SEND)
 @batch_options
 @broker_option
 @database_option
@@ -119,6 +139,7 @@ def submit_cmd(
     model_id: int | None,
     wait: bool,
     timeout: float | None,
+    send_mode: str,
     batch_size: int,
     batch_bytes: int,
     broker_url: str | None,
@@ -127,8 +148,12 @@ def submit_cmd(
     """Score every image below DIRECTORY (recursively) as a new run; prints the run id.
 
     An image's label is its parent folder's name when that is one of the model's classes.
-    With no broker set, scores in this process; with one, enqueues stacked batches (image
-    bytes inline) for `worker` processes.
+    With no broker set, scores in this process; with one, enqueues batches for `worker`
+    processes: with --send bytes (the default) their image bytes wait in Redis, at most
+    DIGITSCORE_MAX_QUEUED_BYTES of them (default: the smaller of 256 MiB and half of Redis's
+    maxmemory; past it the producer waits for workers); with --send paths only their paths
+    go, and each worker reads the files from DIRECTORY, which it must see at the same path
+    (or mapped by the workers' DIGITSCORE_PATH_MAP=/here=/there).
 
     \b
     If it stops part way (the database or the broker failed), it says why and exits 1;
@@ -141,6 +166,7 @@ def submit_cmd(
       producer submit ./mnist/valid --wait
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit ./images --model 3
       producer submit ./images --wait --timeout 600
+      DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit /nfs/images --send paths
     """
     from core.files import check_directory
     from db.model_store import resolve_model_id
@@ -153,6 +179,9 @@ def submit_cmd(
     sender = _sender(engine, broker_url, model_id)
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
+    send_mode = _mode_for(sender, send_mode) or defaults.SEND
+    if sender.backend == "celery":
+        batch_bytes = sender.batch_bytes(batch_bytes)
     counter = Counter("sent" if sender.backend == "celery" else "scored")
     created: list[int] = []
 
@@ -168,6 +197,7 @@ def submit_cmd(
             sender,
             batch_size=batch_size,
             batch_bytes=batch_bytes,
+            send_mode=send_mode,
             on_run=on_run,
             on_batch=counter,
         )
@@ -223,6 +253,7 @@ def _wait_and_report(
 @click.command("resume", context_settings=HELP)
 @click.argument("run", type=RunArg())
 @wait_options
+@send_option(None)
 @batch_options
 @broker_option
 @database_option
@@ -230,6 +261,7 @@ def resume_cmd(
     run: int | str,
     wait: bool,
     timeout: float | None,
+    send_mode: str | None,
     batch_size: int,
     batch_bytes: int,
     broker_url: str | None,
@@ -237,13 +269,15 @@ def resume_cmd(
 ) -> None:
     """Re-send the batches of RUN that have no results yet, and finish an interrupted walk.
 
-    Use it when the broker lost its queue (Redis restarted) or the producer died mid-submit.
-    Files are re-read from the run's source directory; nothing is scored twice into the
-    results.
+    Use it when the broker lost its queue (Redis restarted, or was full) or the producer
+    died mid-submit. Files are re-read from the run's source directory (by the workers, in
+    a --send paths run); nothing is scored twice into the results. --send switches the run
+    to that mode for what is left.
 
     \b
-    Example:
+    Examples:
       producer resume 12 --wait
+      producer resume 12 --send paths
     """
     from db.queries import get_run
     from producer.submit import resume_run
@@ -253,8 +287,11 @@ def resume_cmd(
         run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
     sender = _sender(engine, broker_url, model_id)
+    if sender.backend == "celery":
+        batch_bytes = sender.batch_bytes(batch_bytes)
     resent, sub = resume_run(
-        engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes
+        engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
+        send_mode=_mode_for(sender, send_mode),
     )
     click.echo(
         f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"

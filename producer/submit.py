@@ -3,16 +3,19 @@
 A sender either scores the batch in this process (the embedded default) or enqueues it for
 the Celery workers; both score with ``core.batch.score_images`` and store with
 ``db.queries.store_batch_results``.
+
 Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
 what was sent and re-send what has no results. A failure part way (the database full or gone,
 the broker gone or refusing writes, a file system error) therefore leaves a run that
 ``producer resume`` completes: it is raised as one :class:`SubmitInterrupted` that names the
 cause in the driver's own words and that command.
+
+A run's ``send_mode`` says what a batch carries: ``bytes``, the files read here; ``paths``,
+nothing but its recorded paths, which each worker reads from the run's source directory.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +37,14 @@ from core.errors import (
     DirectoryError,
     SubmitInterrupted,
 )
-from core.files import DirectoryWalk, FileBatch, batches, check_directory, read_file
+from core.files import (
+    DirectoryWalk,
+    FileBatch,
+    batches,
+    check_directory,
+    path_batches,
+    read_batch,
+)
 from core.text import first_line, mask_url
 from core.wire import BatchMessage
 from db import queries
@@ -44,7 +54,7 @@ from db.session import driver_reason
 class Sender(Protocol):
     backend: str
 
-    def send(self, message: BatchMessage, batch: FileBatch) -> None: ...
+    def send(self, message: BatchMessage, batch: FileBatch | None) -> None: ...
 
 
 class EmbeddedSender:
@@ -56,10 +66,12 @@ class EmbeddedSender:
         self.engine = engine
         self.classifier = classifier
 
-    def send(self, message: BatchMessage, batch: FileBatch) -> None:
+    def send(self, message: BatchMessage, batch: FileBatch | None) -> None:
         # imported here: a producer that only enqueues never loads torch
         from core.batch import score_images
 
+        if batch is None:
+            raise ValueError("scoring in this process needs the batch's files read")
         rows = score_images(self.classifier, batch.paths, batch.blobs, batch.errors)
         queries.store_batch_results(self.engine, message.run_id, message.seq, rows)
 
@@ -84,6 +96,7 @@ def submit_directory(
     *,
     batch_size: int = defaults.BATCH_SIZE,
     batch_bytes: int = defaults.BATCH_BYTES,
+    send_mode: str = defaults.SEND,
     on_run: Callable[[int], None] | None = None,
     on_batch: OnBatch | None = None,
 ) -> Submission:
@@ -94,14 +107,16 @@ def submit_directory(
     """
     root = check_directory(root)
     walk = DirectoryWalk(root)
-    stream = batches(walk, batch_size, batch_bytes)
+    stream = _stream(walk, send_mode, batch_size, batch_bytes)
     first = next(stream, None)
     if first is None:
         suffixes = ", ".join(sorted(defaults.IMAGE_SUFFIXES))
         raise DirectoryError(f"no images in {str(root)!r} (looked for files ending {suffixes})")
     try:
         with engine.begin() as conn:
-            run_id, token = queries.create_run(conn, model_id, str(root), sender.backend)
+            run_id, token = queries.create_run(
+                conn, model_id, str(root), sender.backend, send_mode
+            )
     except SQLAlchemyError as e:
         raise DatabaseUnavailable(
             f"cannot create a run: {failure_cause(engine, e)}; nothing was submitted"
@@ -109,7 +124,9 @@ def submit_directory(
     if on_run is not None:
         on_run(run_id)
     with kept_for_resume(engine, run_id, "submit"):
-        n_batches = _send_all(engine, run_id, token, chain([first], stream), 0, sender, on_batch)
+        n_batches = _send_all(
+            engine, run_id, token, chain([first], stream), 0, sender, send_mode, on_batch
+        )
         return _finish(engine, run_id, walk.n_skipped, n_batches)
 
 
@@ -146,6 +163,14 @@ def kept_for_resume(engine: Engine, run_id: int, command: str) -> Iterator[None]
         ) from e
 
 
+def _stream(
+    files: Iterable[tuple[str, str]], send_mode: str, batch_size: int, batch_bytes: int
+) -> Iterator[FileBatch]:
+    if send_mode == "paths":
+        return path_batches(files, batch_size)
+    return batches(files, batch_size, batch_bytes)
+
+
 def _send_all(
     engine: Engine,
     run_id: int,
@@ -153,13 +178,14 @@ def _send_all(
     stream: Iterable[FileBatch],
     first_seq: int,
     sender: Sender,
+    send_mode: str,
     on_batch: OnBatch | None,
 ) -> int:
     seq = first_seq
     for batch in stream:
         with engine.begin() as conn:
             queries.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
-        sender.send(BatchMessage(run_id, seq, token), batch)
+        sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
         if on_batch is not None:
             on_batch(len(batch))
         seq += 1
@@ -173,14 +199,6 @@ def _finish(engine: Engine, run_id: int, n_skipped: int, n_batches: int) -> Subm
     return Submission(run_id, n_images, n_skipped, n_batches, status)
 
 
-def reread(root: Path, paths: Iterable[str]) -> FileBatch:
-    batch = FileBatch()
-    for rel in paths:
-        data, error = read_file(os.path.join(root, rel))
-        batch.add(rel, data, error)
-    return batch
-
-
 def _unsent(walk: Iterable[tuple[str, str]], sent: set[str]) -> Iterator[tuple[str, str]]:
     return ((path, rel) for path, rel in walk if rel not in sent)
 
@@ -192,13 +210,15 @@ def resume_run(
     *,
     batch_size: int = defaults.BATCH_SIZE,
     batch_bytes: int = defaults.BATCH_BYTES,
+    send_mode: str | None = None,
     on_batch: OnBatch | None = None,
 ) -> tuple[int, Submission]:
     """Re-send every batch of a run that has no results yet, re-reading its files from the
     run's source directory; if the producer died mid-walk, walk again and send the rest.
+    ``send_mode`` other than the run's own switches the run to it first (``None``: keep it).
     Returns the number of batches re-sent and the submission as it now stands."""
     with kept_for_resume(engine, run_id, "resume"):
-        return _resume(engine, run_id, sender, batch_size, batch_bytes, on_batch)
+        return _resume(engine, run_id, sender, batch_size, batch_bytes, send_mode, on_batch)
 
 
 def _resume(
@@ -207,29 +227,35 @@ def _resume(
     sender: Sender,
     batch_size: int,
     batch_bytes: int,
+    send_mode: str | None,
     on_batch: OnBatch | None,
 ) -> tuple[int, Submission]:
-    with engine.connect() as conn:
+    with engine.begin() as conn:
         run = queries.get_run(conn, run_id)
+        if send_mode is not None and send_mode != run["send_mode"]:
+            queries.set_send_mode(conn, run_id, send_mode)
+        mode = send_mode or run["send_mode"]
         pending = queries.unfinished_batches(conn, run_id)
     root = Path(run["source_dir"])
-    if not root.is_dir():
+    walked = run["submitted_at"] is not None
+    # a --send paths run whose walk is complete needs no file here: its workers read them
+    if ((mode == "bytes" and pending) or not walked) and not root.is_dir():
         raise DirectoryError(
             f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
         )
     for seq, paths in pending:
-        batch = reread(root, paths)
+        batch = None if mode == "paths" else read_batch(str(root), paths)
         sender.send(BatchMessage(run_id, seq, run["token"]), batch)
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(paths))
     n_skipped = run["n_skipped"]
-    if run["submitted_at"] is None:
+    if not walked:
         with engine.connect() as conn:
             sent = set(queries.batch_paths(conn, run_id))
             first_seq = queries.next_batch_seq(conn, run_id)
         walk = DirectoryWalk(root)
-        stream = batches(_unsent(walk, sent), batch_size, batch_bytes)
-        _send_all(engine, run_id, run["token"], stream, first_seq, sender, on_batch)
+        stream = _stream(_unsent(walk, sent), mode, batch_size, batch_bytes)
+        _send_all(engine, run_id, run["token"], stream, first_seq, sender, mode, on_batch)
         n_skipped = walk.n_skipped
     with engine.connect() as conn:
         n_batches = queries.next_batch_seq(conn, run_id)

@@ -132,8 +132,11 @@ def test_report_says_which_goals_are_met():
     memory = {10: {"producer_mib": 100.0, "worker_pool_mib": 200.0, "worker_main_mib": 50.0},
               20: {"producer_mib": 120.0, "worker_pool_mib": 300.0, "worker_main_mib": 50.0}}
     args = Namespace(images=50, naive_images=5, repeat=3, device="cpu", memory=(10, 20))
+    rates |= {"system_sqlite_wall": [9_000.0, 8_000.0, 10_000.0],
+              "plain_script_wall": [3_000.0] * 3}
     r = report.summarise(rates, memory, args, "test machine", 1.0)
     goals = {g["goal"]: (g["ratio"], g["met"]) for g in r["goals"]}
+    assert goals["whole processes: submit --wait (SQLite) / plain script"] == (3.0, True)
     assert goals["end to end (SQLite) / plain script"] == (2.2, True)
     assert goals["end to end (SQLite) / naive Celery"] == (44.0, False)  # 10/... per round
     # judged against the limit measured beside the worker's run: 7,000 / 10,500
@@ -204,3 +207,35 @@ def test_report_bench_copies_a_run_with_its_counts_and_mistakes(
         [3 * n for n in row] for row in before["predictors"]["sgd"]["confusion"]]
     assert after["accuracy"] == before["accuracy"]
     assert after["batches"]["n_batches"] == 3 * before["batches"]["n_batches"]
+def test_report_shows_the_fleet_figures_and_their_goals():
+    fleet_figures = {"handout_bytes": [40_000.0, 50_000.0], "handout_paths": [200_000.0] * 2,
+                     "redis_peak_mib_bytes": [30.0, 31.0], "redis_peak_mib_paths": [0.5] * 2,
+                     "one_image_s": [0.9, 1.5]}
+    memory = {10: {}, 20: {}}
+    args = Namespace(images=50, naive_images=5, repeat=2, device="cpu", memory=(10, 20))
+    r = report.summarise({}, memory, args, "test machine", 1.0, fleet_figures)
+    assert r["fleet"]["handout_ratio"] == 4.5 and r["fleet"]["handout_met"] is True
+    assert r["fleet"]["one_image_met"] is False  # a median of 1.2 s
+    out = report.format_results(r)
+    assert "hand-out --send paths / --send bytes" in out and "4.50" in out
+    assert "one-image submit --wait (s)" in out
+
+
+@pytest.mark.integration
+def test_fleet_handout_queues_every_batch_and_cleans_up(
+    sample_dir, sqlite_url, classifier, redis_server, tmp_path
+):
+    """Both modes hand out every image with no worker; bytes mode puts the payloads in
+    Redis, paths mode next to nothing; nothing of the run is left in Redis afterwards."""
+    import redis as redis_lib
+
+    from bench import fleet
+
+    common.store_model(sqlite_url, classifier)
+    url = f"{redis_server}/{REDIS_DB}"
+    got = {mode: fleet.handout(sample_dir / "valid", mode, url, sqlite_url, tmp_path,
+                               ["--batch-size", "50"]) for mode in fleet.MODES}
+    assert {h.n_images for h in got.values()} == {200}
+    assert got["bytes"].redis_bytes > 200 * 200  # the PNGs themselves are in Redis
+    assert 0 < got["paths"].redis_bytes < 4 * 2048  # four messages, no bytes
+    assert list(redis_lib.Redis.from_url(url).scan_iter("digitscore:payload:*")) == []

@@ -234,3 +234,11 @@ def test_dockerfile_builds_one_non_root_image_with_a_torch_variant():
     assert "flower==" in text
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[1] == "*" and "!worker/" in ignore and "!tests/" not in ignore
+
+
+def test_workers_see_the_images_where_the_producer_does(config):
+    """``submit /images/... --send paths``: each worker reads the files at the same path."""
+    worker, producer = config["services"]["worker"], config["services"]["producer"]
+    (w_images,) = [m for m in _mounts(worker) if m["target"] == "/images"]
+    (p_images,) = [m for m in _mounts(producer) if m["target"] == "/images"]
+    assert w_images["source"] == p_images["source"] and w_images["read_only"] is True

@@ -133,11 +133,12 @@ class RedisServer:
     """A real redis-server of this test's own (nothing on disk), that it may kill and restart
     without disturbing anyone else's Redis."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *options: str) -> None:
         from tests.tcp_proxy import _free_port
 
         self.port = _free_port()
         self.workdir = workdir
+        self.options = options
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -150,7 +151,7 @@ class RedisServer:
 
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(100):

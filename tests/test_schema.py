@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from db.models import Base
 from db.session import get_engine
@@ -98,3 +99,36 @@ def test_migration_0003_counts_the_rows_of_existing_runs(any_db_url):
     assert tuple(got[1])[1:5] == (3, 2, 2, 2)
     assert [round(x, 12) for x in tuple(got[1])[5:]] == [round(2 / 3, 12)] * 3
     assert tuple(got[2])[1:] == (0, 0, 0, 0, None, None, None)
+
+
+def test_head_revision_is_alembics_own_head():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from db.session import MIGRATIONS, head_revision
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_a_current_schema_costs_no_migration_work(any_db_url, monkeypatch):
+    """A process that opens a database already at the head runs no Alembic at all."""
+    from alembic import command
+
+    from db.session import dispose_engines, schema_is_current
+
+    engine = get_engine(any_db_url)  # creates the schema
+    assert schema_is_current(engine)
+    dispose_engines()
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("alembic upgrade ran on a current schema")
+
+    monkeypatch.setattr(command, "upgrade", refuse)
+    assert "runs" in inspect(get_engine(any_db_url)).get_table_names()
+    with get_engine(any_db_url).begin() as conn:  # an older revision: upgraded as before
+        conn.execute(text("UPDATE alembic_version SET version_num = '0004'"))
+    dispose_engines()
+    with pytest.raises(AssertionError, match="current schema"):
+        get_engine(any_db_url)

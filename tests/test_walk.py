@@ -221,3 +221,14 @@ def test_read_file_returns_whole_files_and_refuses_those_over_the_limit(tmp_path
     assert error is None and blob is not None and blob.startswith(b"Name:")
     blob, error = read_file(str(status), max_bytes=10)
     assert blob is None and error == "file is larger than 10 bytes"
+
+
+def test_image_names_are_told_as_splitext_tells_suffixes():
+    from core.files import is_image_name
+
+    names = ["a.png", "x.PNG", "a.b.jpg", ".hidden.png", "a..png", "...a.png", "caf\xe9.jpeg",
+             ".png", "..png", "png", "a.", "a.png.bak", "digit.png.bak", ".a.b", "", "."]
+    for name in names:
+        expected = os.path.splitext(name)[1].lower() in defaults.IMAGE_SUFFIXES
+        assert is_image_name(name) == expected, name
+    assert sum(map(is_image_name, names)) == 7

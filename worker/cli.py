@@ -113,9 +113,11 @@ def describe_settings() -> str:
             f"{defaults.DATABASE_URL} in {os.getcwd()} ({defaults.DATABASE_URL_ENV} is not set; "
             "set it to a PostgreSQL URL to share results between hosts)"
         )
+    mapping = defaults.path_map()
+    mapped = f", --send paths runs read below {mapping[0]} from {mapping[1]}" if mapping else ""
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s"
+        f"visibility timeout {timeout} s{mapped}"
     )
 
 
@@ -259,7 +261,9 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
     pool processes; each loads a model once and keeps it.
 
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE and
-    DIGITSCORE_VISIBILITY_TIMEOUT. Arguments after `--` go to `celery worker` as they are.
+    DIGITSCORE_VISIBILITY_TIMEOUT; and DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix
+    where this host sees the directories of `submit --send paths` runs elsewhere than the
+    producer did. Arguments after `--` go to `celery worker` as they are.
 
     \b
     Examples:

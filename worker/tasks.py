@@ -4,7 +4,9 @@ nothing else a message says.
 A message names a run, a batch and the run's token (core/wire.py). The worker scores the
 batch only when its own database holds that run with that token and the batch is recorded
 and unfinished; the paths and the model come from the database, the payload key from the
-token and the batch number.
+token and the batch number. In a ``--send paths`` run there is no payload: the worker reads
+the recorded paths from the run's source directory itself, with the producer's rules
+(core/files.py), and never opens anything whose resolved location is outside it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ from core import defaults, wire
 from core.batch import poison_rows, score_images
 from core.classifier import Classifier
 from core.errors import MessageError
+from core.files import map_prefix, read_batch_below
 from core.text import mask_url
 from db.model_store import load_classifier
-from db.queries import RunMismatch, count_redelivery, recorded_batch, store_batch_results
+from db.queries import (
+    RecordedBatch,
+    RunMismatch,
+    count_redelivery,
+    recorded_batch,
+    store_batch_results,
+)
 from db.session import dispose_engines, get_engine
 from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker.devices import current_device, describe_current_device
@@ -134,6 +143,23 @@ def payload_store() -> Any:
     return wire.require_redis(broker_connection(), mask_url(app.conf.broker_url))
 
 
+def source_root(batch: RecordedBatch) -> str:
+    """Where this host sees the run's source directory (``DIGITSCORE_PATH_MAP`` applied),
+    resolved; :class:`MessageError` when it is not a directory here, which leaves the batch
+    unfinished rather than failing each of its images."""
+    mapped = map_prefix(batch.source_dir, defaults.path_map())
+    root = os.path.realpath(mapped)
+    if not os.path.isdir(root):
+        via = f" (mapped from {batch.source_dir!r})" if mapped != batch.source_dir else ""
+        raise MessageError(
+            f"run {batch.run_id} batch {batch.seq}: its source directory {mapped!r}{via} is "
+            f"not a directory on this host: mount it there, or set "
+            f"{defaults.PATH_MAP_ENV}=/producer/prefix=/worker/prefix; the batch stays "
+            f"unfinished: run `producer resume {batch.run_id}`"
+        )
+    return root
+
+
 def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     """Score and store the batch a message names, if the database says it is to be scored;
     returns the number of rows stored."""
@@ -175,14 +201,19 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
         deliveries = 0
     else:
         deliveries = 1 + retries
-    data = store.get(key)
-    if data is None:
-        raise MessageError(
-            f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis (a "
-            f"restart without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
-            f"the batch stays unfinished: run `producer resume {batch.run_id}`"
-        )
-    blobs, errors = wire.unpack_payload(data, len(batch.paths))
+    if batch.send_mode == "paths":
+        files = read_batch_below(source_root(batch), batch.paths)
+        blobs, errors = files.blobs, files.errors
+    else:
+        data = store.get(key)
+        if data is None:
+            raise MessageError(
+                f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis (a "
+                f"restart without persistence, or queued longer than "
+                f"{defaults.PAYLOAD_TTL_ENV}); the batch stays unfinished: run "
+                f"`producer resume {batch.run_id}`"
+            )
+        blobs, errors = wire.unpack_payload(data, len(batch.paths))
     rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
     n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)

@@ -1,0 +1,88 @@
+"""Writers of one run side by side (db/queries.store_batch_results locks the run only for the
+count): four processes store batches of one run at once, some batches twice (a redelivery
+racing the first delivery), on SQLite and PostgreSQL; every path has one row and the run's
+counts are what SQL recomputes from its rows."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from core.rows import PredictionRow
+from db import queries
+from db.session import dispose_engines, get_engine
+from tests.test_results import RECOMPUTE, save
+
+BATCHES, ROWS = 16, 300
+
+
+def batch_rows(seq: int) -> list[PredictionRow]:
+    """Rows of batch ``seq``: labelled 3 or 7, right or wrong by turns, a few errors."""
+    rows = []
+    for i in range(ROWS):
+        label = "3" if i % 2 else "7"
+        if i % 50 == 0:
+            rows.append(PredictionRow(path=f"{label}/{seq}-{i}.png", label=label, pred_l1=None,
+                                      pred_l2=None, pred_sgd=None, dist_l1=None, dist_l2=None,
+                                      prob_sgd=None, error="not an image Pillow can read"))
+            continue
+        wrong = "7" if label == "3" else "3"
+        rows.append(PredictionRow(
+            path=f"{label}/{seq}-{i}.png", label=label, pred_l1=label if i % 3 else wrong,
+            pred_l2=label if i % 5 else wrong, pred_sgd=label if i % 7 else wrong,
+            dist_l1=1.0, dist_l2=0.5, prob_sgd=0.9, error=None))
+    return rows
+
+
+def store(url: str, run_id: int, seqs: list[int], start: Any) -> None:
+    dispose_engines()  # the parent's connections stay the parent's
+    engine = get_engine(url)
+    start.wait(30)
+    for seq in seqs:
+        queries.store_batch_results(engine, run_id, seq, batch_rows(seq), deliveries=1)
+
+
+@pytest.mark.integration
+def test_concurrent_writers_of_one_run_keep_exact_counts(any_db_url, classifier):
+    engine = get_engine(any_db_url)
+    model_id = save(engine, classifier)
+    with engine.begin() as conn:
+        run_id, _ = queries.create_run(conn, model_id, "/images", "celery")
+        for seq in range(BATCHES):
+            queries.record_batch(conn, run_id, seq, [], 0)
+    queries.finish_submission(engine, run_id, BATCHES * ROWS, 0)
+    dispose_engines()
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    # each writer takes every fourth batch, and the first half of the batches is also
+    # stored by the next writer: sixteen batches, twenty-four deliveries
+    shares = [[s for s in range(BATCHES)
+               if s % 4 == w or (s < BATCHES // 2 and s % 4 == (w - 1) % 4)]
+              for w in range(4)]
+    procs = [context.Process(target=store, args=(any_db_url, run_id, share, start))
+             for share in shares]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    engine = get_engine(any_db_url)
+    with engine.connect() as conn:
+        run = queries.get_run(conn, run_id)
+        sql = conn.execute(text(RECOMPUTE), {"run": run_id}).mappings().one()
+        n, distinct = conn.execute(text(
+            "SELECT COUNT(*), COUNT(DISTINCT path) FROM predictions WHERE run_id = :r"),
+            {"r": run_id}).one()
+        deliveries = conn.execute(text(
+            "SELECT SUM(deliveries) FROM batches WHERE run_id = :r"), {"r": run_id}).scalar()
+    assert (n, distinct) == (BATCHES * ROWS, BATCHES * ROWS)
+    assert deliveries == sum(map(len, shares)) == 24
+    assert run["status"] == "done"
+    for column in ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2",
+                   "n_correct_sgd"):
+        assert run[column] == sql[column], column
+    assert run["n_failed"] == BATCHES * 6

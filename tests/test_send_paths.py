@@ -1,0 +1,167 @@
+"""``submit --send paths``: the producer sends only recorded paths and each worker reads the
+files from the run's source directory, with the producer's rules, never outside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from core import defaults
+from core.files import OUTSIDE_ROOT, map_prefix, read_below, read_file
+from db.session import get_engine
+from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
+from tests.conftest import wait_for_log
+from tests.test_faults import wait_done
+from tests.test_file_names import write_named
+
+COMPARED = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd", "error")
+
+
+def test_read_below_refuses_every_way_out_of_the_root(tmp_path, sample_dir):
+    digit = digit_files(sample_dir, "3", 1)[0].read_bytes()
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(digit)
+    (tmp_path / "outside.png").write_bytes(digit)
+    (root / "link-out.png").symlink_to(tmp_path / "outside.png")
+    (root / "link-in.png").symlink_to(root / "a.png")
+    (root / "sub" / "up").symlink_to(tmp_path)  # a directory link out: its files are outside
+    os.mkfifo(root / "pipe.png")
+    real = str(root.resolve())
+    for rel in ("../outside.png", str(tmp_path / "outside.png"), "link-out.png",
+                "sub/../../outside.png", "sub/up/outside.png"):
+        assert read_below(real, rel) == (None, OUTSIDE_ROOT), rel
+    for rel in ("a.png", "link-in.png", "sub/../a.png"):
+        assert read_below(real, rel) == (digit, None), rel
+    # inside, the producer's own answers: missing, a named pipe (never blocking), too large
+    for rel in ("missing.png", "pipe.png"):
+        assert read_below(real, rel) == read_file(os.path.join(real, rel)), rel
+    assert read_below(real, "a.png", max_bytes=10) == (None, "file is larger than 10 bytes")
+
+
+def test_path_map_setting_and_prefix(monkeypatch):
+    monkeypatch.delenv(defaults.PATH_MAP_ENV, raising=False)
+    assert defaults.path_map() is None
+    monkeypatch.setenv(defaults.PATH_MAP_ENV, "/data/images/=/mnt/images")
+    mapping = defaults.path_map()
+    assert mapping == ("/data/images", "/mnt/images")
+    assert map_prefix("/data/images", mapping) == "/mnt/images"
+    assert map_prefix("/data/images/run1", mapping) == "/mnt/images/run1"
+    assert map_prefix("/data/images2/run1", mapping) == "/data/images2/run1"  # whole names only
+    assert map_prefix("/elsewhere", mapping) == "/elsewhere"
+    for bad in ("/data/images", "data=/mnt", "/data=mnt"):
+        monkeypatch.setenv(defaults.PATH_MAP_ENV, bad)
+        with pytest.raises(ValueError, match="/producer/prefix=/worker/prefix"):
+            defaults.path_map()
+
+
+def payload_keys(broker_env: dict[str, str]) -> list[bytes]:
+    return list(redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+                .scan_iter("digitscore:payload:*"))
+
+
+def compared(db_url: str, run_id: int) -> dict[str, tuple]:
+    return {path: tuple(row[c] for c in COMPARED)
+            for path, row in predictions(db_url, run_id).items()}
+
+
+@pytest.mark.integration
+def test_send_paths_gives_the_same_predictions_as_send_bytes(
+    run_cli, sample_dir, model_db, broker_env, start_worker, tmp_path
+):
+    src = tmp_path / "images"
+    copy_digits(sample_dir, src, per_class=20)
+    three, seven = (digit_files(sample_dir, d, 1)[0].read_bytes() for d in ("3", "7"))
+    write_named(src / "3", three, seven)  # strange and undecodable names
+    (src / "7" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (src / "7" / "huge.png").write_bytes(bytes(defaults.MAX_FILE_BYTES + 1))
+    os.mkfifo(src / "7" / "pipe.png")
+    (src / "notes.txt").write_text("skipped")
+
+    r = submit(run_cli, src, model_db, "--send", "paths", "--batch-size", "16")
+    assert r.exit_code == 0, r.output
+    assert payload_keys(broker_env) == []  # no image bytes in Redis
+    client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+    (run,) = query(model_db, "SELECT send_mode, n_images FROM runs")
+    n_batches = query(model_db, "SELECT COUNT(*) AS n, SUM(n_bytes) AS b FROM batches")[0]
+    assert run["send_mode"] == "paths" and (n_batches["b"] == 0)
+    assert client.llen(broker_env["DIGITSCORE_QUEUE"]) == n_batches["n"] > 1
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    wait_done(model_db, timeout=60)
+
+    r = submit(run_cli, src, model_db, "--send", "bytes", "--batch-size", "16", "--wait")
+    assert r.exit_code == 0, r.output
+    by_paths, by_bytes = compared(model_db, 1), compared(model_db, 2)
+    assert len(by_paths) == run["n_images"] > 40
+    assert by_paths == by_bytes
+    errors = {row[-1] for row in by_paths.values()} - {None}
+    assert any("named pipe" in e for e in errors) and any("larger than" in e for e in errors)
+    assert len([e for e in errors if "larger" not in e and "pipe" not in e]) == 1  # broken.png
+
+
+@pytest.mark.integration
+def test_a_worker_refuses_recorded_paths_outside_the_source_directory(
+    run_cli, sample_dir, model_db, broker_env, start_worker, tmp_path
+):
+    src = tmp_path / "images"
+    rels = copy_digits(sample_dir, src, per_class=3)
+    escape = tmp_path / "escape.png"  # a real digit, readable, next to the directory
+    shutil.copyfile(digit_files(sample_dir, "7", 1)[0], escape)
+    (src / "7" / "link-out.png").symlink_to(escape)
+    r = submit(run_cli, src, model_db, "--send", "paths")
+    assert r.exit_code == 0, r.output
+    # what a tampered database could ask of a worker: the same number of paths, some outside
+    tampered = ["../escape.png", str(escape), *sorted(rels)[2:], "7/link-out.png"]
+    with get_engine(model_db).begin() as conn:
+        conn.execute(text("UPDATE batches SET paths = :p"), {"p": json.dumps(tampered)})
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    wait_done(model_db, timeout=60)
+    rows = predictions(model_db)
+    outside = {"../escape.png", str(escape), "7/link-out.png"}
+    assert {p for p, row in rows.items() if row["error"] == OUTSIDE_ROOT} == outside
+    assert all(rows[p]["error"] is None for p in sorted(rels)[2:])
+
+
+@pytest.mark.integration
+def test_path_map_lets_workers_read_a_directory_mounted_elsewhere(
+    run_cli, sample_dir, model_db, broker_env, start_worker, tmp_path
+):
+    here, there = tmp_path / "producer-mount", tmp_path / "worker-mount"
+    rels = copy_digits(sample_dir, here / "images", per_class=10)
+    r = submit(run_cli, here / "images", model_db, "--send", "paths", "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    producer_prefix = str(here.resolve())
+    here.rename(there)  # the workers' host sees the files at another path
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": model_db}
+
+    unmapped = start_worker(env, "--device", "cpu", name="unmapped")
+    log = wait_for_log(unmapped, "not a directory on this host", count=3)
+    assert "producer resume 1" in log
+    os.killpg(unmapped.pid, signal.SIGTERM)
+    unmapped.wait(30)
+    assert query(model_db, "SELECT COUNT(*) AS n FROM predictions")[0]["n"] == 0
+
+    mapped = start_worker({**env, defaults.PATH_MAP_ENV: f"{producer_prefix}={there}"},
+                          "--device", "cpu", name="mapped")
+    wait_for_log(mapped, "ready.")
+    r = run_cli("resume", "1", "--wait", "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    rows = predictions(model_db)
+    assert set(rows) == set(rels) and all(row["error"] is None for row in rows.values())
+
+
+def test_with_no_broker_send_paths_reads_the_files_here(run_cli, sample_dir, model_db):
+    r = run_cli("submit", str(sample_dir / "valid"), "--send", "paths",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    assert "--send paths needs workers: reading the files in this process" in r.stderr
+    (run,) = query(model_db, "SELECT send_mode, status, n_scored FROM runs")
+    assert (run["send_mode"], run["status"], run["n_scored"]) == ("bytes", "done", 200)
