@@ -70,17 +70,22 @@ def store_batch_results(
     deliveries: int = 0,
 ) -> int:
     """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
-    were new. One transaction: lock the run, insert the rows whose path is new (in bulk, see
-    db/bulk.py), mark the batch (adding ``deliveries`` to its delivery count), count the new
-    rows into the run (see :func:`add_to_run`).
+    were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
+    mark the batch (adding ``deliveries`` to its delivery count), then lock the run and count
+    the new rows into it (see :func:`add_to_run`).
+
+    The run's row is locked last, for the count update only: writers of one run insert their
+    rows at the same time and queue only for that update, not for a whole batch. The lock is
+    ``FOR NO KEY UPDATE``, which lets through the key-share locks that PostgreSQL's
+    foreign-key check takes on the run's row for each inserted row (``FOR UPDATE`` would make
+    every other writer's insert wait, and two writers each holding one and wanting the other
+    would deadlock). Two deliveries of one batch meet at the unique index on (run_id, path):
+    the second waits for the first to commit and finds its rows there, so only rows that are
+    new are counted, and the count read under the lock includes every earlier commit.
     """
     now = utcnow()
     with engine.begin() as conn:
-        # Serialise result writes of one run so that every count sees every earlier commit.
-        run = conn.execute(
-            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update()
-        ).one_or_none()
-        if run is None:
+        if conn.execute(select(Run.id).where(Run.id == run_id)).first() is None:
             raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
         new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
         conn.execute(
@@ -92,6 +97,10 @@ def store_batch_results(
                 deliveries=Batch.deliveries + deliveries,
             )
         )
+        run = conn.execute(
+            # key_share=True: FOR NO KEY UPDATE (SQLAlchemy's name for it)
+            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update(key_share=True)
+        ).one()
         add_to_run(conn, run_id, run, count_rows(new))
     return len(new)
 
@@ -239,7 +248,7 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     with engine.begin() as conn:
         run = conn.execute(
             select(Run.status, Run.n_scored, Run.n_failed).where(Run.id == run_id)
-            .with_for_update()
+            .with_for_update(key_share=True)  # as store_batch_results locks it
         ).one()
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
         values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
