@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import text
 
 from core.scoring import to_device
+from db.session import get_engine
 from tests.conftest import gpu_count, wait_for_log
 from worker.cli import celery_command
 from worker.devices import (
@@ -366,3 +368,31 @@ def test_a_gpu_worker_initialises_cuda_only_in_its_pool_process(
     assert "bad_fork=False" in log and "bad_fork=True" not in log
     first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     assert f"cuda_initialized=True device=cuda:0 visible={first_gpu!r}" in log
+
+
+@pytest.mark.integration
+def test_a_run_on_cuda_scores_like_the_cpu_within_the_stated_bound(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker, cuda_gpu
+):
+    """The same 200 images, scored by a real worker on cuda:0 (run 1) and in this process on
+    the CPU (run 2): distances and probabilities within bench/gpu_compare.py's bounds."""
+    from bench.gpu_compare import BOUNDS
+
+    _score_through_a_real_worker(
+        run_cli, sample_dir, sqlite_url, broker_env, start_worker, cuda_gpu
+    )
+    r = run_cli("submit", str(sample_dir / "valid"), "--database-url", sqlite_url,
+                env={"DIGITSCORE_BROKER_URL": ""})  # no broker: scored here, on the CPU
+    assert r.exit_code == 0, r.output
+    query = ("SELECT path, pred_l1, pred_l2, pred_sgd, dist_l1, dist_l2, prob_sgd "
+             "FROM predictions WHERE run_id = :r AND error IS NULL ORDER BY path")
+    with get_engine(sqlite_url).connect() as conn:
+        gpu, cpu = (conn.execute(text(query), {"r": run}).all() for run in (1, 2))
+    assert len(gpu) == len(cpu) == 200
+    assert [g[0] for g in gpu] == [c[0] for c in cpu]
+    flipped = sum(g[i] != c[i] for g, c in zip(gpu, cpu, strict=True) for i in (1, 2, 3))
+    distance = max(abs(g[i] - c[i]) for g, c in zip(gpu, cpu, strict=True) for i in (4, 5))
+    prob = max(abs(g[6] - c[6]) for g, c in zip(gpu, cpu, strict=True))
+    assert distance <= BOUNDS["max_distance_diff"]
+    assert prob <= BOUNDS["max_prob_diff"]
+    assert flipped / (3 * len(cpu)) <= BOUNDS["flipped_fraction"]

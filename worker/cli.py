@@ -54,9 +54,9 @@ Exit status: 0 when every worker stopped cleanly; 2 for a usage error (no
 broker set, an unknown device, --device cuda:N that this host does not have)
 and when GPUs are there but torch cannot use them (the host shows NVIDIA
 devices but torch counts none, or CUDA does not start; or --require-gpu and
-no GPU): the message names the likely cause; 1 when the GPUs cannot be counted.
-If one worker exits on its own (it crashed, was killed, or its GPU failed:
-status {DEVICE_FAILED_EXIT}, after its batch went back to the queue), the
+no GPU): the message names the likely cause; 1 when the GPUs cannot be
+counted. If one worker exits on its own (it crashed, was killed, or its GPU
+failed: status {DEVICE_FAILED_EXIT}, after its batch went back to the queue), the
 launcher stops the others warmly and exits with that worker's status (128+N
 for signal N), so a supervisor (systemd, a Docker restart policy) restarts
 the whole set.
