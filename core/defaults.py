@@ -35,6 +35,9 @@ VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
 #: (:data:`MAX_DELIVERIES`). A batch of 4,096 takes about 0.1-0.5 s.
 TASK_TIME_LIMIT = 300
 TASK_TIME_LIMIT_ENV = "DIGITSCORE_TASK_TIME_LIMIT"
+#: Seconds a worker's new pool process may take to start, CUDA initialised, before Celery
+#: kills it (Celery's own default, 4 s, is short for a GPU's first context).
+PROCESS_START_TIMEOUT = 60.0
 
 #: Seconds a queued batch's image bytes wait in Redis for a worker before they expire (env
 #: ``DIGITSCORE_PAYLOAD_TTL``); a batch that waited longer is sent again by ``producer resume``.

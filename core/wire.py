@@ -215,6 +215,9 @@ def make_app(broker_url: str | None = None) -> Celery:
         # a batch over its time limit has its process killed, and goes back to the queue
         task_time_limit=time_limit,
         task_acks_on_timeout=False,
+        # a GPU pool process initialises CUDA as it starts, which can take longer than the
+        # 4 s Celery waits by default before killing a process that has not reported up
+        worker_proc_alive_timeout=defaults.PROCESS_START_TIMEOUT,
         worker_prefetch_multiplier=1,
         task_default_queue=defaults.queue(),
         broker_transport_options=transport,

@@ -121,6 +121,7 @@ def test_a_batch_over_the_time_limit_goes_back_to_the_queue(monkeypatch):
     assert conf.task_time_limit == 120
     assert conf.task_acks_on_timeout is False  # rejected and requeued, not acknowledged
     assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_proc_alive_timeout == 60  # time for a pool process to start CUDA
 
 
 # ---------------------------------------------------------------- the host and its GPUs
