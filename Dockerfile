@@ -2,11 +2,17 @@
 # flower (Celery's monitor, run as `celery --app worker.tasks flower`).
 #
 #   docker build -t digitscore .                                   # CPU build of torch
-#   docker build -t digitscore --build-arg TORCH_VARIANT=cuda .    # CUDA build (GPU hosts)
+#   docker build -t digitscore --build-arg TORCH_VARIANT=cu126 .   # CUDA 12.6 (GPU hosts)
 #
-# TORCH_VARIANT: cpu (PyTorch's CPU-only wheels, a small image), cuda (PyPI's Linux wheel,
-# which brings the CUDA runtime with it: the host needs only the NVIDIA driver and the NVIDIA
-# Container Toolkit), or cuXYZ (e.g. cu128: that CUDA version's wheels from PyTorch's index).
+# TORCH_VARIANT: cpu (PyTorch's CPU-only wheels, a small image), cuXYZ (that CUDA version's
+# wheels from PyTorch's index, e.g. cu126), or cuda (PyPI's Linux wheel). The CUDA wheels bring
+# the CUDA runtime with them: the host needs only the NVIDIA driver and the NVIDIA Container
+# Toolkit, and a driver recent enough for the wheel's CUDA (NVIDIA's minor version
+# compatibility; check with `nvidia-smi`):
+#   cu124, cu126, cu128 (CUDA 12.x)  driver 525 or newer: the 535-570 drivers common on H100
+#                                    hosts; docker-compose.yml builds cu126 by default
+#   cuda, cu130 (CUDA 13.x)          driver 580 or newer (PyPI's torch 2.13 wheel is CUDA 13)
+# With a driver too old for the wheel, `worker` exits with status 2 naming the cause.
 FROM python:3.11-slim
 
 ARG TORCH_VARIANT=cpu
@@ -33,6 +39,7 @@ RUN set -eu; \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY producer ./producer
 COPY worker ./worker
 COPY db ./db

@@ -88,7 +88,7 @@ def poison_rows(
     paths: Sequence[str], classes: Sequence[str], deliveries: int
 ) -> list[PredictionRow]:
     reason = (
-        f"batch abandoned after {deliveries} deliveries: the worker process died every time "
-        "it took this batch (poison batch)"
+        f"batch abandoned after {deliveries} deliveries: the worker process died or failed to "
+        "score it every time it took this batch (poison batch; see the worker logs)"
     )
     return [unscored_row(p, label_for(p, classes), reason) for p in paths]

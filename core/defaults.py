@@ -15,13 +15,29 @@ DATABASE_URL_ENV = "DIGITSCORE_DATABASE_URL"
 #: Celery broker URL (env ``DIGITSCORE_BROKER_URL``). ``None``: score in this process.
 BROKER_URL: str | None = None
 BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
-#: Celery pool processes per device (``worker --concurrency``).
-WORKER_CONCURRENCY = 1
+#: Celery pool processes per device (``worker --concurrency``, env
+#: ``DIGITSCORE_CONCURRENCY``). Unset: the cores this host lets the launcher use, divided
+#: among the devices, at least 1 (``worker.devices.default_concurrency``).
+WORKER_CONCURRENCY: int | None = None
+WORKER_CONCURRENCY_ENV = "DIGITSCORE_CONCURRENCY"
+#: ``worker --require-gpu`` (env ``DIGITSCORE_REQUIRE_GPU=1``): no GPU is an error, not a
+#: worker on the CPU.
+REQUIRE_GPU_ENV = "DIGITSCORE_REQUIRE_GPU"
 
 #: Seconds a delivered, unacknowledged batch stays invisible before Redis hands it to
 #: another worker (env ``DIGITSCORE_VISIBILITY_TIMEOUT``). Must exceed the slowest batch.
 VISIBILITY_TIMEOUT = 600
 VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
+#: Seconds a batch may take in a worker process before Celery kills that process (env
+#: ``DIGITSCORE_TASK_TIME_LIMIT``): a hung GPU gives its batch back to the queue this soon
+#: rather than after the visibility timeout, which it must be below: unset, it is 300 s or
+#: 4/5 of the visibility timeout, whichever is less. The batch counts as a worker death
+#: (:data:`MAX_DELIVERIES`). A batch of 4,096 takes about 0.1-0.5 s.
+TASK_TIME_LIMIT = 300
+TASK_TIME_LIMIT_ENV = "DIGITSCORE_TASK_TIME_LIMIT"
+#: Seconds a worker's new pool process may take to start, CUDA initialised, before Celery
+#: kills it (Celery's own default, 4 s, is short for a GPU's first context).
+PROCESS_START_TIMEOUT = 60.0
 
 #: Seconds a queued batch's image bytes wait in Redis for a worker before they expire (env
 #: ``DIGITSCORE_PAYLOAD_TTL``); a batch that waited longer is sent again by ``producer resume``.
@@ -145,6 +161,20 @@ def visibility_timeout() -> int:
 
 def stall_hint_after() -> int:
     return positive_seconds(STALL_HINT_AFTER_ENV, STALL_HINT_AFTER)
+
+
+def task_time_limit() -> int:
+    """The task time limit, checked to be below the visibility timeout."""
+    timeout = visibility_timeout()
+    if setting(TASK_TIME_LIMIT_ENV, None) is None:
+        return max(1, min(TASK_TIME_LIMIT, timeout * 4 // 5))
+    limit = positive_seconds(TASK_TIME_LIMIT_ENV, TASK_TIME_LIMIT)
+    if limit >= timeout:
+        raise ValueError(
+            f"{TASK_TIME_LIMIT_ENV}={limit} must be below {VISIBILITY_TIMEOUT_ENV}={timeout}: "
+            "a batch still running when the timeout ends is handed to a second worker"
+        )
+    return limit
 
 
 def payload_ttl() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -34,6 +35,25 @@ def _difference_buffer(rows: int, k: int, d: int, like: torch.Tensor) -> torch.T
         buf = torch.empty((rows, k, d), dtype=like.dtype, device=like.device)
         _scratch.diff = buf
     return buf[:rows]
+
+
+@lru_cache(maxsize=8)
+def pixel_table(device: torch.device) -> torch.Tensor:
+    """The 256 grey levels scaled to 0-1 as the CPU divides them (IEEE division, correctly
+    rounded), on ``device``. CUDA divides a tensor by a scalar by multiplying with its
+    reciprocal, which is 1 ulp off for 126 of the 256 levels; looking the levels up in this
+    table gives a GPU the CPU's bits."""
+    with torch.inference_mode(False):
+        return torch.arange(256, dtype=torch.float32).div_(255).to(device)
+
+
+def scaled_pixels(stacked: torch.Tensor) -> torch.Tensor:
+    """A ``N x H x W`` uint8 stack as ``N x (H*W)`` floats in 0-1, the same bits on every
+    device: on the CPU by division (one temporary), elsewhere through :func:`pixel_table`."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    if stacked.device.type == "cpu":
+        return flat.float().div_(255)
+    return pixel_table(stacked.device)[flat.long()]
 
 
 def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +108,7 @@ class Scores:
 @torch.inference_mode()
 def score_tensor(classifier: Classifier, stacked: torch.Tensor) -> Scores:
     """Score a ``N x H x W`` uint8 stack (on the classifier's device); results on the CPU."""
-    x = stacked.float().div_(255).reshape(stacked.shape[0], -1)  # one temporary, same bits
+    x = scaled_pixels(stacked)
     ideals = classifier.ideals.reshape(classifier.ideals.shape[0], -1)
     l1, l2 = distances(x, ideals)
     dist_l1, pred_l1 = l1.min(1)

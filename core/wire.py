@@ -189,6 +189,7 @@ def make_app(broker_url: str | None = None) -> Celery:
             "redis://127.0.0.1:6379/0"
         )
     timeout = defaults.visibility_timeout()
+    time_limit = defaults.task_time_limit()
     events = defaults.task_events()
     app = Celery("digitscore", broker=broker, set_as_current=False)
     # The visibility timeout is read from the broker's and the result backend's transport
@@ -211,6 +212,12 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,  # ack after the rows are committed
         task_reject_on_worker_lost=True,  # a killed worker's batch goes back to the queue
+        # a batch over its time limit has its process killed, and goes back to the queue
+        task_time_limit=time_limit,
+        task_acks_on_timeout=False,
+        # a GPU pool process initialises CUDA as it starts, which can take longer than the
+        # 4 s Celery waits by default before killing a process that has not reported up
+        worker_proc_alive_timeout=defaults.PROCESS_START_TIMEOUT,
         worker_prefetch_multiplier=1,
         task_default_queue=defaults.queue(),
         broker_transport_options=transport,

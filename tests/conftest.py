@@ -2,7 +2,12 @@
 per session), Redis, and real ``worker`` processes.
 
 A test that needs a service skips when it is missing, except under CI (``CI=true``), where it
-fails: CI must never go green by skipping.
+fails: CI must never go green by skipping. A test that needs a GPU (fixture ``cuda_gpu``) skips
+without one, and fails instead under ``DIGITSCORE_TEST_REQUIRE_GPU=1`` (bench/gpu_check.sh).
+
+Nothing here or in a test module touches CUDA at import: the test modules are also loaded into
+the Celery main process of real workers, which must fork with CUDA untouched. Device queries in
+this process go through NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -31,7 +37,9 @@ REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:
 #: The Redis database the tests' queues and payloads use (one per concurrent checkout).
 REDIS_DB = int(os.environ.get("DIGITSCORE_TEST_REDIS_DB", "9"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
+REQUIRE_GPU = os.environ.get("DIGITSCORE_TEST_REQUIRE_GPU") == "1"
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def service_missing(what: str) -> None:
@@ -56,6 +64,23 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+@lru_cache(maxsize=1)
+def gpu_count() -> int:
+    """GPUs torch sees, counted in a child process (as the launcher counts them)."""
+    from worker.devices import count_gpus
+
+    return count_gpus()
+
+
+@pytest.fixture
+def cuda_gpu() -> str:
+    """``cuda:0``, or a skip naming why (a failure under DIGITSCORE_TEST_REQUIRE_GPU=1)."""
+    if gpu_count() == 0:
+        why = "no CUDA GPU on this host: this test runs when the suite runs on a GPU host"
+        if REQUIRE_GPU:
+            pytest.fail(f"DIGITSCORE_TEST_REQUIRE_GPU=1: {why}")
+        pytest.skip(why)
+    return "cuda:0"
 
 
 @pytest.fixture(autouse=True)
@@ -201,7 +226,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
 
     def start(env: dict[str, str], *args: str, name: str = "w") -> subprocess.Popen:
         log = open(tmp_path / f"worker-{name}-{len(procs)}.log", "wb")  # noqa: SIM115
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        # one pool process unless a test asks for more: the default is one per core
+        full_env = {**os.environ, "DIGITSCORE_CONCURRENCY": "1", **env,
+                    "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(
             [sys.executable, "-c", "from worker.cli import main; main()", *args],
             env=full_env,

@@ -3,7 +3,11 @@ tests.fault_injection``. Production code knows nothing of it.
 
 - ``DIGITSCORE_TEST_TASK_DELAY=S``: every batch takes S seconds longer (so that a test can
   kill or stop a worker mid-batch);
-- a batch holding a path with ``poison`` in its name kills the process scoring it (SIGKILL).
+- a batch holding a path with ``poison`` in its name kills the process scoring it (SIGKILL);
+- a batch holding a path with ``flaky-cuda`` (or ``flaky-bug``) in its name raises a CUDA
+  error (or a plain bug) while scoring, once per run of the test: the first process to create
+  ``<DIGITSCORE_TEST_FAULT_DIR>/flaky-cuda`` (or ``flaky-bug``) raises, later ones score;
+- ``DIGITSCORE_TEST_DEVICE_START_FAULT=1``: every pool process's device fails as it starts.
 """
 
 from __future__ import annotations
@@ -11,19 +15,47 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
+import worker.device_health
 import worker.tasks
 
 _real_score_images = worker.tasks.score_images
+_real_prepare_device = worker.device_health.prepare_device
+
+_FLAKY = {
+    "flaky-cuda": lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+    "flaky-bug": lambda: ValueError("injected scoring bug"),
+}
+
+
+def _first_time(kind: str) -> bool:
+    """True for the first process in this test to ask about ``kind``."""
+    try:
+        fd = os.open(Path(os.environ["DIGITSCORE_TEST_FAULT_DIR"]) / kind, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _faulty_score_images(classifier, paths, *args, **kwargs):
     if any("poison" in p for p in paths):
         os.kill(os.getpid(), signal.SIGKILL)
+    for kind, error in _FLAKY.items():
+        if any(kind in p for p in paths) and _first_time(kind):
+            raise error()
     delay = float(os.environ.get("DIGITSCORE_TEST_TASK_DELAY", "0") or 0)
     if delay:
         time.sleep(delay)
     return _real_score_images(classifier, paths, *args, **kwargs)
 
 
+def _faulty_prepare_device(device: str) -> None:
+    if os.environ.get("DIGITSCORE_TEST_DEVICE_START_FAULT") == "1":
+        raise worker.device_health.DeviceStartError("injected: CUDA does not start")
+    _real_prepare_device(device)
+
+
 worker.tasks.score_images = _faulty_score_images
+worker.device_health.prepare_device = _faulty_prepare_device

@@ -150,6 +150,7 @@ def test_services_share_the_broker_database_and_visibility_timeout(config):
     assert worker["DIGITSCORE_DATABASE_URL"].startswith("postgresql+psycopg://digitscore:")
     assert worker["DIGITSCORE_DATABASE_URL"].endswith("@postgres:5432/digitscore")
     assert int(worker["DIGITSCORE_VISIBILITY_TIMEOUT"]) == 600
+    assert worker["DIGITSCORE_REQUIRE_GPU"] == "1"  # a GPU service never scores on the CPU
     producer = _env(services["producer"])
     for var in ("DIGITSCORE_BROKER_URL", "DIGITSCORE_DATABASE_URL", "DIGITSCORE_QUEUE"):
         assert producer[var] == worker[var], var

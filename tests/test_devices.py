@@ -4,6 +4,7 @@ worker, moving batches to the device, and CUDA never initialised before a fork.
 This module doubles as a probe loaded into a real worker with
 ``worker -- --include tests.test_devices`` when ``DIGITSCORE_TEST_CUDA_PROBE=1``: it then
 logs, from the Celery main process and from each pool process, whether CUDA was initialised.
+So it touches no CUDA at import: GPU tests ask for the ``cuda_gpu`` fixture.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import text
 
 from core.scoring import to_device
-from tests.conftest import wait_for_log
+from db.session import get_engine
+from tests.conftest import gpu_count, wait_for_log
 from worker.cli import celery_command
 from worker.devices import (
     DEVICE_ENV,
@@ -39,8 +42,6 @@ from worker.devices import (
 
 PROBE_ENV = "DIGITSCORE_TEST_CUDA_PROBE"
 ROOT = Path(__file__).resolve().parent.parent
-HAS_GPU = torch.cuda.is_available()
-NO_GPU = "no CUDA GPU on this host: this test runs when the suite runs on a GPU host"
 
 # ---------------------------------------------------------------- the probe (in real workers)
 
@@ -52,7 +53,10 @@ def _install_cuda_probe() -> None:
 
     def main_process(**_kwargs: object) -> None:
         log.warning(
-            "probe main pid=%s cuda_initialized=%s", os.getpid(), torch.cuda.is_initialized()
+            "probe main pid=%s cuda_initialized=%s nvml_check=%s",
+            os.getpid(),
+            torch.cuda.is_initialized(),
+            os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
         )
 
     def pool_process(**_kwargs: object) -> None:
@@ -189,7 +193,7 @@ def test_celery_command_line_is_exact():
 
 
 def test_gpus_are_counted_in_a_child_that_sees_the_same_devices():
-    expected = torch.cuda.device_count() if HAS_GPU else 0
+    expected = torch.cuda.device_count()  # through NVML here (tests/conftest.py)
     assert count_gpus() == expected
     assert count_gpus({**os.environ, "CUDA_VISIBLE_DEVICES": ""}) == 0
 
@@ -200,6 +204,48 @@ def test_a_broken_torch_is_an_error_not_zero_gpus(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     with pytest.raises(GpuError, match="libcuda.so.1: broken"):
         count_gpus(env)
+
+
+# ---------------------------------------------------------------- no device query at import
+
+#: Every torch call that asks the CUDA runtime about devices (and so poisons later forks).
+_FORBID_CUDA_QUERIES = """\
+import torch
+
+def forbidden(*_args, **_kwargs):
+    raise AssertionError("a CUDA device query at import")
+
+for name in ("is_available", "device_count", "init", "_lazy_init"):
+    setattr(torch.cuda, name, forbidden)
+if hasattr(torch._C, "_cuda_getDeviceCount"):
+    torch._C._cuda_getDeviceCount = forbidden
+"""
+
+
+def test_the_modules_loaded_into_a_celery_main_process_query_no_device_at_import():
+    code = _FORBID_CUDA_QUERIES + (
+        "import worker.tasks, tests.test_devices, tests.fault_injection, tests.conftest\n"
+        "print('imported')\n"
+    )
+    env = {**os.environ, "DIGITSCORE_BROKER_URL": "redis://127.0.0.1:6379/0",
+           "DIGITSCORE_TEST_CUDA_PROBE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "imported"
+
+
+def test_the_forbidden_queries_are_caught():
+    code = _FORBID_CUDA_QUERIES + "torch.cuda.is_available()\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1 and "a CUDA device query at import" in out.stderr
+
+
+def test_every_worker_queries_devices_through_nvml():
+    assert DeviceSpec("cuda", 0).environment({})["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    assert DeviceSpec("cpu").environment({})["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
 
 
 # ---------------------------------------------------------------- the launcher process
@@ -217,7 +263,7 @@ def test_importing_the_launcher_imports_neither_torch_nor_celery():
 
 
 def test_a_gpu_this_host_lacks_exits_2_naming_it_and_starts_no_celery(tmp_path):
-    if HAS_GPU and torch.cuda.device_count() > 3:
+    if gpu_count() > 3:
         pytest.skip("this host has a cuda:3")
     # a stand-in `celery` package that leaves a mark if the launcher ever starts it
     fake = tmp_path / "fake" / "celery"
@@ -252,8 +298,7 @@ def test_to_device_on_cpu_neither_pins_nor_copies():
     assert torch.cuda.is_initialized() == cuda_before  # a CPU batch never touches CUDA
 
 
-@pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
-def test_to_device_on_cuda_goes_through_pinned_memory_without_blocking(monkeypatch):
+def test_to_device_on_cuda_goes_through_pinned_memory_without_blocking(monkeypatch, cuda_gpu):
     calls: list[tuple[str, object]] = []
     real_pin, real_to = torch.Tensor.pin_memory, torch.Tensor.to
 
@@ -305,15 +350,15 @@ def test_a_cpu_worker_logs_its_device_and_never_initialises_cuda(
     assert "scores on cpu" in log
     assert "loaded model 1 onto cpu" in log
     assert log.count("probe main") == 2  # when ready (after the fork) and at shutdown
+    assert log.count("nvml_check=1") == 2  # device queries in it would not poison the fork
     assert "cuda_initialized=True" not in log
     assert "probe pool" in log and "bad_fork=True" not in log
     assert "probe task" in log and "device=cpu visible=''" in log
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
 def test_a_gpu_worker_initialises_cuda_only_in_its_pool_process(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker, cuda_gpu
 ):
     log = _score_through_a_real_worker(
         run_cli, sample_dir, sqlite_url, broker_env, start_worker, "cuda:0"
@@ -321,6 +366,35 @@ def test_a_gpu_worker_initialises_cuda_only_in_its_pool_process(
     assert "scores on cuda:0" in log
     main_lines = [line for line in log.splitlines() if "probe main" in line]
     assert len(main_lines) == 2 and all("cuda_initialized=False" in x for x in main_lines)
+    assert all("nvml_check=1" in x for x in main_lines)
     assert "bad_fork=False" in log and "bad_fork=True" not in log
     first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     assert f"cuda_initialized=True device=cuda:0 visible={first_gpu!r}" in log
+
+
+@pytest.mark.integration
+def test_a_run_on_cuda_scores_like_the_cpu_within_the_stated_bound(
+    run_cli, sample_dir, sqlite_url, broker_env, start_worker, cuda_gpu
+):
+    """The same 200 images, scored by a real worker on cuda:0 (run 1) and in this process on
+    the CPU (run 2): distances and probabilities within bench/gpu_compare.py's bounds."""
+    from bench.gpu_compare import BOUNDS
+
+    _score_through_a_real_worker(
+        run_cli, sample_dir, sqlite_url, broker_env, start_worker, cuda_gpu
+    )
+    r = run_cli("submit", str(sample_dir / "valid"), "--database-url", sqlite_url,
+                env={"DIGITSCORE_BROKER_URL": ""})  # no broker: scored here, on the CPU
+    assert r.exit_code == 0, r.output
+    query = ("SELECT path, pred_l1, pred_l2, pred_sgd, dist_l1, dist_l2, prob_sgd "
+             "FROM predictions WHERE run_id = :r AND error IS NULL ORDER BY path")
+    with get_engine(sqlite_url).connect() as conn:
+        gpu, cpu = (conn.execute(text(query), {"r": run}).all() for run in (1, 2))
+    assert len(gpu) == len(cpu) == 200
+    assert [g[0] for g in gpu] == [c[0] for c in cpu]
+    flipped = sum(g[i] != c[i] for g, c in zip(gpu, cpu, strict=True) for i in (1, 2, 3))
+    distance = max(abs(g[i] - c[i]) for g, c in zip(gpu, cpu, strict=True) for i in (4, 5))
+    prob = max(abs(g[6] - c[6]) for g, c in zip(gpu, cpu, strict=True))
+    assert distance <= BOUNDS["max_distance_diff"]
+    assert prob <= BOUNDS["max_prob_diff"]
+    assert flipped / (3 * len(cpu)) <= BOUNDS["flipped_fraction"]

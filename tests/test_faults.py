@@ -292,3 +292,68 @@ def test_sigterm_finishes_the_batch_in_hand(
     wait_for_log(replacement, "ready.")
     wait_done(sqlite_url, timeout=60)
     assert_exactly_once(sqlite_url, 200)
+
+
+def _images_with(sample_dir: Path, tmp_path: Path, name: str) -> Path:
+    """The 200 validation images and one more, named ``name``: 201 files."""
+    src = tmp_path / "images"
+    shutil.copytree(sample_dir / "valid", src)
+    shutil.copy(next((src / "7").glob("*.png")), src / "7" / name)
+    return src
+
+
+def test_a_scoring_error_requeues_the_batch_and_the_run_completes(
+    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, sqlite_url)
+    src = _images_with(sample_dir, tmp_path, "flaky-bug.png")
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url,
+           "DIGITSCORE_TEST_FAULT_DIR": str(tmp_path)}
+    worker = start_worker(env, "--device", "cpu", *FAULTS)
+    wait_for_log(worker, "ready.")
+    r = run_cli("submit", str(src), "--batch-size", "20", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    # back in the queue at once: far sooner than the visibility timeout (600 s) would bring it
+    run = wait_done(sqlite_url, timeout=60)
+    assert (tmp_path / "flaky-bug").exists()  # the fault did fire
+    assert_exactly_once(sqlite_url, 201)
+    assert run["n_failed"] == 0
+    log = wait_for_log(worker, "scoring failed: the batch goes back to the queue")
+    assert "injected scoring bug" in log
+    assert worker.poll() is None  # not a device error: the worker goes on
+
+
+def test_a_device_error_requeues_the_batch_and_stops_the_worker(
+    run_cli, sample_dir, tmp_path, postgres_url, broker_env, start_worker
+):
+    train(run_cli, sample_dir, postgres_url)
+    src = _images_with(sample_dir, tmp_path, "flaky-cuda.png")
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url,
+           "DIGITSCORE_TEST_FAULT_DIR": str(tmp_path)}
+    first = start_worker(env, "--device", "cpu", *FAULTS, name="first")
+    wait_for_log(first, "ready.")
+    r = run_cli("submit", str(src), "--batch-size", "20", "--database-url", postgres_url)
+    assert r.exit_code == 0, r.output
+    assert first.wait(60) == 75  # the device's status, passed on by the launcher
+    log = Path(first.log_path).read_text()
+    assert "device error on cpu: CUDA error: an illegal memory access" in log
+    assert "the worker on cpu" in log and "status 75" in log
+    assert run_row(postgres_url)["status"] == "running"
+    # what a supervisor does: start it again; the batch is in the queue, not lost
+    second = start_worker(env, "--device", "cpu", *FAULTS, name="second")
+    run = wait_done(postgres_url, timeout=60)
+    assert_exactly_once(postgres_url, 201)
+    assert run["n_failed"] == 0
+    assert second.poll() is None
+
+
+def test_a_device_that_fails_at_start_stops_the_worker_naming_it(
+    sqlite_url, broker_env, start_worker
+):
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url,
+           "DIGITSCORE_TEST_DEVICE_START_FAULT": "1"}
+    worker = start_worker(env, "--device", "cpu", *FAULTS)
+    assert worker.wait(60) == 75
+    log = Path(worker.log_path).read_text()
+    assert "cannot score on cpu: injected: CUDA does not start" in log
+    assert "scores on cpu" not in log  # no pool process went on to take batches

@@ -23,9 +23,17 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import wait_for_log
-from worker.cli import exit_status, main
+from worker.cli import exit_status, gpu_problem, main
+from worker.devices import TorchGpus, nvidia_on_host
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Settings of the shell or container the tests run in that must not reach the launcher.
+HOST_SETTINGS = ("NVIDIA_VISIBLE_DEVICES", "DIGITSCORE_CONCURRENCY", "DIGITSCORE_REQUIRE_GPU")
+NVIDIA_DEVICE_FILES = nvidia_on_host({})
+#: For tests of what the launcher does where the host shows no GPU (or only what they set).
+ON_A_HOST_WITHOUT_NVIDIA_GPUS = pytest.mark.skipif(
+    NVIDIA_DEVICE_FILES is not None, reason=f"this host has NVIDIA GPUs: {NVIDIA_DEVICE_FILES}"
+)
 
 FAKE_CELERY = """\
 import json, os, signal, sys, time
@@ -44,7 +52,8 @@ def on_signal(signum, _frame):
 
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
     signal.signal(s, on_signal)
-keys = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "DIGITSCORE_DEVICE", "DIGITSCORE_HOST_DEVICE")
+keys = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "DIGITSCORE_DEVICE", "DIGITSCORE_HOST_DEVICE",
+        "PYTORCH_NVML_BASED_CUDA_CHECK")
 record = {
     "argv": sys.argv[1:],
     "pid": os.getpid(),
@@ -67,10 +76,19 @@ import os
 if os.environ.get("FAKE_TORCH_BROKEN"):
     raise ImportError("libcuda.so.1: cannot open shared object file")
 
+__version__ = "2.13.0+fake"
+
+
+class version:
+    cuda = os.environ.get("FAKE_TORCH_CUDA", "12.6") or None
+
 
 class cuda:
     @staticmethod
     def device_count():
+        # a query through the CUDA runtime would poison the launcher's later forks
+        if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+            raise RuntimeError("device_count() without PYTORCH_NVML_BASED_CUDA_CHECK=1")
         n = int(os.environ.get("FAKE_GPUS", "0"))
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
@@ -80,6 +98,11 @@ class cuda:
     @staticmethod
     def is_available():
         return cuda.device_count() > 0
+
+    @staticmethod
+    def init():
+        if os.environ.get("FAKE_CUDA_INIT_ERROR"):
+            raise RuntimeError(os.environ["FAKE_CUDA_INIT_ERROR"])
 """
 
 
@@ -122,8 +145,9 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
     def start(*args: str, gpus: int = 0, **env: str) -> Launched:
         out = tmp_path / f"run{len(started)}"
         out.mkdir()
+        base = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS}
         full_env = {
-            **os.environ,
+            **base,
             "PYTHONPATH": f"{fakes}{os.pathsep}{ROOT}",
             "FAKE_GPUS": str(gpus),
             "FAKE_CELERY_DIR": str(out),
@@ -192,6 +216,7 @@ def test_one_pinned_worker_per_visible_gpu_with_the_exact_command_line(launch):
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "DIGITSCORE_DEVICE": "cuda:0",
             "DIGITSCORE_HOST_DEVICE": f"cuda:{index}",
+            "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
         }
         assert record["session_leader"]
     assert not (w.out / "cpu.json").exists()
@@ -200,8 +225,9 @@ def test_one_pinned_worker_per_visible_gpu_with_the_exact_command_line(launch):
     assert w.signals("cuda0") == w.signals("cuda1") == ["SIGTERM"]
 
 
+@ON_A_HOST_WITHOUT_NVIDIA_GPUS
 def test_no_gpu_means_one_worker_on_the_cpu(launch):
-    w = launch(gpus=0)
+    w = launch("--concurrency", "1", gpus=0)
     assert w.record("cpu")["env"]["CUDA_VISIBLE_DEVICES"] == ""
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait() == 0
@@ -217,6 +243,74 @@ def test_two_launchers_on_one_host_name_their_cpu_workers_apart(launch):
         assert w.wait() == 0
     assert names == [f"digitscore-cpu-{w.proc.pid}@%h" for w in launched]
     assert names[0] != names[1]
+def test_concurrency_defaults_to_the_cores_per_device(launch):
+    cores = len(os.sched_getaffinity(0))
+    w = launch(gpus=2)
+    for device in ("cuda0", "cuda1"):
+        argv = w.record(device)["argv"]
+        assert argv[argv.index("--concurrency") + 1] == str(max(1, cores // 2))
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+    w = launch("--device", "cuda:1", DIGITSCORE_CONCURRENCY="3", gpus=2)
+    argv = w.record("cuda1")["argv"]
+    assert argv[argv.index("--concurrency") + 1] == "3"
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+
+
+@ON_A_HOST_WITHOUT_NVIDIA_GPUS
+@pytest.mark.parametrize(
+    ("env", "cause"),
+    [
+        ({}, "driver is too old for CUDA 12.6, or this container has no NVIDIA runtime"),
+        ({"FAKE_TORCH_CUDA": ""}, "is a CPU-only build"),
+    ],
+)
+def test_a_host_showing_nvidia_gpus_that_torch_cannot_count_exits_2_naming_the_cause(
+    launch, env, cause
+):
+    w = launch(gpus=0, NVIDIA_VISIBLE_DEVICES="all", **env)
+    assert w.wait(60) == 2
+    assert "NVIDIA_VISIBLE_DEVICES=all" in w.stderr() and cause in w.stderr()
+    assert "--device cpu" in w.stderr()
+    assert not list(w.out.glob("*.json"))  # no silent worker on the CPU
+
+
+def test_gpus_counted_where_cuda_does_not_start_exit_2_naming_the_error(launch):
+    error = "The NVIDIA driver on your system is too old (found version 12040)."
+    w = launch("--device", "cuda:0", gpus=2, FAKE_CUDA_INIT_ERROR=error)
+    assert w.wait(60) == 2
+    assert error in w.stderr() and "counts 2 GPU(s) but cannot initialise CUDA" in w.stderr()
+    assert not list(w.out.glob("*.json"))
+
+
+@ON_A_HOST_WITHOUT_NVIDIA_GPUS
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--require-gpu"], {}), ([], {"DIGITSCORE_REQUIRE_GPU": "1"})],
+)
+def test_require_gpu_makes_no_gpu_an_error(launch, args, env):
+    w = launch(*args, gpus=0, **env)
+    assert w.wait(60) == 2
+    assert "--require-gpu: torch sees no GPU" in w.stderr()
+    assert not list(w.out.glob("*.json"))
+
+
+def test_require_gpu_starts_the_gpu_workers(launch):
+    w = launch("--require-gpu", gpus=1)
+    assert w.record("cuda0")["env"]["DIGITSCORE_DEVICE"] == "cuda:0"
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0
+
+
+def test_a_gpu_problem_is_reported_only_where_the_host_shows_gpus_or_cuda_fails():
+    cpu_build = TorchGpus("2.13.0+cpu", None, 0)
+    assert gpu_problem(None, lambda: "/dev/nvidia0") is None  # --device cpu: not asked
+    assert gpu_problem(cpu_build, lambda: None) is None  # a CPU host: the CPU it is
+    assert "CPU-only build" in (gpu_problem(cpu_build, lambda: "/dev/nvidia0") or "")
+    assert gpu_problem(TorchGpus("2.13.0", "12.6", 8), lambda: "/dev/nvidia0") is None
+    broken = TorchGpus("2.13.0", "13.0", 8, error="driver too old")
+    assert "driver too old" in (gpu_problem(broken, lambda: None) or "")
 
 
 def test_gpus_that_cannot_be_counted_exit_1_and_start_nothing(launch):
@@ -311,6 +405,8 @@ def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch)
         (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "ten"}, "VISIBILITY_TIMEOUT"),
         (["--device", "cpu"], {"DIGITSCORE_DATABASE_URL": "nonsense"}, "not a database URL"),
         (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": ""}, "no broker: set"),
+        (["--device", "cpu"], {"DIGITSCORE_TASK_TIME_LIMIT": "600"}, "must be below"),
+        (["--device", "cpu", "--require-gpu"], {}, "contradicts --require-gpu"),
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args, env, message):

@@ -23,10 +23,15 @@ from core import defaults
 from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
 from core.text import mask_url
 from worker.devices import (
+    DEVICE_FAILED_EXIT,
     DeviceSpec,
-    count_gpus,
+    TorchGpus,
+    default_concurrency,
     needs_gpu_count,
+    no_gpu_reason,
+    nvidia_on_host,
     parse_devices,
+    probe_torch,
     resolve_devices,
 )
 
@@ -37,7 +42,7 @@ POLL_INTERVAL = 0.2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 _PR_SET_PDEATHSIG = 1
 
-EPILOG = """\b
+EPILOG = f"""\b
 Signals: SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop every worker warmly:
 each finishes the batch it is scoring. A second one, or SIGQUIT, stops them
 coldly: unfinished batches go back to the queue. The workers run in sessions
@@ -46,11 +51,15 @@ if the launcher itself is killed, they get SIGTERM (on Linux).
 
 \b
 Exit status: 0 when every worker stopped cleanly; 2 for a usage error (no
-broker set, an unknown device, or --device cuda:N that this host does not have); 1 when the
-GPUs cannot be counted. If one worker exits on its own (it crashed or was
-killed), the launcher stops the others warmly and exits with that worker's
-status (128+N for signal N), so a supervisor (systemd, a Docker restart
-policy) restarts the whole set.
+broker set, an unknown device, --device cuda:N that this host does not have)
+and when GPUs are there but torch cannot use them (the host shows NVIDIA
+devices but torch counts none, or CUDA does not start; or --require-gpu and
+no GPU): the message names the likely cause; 1 when the GPUs cannot be
+counted. If one worker exits on its own (it crashed, was killed, or its GPU
+failed: status {DEVICE_FAILED_EXIT}, after its batch went back to the queue), the
+launcher stops the others warmly and exits with that worker's status (128+N
+for signal N), so a supervisor (systemd, a Docker restart policy) restarts
+the whole set.
 """
 
 
@@ -91,7 +100,8 @@ def celery_command(
 
 
 def describe_settings() -> str:
-    """One line naming the broker, queue, database and visibility timeout, passwords masked.
+    """One line naming the broker, queue, database, visibility timeout and task time limit,
+    passwords masked.
 
     Raises ``ValueError`` on a setting every worker would reject, so that it fails here, once.
     """
@@ -100,6 +110,7 @@ def describe_settings() -> str:
     broker = defaults.setting(defaults.BROKER_URL_ENV, None)
     database = defaults.setting(defaults.DATABASE_URL_ENV, None)
     timeout = defaults.visibility_timeout()
+    limit = defaults.task_time_limit()
     if not broker:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
@@ -117,8 +128,20 @@ def describe_settings() -> str:
     mapped = f", --send paths runs read below {mapping[0]} from {mapping[1]}" if mapping else ""
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s{mapped}"
+        f"visibility timeout {timeout} s, task time limit {limit} s{mapped}"
     )
+
+
+def gpu_problem(
+    gpus: TorchGpus | None, evidence: Callable[[], str | None] = nvidia_on_host
+) -> str | None:
+    """Why GPUs this host has cannot be used (shown by the host but not counted by torch, or
+    counted but CUDA does not start), with what to do; ``None`` when there is no such problem
+    or the GPUs were not asked about (``gpus`` is ``None``)."""
+    if gpus is None:
+        return None
+    reason = no_gpu_reason(gpus, evidence())
+    return f"{reason}; or score on the CPU with --device cpu" if reason else None
 
 
 def exit_status(returncode: int) -> int:
@@ -246,11 +269,25 @@ def _echo(message: str) -> None:
     "--concurrency",
     type=click.IntRange(min=1),
     default=defaults.WORKER_CONCURRENCY,
-    show_default=True,
-    help="Processes per device: more decoders feeding it; on a GPU each has its own CUDA context.",
+    envvar=defaults.WORKER_CONCURRENCY_ENV,
+    show_envvar=True,
+    help="Pool processes per device. Default: this host's cores divided among the devices, "
+    "so decoding (on the CPU) uses every core; on a GPU each has its own CUDA context.",
+)
+@click.option(
+    "--require-gpu/--no-require-gpu",
+    default=False,
+    envvar=defaults.REQUIRE_GPU_ENV,
+    show_envvar=True,
+    help="Exit 2 unless every worker gets a GPU: no fallback to the CPU, for GPU fleets.",
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...]) -> None:
+def main(
+    devices: tuple[str, ...],
+    concurrency: int | None,
+    require_gpu: bool,
+    celery_args: tuple[str, ...],
+) -> None:
     """Consume batches from the broker and write predictions to the database.
 
     Starts one Celery worker per device, pinned to it: a GPU worker gets
@@ -260,15 +297,23 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
     set), so no process that forks ever initialises CUDA. Each worker has --concurrency
     pool processes; each loads a model once and keeps it.
 
-    Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE and
-    DIGITSCORE_VISIBILITY_TIMEOUT; and DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix
-    where this host sees the directories of `submit --send paths` runs elsewhere than the
-    producer did. Arguments after `--` go to `celery worker` as they are.
+    A host that shows NVIDIA GPUs (/dev/nvidia0, NVIDIA_VISIBLE_DEVICES) where torch
+    cannot use them is an error naming the likely cause, never a silent CPU worker; use
+    --device cpu to score on the CPU anyway. Each GPU pool process initialises CUDA as it
+    starts: a GPU that fails then, or a CUDA error in a batch, puts the batch back in the
+    queue and stops that worker with status 75.
+
+    Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
+    DIGITSCORE_VISIBILITY_TIMEOUT and DIGITSCORE_TASK_TIME_LIMIT; and
+    DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix where this host sees the
+    directories of `submit --send paths` runs elsewhere than the producer did. Arguments
+    after `--` go to `celery worker` as they are.
 
     \b
     Examples:
       worker                                 # one worker per GPU, or one on the CPU
       worker --device cuda:0 --device cuda:1 --concurrency 2
+      worker --require-gpu                   # a GPU fleet: no GPU is an error
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 \\
         DIGITSCORE_DATABASE_URL=postgresql://digitscore@db/digitscore worker
       worker --device cpu -- --loglevel DEBUG
@@ -280,19 +325,32 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
         raise click.BadParameter(str(e), param_hint="--device") from None
     except (DigitscoreError, ValueError) as e:
         raise click.UsageError(str(e)) from None
+    if require_gpu and any(spec.kind == "cpu" for spec in requested):
+        raise click.BadParameter("--device cpu contradicts --require-gpu", param_hint="--device")
     try:
-        gpus = count_gpus() if needs_gpu_count(requested) else 0
-        specs = resolve_devices(requested, gpus)
+        gpus = probe_torch() if needs_gpu_count(requested) else None
     except GpuError as e:
         raise click.ClickException(f"{e}; or run on the CPU with --device cpu") from None
+    unusable = gpu_problem(gpus)
+    if unusable:
+        raise click.UsageError(unusable)
+    try:
+        specs = resolve_devices(requested, gpus.count if gpus else 0)
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
+    if require_gpu and not any(spec.kind == "cuda" for spec in specs):
+        raise click.UsageError(
+            "--require-gpu: torch sees no GPU on this host; check `nvidia-smi`, the torch "
+            "build (README, Run on a GPU cluster) and the container's NVIDIA runtime"
+        )
     _echo(settings)
     queue = defaults.queue()
+    per_device = concurrency or default_concurrency(len(specs))
+    _echo(f"{per_device} pool process(es) per device")
     group = WorkerGroup(_echo)
     with group.relaying_signals():
         for spec in specs:
-            argv = celery_command(spec, concurrency, queue, celery_args)
+            argv = celery_command(spec, per_device, queue, celery_args)
             env = spec.environment(os.environ)
             if not group.start(spec.name, argv, env):
                 break

@@ -3,14 +3,19 @@
 The ``worker`` launcher never touches CUDA itself: it counts GPUs in a throwaway child
 process, then starts one Celery worker per device with ``CUDA_VISIBLE_DEVICES`` set to that
 one GPU in its environment, before Python (let alone torch) starts in it. Inside, the GPU is
-always ``cuda:0``, and CUDA is first touched by a pool process when it loads a model, never
-by the Celery main process that forks the pool.
+always ``cuda:0``, and CUDA is first touched by a pool process as it starts, never by the
+Celery main process that forks the pool. Every process the launcher starts, the counting child
+included, has ``PYTORCH_NVML_BASED_CUDA_CHECK=1``: torch then answers ``is_available()`` and
+``device_count()`` through NVML, which leaves a later fork usable, instead of through the CUDA
+runtime, which does not.
 
 Nothing here imports torch: this module is imported by the launcher.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 import subprocess
@@ -28,10 +33,38 @@ VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 ORDER_ENV = "CUDA_DEVICE_ORDER"
 #: ``cuda:N`` counts GPUs in PCI bus order, as ``nvidia-smi`` does, unless the user chose.
 DEFAULT_ORDER = "PCI_BUS_ID"
+#: torch answers ``is_available()``/``device_count()`` through NVML with this set to ``1``,
+#: so a process that asked can still fork pool processes that use CUDA.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+#: NVIDIA's container runtime exposes the GPUs this names; ``void``/``none`` mean none.
+NVIDIA_VISIBLE_ENV = "NVIDIA_VISIBLE_DEVICES"
+#: The device files of NVIDIA GPUs (``/dev/nvidiactl`` and ``/dev/nvidia-uvm`` are not GPUs).
+NVIDIA_DEV_GLOB = "/dev/nvidia[0-9]*"
+#: The exit status of a Celery worker whose device failed (start-up or a CUDA error in a batch);
+#: the launcher passes it on. EX_TEMPFAIL: restarting may well help.
+DEVICE_FAILED_EXIT = 75
 #: Seconds the throwaway child may take to import torch and count GPUs.
 COUNT_TIMEOUT = 120.0
 
-_COUNT_GPUS = "import torch\nprint(torch.cuda.device_count() if torch.cuda.is_available() else 0)\n"
+# Runs in a throwaway child that forks nothing, so it may initialise CUDA: a count from NVML
+# alone would not show a driver too old for this build of torch.
+_PROBE_TORCH = """\
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    probe = {"torch": torch.__version__, "cuda": torch.version.cuda, "count": 0, "error": None}
+    if torch.version.cuda:
+        probe["count"] = torch.cuda.device_count()
+        if probe["count"]:
+            try:
+                torch.cuda.init()
+            except Exception as e:
+                probe["error"] = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    if probe["error"] is None and caught:
+        probe["warning"] = str(caught[0].message).strip().splitlines()[0]
+print(json.dumps(probe))
+"""
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,7 @@ class DeviceSpec:
         """
         env = dict(base)
         env.setdefault(ORDER_ENV, DEFAULT_ORDER)
+        env[NVML_CHECK_ENV] = "1"
         env[HOST_DEVICE_ENV] = self.name
         if self.kind == "cuda":
             env[VISIBLE_ENV] = physical_gpu(self.index or 0, base.get(VISIBLE_ENV))
@@ -107,7 +141,18 @@ def needs_gpu_count(specs: Sequence[DeviceSpec]) -> bool:
     return not specs or any(s.kind == "cuda" for s in specs)
 
 
-def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIMEOUT) -> int:
+@dataclass(frozen=True)
+class TorchGpus:
+    """What torch, in a throwaway child, makes of this host's GPUs."""
+
+    torch_version: str
+    cuda_version: str | None  # None: a CPU-only build of torch
+    count: int
+    error: str | None = None  # CUDA could not be initialised although GPUs were counted
+    warning: str | None = None  # what torch warned while counting (e.g. the driver is too old)
+
+
+def probe_torch(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIMEOUT) -> TorchGpus:
     """Visible GPUs, counted in a child process so that this one never initialises CUDA.
 
     A CPU-only build of torch counts 0. A child that fails (torch missing, a broken driver)
@@ -115,9 +160,10 @@ def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIME
     """
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault(ORDER_ENV, DEFAULT_ORDER)
+    child_env[NVML_CHECK_ENV] = "1"
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _COUNT_GPUS],
+            [sys.executable, "-c", _PROBE_TORCH],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -126,11 +172,74 @@ def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIME
         )
     except subprocess.TimeoutExpired:
         raise GpuError(f"counting GPUs took longer than {timeout:.0f} s") from None
-    lines = out.stdout.split()
-    if out.returncode != 0 or not lines or not lines[-1].isdigit():
+    lines = out.stdout.strip().splitlines()
+    try:
+        probe = json.loads(lines[-1]) if out.returncode == 0 and lines else None
+    except ValueError:
+        probe = None
+    if not isinstance(probe, dict) or not isinstance(probe.get("count"), int):
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise GpuError(f"could not count GPUs with torch: {last}")
-    return int(lines[-1])
+    return TorchGpus(
+        str(probe.get("torch")), probe.get("cuda"), probe["count"], probe.get("error"),
+        probe.get("warning"),
+    )
+
+
+def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIMEOUT) -> int:
+    """The number of GPUs torch sees (see :func:`probe_torch`)."""
+    return probe_torch(env, timeout).count
+
+
+def nvidia_on_host(
+    env: Mapping[str, str] | None = None, dev_glob: str = NVIDIA_DEV_GLOB
+) -> str | None:
+    """What shows that this host (or container) has NVIDIA GPUs, or ``None``: their device
+    files, or NVIDIA's container runtime naming some in ``NVIDIA_VISIBLE_DEVICES``."""
+    env = os.environ if env is None else env
+    files = sorted(glob.glob(dev_glob))
+    if files:
+        return ", ".join(files[:4]) + (f" (and {len(files) - 4} more)" if len(files) > 4 else "")
+    visible = env.get(NVIDIA_VISIBLE_ENV, "").strip()
+    if visible and visible.lower() not in ("void", "none"):
+        return f"{NVIDIA_VISIBLE_ENV}={visible}"
+    return None
+
+
+def no_gpu_reason(torch_gpus: TorchGpus, evidence: str | None) -> str | None:
+    """Why torch cannot use GPUs this host shows (``None`` when there is no such mismatch)."""
+    if torch_gpus.count and torch_gpus.error is None:
+        return None
+    if torch_gpus.count:  # counted through NVML, but CUDA does not start
+        return (
+            f"torch {torch_gpus.torch_version} (CUDA {torch_gpus.cuda_version}) counts "
+            f"{torch_gpus.count} GPU(s) but cannot initialise CUDA: {torch_gpus.error}. The "
+            f"NVIDIA driver is likely too old for CUDA {torch_gpus.cuda_version} (see README, "
+            "Run on a GPU cluster: install a torch build for your driver)"
+        )
+    if evidence is None:
+        return None
+    if torch_gpus.cuda_version is None:
+        return (
+            f"this host shows NVIDIA GPUs ({evidence}) but torch {torch_gpus.torch_version} is "
+            "a CPU-only build: install a CUDA build of torch (README, Run on a GPU cluster)"
+        )
+    said = f" (torch said: {torch_gpus.warning})" if torch_gpus.warning else ""
+    return (
+        f"this host shows NVIDIA GPUs ({evidence}) but torch {torch_gpus.torch_version} "
+        f"(CUDA {torch_gpus.cuda_version}) counts none{said}. Likely causes: the NVIDIA driver "
+        f"is too old for CUDA {torch_gpus.cuda_version}, or this container has no NVIDIA "
+        "runtime (`docker run --gpus all`, the NVIDIA Container Toolkit)"
+    )
+
+
+def default_concurrency(n_devices: int, cores: int | None = None) -> int:
+    """Pool processes per device so that decoding, which is on the CPU, uses every core this
+    process may run on: the cores divided among the devices, at least one each."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, n_devices))
 
 
 def resolve_devices(specs: Sequence[DeviceSpec], gpu_count: int) -> list[DeviceSpec]:

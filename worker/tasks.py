@@ -16,11 +16,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from celery.exceptions import InvalidTaskError
+from celery.exceptions import InvalidTaskError, Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from celery.worker.strategy import default as default_strategy
 from sqlalchemy.exc import OperationalError
@@ -41,8 +42,10 @@ from db.queries import (
 )
 from db.session import dispose_engines, get_engine
 from db.workers import count_batch, heartbeat, register_worker, stop_worker
-from worker.devices import current_device, describe_current_device
+from worker import device_health
+from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_device
 
+T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
 app = wire.make_app()
 
@@ -60,21 +63,67 @@ def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
     return clf.to(device)
 
 
+#: Set in a pool process once its device has failed: it scores nothing more.
+_device_failed = False
+
+
 @worker_process_init.connect
 def _on_process_start(**_kwargs) -> None:
     # Connections must not cross a fork; CUDA is first touched here, in the pool process.
     dispose_engines(close=False)
     broker_connection.cache_clear()
-    if current_device() == "cpu":
+    device = current_device()
+    if device == "cpu":
         torch.set_num_threads(1)
+    try:
+        device_health.prepare_device(device)
+    except Exception as e:
+        # Celery logs and ignores what a worker_process_init receiver raises. This process
+        # stays up, taking no batch (each goes back to the queue), while the main process
+        # stops the worker warmly with the device's status.
+        global _device_failed
+        _device_failed = True
+        log.critical(
+            "worker process %s cannot score on %s: %s. Stopping this worker (status %s)",
+            os.getpid(), describe_current_device(), e, DEVICE_FAILED_EXIT,
+        )
+        device_health.stop_this_worker()
+        return
     log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
 
 
 @worker_init.connect
 def _no_cuda_before_fork(**_kwargs) -> None:
-    """The Celery main process forks the pool: CUDA must not be initialised in it."""
-    if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
+    """The Celery main process forks the pool: CUDA must not be initialised in it. It also
+    learns to stop when a pool process reports its device failed."""
+    device_health.check_main_process()
+    device_health.install_stop_handler()
+
+
+def requeue_on_error(work: Callable[[], T]) -> T:
+    """``work()`` (loading the model onto the device, or scoring): on an error the batch goes
+    back to the queue instead of being acknowledged, and on a device error this worker stops,
+    for its supervisor to start it again. A batch that fails on every delivery gets error rows
+    after ``MAX_DELIVERIES`` (each requeue counts as a redelivery). A database error is left to
+    the task's retries."""
+    global _device_failed
+    if _device_failed:
+        raise Reject("this process's device failed: the batch goes back", requeue=True)
+    try:
+        return work()
+    except OperationalError:
+        raise
+    except Exception as e:
+        if device_health.is_device_error(e):
+            _device_failed = True
+            log.critical(
+                "device error on %s: %s. The batch goes back to the queue; stopping this "
+                "worker (status %s)", describe_current_device(), e, DEVICE_FAILED_EXIT,
+            )
+            device_health.stop_this_worker()
+        else:
+            log.exception("scoring failed: the batch goes back to the queue")
+        raise Reject(f"scoring failed: {e!r}", requeue=True) from e
 
 
 #: The node name this main process registered under.
@@ -180,7 +229,7 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
         store.delete(key)
         return 0
     device = current_device()
-    clf = cached_classifier(url, batch.model_id, device)
+    clf = requeue_on_error(lambda: cached_classifier(url, batch.model_id, device))
     # A message the broker hands out again (its worker died holding it, or held it past the
     # visibility timeout) is flagged redelivered: count it before any work, so that a batch
     # that kills every worker is known. A retry after a database error is a new message with
@@ -214,7 +263,9 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
                 f"`producer resume {batch.run_id}`"
             )
         blobs, errors = wire.unpack_payload(data, len(batch.paths))
-    rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
+    rows = requeue_on_error(
+        lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device))
+    )
     n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)
     node = getattr(task.request, "hostname", None)
