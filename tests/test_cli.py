@@ -105,3 +105,21 @@ def test_help_needs_no_database(run_cli, tmp_path, monkeypatch):
         r = run_cli(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
     assert not (tmp_path / "digitscore.db").exists()
+
+
+def test_batch_size_above_what_a_worker_scores_exits_2_and_creates_no_run(
+    run_cli, sample_dir, model_db, monkeypatch
+):
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "65537",
+                "--database-url", model_db)
+    assert r.exit_code == 2
+    assert "65537 is more than DIGITSCORE_MAX_BATCH_IMAGES=65536" in r.output
+    monkeypatch.setenv("DIGITSCORE_MAX_BATCH_IMAGES", "10")
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "11",
+                "--database-url", model_db)
+    assert r.exit_code == 2 and "DIGITSCORE_MAX_BATCH_IMAGES=10" in r.output
+    with get_engine(model_db).connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM runs")).scalar() == 0
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "10",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output

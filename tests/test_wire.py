@@ -157,3 +157,49 @@ def test_the_task_scores_what_the_database_recorded_and_nothing_else(
         stored = conn.execute(text(
             "SELECT path, batch_seq FROM predictions WHERE error IS NULL ORDER BY id")).all()
     assert [tuple(r) for r in stored] == [(p, i // 3) for i, p in enumerate(paths)]
+
+
+class RedeliveredTask:
+    class request:  # noqa: N801 - Celery's attribute name
+        retries = 0
+        delivery_info: dict = {"redelivered": True}
+
+
+def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_dropped(
+    monkeypatch, classifier, sample_dir, tmp_path
+):
+    """A redelivered flag counts nothing: the batch is scored. Three deaths counted against
+    it (as the Celery main process counts them) make it poison. A recorded batch above
+    DIGITSCORE_MAX_BATCH_IMAGES is dropped unscored and stays queued."""
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setenv(defaults.DATABASE_URL_ENV, url)
+    engine = get_engine(url)
+    model_id = save(engine, classifier)
+    files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:9]
+    paths = [f"3/{f.name}" for f in files]
+    with engine.begin() as conn:
+        run_id, token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "celery")
+        for seq in range(3):
+            queries.record_batch(conn, run_id, seq, paths[3 * seq: 3 * seq + 3], 0)
+    store = fakeredis.FakeRedis()
+    monkeypatch.setattr(tasks, "payload_store", lambda: store)
+    for seq in range(3):
+        store.set(wire.payload_key(wire.BatchMessage(run_id, seq, token)), wire.pack_payload(
+            [f.read_bytes() for f in files[3 * seq: 3 * seq + 3]], [None] * 3))
+    for _ in range(3):  # three worker processes died holding batch 1
+        queries.count_worker_death(engine, run_id, 1, token)
+    assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 0, token)) == 3
+    assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 1, token)) == 3
+    monkeypatch.setenv(defaults.MAX_BATCH_IMAGES_ENV, "2")
+    assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 2, token)) == 0
+    assert store.keys() == []
+    with engine.connect() as conn:
+        errors = dict(conn.execute(text(
+            "SELECT batch_seq, COUNT(error) FROM predictions GROUP BY batch_seq")).all())
+        batches = conn.execute(text(
+            "SELECT seq, status, deliveries FROM batches ORDER BY seq")).all()
+    assert errors == {0: 0, 1: 3}
+    assert [tuple(b) for b in batches] == [(0, "done", 1), (1, "failed", 4), (2, "queued", 0)]

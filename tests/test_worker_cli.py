@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core import defaults
 from tests.conftest import wait_for_log
 from worker.cli import exit_status, main
 
@@ -299,6 +300,11 @@ def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch)
         (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "ten"}, "VISIBILITY_TIMEOUT"),
         (["--device", "cpu"], {"DIGITSCORE_DATABASE_URL": "nonsense"}, "not a database URL"),
         (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": ""}, "no broker: set"),
+        (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "20", "DIGITSCORE_DB_RETRY_MAX":
+          "30"}, "DIGITSCORE_DB_RETRY_MAX=30 s is not below DIGITSCORE_VISIBILITY_TIMEOUT=20 s"),
+        (["--device", "cpu"], {"DIGITSCORE_DB_RETRY_MAX": "600"},
+         "DIGITSCORE_DB_RETRY_MAX=600 s is not below DIGITSCORE_VISIBILITY_TIMEOUT=600 s"),
+        (["--device", "cpu"], {"DIGITSCORE_MAX_BATCH_IMAGES": "0"}, "positive number of images"),
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args, env, message):
@@ -308,6 +314,22 @@ def test_usage_errors_exit_2_before_anything_starts(args, env, message):
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert "started the worker" not in r.output
+
+
+def test_database_retries_wait_less_than_the_visibility_timeout(monkeypatch):
+    """Unset, the longest retry wait is 60 s or half the visibility timeout; set, it is
+    taken when below the timeout. The task's own option is that value."""
+    for timeout, expected in (("600", 60), ("100", 50), ("5", 2)):
+        monkeypatch.setenv("DIGITSCORE_VISIBILITY_TIMEOUT", timeout)
+        assert defaults.db_retry_max() == expected
+    monkeypatch.setenv("DIGITSCORE_DB_RETRY_MAX", "4")
+    assert defaults.db_retry_max() == 4
+    monkeypatch.setenv("DIGITSCORE_VISIBILITY_TIMEOUT", "600")
+    monkeypatch.setenv("DIGITSCORE_BROKER_URL", "memory://")
+    monkeypatch.delenv("DIGITSCORE_DB_RETRY_MAX")
+    from worker import tasks
+
+    assert tasks.score_batch_task.retry_backoff_max == 60 < defaults.visibility_timeout()
 
 
 # ---------------------------------------------------------------- real Celery workers

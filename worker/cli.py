@@ -46,11 +46,12 @@ if the launcher itself is killed, they get SIGTERM (on Linux).
 
 \b
 Exit status: 0 when every worker stopped cleanly; 2 for a usage error (no
-broker set, an unknown device, or --device cuda:N that this host does not have); 1 when the
-GPUs cannot be counted. If one worker exits on its own (it crashed or was
-killed), the launcher stops the others warmly and exits with that worker's
-status (128+N for signal N), so a supervisor (systemd, a Docker restart
-policy) restarts the whole set.
+broker set, settings that contradict each other, an unknown device, or
+--device cuda:N that this host does not have); 1 when the GPUs cannot be
+counted. If one worker exits on its own (it crashed or was killed), the
+launcher stops the others warmly and exits with that worker's status
+(128+N for signal N), so a supervisor (systemd, a Docker restart policy)
+restarts the whole set.
 """
 
 
@@ -84,15 +85,19 @@ def celery_command(
 
 
 def describe_settings() -> str:
-    """One line naming the broker, queue, database and visibility timeout, passwords masked.
+    """One line naming the broker, queue, database, visibility timeout and longest wait
+    between database retries, passwords masked.
 
-    Raises ``ValueError`` on a setting every worker would reject, so that it fails here, once.
+    Raises ``ValueError`` on a setting every worker would reject (settings that contradict
+    each other included), so that it fails here, once.
     """
     from db.session import normalize_url
 
     broker = defaults.setting(defaults.BROKER_URL_ENV, None)
     database = defaults.setting(defaults.DATABASE_URL_ENV, None)
     timeout = defaults.visibility_timeout()
+    retry_max = defaults.db_retry_max()
+    defaults.max_batch_images()
     if not broker:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
@@ -108,7 +113,7 @@ def describe_settings() -> str:
         )
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s"
+        f"visibility timeout {timeout} s, database retries at most {retry_max} s apart"
     )
 
 
@@ -251,8 +256,9 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
     set), so no process that forks ever initialises CUDA. Each worker has --concurrency
     pool processes; each loads a model once and keeps it.
 
-    Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE and
-    DIGITSCORE_VISIBILITY_TIMEOUT. Arguments after `--` go to `celery worker` as they are.
+    Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
+    DIGITSCORE_VISIBILITY_TIMEOUT, DIGITSCORE_DB_RETRY_MAX (below the visibility timeout) and
+    DIGITSCORE_MAX_BATCH_IMAGES. Arguments after `--` go to `celery worker` as they are.
 
     \b
     Examples:

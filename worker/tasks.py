@@ -15,8 +15,11 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import InvalidTaskError
 from celery.signals import worker_init, worker_process_init
+from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 from sqlalchemy.exc import OperationalError
 
@@ -26,7 +29,12 @@ from core.classifier import Classifier
 from core.errors import MessageError
 from core.text import mask_url
 from db.model_store import load_classifier
-from db.queries import RunMismatch, count_redelivery, recorded_batch, store_batch_results
+from db.queries import (
+    RunMismatch,
+    count_worker_death,
+    recorded_batch,
+    store_batch_results,
+)
 from db.session import dispose_engines, get_engine
 from worker.devices import current_device, describe_current_device
 
@@ -85,6 +93,48 @@ def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     return task_message_handler
 
 
+def died_holding(request: Any, exc: BaseException) -> bool:
+    """Whether a failure Celery reports means the pool process running the task is gone."""
+    if isinstance(exc, ExceptionWithTraceback):  # a child's exception, as billiard sends it
+        exc = exc.exc
+    if isinstance(exc, WorkerLostError):
+        return True
+    # billiard >= 4.3 reports a child's exit as SystemExit; Celery takes it for a lost worker
+    # unless it killed the child itself (a revoke or a cancel)
+    return isinstance(exc, (SystemExit, KeyboardInterrupt)) and not (
+        request._already_cancelled or request._already_revoked
+    )
+
+
+def record_death(args: Any) -> None:
+    """Count a pool process's death against the batch it held, in the database, before the
+    batch goes back to the queue; a failure to count only means one death goes uncounted."""
+    try:
+        message = wire.BatchMessage.from_args(args)
+        deaths = count_worker_death(
+            get_engine(database_url()), message.run_id, message.seq, message.token
+        )
+    except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
+        log.error("a worker process died; its death could not be counted: %s", e)
+        return
+    if deaths is not None:
+        log.warning(
+            "a worker process died holding run %s batch %s (%s deaths on it so far)",
+            message.run_id, message.seq, deaths,
+        )
+
+
+class DeathCountingRequest(Request):
+    """Celery's request, in the worker's main process: when the pool process running a batch
+    dies, the batch's delivery count goes up by one (db/queries.count_worker_death) before
+    Celery requeues the message. A message cannot forge that (a redelivered flag can be)."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
+        if died_holding(self, exc_info.exception):
+            record_death(self.args)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
 @lru_cache(maxsize=1)
 def broker_connection() -> Any:
     """This process's own connection to the broker, opened on first use (after the fork)."""
@@ -104,7 +154,8 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     store = payload_store()
     key = wire.payload_key(message)
     try:
-        batch = recorded_batch(engine, message.run_id, message.seq, message.token)
+        limit = defaults.max_batch_images()
+        batch = recorded_batch(engine, message.run_id, message.seq, message.token, limit)
     except RunMismatch as e:
         log.error(
             "%s: nothing written, its payload deleted. Is the producer on another database? "
@@ -115,28 +166,28 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     if batch.finished:  # stored by an earlier delivery, or given up on
         store.delete(key)
         return 0
+    if batch.n_images > limit:
+        log.error(
+            "run %s batch %s holds %s images, more than %s=%s: dropped unscored, its payload "
+            "deleted; the batch stays queued (raise the limit on every worker, then `producer "
+            "resume %s`)", batch.run_id, batch.seq, batch.n_images,
+            defaults.MAX_BATCH_IMAGES_ENV, limit, batch.run_id,
+        )
+        store.delete(key)
+        return 0
     device = current_device()
     clf = cached_classifier(url, batch.model_id, device)
-    # A message the broker hands out again (its worker died holding it, or held it past the
-    # visibility timeout) is flagged redelivered: count it before any work, so that a batch
-    # that kills every worker is known. A retry after a database error is a new message with
-    # request.retries one higher, not a redelivery. A first delivery, by far the common case,
-    # is counted in the transaction that stores its rows: no extra write per batch.
-    retries = task.request.retries
-    if (task.request.delivery_info or {}).get("redelivered"):
-        crashes = count_redelivery(engine, batch.run_id, batch.seq, retries) - 1 - retries
-        if crashes >= defaults.MAX_DELIVERIES:
-            log.error(
-                "run %s batch %s killed %s workers: marking it failed",
-                batch.run_id, batch.seq, crashes,
-            )
-            rows = poison_rows(batch.paths, clf.classes, crashes)
-            n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed")
-            store.delete(key)
-            return n_new
-        deliveries = 0
-    else:
-        deliveries = 1 + retries
+    # Worker processes that died holding this batch were counted by the Celery main process
+    # (DeathCountingRequest), never from anything a message says.
+    if batch.deaths >= defaults.MAX_DELIVERIES:
+        log.error(
+            "run %s batch %s killed %s worker processes: marking it failed",
+            batch.run_id, batch.seq, batch.deaths,
+        )
+        rows = poison_rows(batch.paths, clf.classes, batch.deaths)
+        n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed", 1)
+        store.delete(key)
+        return n_new
     data = store.get(key)
     if data is None:
         raise MessageError(
@@ -146,6 +197,8 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
         )
     blobs, errors = wire.unpack_payload(data, len(batch.paths))
     rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
+    # this delivery, and one per earlier try that ended in a database error (a retry)
+    deliveries = 1 + task.request.retries
     n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)
     return n_new
@@ -156,8 +209,9 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     name=wire.TASK_NAME,
     Strategy="worker.tasks:checked_strategy",
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
+    Request="worker.tasks:DeathCountingRequest",
     retry_backoff=True,
-    retry_backoff_max=60,
+    retry_backoff_max=defaults.db_retry_max(),  # below the visibility timeout
     max_retries=None,
 )
 def score_batch_task(self, run_id: int, seq: int, token: str) -> int:
