@@ -14,22 +14,24 @@ nil and ``errors[i]`` a string or nil (why the producer could not read file ``i`
 deleted once the batch's rows are committed and expires after ``DIGITSCORE_PAYLOAD_TTL``;
 a batch whose payload is gone stays unfinished for ``producer resume``.
 
-:func:`check_message` validates what arrives before Celery unpacks it, so a malformed message
-costs a log line, not a worker.
+:func:`check_delivery` validates what arrives (headers, task name, size, body) before Celery
+reads any of it, so a malformed message costs a log line, not a worker.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgpack
 
 from core import defaults
 from core.errors import BrokerURLError, MessageError
+from core.text import mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -120,6 +122,25 @@ def check_headers(headers: Any) -> None:
             raise MessageError(f"header {name!r} is not a string")
 
 
+def check_delivery(headers: Any, size: int, decode: Callable[[], Any]) -> BatchMessage:
+    """The message of a delivery whose headers are ``headers`` and whose encoded body has
+    ``size`` bytes and decodes with ``decode()`` (only once the rest fits), or
+    :class:`MessageError` saying what is wrong."""
+    check_headers(headers)
+    task_name = headers["task"]
+    if task_name != TASK_NAME:
+        raise MessageError(f"unknown task {task_name[:80]!r}")
+    if size > MAX_BODY_BYTES:
+        raise MessageError(f"body of {size} bytes (at most {MAX_BODY_BYTES})")
+    try:
+        body = decode()
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the body is refused
+        raise MessageError(
+            f"body cannot be decoded: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
+    return check_message(task_name, body, size)
+
+
 def payload_key(message: BatchMessage) -> str:
     """Where the batch a message names keeps its payload: a re-send of the batch overwrites
     it, and a message can name no other key."""
@@ -162,6 +183,18 @@ def redis_client(connection: Any) -> Any | None:
     if getattr(connection.transport, "driver_type", None) != "redis":
         return None
     return connection.default_channel.client
+
+
+def check_broker_url(url: str) -> None:
+    """:class:`BrokerURLError` when kombu could not take ``url`` apart (its own message, and
+    urllib's, quote the part that fails, which is often the password)."""
+    try:
+        urlsplit(url).port  # noqa: B018 - reading it is the check: urllib parses it lazily
+    except ValueError:
+        raise BrokerURLError(
+            f"the broker URL {mask_url(url)} cannot be parsed: percent-escape reserved "
+            "characters in its password (# as %23, / as %2F, @ as %40)"
+        ) from None
 
 
 def require_redis(connection: Any, broker_masked: str) -> Any:

@@ -64,6 +64,44 @@ def test_bodies_and_headers_that_do_not_fit_are_refused():
             wire.check_headers({**headers, **change})
 
 
+def test_a_delivery_is_checked_before_its_body_is_decoded():
+    """Headers, task name and size first; the body is decoded only when they fit, and a
+    decoder's error is a refusal like any other."""
+    headers = {"task": wire.TASK_NAME, "id": "x"}
+    body = [[1, 2, TOKEN], {}, {}]
+    decoded: list[int] = []
+
+    def decode():
+        decoded.append(1)
+        return body
+
+    assert wire.check_delivery(headers, 60, decode) == wire.BatchMessage(1, 2, TOKEN)
+    for hdrs, size, reason in [
+        ({**headers, "task": "os.system"}, 60, "unknown task 'os.system'"),
+        ({"id": "x"}, 60, "header 'task'"),
+        (None, 60, "headers are not a map"),
+        (headers, 10**6, "body of 1000000 bytes"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_delivery(hdrs, size, decode)
+    assert len(decoded) == 1
+
+    def broken():
+        raise ValueError("unpack(b) received extra data")
+
+    with pytest.raises(MessageError, match="body cannot be decoded: ValueError"):
+        wire.check_delivery(headers, 60, broken)
+
+
+def test_broker_urls_kombu_cannot_parse_are_refused_without_echoing_them():
+    wire.check_broker_url("redis://:pa%23ss@127.0.0.1:6379/0")
+    wire.check_broker_url("redis://:pa@ss@127.0.0.1:6379/0")  # the last @ ends the password
+    for url in ("redis://:Sup3r#S3cret@127.0.0.1:6379/0", "redis://:Sup3r/S3cret@host:6379/0"):
+        with pytest.raises(BrokerURLError, match="cannot be parsed") as e:
+            wire.check_broker_url(url)
+        assert "Sup3r" not in str(e.value) and "S3cret" not in str(e.value)
+
+
 def test_payload_round_trip_and_what_is_refused():
     blobs, errors = [b"\x89PNG...", None, b""], [None, "file could not be read: gone", None]
     assert wire.unpack_payload(wire.pack_payload(blobs, errors), 3) == (blobs, errors)

@@ -305,6 +305,8 @@ def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch)
         (["--device", "cpu"], {"DIGITSCORE_DB_RETRY_MAX": "600"},
          "DIGITSCORE_DB_RETRY_MAX=600 s is not below DIGITSCORE_VISIBILITY_TIMEOUT=600 s"),
         (["--device", "cpu"], {"DIGITSCORE_MAX_BATCH_IMAGES": "0"}, "positive number of images"),
+        (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": "redis://:Sup3r#S3cret@127.0.0.1:6379/0"},
+         "cannot be parsed: percent-escape"),
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(args, env, message):
@@ -314,6 +316,7 @@ def test_usage_errors_exit_2_before_anything_starts(args, env, message):
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert "started the worker" not in r.output
+    assert "Sup3r" not in r.output and "S3cret" not in r.output
 
 
 def test_database_retries_wait_less_than_the_visibility_timeout(monkeypatch):

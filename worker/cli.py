@@ -22,6 +22,7 @@ import click
 from core import defaults
 from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
 from core.text import mask_url
+from core.wire import check_broker_url
 from worker.devices import (
     DeviceSpec,
     count_gpus,
@@ -103,6 +104,7 @@ def describe_settings() -> str:
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
             f"{defaults.BROKER_URL_ENV}=redis://127.0.0.1:6379/0 worker"
         )
+    check_broker_url(broker)
     broker_text = mask_url(broker)
     if database:
         database_text = mask_url(normalize_url(database))

@@ -5,6 +5,10 @@ A message names a run, a batch and the run's token (core/wire.py). The worker sc
 batch only when its own database holds that run with that token and the batch is recorded
 and unfinished; the paths and the model come from the database, the payload key from the
 token and the batch number.
+
+Two pieces of Celery are replaced, both in the worker's main process: its consumer checks
+every delivery before Celery reads it (:class:`CheckedConsumer`), and its request counts a
+pool process's death against the batch it held (:class:`DeathCountingRequest`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from typing import Any
 import torch
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import InvalidTaskError
 from celery.signals import worker_init, worker_process_init
+from celery.worker.consumer import Consumer
 from celery.worker.request import Request
-from celery.worker.strategy import default as default_strategy
 from sqlalchemy.exc import OperationalError
+from vine import promise
 
 from core import defaults, wire
 from core.batch import poison_rows, score_images
@@ -40,6 +44,7 @@ from worker.devices import current_device, describe_current_device
 
 log = logging.getLogger("digitscore.worker")
 app = wire.make_app()
+app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
 
 
 def database_url() -> str:
@@ -72,25 +77,36 @@ def _no_cuda_before_fork(**_kwargs) -> None:
         raise RuntimeError("CUDA was initialised in the Celery main process before the fork")
 
 
-def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """Celery's own strategy behind a check of each message's shape (core/wire.py): what
-    does not fit raises ``InvalidTaskError``, which Celery logs and acknowledges, and the
-    worker goes on with the next message instead of dying inside Celery's request parser."""
-    handle = default_strategy(task, app, consumer, **kwargs)
+def message_id(message: Any) -> str:
+    """A delivery's id for the log: its ``id`` header when that is text, else its tag."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    value = headers.get("id")
+    if not isinstance(value, str):
+        value = (message.delivery_info or {}).get("delivery_tag") or message.delivery_tag
+    return repr(str(value)[:64])
 
-    def task_message_handler(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            wire.check_headers(message.headers)
-            wire.check_message(
-                message.headers.get("task", ""), message.decode(), len(message.body or b"")
-            )
-        except MessageError as e:
-            raise InvalidTaskError(
-                f"message {str(message.headers.get('id'))[:64]!r} dropped: {e}"
-            ) from None
-        return handle(message, body, *args, **kw)
 
-    return task_message_handler
+class CheckedConsumer(Consumer):
+    """Celery's consumer with every delivery checked (core/wire.check_delivery) before Celery
+    reads any of it: a message that is not this worker's one task in its one shape is
+    logged with its id and why, acknowledged (dropped: there is no dead-letter queue) and
+    the worker goes on with the next one. Unchecked, a body Celery cannot unpack, or an
+    unknown task without an ``id`` header, raises inside Celery's consumer and stops the
+    worker, and the message, restored, stops the next one."""
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                wire.check_delivery(message.headers, len(message.body or b""), message.decode)
+            except MessageError as e:
+                log.error("message %s dropped: %s", message_id(message), e)
+                message.reject_log_error(log, self.connection_errors)  # no requeue: gone
+                return None
+            return handle(message)
+
+        return on_task_received
 
 
 def died_holding(request: Any, exc: BaseException) -> bool:
@@ -207,7 +223,6 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
 @app.task(
     bind=True,
     name=wire.TASK_NAME,
-    Strategy="worker.tasks:checked_strategy",
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
     Request="worker.tasks:DeathCountingRequest",
     retry_backoff=True,
