@@ -145,8 +145,17 @@ def test_malformed_messages_are_dropped_and_the_worker_scores_on(
         envelope({"task": wire.TASK_NAME, "args": [1, 0, token]}, queue,
                  headers={"task": None}),  # protocol 1
     ]
-    ids = push(broker_env, *bad, *unknown)
-    log = wait_for_log(worker, "dropped: ", count=len(ids), timeout=60)
+    not_kombu = [
+        b"not json at all",
+        b"\xff\xfe",
+        json.dumps([1, 2]).encode(),
+        json.dumps({"body": "eA==", "headers": {}}).encode(),  # no properties
+        envelope([[1, 0, token], {}, {}], queue)[1].replace(b'"base64"', b'"rot13"'),
+    ]
+    ids = push(broker_env, *bad, *unknown, *(("-", e) for e in not_kombu))[:-len(not_kombu)]
+    log = wait_for_log(worker, "dropped: ", count=len(ids) + len(not_kombu), timeout=60)
+    assert log.count("that is not JSON was dropped") == 2
+    assert log.count("that is not a kombu message was dropped") == 3
     for msg_id in ids[:-4]:  # the last four are dropped under their delivery tags
         assert f"message {msg_id!r} dropped: " in log
     for reason in ("body is not [args, kwargs, embed]", "body of 200", "unknown task 'os.system'",

@@ -6,9 +6,11 @@ batch only when its own database holds that run with that token and the batch is
 and unfinished; the paths and the model come from the database, the payload key from the
 token and the batch number.
 
-Two pieces of Celery are replaced, both in the worker's main process: its consumer checks
-every delivery before Celery reads it (:class:`CheckedConsumer`), and its request counts a
-pool process's death against the batch it held (:class:`DeathCountingRequest`).
+Three pieces of Celery and kombu are replaced, all in the worker's main process: the Redis
+transport drops queue entries that are not kombu messages (worker/transport.py), the
+consumer checks every delivery before Celery reads it (:class:`CheckedConsumer`), and the
+request counts a pool process's death against the batch it held
+(:class:`DeathCountingRequest`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from billiard.einfo import ExceptionWithTraceback
@@ -45,6 +48,8 @@ from worker.devices import current_device, describe_current_device
 log = logging.getLogger("digitscore.worker")
 app = wire.make_app()
 app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
+if urlsplit(str(app.conf.broker_url)).scheme == "redis":
+    app.conf.broker_transport = "worker.transport:CheckedTransport"
 
 
 def database_url() -> str:
