@@ -81,6 +81,11 @@ MAX_DELIVERIES = 3
 #: and Redis hands a message held longer than the timeout to another worker.
 DB_RETRY_MAX = 60
 DB_RETRY_MAX_ENV = "DIGITSCORE_DB_RETRY_MAX"
+#: A secret shared by the producer and every worker (env ``DIGITSCORE_SECRET``, at least
+#: :data:`MIN_SECRET_CHARS` characters). Set, the producer signs each message and every
+#: worker refuses a message without a valid signature; unset (the default), nothing is signed.
+SECRET_ENV = "DIGITSCORE_SECRET"
+MIN_SECRET_CHARS = 16
 #: SQLite busy timeout (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -140,3 +145,16 @@ def db_retry_max() -> int:
             f"lower {DB_RETRY_MAX_ENV} or raise {VISIBILITY_TIMEOUT_ENV}"
         )
     return value
+
+
+def secret() -> bytes | None:
+    """The shared message secret, or ``None`` when ``DIGITSCORE_SECRET`` is unset."""
+    value = setting(SECRET_ENV, None)
+    if value is None:
+        return None
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"{SECRET_ENV} is shorter than {MIN_SECRET_CHARS} characters: use a random one, "
+            "e.g. `openssl rand -hex 32`"
+        )
+    return value.encode()

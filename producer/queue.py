@@ -21,6 +21,7 @@ class CelerySender:
         self.app = wire.make_app(broker_url)
         self.queue = defaults.queue()
         self.ttl = defaults.payload_ttl()
+        self.secret = defaults.secret()
         self._connection: Any = None
         self._redis: Any = None
 
@@ -49,7 +50,10 @@ class CelerySender:
 
     def send(self, message: wire.BatchMessage, batch: FileBatch) -> None:
         key = wire.payload_key(message)
-        self._payload_store().set(key, wire.pack_payload(batch.blobs, batch.errors), ex=self.ttl)
+        payload = wire.pack_payload(batch.blobs, batch.errors)
+        self._payload_store().set(key, payload, ex=self.ttl)
+        headers = wire.signature_headers(self.secret, message, payload) if self.secret else None
         self.app.send_task(
-            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
+            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
+            headers=headers,
         )

@@ -370,3 +370,49 @@ def test_no_secret_is_printed_by_a_real_worker_or_the_producer(
     for text_ in [*logs, *outputs]:
         for secret in SECRETS:
             assert secret not in text_
+
+
+SECRET = "a-secret-of-the-test-4b1e9d27c3"
+
+
+def test_with_a_secret_only_signed_messages_and_their_own_payloads_are_scored(
+    model_db, broker_env, start_worker, run_cli, sample_dir, monkeypatch
+):
+    """DIGITSCORE_SECRET on the producer and the worker: a real submit is scored; a message
+    with no signature or one made with another secret is dropped before Celery reads it, even
+    with the run's real token; a queued batch's payload replaced by other image bytes is not
+    scored, and is once the producer's bytes are back."""
+    monkeypatch.setenv("DIGITSCORE_SECRET", SECRET)
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db,
+                           "DIGITSCORE_SECRET": SECRET}, "--device", "cpu")
+    assert "signed messages only" in wait_for_log(worker, "ready.")
+    side = queue_without_worker(run_cli, sample_dir, model_db, broker_env,
+                                "--batch-size", "100")  # run 1: two batches waiting
+    queue = broker_env["DIGITSCORE_QUEUE"]
+    token = run_token(model_db, 1)
+    before = dump(model_db)
+    forged = wire.signature_headers(b"another-secret-of-32-characters", wire.BatchMessage(
+        1, 0, token), b"payload")
+    ids = push(broker_env, envelope([[1, 0, token], {}, {}], queue),
+               envelope([[1, 1, token], {}, {}], queue, headers=forged))
+    log = wait_for_log(worker, "dropped: ", count=2)
+    assert f"message {ids[0]!r} dropped: not signed" in log
+    assert f"message {ids[1]!r} dropped: bad signature" in log
+    assert dump(model_db) == before
+    # someone who read the token writes other digits under batch 0's payload key
+    client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+    key = wire.payload_key(wire.BatchMessage(1, 0, token))
+    genuine = client.get(key)
+    sevens = sorted((sample_dir / "valid" / "7").glob("*.png"))
+    client.set(key, wire.pack_payload([sevens[i % 20].read_bytes() for i in range(100)],
+                                      [None] * 100))
+    first = client.lrange(side, -1, -1)[0]  # batch 0's genuine message, next out
+    client.rpush(queue, first)
+    wait_for_log(worker, "not those its producer signed")
+    assert dump(model_db) == before
+    client.set(key, genuine)
+    assert hand_over(broker_env, side) == 2
+    wait_done(model_db, 1)
+    with get_engine(model_db).connect() as conn:
+        assert conn.execute(text(
+            "SELECT n_scored, n_failed FROM runs WHERE id = 1")).one() == (200, 0)

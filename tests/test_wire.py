@@ -93,6 +93,41 @@ def test_a_delivery_is_checked_before_its_body_is_decoded():
         wire.check_delivery(headers, 60, broken)
 
 
+def test_signed_messages_and_payloads_are_checked():
+    """With a secret, a delivery passes only with the HMAC of its task, arguments and payload
+    digest; the payload must then have that digest."""
+    secret = b"s" * 32
+    message = wire.BatchMessage(1, 2, TOKEN)
+    payload = wire.pack_payload([b"png"], [None])
+    signed = {"task": wire.TASK_NAME, "id": "x",
+              **wire.signature_headers(secret, message, payload)}
+    body = [message.args(), {}, {}]
+    assert wire.check_delivery(signed, 60, lambda: body, secret) == message
+    wire.check_payload_digest(signed[wire.PAYLOAD_DIGEST_HEADER], payload)
+    other = [[1, 3, TOKEN], {}, {}]
+    for headers, decoded, key, reason in [
+        ({"task": wire.TASK_NAME, "id": "x"}, body, secret, "not signed"),
+        (signed, other, secret, "bad signature"),  # signed for another batch
+        (signed, body, b"t" * 32, "bad signature"),  # another secret
+        ({**signed, wire.PAYLOAD_DIGEST_HEADER: "0" * 64}, body, secret, "bad signature"),
+        ({**signed, wire.SIGNATURE_HEADER: 5}, body, secret, "bad signature"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_delivery(headers, 60, lambda d=decoded: d, key)
+    for digest in (None, "0" * 64, 7):
+        with pytest.raises(MessageError, match="not those its producer signed"):
+            wire.check_payload_digest(digest, payload)
+    assert wire.check_delivery({"task": wire.TASK_NAME, "id": "x"}, 60, lambda: body) == message
+
+
+def test_a_short_secret_is_refused(monkeypatch):
+    monkeypatch.setenv(defaults.SECRET_ENV, "short")
+    with pytest.raises(ValueError, match="shorter than 16 characters"):
+        defaults.secret()
+    monkeypatch.delenv(defaults.SECRET_ENV)
+    assert defaults.secret() is None
+
+
 def test_broker_urls_kombu_cannot_parse_are_refused_without_echoing_them():
     wire.check_broker_url("redis://:pa%23ss@127.0.0.1:6379/0")
     wire.check_broker_url("redis://:pa@ss@127.0.0.1:6379/0")  # the last @ ends the password

@@ -99,6 +99,8 @@ def describe_settings() -> str:
     timeout = defaults.visibility_timeout()
     retry_max = defaults.db_retry_max()
     defaults.max_batch_images()
+    signed = "signed messages only" if defaults.secret() else (
+        f"unsigned messages ({defaults.SECRET_ENV} is not set)")
     if not broker:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
@@ -115,7 +117,8 @@ def describe_settings() -> str:
         )
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s, database retries at most {retry_max} s apart"
+        f"visibility timeout {timeout} s, database retries at most {retry_max} s apart, "
+        f"{signed}"
     )
 
 
@@ -259,8 +262,9 @@ def main(devices: tuple[str, ...], concurrency: int, celery_args: tuple[str, ...
     pool processes; each loads a model once and keeps it.
 
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
-    DIGITSCORE_VISIBILITY_TIMEOUT, DIGITSCORE_DB_RETRY_MAX (below the visibility timeout) and
-    DIGITSCORE_MAX_BATCH_IMAGES. Arguments after `--` go to `celery worker` as they are.
+    DIGITSCORE_VISIBILITY_TIMEOUT, DIGITSCORE_DB_RETRY_MAX (below the visibility timeout),
+    DIGITSCORE_MAX_BATCH_IMAGES and DIGITSCORE_SECRET (set: only messages signed with it are
+    scored). Arguments after `--` go to `celery worker` as they are.
 
     \b
     Examples:

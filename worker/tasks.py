@@ -48,6 +48,8 @@ from worker.devices import current_device, describe_current_device
 log = logging.getLogger("digitscore.worker")
 app = wire.make_app()
 app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
+#: Set: every message must be signed with it (core/wire.py).
+SECRET = defaults.secret()
 if urlsplit(str(app.conf.broker_url)).scheme == "redis":
     app.conf.broker_transport = "worker.transport:CheckedTransport"
 
@@ -104,7 +106,9 @@ class CheckedConsumer(Consumer):
 
         def on_task_received(message: Any) -> Any:
             try:
-                wire.check_delivery(message.headers, len(message.body or b""), message.decode)
+                wire.check_delivery(
+                    message.headers, len(message.body or b""), message.decode, SECRET
+                )
             except MessageError as e:
                 log.error("message %s dropped: %s", message_id(message), e)
                 message.reject_log_error(log, self.connection_errors)  # no requeue: gone
@@ -216,6 +220,13 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
             f"restart without persistence, or queued longer than {defaults.PAYLOAD_TTL_ENV}); "
             f"the batch stays unfinished: run `producer resume {batch.run_id}`"
         )
+    if SECRET is not None:
+        try:
+            name = wire.PAYLOAD_DIGEST_HEADER  # a custom header: in the request's headers
+            digest = getattr(task.request, name, None) or (task.request.headers or {}).get(name)
+            wire.check_payload_digest(digest, data)
+        except MessageError as e:
+            raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
     blobs, errors = wire.unpack_payload(data, len(batch.paths))
     rows = score_images(clf, batch.paths, blobs, errors, torch.device(device))
     # this delivery, and one per earlier try that ended in a database error (a retry)
