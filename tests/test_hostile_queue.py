@@ -256,9 +256,11 @@ def test_a_message_with_another_runs_id_and_a_wrong_token_touches_nothing(
     ids = push(broker_env, *(
         envelope([[1, seq, token], {}, {}], queue)
         for seq in range(4) for token in (attacker, "f" * 32)
-    ), envelope([[2, 0, run_token(model_db, 1)], {}, {}], queue))
+    ), envelope([[2, 0, run_token(model_db, 1)], {}, {}], queue),
+        envelope([[1, 99, run_token(model_db, 1)], {}, {}], queue))  # the right token
     log = finished_by_worker(worker, *ids)
     assert log.count("of this database has another token") == 9
+    assert "run 1 has no recorded batch 99" in log  # the queued victim is not made done
     assert dump(model_db) == before
     assert payloads(broker_env) == victim_payloads
     # and the victim's own messages still score it whole
@@ -416,3 +418,30 @@ def test_with_a_secret_only_signed_messages_and_their_own_payloads_are_scored(
     with get_engine(model_db).connect() as conn:
         assert conn.execute(text(
             "SELECT n_scored, n_failed FROM runs WHERE id = 1")).one() == (200, 0)
+
+
+def test_payloads_and_batches_beyond_the_producers_limits_are_refused(
+    model_db, broker_env, start_worker, run_cli, sample_dir
+):
+    """A queued batch's payload replaced by one holding a 5 MiB blob, or 500,000 items: the
+    worker refuses it before decoding anything and writes nothing. A recorded batch larger
+    than the worker's DIGITSCORE_MAX_BATCH_IMAGES is dropped unscored. The worker lives on."""
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db,
+                           "DIGITSCORE_MAX_BATCH_IMAGES": "150"}, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    side = queue_without_worker(run_cli, sample_dir, model_db, broker_env, "--batch-size", "100")
+    queue_without_worker(run_cli, sample_dir, model_db, broker_env, "--batch-size", "200")
+    token = run_token(model_db, 1)
+    client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+    client.set(wire.payload_key(wire.BatchMessage(1, 0, token)),
+               wire.pack_payload([b"\0" * (5 * 1024 * 1024)] + [None] * 99, [None] * 100))
+    client.set(wire.payload_key(wire.BatchMessage(1, 1, token)),
+               wire.pack_payload([None] * 500_000, [None] * 500_000))
+    before = dump(model_db)
+    assert hand_over(broker_env, side) == 3  # run 1's two batches, run 2's one
+    log = wait_for_log(worker, "run 2 batch 0 holds 200 images, more than "
+                               "DIGITSCORE_MAX_BATCH_IMAGES=150: dropped unscored")
+    log = wait_for_log(worker, "payload is not what a producer writes", count=2)
+    assert "exceeds max_bin_len" in log and "exceeds max_array_len" in log
+    assert dump(model_db) == before
+    assert worker.poll() is None
