@@ -25,6 +25,7 @@ import torch
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.signals import worker_init, worker_process_init
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
@@ -34,7 +35,7 @@ from core import defaults, wire
 from core.batch import poison_rows, score_images
 from core.classifier import Classifier
 from core.errors import MessageError
-from core.text import mask_url
+from core.text import mask_url, mask_urls_in
 from db.model_store import load_classifier
 from db.queries import (
     RunMismatch,
@@ -119,7 +120,10 @@ class CheckedConsumer(Consumer):
 
 
 def died_holding(request: Any, exc: BaseException) -> bool:
-    """Whether a failure Celery reports means the pool process running the task is gone."""
+    """Whether a failure Celery reports means the pool process running the task died of it:
+    not when the worker is being stopped coldly (Celery ends its own pool processes then)."""
+    if worker_state.should_terminate:
+        return False
     if isinstance(exc, ExceptionWithTraceback):  # a child's exception, as billiard sends it
         exc = exc.exc
     if isinstance(exc, WorkerLostError):
@@ -140,7 +144,8 @@ def record_death(args: Any) -> None:
             get_engine(database_url()), message.run_id, message.seq, message.token
         )
     except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
-        log.error("a worker process died; its death could not be counted: %s", e)
+        log.error("a worker process died; its death could not be counted: %s",
+                  mask_urls_in(str(e)))
         return
     if deaths is not None:
         log.warning(
