@@ -102,7 +102,8 @@ def submit_cmd(
 
     An image's label is its parent folder's name when that is one of the model's classes.
     With no broker set, scores in this process; with one, enqueues stacked batches (image
-    bytes inline) for `worker` processes.
+    bytes inline) for `worker` processes, signed when DIGITSCORE_SECRET is set (workers with
+    that secret score nothing else).
 
     \b
     Examples:
