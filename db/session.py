@@ -113,9 +113,11 @@ def driver_reason(e: DBAPIError) -> str:
     return mask_urls_in(lines[0])
 
 
-def dispose_engines() -> None:
-    """Forget every engine (after a fork, or between tests)."""
+def dispose_engines(close: bool = True) -> None:
+    """Forget every engine (between tests, or after a fork). In a forked child pass
+    ``close=False``: the pooled connections are the parent's too, and closing them here
+    would end them for the parent as well."""
     for engine in _engines.values():
-        engine.dispose()
+        engine.dispose(close=close)
     _engines.clear()
 

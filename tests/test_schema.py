@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from db.models import Base
 from db.session import get_engine
@@ -98,3 +99,23 @@ def test_migration_0003_counts_the_rows_of_existing_runs(any_db_url):
     assert tuple(got[1])[1:5] == (3, 2, 2, 2)
     assert [round(x, 12) for x in tuple(got[1])[5:]] == [round(2 / 3, 12)] * 3
     assert tuple(got[2])[1:] == (0, 0, 0, 0, None, None, None)
+
+
+@pytest.mark.integration
+def test_a_forked_child_forgets_the_parents_connections_without_closing_them(postgres_url):
+    """A worker's main process keeps a database connection (it counts worker deaths) and
+    forks pool processes: a child's dispose must leave the parent's session alive."""
+    import os
+
+    from db.session import dispose_engines
+
+    engine = get_engine(postgres_url)
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    child = os.fork()
+    if child == 0:  # the pool process
+        dispose_engines(close=False)
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == pid

@@ -70,8 +70,9 @@ def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
 
 @worker_process_init.connect
 def _on_process_start(**_kwargs) -> None:
-    # Connections must not cross a fork; CUDA is first touched here, in the pool process.
-    dispose_engines()
+    # Connections must not cross a fork (the main process's, which counts worker deaths, stay
+    # open for it); CUDA is first touched here, in the pool process.
+    dispose_engines(close=False)
     broker_connection.cache_clear()
     if current_device() == "cpu":
         torch.set_num_threads(1)
