@@ -175,15 +175,16 @@ def check_signature(secret: bytes, headers: dict[str, Any], message: BatchMessag
     signature, digest = headers.get(SIGNATURE_HEADER), headers.get(PAYLOAD_DIGEST_HEADER)
     if signature is None:
         raise MessageError(f"not signed, and this worker has {defaults.SECRET_ENV}")
+    # both must be hex before compare_digest, which raises on text that is not ASCII
     if not (isinstance(signature, str) and isinstance(digest, str)
-            and _HEX64.fullmatch(digest)
+            and _HEX64.fullmatch(signature) and _HEX64.fullmatch(digest)
             and hmac.compare_digest(signature, _mac(secret, message, digest))):
         raise MessageError(f"bad signature: not signed with this worker's {defaults.SECRET_ENV}")
 
 
 def check_payload_digest(digest: Any, payload: bytes) -> None:
     """:class:`MessageError` unless ``payload`` has the SHA-256 its signed message names."""
-    if not (isinstance(digest, str)
+    if not (isinstance(digest, str) and _HEX64.fullmatch(digest)
             and hmac.compare_digest(digest, hashlib.sha256(payload).hexdigest())):
         raise MessageError(
             "its image bytes in Redis are not those its producer signed (written by someone "

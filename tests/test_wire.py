@@ -111,10 +111,12 @@ def test_signed_messages_and_payloads_are_checked():
         (signed, body, b"t" * 32, "bad signature"),  # another secret
         ({**signed, wire.PAYLOAD_DIGEST_HEADER: "0" * 64}, body, secret, "bad signature"),
         ({**signed, wire.SIGNATURE_HEADER: 5}, body, secret, "bad signature"),
+        ({**signed, wire.SIGNATURE_HEADER: "é" * 64}, body, secret, "bad signature"),
+        ({**signed, wire.PAYLOAD_DIGEST_HEADER: "é" * 64}, body, secret, "bad signature"),
     ]:
         with pytest.raises(MessageError, match=reason):
             wire.check_delivery(headers, 60, lambda d=decoded: d, key)
-    for digest in (None, "0" * 64, 7):
+    for digest in (None, "0" * 64, 7, "é"):
         with pytest.raises(MessageError, match="not those its producer signed"):
             wire.check_payload_digest(digest, payload)
     assert wire.check_delivery({"task": wire.TASK_NAME, "id": "x"}, 60, lambda: body) == message
