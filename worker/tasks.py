@@ -111,8 +111,9 @@ class CheckedConsumer(Consumer):
                 wire.check_delivery(
                     message.headers, len(message.body or b""), message.decode, SECRET
                 )
-            except MessageError as e:
-                log.error("message %s dropped: %s", message_id(message), e)
+            except Exception as e:  # noqa: BLE001 - nothing in a message may stop the worker
+                why = e if isinstance(e, MessageError) else f"cannot be checked: {e!r:.200}"
+                log.error("message %s dropped: %s", message_id(message), why)
                 message.reject_log_error(log, self.connection_errors)  # no requeue: gone
                 return None
             return handle(message)
