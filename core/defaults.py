@@ -59,6 +59,11 @@ TASK_EVENTS_ENV = "DIGITSCORE_TASK_EVENTS"
 #: transaction, Celery's bookkeeping) that larger batches spread thinner; smaller ones share
 #: a run's last seconds among more workers (docs/performance.md has the measurements).
 BATCH_SIZE = 4096
+#: Most images in one batch a worker scores, and so the largest ``--batch-size`` (images; env
+#: ``DIGITSCORE_MAX_BATCH_IMAGES``). A recorded batch above it is dropped unscored by the
+#: worker: a batch holds the database's write lock while it is stored.
+MAX_BATCH_IMAGES = 65536
+MAX_BATCH_IMAGES_ENV = "DIGITSCORE_MAX_BATCH_IMAGES"
 #: Most encoded image bytes in one batch message (bytes); a single larger file travels alone.
 BATCH_BYTES = 8 * 1024 * 1024
 
@@ -122,6 +127,17 @@ HEARTBEAT_SECONDS = 10
 
 #: Worker deaths on one batch after which it is declared poison: its images get error rows.
 MAX_DELIVERIES = 3
+#: Longest wait between two tries of a batch whose database was unreachable (seconds; env
+#: ``DIGITSCORE_DB_RETRY_MAX``). Unset: 60, or half the visibility timeout when that is less.
+#: It must stay below the visibility timeout: a retry waits in its worker unacknowledged,
+#: and Redis hands a message held longer than the timeout to another worker.
+DB_RETRY_MAX = 60
+DB_RETRY_MAX_ENV = "DIGITSCORE_DB_RETRY_MAX"
+#: A secret shared by the producer and every worker (env ``DIGITSCORE_SECRET``, at least
+#: :data:`MIN_SECRET_CHARS` characters). Set, the producer signs each message and every
+#: worker refuses a message without a valid signature; unset (the default), nothing is signed.
+SECRET_ENV = "DIGITSCORE_SECRET"
+MIN_SECRET_CHARS = 16
 #: SQLite busy timeout (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -143,15 +159,15 @@ def task_events() -> bool:
     raise ValueError(f"{TASK_EVENTS_ENV}={raw!r}: use 1 or 0")
 
 
-def positive_seconds(env: str, default: int) -> int:
-    """A whole, positive number of seconds from ``env``, else ``default``."""
+def positive_seconds(env: str, default: int, unit: str = "seconds") -> int:
+    """A whole, positive number (of seconds, or of ``unit``) from ``env``, else ``default``."""
     raw = setting(env, str(default))
     try:
         value = int(raw or default)
     except ValueError as e:
-        raise ValueError(f"{env}={raw!r} is not a whole number of seconds") from e
+        raise ValueError(f"{env}={raw!r} is not a whole number of {unit}") from e
     if value <= 0:
-        raise ValueError(f"{env} must be a positive number of seconds")
+        raise ValueError(f"{env} must be a positive number of {unit}")
     return value
 
 
@@ -206,3 +222,34 @@ def path_map() -> tuple[str, str] | None:
             f"{PATH_MAP_ENV}={raw!r}: use /producer/prefix=/worker/prefix (two absolute paths)"
         )
     return source.rstrip("/") or "/", target.rstrip("/") or "/"
+def max_batch_images() -> int:
+    return positive_seconds(MAX_BATCH_IMAGES_ENV, MAX_BATCH_IMAGES, unit="images")
+
+
+def db_retry_max() -> int:
+    """The longest wait between two tries after a database error, below the visibility
+    timeout; a ``DIGITSCORE_DB_RETRY_MAX`` that is not raises ``ValueError`` naming both."""
+    timeout = visibility_timeout()
+    if setting(DB_RETRY_MAX_ENV, None) is None:
+        return max(1, min(DB_RETRY_MAX, timeout // 2))
+    value = positive_seconds(DB_RETRY_MAX_ENV, DB_RETRY_MAX)
+    if value >= timeout:
+        raise ValueError(
+            f"{DB_RETRY_MAX_ENV}={value} s is not below {VISIBILITY_TIMEOUT_ENV}={timeout} s: "
+            "a batch waiting that long to retry would be handed to another worker meanwhile; "
+            f"lower {DB_RETRY_MAX_ENV} or raise {VISIBILITY_TIMEOUT_ENV}"
+        )
+    return value
+
+
+def secret() -> bytes | None:
+    """The shared message secret, or ``None`` when ``DIGITSCORE_SECRET`` is unset."""
+    value = setting(SECRET_ENV, None)
+    if value is None:
+        return None
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"{SECRET_ENV} is shorter than {MIN_SECRET_CHARS} characters: use a random one, "
+            "e.g. `openssl rand -hex 32`"
+        )
+    return value.encode()

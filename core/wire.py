@@ -7,6 +7,14 @@ from the database (the producer recorded them before sending), and derives the p
 from the run, its token and the batch number. So a message can at most ask for work the
 database already holds, on the batch it names.
 
+With a shared secret (``DIGITSCORE_SECRET``) the producer signs each message: header
+:data:`SIGNATURE_HEADER` holds an HMAC-SHA256 of the task name, the arguments and the
+payload's SHA-256, which travels in header :data:`PAYLOAD_DIGEST_HEADER`. A worker with the
+secret checks the HMAC before Celery reads the message, and the payload's digest before it
+unpacks the payload; so without the secret no one can make a message a worker acts on, nor
+swap a queued batch's image bytes. A copy of a signed message can still be sent again: it can
+only ask for the work its batch's record holds, which is done once.
+
 A batch's image bytes wait in Redis under :func:`payload_key` (a claim check), so that the
 message stays a few hundred bytes whatever the batch: the payload is msgpack
 ``[blobs, errors]``, two lists as long as the batch's recorded paths, ``blobs[i]`` bytes or
@@ -14,22 +22,26 @@ nil and ``errors[i]`` a string or nil (why the producer could not read file ``i`
 deleted once the batch's rows are committed and expires after ``DIGITSCORE_PAYLOAD_TTL``;
 a batch whose payload is gone stays unfinished for ``producer resume``.
 
-:func:`check_message` validates what arrives before Celery unpacks it, so a malformed message
-costs a log line, not a worker.
+:func:`check_delivery` validates what arrives (headers, task name, size, body) before Celery
+reads any of it, so a malformed message costs a log line, not a worker.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgpack
 
 from core import defaults
 from core.errors import BrokerURLError, MessageError
+from core.text import mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -44,6 +56,10 @@ TOKEN = re.compile(r"[0-9a-f]{32}")
 MAX_BODY_BYTES = 4096
 #: The largest id or batch number in a message (a 63-bit database integer).
 MAX_ID = 2**63 - 1
+#: Headers of a signed message: the HMAC (hex) and the SHA-256 (hex) of its payload.
+SIGNATURE_HEADER = "digitscore_signature"
+PAYLOAD_DIGEST_HEADER = "digitscore_payload_sha256"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,62 @@ def check_headers(headers: Any) -> None:
             raise MessageError(f"header {name!r} is not a string")
 
 
+def check_delivery(
+    headers: Any, size: int, decode: Callable[[], Any], secret: bytes | None = None
+) -> BatchMessage:
+    """The message of a delivery whose headers are ``headers`` and whose encoded body has
+    ``size`` bytes and decodes with ``decode()`` (only once the rest fits), signed with
+    ``secret`` when one is given; or :class:`MessageError` saying what is wrong."""
+    check_headers(headers)
+    task_name = headers["task"]
+    if task_name != TASK_NAME:
+        raise MessageError(f"unknown task {task_name[:80]!r}")
+    if size > MAX_BODY_BYTES:
+        raise MessageError(f"body of {size} bytes (at most {MAX_BODY_BYTES})")
+    try:
+        body = decode()
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the body is refused
+        raise MessageError(
+            f"body cannot be decoded: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
+    message = check_message(task_name, body, size)
+    if secret is not None:
+        check_signature(secret, headers, message)
+    return message
+
+
+def _mac(secret: bytes, message: BatchMessage, payload_digest: str) -> str:
+    signed = msgpack.packb([TASK_NAME, message.args(), payload_digest], use_bin_type=True)
+    return hmac.new(secret, signed, hashlib.sha256).hexdigest()
+
+
+def signature_headers(secret: bytes, message: BatchMessage, payload: bytes) -> dict[str, str]:
+    """The headers that sign ``message`` and its ``payload`` with ``secret``."""
+    digest = hashlib.sha256(payload).hexdigest()
+    return {SIGNATURE_HEADER: _mac(secret, message, digest), PAYLOAD_DIGEST_HEADER: digest}
+
+
+def check_signature(secret: bytes, headers: dict[str, Any], message: BatchMessage) -> None:
+    signature, digest = headers.get(SIGNATURE_HEADER), headers.get(PAYLOAD_DIGEST_HEADER)
+    if signature is None:
+        raise MessageError(f"not signed, and this worker has {defaults.SECRET_ENV}")
+    # both must be hex before compare_digest, which raises on text that is not ASCII
+    if not (isinstance(signature, str) and isinstance(digest, str)
+            and _HEX64.fullmatch(signature) and _HEX64.fullmatch(digest)
+            and hmac.compare_digest(signature, _mac(secret, message, digest))):
+        raise MessageError(f"bad signature: not signed with this worker's {defaults.SECRET_ENV}")
+
+
+def check_payload_digest(digest: Any, payload: bytes) -> None:
+    """:class:`MessageError` unless ``payload`` has the SHA-256 its signed message names."""
+    if not (isinstance(digest, str) and _HEX64.fullmatch(digest)
+            and hmac.compare_digest(digest, hashlib.sha256(payload).hexdigest())):
+        raise MessageError(
+            "its image bytes in Redis are not those its producer signed (written by someone "
+            "else): nothing scored"
+        )
+
+
 def payload_key(message: BatchMessage) -> str:
     """Where the batch a message names keeps its payload: a re-send of the batch overwrites
     it, and a message can name no other key."""
@@ -162,6 +234,18 @@ def redis_client(connection: Any) -> Any | None:
     if getattr(connection.transport, "driver_type", None) != "redis":
         return None
     return connection.default_channel.client
+
+
+def check_broker_url(url: str) -> None:
+    """:class:`BrokerURLError` when kombu could not take ``url`` apart (its own message, and
+    urllib's, quote the part that fails, which is often the password)."""
+    try:
+        urlsplit(url).port  # noqa: B018 - reading it is the check: urllib parses it lazily
+    except ValueError:
+        raise BrokerURLError(
+            f"the broker URL {mask_url(url)} cannot be parsed: percent-escape reserved "
+            "characters in its password (# as %23, / as %2F, @ as %40)"
+        ) from None
 
 
 def require_redis(connection: Any, broker_masked: str) -> Any:

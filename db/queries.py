@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Unpack
 
-from sqlalchemy import Connection, Engine, Select, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, func, insert, select, update
 
 from core.errors import MessageError, RunNotFound
 from core.rows import PREDICTORS, PredictionRow
@@ -158,13 +158,18 @@ def settle_status(
 
 @dataclass(frozen=True)
 class RecordedBatch:
-    """A batch as its producer recorded it: what a worker scores, whatever a message says."""
+    """A batch as its producer recorded it: what a worker scores, whatever a message says.
+
+    ``paths`` is empty when the batch is finished or holds more than the reader's limit of
+    images (``n_images``); ``deaths`` counts the worker processes that died holding it."""
 
     run_id: int
     seq: int
     model_id: int
     paths: list[str]
     status: str
+    n_images: int
+    deaths: int
     send_mode: str = "bytes"
     source_dir: str = ""
 
@@ -173,9 +178,12 @@ class RecordedBatch:
         return self.status in ("done", "failed")
 
 
-def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> RecordedBatch:
+def recorded_batch(
+    engine: Engine, run_id: int, seq: int, token: str, max_images: int | None = None
+) -> RecordedBatch:
     """Batch ``seq`` of run ``run_id`` if this database holds that run with ``token``; else
-    :class:`RunMismatch`, naming what differs."""
+    :class:`RunMismatch`, naming what differs. Its paths are read only when it is unfinished
+    and holds at most ``max_images``."""
     with engine.connect() as conn:
         run = conn.execute(
             select(Run.token, Run.model_id, Run.send_mode, Run.source_dir)
@@ -185,47 +193,43 @@ def recorded_batch(engine: Engine, run_id: int, seq: int, token: str) -> Recorde
             raise RunMismatch(f"run {run_id} is not in this database")
         if run.token != token:
             raise RunMismatch(f"run {run_id} of this database has another token")
+        where = (Batch.run_id == run_id, Batch.seq == seq)
         row = conn.execute(
-            select(Batch.paths, Batch.status).where(Batch.run_id == run_id, Batch.seq == seq)
+            select(Batch.status, Batch.n_images, Batch.deliveries).where(*where)
         ).one_or_none()
-    if row is None:
-        raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
+        if row is None:
+            raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
+        n_images, paths = int(row.n_images), []
+        if row.status == "queued" and (max_images is None or n_images <= max_images):
+            paths = list(conn.execute(select(Batch.paths).where(*where)).scalar_one())
+            n_images = len(paths)
+    # while a batch is unfinished, its deliveries are the failed ones (a worker died, or
+    # scoring failed and sent it back)
+    deaths = int(row.deliveries or 0) if row.status == "queued" else 0
     return RecordedBatch(
-        run_id, seq, int(run.model_id), list(row.paths), str(row.status),
+        run_id, seq, int(run.model_id), paths, str(row.status), n_images, deaths,
         str(run.send_mode), str(run.source_dir),
     )
 
 
-def batch_finished(engine: Engine, run_id: int, batch_seq: int) -> bool:
-    """Whether a batch's rows are stored (``done``) or it was given up on (``failed``)."""
-    with engine.connect() as conn:
-        status = conn.execute(
-            select(Batch.status).where(Batch.run_id == run_id, Batch.seq == batch_seq)
-        ).scalar_one_or_none()
-    return status in ("done", "failed")
+def count_worker_death(engine: Engine, run_id: int, seq: int, token: str) -> int | None:
+    """A worker process died holding batch ``seq`` of run ``run_id``: add one to the batch's
+    delivery count (committed at once) if the batch is unfinished and its run has ``token``;
+    return the new count, or ``None`` when no such batch is waiting.
 
-
-def count_redelivery(engine: Engine, run_id: int, batch_seq: int, retries: int = 0) -> int:
-    """Count a redelivery of a batch (committed at once, before any work on it) and return the
-    batch's delivery count. A first delivery is counted with its results
-    (``store_batch_results(deliveries=...)``), so one that died left no count: when the count
-    is still below ``1 + retries`` (the deliveries that must have come before this one: the
-    first, and one per retry after a database error), it is raised to that first."""
-    earlier = 1 + retries
+    A delivery that ends is counted with the batch's rows (``store_batch_results``), so
+    while a batch is queued its count is exactly the deaths of workers holding it."""
     with engine.begin() as conn:
-        conn.execute(
+        count = conn.execute(
             update(Batch)
-            .where(Batch.run_id == run_id, Batch.seq == batch_seq)
-            .values(
-                deliveries=case((Batch.deliveries < earlier, earlier), else_=Batch.deliveries) + 1
+            .where(
+                Batch.run_id == run_id, Batch.seq == seq, Batch.status == "queued",
+                Batch.run_id.in_(select(Run.id).where(Run.id == run_id, Run.token == token)),
             )
-        )
-        return int(
-            conn.execute(
-                select(Batch.deliveries).where(Batch.run_id == run_id, Batch.seq == batch_seq)
-            ).scalar_one_or_none()
-            or 0
-        )
+            .values(deliveries=Batch.deliveries + 1)
+            .returning(Batch.deliveries)
+        ).scalar_one_or_none()
+    return None if count is None else int(count)
 
 
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:

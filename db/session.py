@@ -158,8 +158,9 @@ def driver_reason(e: DBAPIError) -> str:
 
 
 def dispose_engines(close: bool = True) -> None:
-    """Forget every engine: between tests, or with ``close=False`` in a forked child, whose
-    inherited connections belong to the parent and must not be closed from here."""
+    """Forget every engine (between tests, or after a fork). In a forked child pass
+    ``close=False``: the pooled connections are the parent's too, and closing them here
+    would end them for the parent as well."""
     for engine in _engines.values():
         engine.dispose(close=close)
     _engines.clear()

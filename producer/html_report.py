@@ -6,7 +6,9 @@ or opened offline. File names, labels and error texts are data: every one goes t
 :func:`esc` (``html.escape`` after :func:`printable`).
 
 The worker stores no pixels, so thumbnails of misclassified images are re-read from the
-run's ``source_dir``; a file that is gone gets a placeholder.
+run's ``source_dir``, and only from inside it (producer/pictures.inside_source: the stored
+path resolved, symlinks followed, must lie in the resolved ``source_dir``); a file that is
+gone, or a stored path that leads elsewhere, gets a placeholder.
 """
 
 from __future__ import annotations

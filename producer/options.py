@@ -74,8 +74,23 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.IntRange(min=1),
         default=defaults.BATCH_SIZE,
         show_default=True,
-        help="Most images in one batch.",
+        callback=_within_worker_limit,
+        help=f"Most images in one batch; at most {defaults.MAX_BATCH_IMAGES_ENV} (default "
+        f"{defaults.MAX_BATCH_IMAGES}), the most a worker scores.",
     )(f)
+
+
+def _within_worker_limit(_ctx: click.Context, param: click.Parameter, value: int) -> int:
+    try:
+        limit = defaults.max_batch_images()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
+    if value > limit:
+        raise click.BadParameter(
+            f"{value} is more than {defaults.MAX_BATCH_IMAGES_ENV}={limit}, the most images a "
+            "worker scores in one batch", param=param,
+        )
+    return value
 
 
 def echo_err(message: str) -> None:

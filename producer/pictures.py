@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -126,14 +125,28 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def inside_source(source_dir: str, path: str) -> str | None:
+    """The resolved path of ``path`` under ``source_dir`` when it lies inside the resolved
+    ``source_dir`` (symlinks followed, ``..`` applied), else ``None``: an absolute path, a NUL
+    byte, or a link out of the directory leads nowhere."""
+    if not path or os.path.isabs(path) or "\0" in path or "\0" in source_dir:
+        return None
+    try:
+        root = os.path.realpath(source_dir)
+        full = os.path.realpath(os.path.join(root, path))
+    except (OSError, ValueError):
+        return None
+    return full if full != root and os.path.commonpath([root, full]) == root else None
+
+
 def load_thumbnail(source_dir: str, path: str, height: int, width: int) -> Image.Image | None:
     """The scored image ``path`` (relative to ``source_dir``) as grayscale, or ``None`` when
-    it is gone, unreadable, not an image of the model's size, or outside ``source_dir``."""
-    root = Path(source_dir)
-    full = Path(os.path.normpath(root / path))
-    if os.path.isabs(path) or not full.is_relative_to(root):
+    it is gone, unreadable, not an image of the model's size, or resolves outside
+    ``source_dir``."""
+    full = inside_source(source_dir, path)
+    if full is None:
         return None
-    data, error = read_file(str(full))
+    data, error = read_file(full)
     if data is None or error:
         return None
     try:

@@ -76,6 +76,7 @@ class CelerySender:
         #: (payload key, bytes counted) of sent batches whose payload may still be in Redis
         self._sent: deque[tuple[str, int]] = deque()
         self.queued_bytes = 0
+        self.secret = defaults.secret()
         self._connection: Any = None
         self._redis: Any = None
 
@@ -121,6 +122,7 @@ class CelerySender:
         key = wire.payload_key(message)
         try:
             store = self._payload_store()
+            payload = None
             if batch is not None:
                 payload = wire.pack_payload(batch.blobs, batch.errors)
                 cost = len(payload) + defaults.QUEUED_MESSAGE_BYTES
@@ -128,8 +130,13 @@ class CelerySender:
                 store.set(key, payload, ex=self.ttl)
                 self._sent.append((key, cost))
                 self.queued_bytes += cost
+            headers = (
+                wire.signature_headers(self.secret, message, payload or b"")
+                if self.secret else None
+            )
             self.app.send_task(
-                wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack"
+                wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
+                headers=headers,
             )
         except Exception as e:
             if is_out_of_memory(e):

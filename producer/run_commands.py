@@ -149,7 +149,8 @@ def submit_cmd(
 
     An image's label is its parent folder's name when that is one of the model's classes.
     With no broker set, scores in this process; with one, enqueues batches for `worker`
-    processes: with --send bytes (the default) their image bytes wait in Redis, at most
+    processes, signed when DIGITSCORE_SECRET is set (workers with that secret score nothing
+    else): with --send bytes (the default) their image bytes wait in Redis, at most
     DIGITSCORE_MAX_QUEUED_BYTES of them (default: the smaller of 256 MiB and half of Redis's
     maxmemory; past it the producer waits for workers); with --send paths only their paths
     go, and each worker reads the files from DIRECTORY, which it must see at the same path

@@ -92,7 +92,8 @@ def _fresh_engines() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their own broker and database; the developer's shell must not leak in."""
-    for var in ("DIGITSCORE_BROKER_URL", "DIGITSCORE_DATABASE_URL", "DIGITSCORE_QUEUE"):
+    for var in ("DIGITSCORE_BROKER_URL", "DIGITSCORE_DATABASE_URL", "DIGITSCORE_QUEUE",
+                "DIGITSCORE_SECRET"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -139,3 +139,19 @@ def test_database_errors_name_their_cause_with_the_right_exit_code(run_cli, tmp_
     r = run_cli("runs", "--database-url", f"sqlite:///{tmp_path}/no/such/dir/x.db")
     assert r.exit_code == 1
     assert "unable to open database file" in r.output and "server is up" not in r.output
+def test_batch_size_above_what_a_worker_scores_exits_2_and_creates_no_run(
+    run_cli, sample_dir, model_db, monkeypatch
+):
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "65537",
+                "--database-url", model_db)
+    assert r.exit_code == 2
+    assert "65537 is more than DIGITSCORE_MAX_BATCH_IMAGES=65536" in r.output
+    monkeypatch.setenv("DIGITSCORE_MAX_BATCH_IMAGES", "10")
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "11",
+                "--database-url", model_db)
+    assert r.exit_code == 2 and "DIGITSCORE_MAX_BATCH_IMAGES=10" in r.output
+    with get_engine(model_db).connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM runs")).scalar() == 0
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "10",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output

@@ -27,6 +27,7 @@ SECRETS = {
     "DIGITSCORE_DB_PASSWORD": "db-sentinel-4f1c",
     "DIGITSCORE_REDIS_PASSWORD": "redis-sentinel-9a2e",
     "DIGITSCORE_FLOWER_PASSWORD": "flower-sentinel-77d0",
+    "DIGITSCORE_SECRET": "secret-sentinel-5e3b-2c71",
 }
 _PARSE_YAML = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 

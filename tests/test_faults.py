@@ -243,6 +243,45 @@ def test_database_away_for_a_while_tasks_retry_and_run_completes(
     assert "Retry in" in logs  # the outage was seen, and ridden out with backoff
 
 
+def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
+    run_cli, sample_dir, postgres_url, broker_env, start_worker
+):
+    """An outage four times the visibility timeout: the retries wait less than the timeout
+    (DIGITSCORE_DB_RETRY_MAX follows it), and copies Redis hands out again are no deaths, so
+    every batch is scored and none is failed as poison. Messages are signed
+    (DIGITSCORE_SECRET): a retry keeps its message's signature."""
+    secret = {"DIGITSCORE_SECRET": "faults-test-secret-0c9a71e2"}
+    from tests.tcp_proxy import TcpProxy
+
+    train(run_cli, sample_dir, postgres_url)
+    proxy = TcpProxy("127.0.0.1", 5432)
+    base, _, name = postgres_url.rpartition("/")
+    via_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{name}"
+    env = {**broker_env, **secret, "DIGITSCORE_DATABASE_URL": via_proxy,
+           "DIGITSCORE_VISIBILITY_TIMEOUT": "5", "DIGITSCORE_TEST_TASK_DELAY": "0.1"}
+    try:
+        workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
+        for w in workers:
+            assert "database retries at most 2 s apart" in wait_for_log(w, "ready.")
+        r = run_cli("submit", str(sample_dir), "--batch-size", "25", "--database-url",
+                    postgres_url, env=secret)
+        assert r.exit_code == 0, r.output
+        wait_scored(postgres_url, 100)
+        proxy.cut()
+        time.sleep(20)
+        proxy.open()
+        run = wait_done(postgres_url, timeout=120)
+    finally:
+        proxy.close()
+    assert_exactly_once(postgres_url, 1000)
+    assert run["n_failed"] == 0
+    with get_engine(postgres_url).connect() as conn:
+        undone = conn.execute(text("SELECT COUNT(*) FROM batches WHERE status <> 'done'"))
+        assert undone.scalar() == 0
+    logs = "".join(Path(w.log_path).read_text() for w in workers)
+    assert "Retry in" in logs and "killed" not in logs and "dropped" not in logs
+
+
 def test_producer_killed_mid_submit_then_resume_completes(
     run_cli, sample_dir, tmp_path, postgres_url, broker_env, start_worker
 ):

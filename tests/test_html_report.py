@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import text
 
 from db.mistakes import confident_mistakes
 from db.session import get_engine
+from producer.pictures import load_thumbnail
 from tests.conftest import service_missing
 from tests.populate import (
     GONE_NAME,
@@ -112,6 +114,76 @@ def test_html_thumbnail_is_the_scored_file(html_run, sample_dir):
     shown = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     a_seven = sorted((sample_dir / "valid" / "7").glob("*.png"))[0]
     assert (shown == np.asarray(Image.open(a_seven).convert("L"))).all()
+
+
+def test_thumbnails_are_read_only_from_inside_the_resolved_source_directory(
+    sample_dir, tmp_path
+):
+    """Any stored path: a thumbnail only when the file's resolved path lies inside the run's
+    resolved source directory; ``..``, absolute paths, NUL bytes and directory symlinks
+    that lead out get none, and none raises."""
+    root = tmp_path / "src"
+    outside = tmp_path / "outside"
+    (root / "3").mkdir(parents=True)
+    outside.mkdir()
+    digit = sorted((sample_dir / "valid" / "3").glob("*.png"))[0]
+    shutil.copy(digit, root / "3" / "a.png")
+    shutil.copy(digit, outside / "secret.png")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "3" / "inner").symlink_to(root / "3", target_is_directory=True)
+    (tmp_path / "src-link").symlink_to(root, target_is_directory=True)
+    for source, path in [
+        (root, "3/a.png"),
+        (root, "3/../3/a.png"),
+        (root, "3/inner/a.png"),  # a link that stays inside
+        (tmp_path / "src-link", "3/a.png"),  # the source directory itself through a link
+    ]:
+        assert load_thumbnail(str(source), path, 28, 28) is not None, path
+    for path in [
+        "link/secret.png",
+        "../outside/secret.png",
+        "3/../../outside/secret.png",
+        str(outside / "secret.png"),
+        "3/a.png\0",
+        "\0",
+        "",
+        ".",
+        "3/../..",
+        "x" * 5000,
+    ]:
+        assert load_thumbnail(str(root), path, 28, 28) is None, path
+    assert load_thumbnail(str(root) + "\0", "3/a.png", 28, 28) is None
+
+
+def test_html_report_survives_hostile_stored_paths(html_run, sqlite_url, tmp_path, run_cli):
+    """Misclassified rows whose stored paths lead out of the source directory (a directory
+    symlink, ``..``, an absolute path) or hold a NUL byte: the page is written, each with a
+    placeholder and never the outside file's pixels."""
+    _page, mistakes, _rows = html_run
+    engine = get_engine(sqlite_url)
+    with engine.connect() as conn:
+        run_id, source = conn.execute(text("SELECT id, source_dir FROM runs")).one()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = sorted({r["path"] for rows in mistakes.values() for r in rows})[:4]
+    assert len(victims) == 4
+    for p in victims:
+        shutil.copy(Path(source) / p, outside / Path(p).name)
+    (Path(source) / "link").symlink_to(outside, target_is_directory=True)
+    names = [Path(p).name for p in victims]
+    hostile = [f"link/{names[0]}", f"../outside/{names[1]}", str(outside / names[2]),
+               f"3/{names[3]}\0.png"]
+    with engine.begin() as conn:
+        for old, new in zip(victims, hostile, strict=True):
+            conn.execute(text("UPDATE predictions SET path = :new WHERE run_id = :r AND "
+                              "path = :old"), {"new": new, "old": old, "r": run_id})
+    page = tmp_path / "hostile.html"
+    r = run_cli("report", str(run_id), "--html", str(page), "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    html = Page(page.read_text("utf-8"))
+    shown = {a.get("alt") for a in html.all("img")}
+    assert not shown & set(hostile)
+    assert len(html.classed("missing")) >= len(hostile)
 
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:

@@ -132,3 +132,21 @@ def test_a_current_schema_costs_no_migration_work(any_db_url, monkeypatch):
     dispose_engines()
     with pytest.raises(AssertionError, match="current schema"):
         get_engine(any_db_url)
+@pytest.mark.integration
+def test_a_forked_child_forgets_the_parents_connections_without_closing_them(postgres_url):
+    """A worker's main process keeps a database connection (it counts worker deaths) and
+    forks pool processes: a child's dispose must leave the parent's session alive."""
+    import os
+
+    from db.session import dispose_engines
+
+    engine = get_engine(postgres_url)
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    child = os.fork()
+    if child == 0:  # the pool process
+        dispose_engines(close=False)
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == pid

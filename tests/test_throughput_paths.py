@@ -212,29 +212,34 @@ def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
     assert queries.store_batch_results(engine, run_id, 0, [row("3/a.png")]) == 1
 
 
-def test_deliveries_are_counted_with_the_rows_and_redeliveries_at_once(any_db_url, classifier):
-    """A first delivery adds 1 (+ its retries) in the transaction that stores its rows; a
-    redelivery counts at once, and first makes up for the first delivery that died uncounted."""
+def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_url, classifier):
+    """A delivery that ends adds 1 (+ its retries) in the transaction that stores its rows; a
+    worker's death adds 1 at once, only to an unfinished batch of a run with that token."""
     engine = get_engine(any_db_url)
     model_id = save(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png"], ["3/b.png"], ["3/c.png"]])
+    with engine.connect() as conn:
+        token = conn.execute(text("SELECT token FROM runs WHERE id = :r"), {"r": run_id}).scalar()
 
     def deliveries(seq: int) -> int:
         with engine.connect() as conn:
             return conn.execute(text("SELECT deliveries FROM batches WHERE run_id = :r AND "
                                      "seq = :s"), {"r": run_id, "s": seq}).scalar_one()
 
-    # batch 0: delivered once, stored
+    # batch 0: delivered once, stored; a late death report for it changes nothing
     queries.store_batch_results(engine, run_id, 0, [row("3/a.png")], deliveries=1)
+    assert queries.count_worker_death(engine, run_id, 0, token) is None
     assert deliveries(0) == 1
-    # batch 1: the first delivery died; three redeliveries, the third after one more death
-    assert [queries.count_redelivery(engine, run_id, 1) for _ in range(3)] == [2, 3, 4]
-    queries.store_batch_results(engine, run_id, 1, [row("3/b.png")])  # counted already
-    assert deliveries(1) == 4
-    # batch 2: a database error, then the retry (retries=1) died and was redelivered
-    assert queries.count_redelivery(engine, run_id, 2, retries=1) == 3
-    queries.store_batch_results(engine, run_id, 2, [row("3/c.png")])
-    assert deliveries(2) == 3
+    # batch 1: two deaths, then a delivery that stores its rows
+    assert [queries.count_worker_death(engine, run_id, 1, token) for _ in range(2)] == [1, 2]
+    batch = queries.recorded_batch(engine, run_id, 1, token)
+    assert (batch.deaths, batch.paths) == (2, ["3/b.png"])
+    queries.store_batch_results(engine, run_id, 1, [row("3/b.png")], deliveries=1)
+    assert deliveries(1) == 3
+    # batch 2: a death reported with another token, or for no such batch, counts nothing
+    assert queries.count_worker_death(engine, run_id, 2, "0" * 32) is None
+    assert queries.count_worker_death(engine, run_id, 7, token) is None
+    assert queries.recorded_batch(engine, run_id, 2, token).deaths == 0
 
 
 def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_db_url, classifier):

@@ -64,6 +64,81 @@ def test_bodies_and_headers_that_do_not_fit_are_refused():
             wire.check_headers({**headers, **change})
 
 
+def test_a_delivery_is_checked_before_its_body_is_decoded():
+    """Headers, task name and size first; the body is decoded only when they fit, and a
+    decoder's error is a refusal like any other."""
+    headers = {"task": wire.TASK_NAME, "id": "x"}
+    body = [[1, 2, TOKEN], {}, {}]
+    decoded: list[int] = []
+
+    def decode():
+        decoded.append(1)
+        return body
+
+    assert wire.check_delivery(headers, 60, decode) == wire.BatchMessage(1, 2, TOKEN)
+    for hdrs, size, reason in [
+        ({**headers, "task": "os.system"}, 60, "unknown task 'os.system'"),
+        ({"id": "x"}, 60, "header 'task'"),
+        (None, 60, "headers are not a map"),
+        (headers, 10**6, "body of 1000000 bytes"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_delivery(hdrs, size, decode)
+    assert len(decoded) == 1
+
+    def broken():
+        raise ValueError("unpack(b) received extra data")
+
+    with pytest.raises(MessageError, match="body cannot be decoded: ValueError"):
+        wire.check_delivery(headers, 60, broken)
+
+
+def test_signed_messages_and_payloads_are_checked():
+    """With a secret, a delivery passes only with the HMAC of its task, arguments and payload
+    digest; the payload must then have that digest."""
+    secret = b"s" * 32
+    message = wire.BatchMessage(1, 2, TOKEN)
+    payload = wire.pack_payload([b"png"], [None])
+    signed = {"task": wire.TASK_NAME, "id": "x",
+              **wire.signature_headers(secret, message, payload)}
+    body = [message.args(), {}, {}]
+    assert wire.check_delivery(signed, 60, lambda: body, secret) == message
+    wire.check_payload_digest(signed[wire.PAYLOAD_DIGEST_HEADER], payload)
+    other = [[1, 3, TOKEN], {}, {}]
+    for headers, decoded, key, reason in [
+        ({"task": wire.TASK_NAME, "id": "x"}, body, secret, "not signed"),
+        (signed, other, secret, "bad signature"),  # signed for another batch
+        (signed, body, b"t" * 32, "bad signature"),  # another secret
+        ({**signed, wire.PAYLOAD_DIGEST_HEADER: "0" * 64}, body, secret, "bad signature"),
+        ({**signed, wire.SIGNATURE_HEADER: 5}, body, secret, "bad signature"),
+        ({**signed, wire.SIGNATURE_HEADER: "é" * 64}, body, secret, "bad signature"),
+        ({**signed, wire.PAYLOAD_DIGEST_HEADER: "é" * 64}, body, secret, "bad signature"),
+    ]:
+        with pytest.raises(MessageError, match=reason):
+            wire.check_delivery(headers, 60, lambda d=decoded: d, key)
+    for digest in (None, "0" * 64, 7, "é"):
+        with pytest.raises(MessageError, match="not those its producer signed"):
+            wire.check_payload_digest(digest, payload)
+    assert wire.check_delivery({"task": wire.TASK_NAME, "id": "x"}, 60, lambda: body) == message
+
+
+def test_a_short_secret_is_refused(monkeypatch):
+    monkeypatch.setenv(defaults.SECRET_ENV, "short")
+    with pytest.raises(ValueError, match="shorter than 16 characters"):
+        defaults.secret()
+    monkeypatch.delenv(defaults.SECRET_ENV)
+    assert defaults.secret() is None
+
+
+def test_broker_urls_kombu_cannot_parse_are_refused_without_echoing_them():
+    wire.check_broker_url("redis://:pa%23ss@127.0.0.1:6379/0")
+    wire.check_broker_url("redis://:pa@ss@127.0.0.1:6379/0")  # the last @ ends the password
+    for url in ("redis://:Sup3r#S3cret@127.0.0.1:6379/0", "redis://:Sup3r/S3cret@host:6379/0"):
+        with pytest.raises(BrokerURLError, match="cannot be parsed") as e:
+            wire.check_broker_url(url)
+        assert "Sup3r" not in str(e.value) and "S3cret" not in str(e.value)
+
+
 def test_payload_round_trip_and_what_is_refused():
     blobs, errors = [b"\x89PNG...", None, b""], [None, "file could not be read: gone", None]
     assert wire.unpack_payload(wire.pack_payload(blobs, errors), 3) == (blobs, errors)
@@ -157,3 +232,73 @@ def test_the_task_scores_what_the_database_recorded_and_nothing_else(
         stored = conn.execute(text(
             "SELECT path, batch_seq FROM predictions WHERE error IS NULL ORDER BY id")).all()
     assert [tuple(r) for r in stored] == [(p, i // 3) for i, p in enumerate(paths)]
+
+
+class RedeliveredTask:
+    class request:  # noqa: N801 - Celery's attribute name
+        retries = 0
+        delivery_info: dict = {"redelivered": True}
+
+
+def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_dropped(
+    monkeypatch, classifier, sample_dir, tmp_path
+):
+    """A redelivered flag counts nothing: the batch is scored. Three deaths counted against
+    it (as the Celery main process counts them) make it poison. A recorded batch above
+    DIGITSCORE_MAX_BATCH_IMAGES is dropped unscored and stays queued."""
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setenv(defaults.DATABASE_URL_ENV, url)
+    engine = get_engine(url)
+    model_id = save(engine, classifier)
+    files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:9]
+    paths = [f"3/{f.name}" for f in files]
+    with engine.begin() as conn:
+        run_id, token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "celery")
+        for seq in range(3):
+            queries.record_batch(conn, run_id, seq, paths[3 * seq: 3 * seq + 3], 0)
+    store = fakeredis.FakeRedis()
+    monkeypatch.setattr(tasks, "payload_store", lambda: store)
+    for seq in range(3):
+        store.set(wire.payload_key(wire.BatchMessage(run_id, seq, token)), wire.pack_payload(
+            [f.read_bytes() for f in files[3 * seq: 3 * seq + 3]], [None] * 3))
+    for _ in range(3):  # three worker processes died holding batch 1
+        queries.count_worker_death(engine, run_id, 1, token)
+    assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 0, token)) == 3
+    assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 1, token)) == 3
+    monkeypatch.setenv(defaults.MAX_BATCH_IMAGES_ENV, "2")
+    assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 2, token)) == 0
+    assert store.keys() == []
+    with engine.connect() as conn:
+        errors = dict(conn.execute(text(
+            "SELECT batch_seq, COUNT(error) FROM predictions GROUP BY batch_seq")).all())
+        batches = conn.execute(text(
+            "SELECT seq, status, deliveries FROM batches ORDER BY seq")).all()
+    assert errors == {0: 0, 1: 3}
+    assert [tuple(b) for b in batches] == [(0, "done", 1), (1, "failed", 4), (2, "queued", 0)]
+
+
+def test_only_a_pool_process_dying_of_a_batch_counts_as_a_death(monkeypatch):
+    from billiard.einfo import ExceptionWithTraceback
+    from billiard.exceptions import WorkerLostError
+    from celery.exceptions import Terminated
+    from celery.worker import state
+
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    class Req:
+        _already_cancelled = _already_revoked = False
+
+    lost = WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL)")
+    assert tasks.died_holding(Req, lost)
+    assert tasks.died_holding(Req, ExceptionWithTraceback(lost, ""))
+    assert tasks.died_holding(Req, SystemExit(1))
+    assert not tasks.died_holding(Req, Terminated(15))
+    assert not tasks.died_holding(Req, MessageError("payload gone"))
+    Req._already_revoked = True
+    assert not tasks.died_holding(Req, SystemExit(1))
+    monkeypatch.setattr(state, "should_terminate", True)  # a cold stop: Celery ends the pool
+    assert not tasks.died_holding(Req, lost)

@@ -22,6 +22,7 @@ import click
 from core import defaults
 from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
 from core.text import mask_url
+from core.wire import check_broker_url
 from worker.devices import (
     DEVICE_FAILED_EXIT,
     DeviceSpec,
@@ -103,7 +104,8 @@ def describe_settings() -> str:
     """One line naming the broker, queue, database, visibility timeout and task time limit,
     passwords masked.
 
-    Raises ``ValueError`` on a setting every worker would reject, so that it fails here, once.
+    Raises ``ValueError`` on a setting every worker would reject (settings that contradict
+    each other included), so that it fails here, once.
     """
     from db.session import normalize_url
 
@@ -111,11 +113,16 @@ def describe_settings() -> str:
     database = defaults.setting(defaults.DATABASE_URL_ENV, None)
     timeout = defaults.visibility_timeout()
     limit = defaults.task_time_limit()
+    retry_max = defaults.db_retry_max()
+    defaults.max_batch_images()
+    signed = "signed messages only" if defaults.secret() else (
+        f"unsigned messages ({defaults.SECRET_ENV} is not set)")
     if not broker:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
             f"{defaults.BROKER_URL_ENV}=redis://127.0.0.1:6379/0 worker"
         )
+    check_broker_url(broker)
     broker_text = mask_url(broker)
     if database:
         database_text = mask_url(normalize_url(database))
@@ -128,7 +135,8 @@ def describe_settings() -> str:
     mapped = f", --send paths runs read below {mapping[0]} from {mapping[1]}" if mapping else ""
     return (
         f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s, task time limit {limit} s{mapped}"
+        f"visibility timeout {timeout} s, task time limit {limit} s, database retries at "
+        f"most {retry_max} s apart, {signed}{mapped}"
     )
 
 
@@ -304,7 +312,9 @@ def main(
     queue and stops that worker with status 75.
 
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
-    DIGITSCORE_VISIBILITY_TIMEOUT and DIGITSCORE_TASK_TIME_LIMIT; and
+    DIGITSCORE_VISIBILITY_TIMEOUT, DIGITSCORE_TASK_TIME_LIMIT and DIGITSCORE_DB_RETRY_MAX
+    (both below the visibility timeout), DIGITSCORE_MAX_BATCH_IMAGES and DIGITSCORE_SECRET
+    (set: only messages signed with it are scored); and
     DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix where this host sees the
     directories of `submit --send paths` runs elsewhere than the producer did. Arguments
     after `--` go to `celery worker` as they are.

@@ -7,6 +7,12 @@ and unfinished; the paths and the model come from the database, the payload key 
 token and the batch number. In a ``--send paths`` run there is no payload: the worker reads
 the recorded paths from the run's source directory itself, with the producer's rules
 (core/files.py), and never opens anything whose resolved location is outside it.
+
+Three pieces of Celery and kombu are replaced, all in the worker's main process: the Redis
+transport drops queue entries that are not kombu messages (worker/transport.py), the
+consumer checks every delivery before Celery reads it (:class:`CheckedConsumer`), and the
+request counts a pool process's death against the batch it held
+(:class:`DeathCountingRequest`).
 """
 
 from __future__ import annotations
@@ -19,24 +25,30 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import torch
-from celery.exceptions import InvalidTaskError, Reject
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
-from celery.worker.strategy import default as default_strategy
+from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
+from vine import promise
 
 from core import defaults, wire
 from core.batch import poison_rows, score_images
 from core.classifier import Classifier
 from core.errors import MessageError
 from core.files import map_prefix, read_batch_below
-from core.text import mask_url
+from core.text import mask_url, mask_urls_in
 from db.model_store import load_classifier
 from db.queries import (
     RecordedBatch,
     RunMismatch,
-    count_redelivery,
+    count_worker_death,
     recorded_batch,
     store_batch_results,
 )
@@ -48,6 +60,11 @@ from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_
 T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
 app = wire.make_app()
+app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
+#: Set: every message must be signed with it (core/wire.py).
+SECRET = defaults.secret()
+if urlsplit(str(app.conf.broker_url)).scheme == "redis":
+    app.conf.broker_transport = "worker.transport:CheckedTransport"
 
 
 def database_url() -> str:
@@ -69,7 +86,8 @@ _device_failed = False
 
 @worker_process_init.connect
 def _on_process_start(**_kwargs) -> None:
-    # Connections must not cross a fork; CUDA is first touched here, in the pool process.
+    # Connections must not cross a fork (the main process's, which counts worker deaths, stay
+    # open for it); CUDA is first touched here, in the pool process.
     dispose_engines(close=False)
     broker_connection.cache_clear()
     device = current_device()
@@ -100,12 +118,13 @@ def _no_cuda_before_fork(**_kwargs) -> None:
     device_health.install_stop_handler()
 
 
-def requeue_on_error(work: Callable[[], T]) -> T:
+def requeue_on_error(work: Callable[[], T], engine: Any, message: wire.BatchMessage) -> T:
     """``work()`` (loading the model onto the device, or scoring): on an error the batch goes
     back to the queue instead of being acknowledged, and on a device error this worker stops,
-    for its supervisor to start it again. A batch that fails on every delivery gets error rows
-    after ``MAX_DELIVERIES`` (each requeue counts as a redelivery). A database error is left to
-    the task's retries."""
+    for its supervisor to start it again. An error that is not the device's counts as a failed
+    delivery of the batch (a broken device is not the batch's fault), so a batch that fails on
+    every delivery gets error rows after ``MAX_DELIVERIES``. A database error is left to the
+    task's retries."""
     global _device_failed
     if _device_failed:
         raise Reject("this process's device failed: the batch goes back", requeue=True)
@@ -123,6 +142,7 @@ def requeue_on_error(work: Callable[[], T]) -> T:
             device_health.stop_this_worker()
         else:
             log.exception("scoring failed: the batch goes back to the queue")
+            count_worker_death(engine, message.run_id, message.seq, message.token)
         raise Reject(f"scoring failed: {e!r}", requeue=True) from e
 
 
@@ -160,25 +180,91 @@ def _unregister(**_kwargs) -> None:
         log.warning("could not mark this worker stopped: %s", type(e).__name__)
 
 
-def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """Celery's own strategy behind a check of each message's shape (core/wire.py): what
-    does not fit raises ``InvalidTaskError``, which Celery logs and acknowledges, and the
-    worker goes on with the next message instead of dying inside Celery's request parser."""
-    handle = default_strategy(task, app, consumer, **kwargs)
+def message_id(message: Any) -> str:
+    """A delivery's id for the log: its ``id`` header when that is text, else its tag."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    value = headers.get("id")
+    if not isinstance(value, str):
+        value = (message.delivery_info or {}).get("delivery_tag") or message.delivery_tag
+    return repr(str(value)[:64])
 
-    def task_message_handler(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            wire.check_headers(message.headers)
-            wire.check_message(
-                message.headers.get("task", ""), message.decode(), len(message.body or b"")
-            )
-        except MessageError as e:
-            raise InvalidTaskError(
-                f"message {str(message.headers.get('id'))[:64]!r} dropped: {e}"
-            ) from None
-        return handle(message, body, *args, **kw)
 
-    return task_message_handler
+class CheckedConsumer(Consumer):
+    """Celery's consumer with every delivery checked (core/wire.check_delivery) before Celery
+    reads any of it: a message that is not this worker's one task in its one shape is
+    logged with its id and why, acknowledged (dropped: there is no dead-letter queue) and
+    the worker goes on with the next one. Unchecked, a body Celery cannot unpack, or an
+    unknown task without an ``id`` header, raises inside Celery's consumer and stops the
+    worker, and the message, restored, stops the next one."""
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                wire.check_delivery(
+                    message.headers, len(message.body or b""), message.decode, SECRET
+                )
+            except Exception as e:  # noqa: BLE001 - nothing in a message may stop the worker
+                why = e if isinstance(e, MessageError) else f"cannot be checked: {e!r:.200}"
+                log.error("message %s dropped: %s", message_id(message), why)
+                message.reject_log_error(log, self.connection_errors)  # no requeue: gone
+                return None
+            return handle(message)
+
+        return on_task_received
+
+
+def died_holding(request: Any, exc: BaseException) -> bool:
+    """Whether a failure Celery reports means the pool process running the task died of it:
+    not when the worker is being stopped coldly (Celery ends its own pool processes then)."""
+    if worker_state.should_terminate:
+        return False
+    if isinstance(exc, ExceptionWithTraceback):  # a child's exception, as billiard sends it
+        exc = exc.exc
+    if isinstance(exc, WorkerLostError):
+        return True
+    # billiard >= 4.3 reports a child's exit as SystemExit; Celery takes it for a lost worker
+    # unless it killed the child itself (a revoke or a cancel)
+    return isinstance(exc, (SystemExit, KeyboardInterrupt)) and not (
+        request._already_cancelled or request._already_revoked
+    )
+
+
+def record_death(args: Any) -> None:
+    """Count a pool process's death against the batch it held, in the database, before the
+    batch goes back to the queue; a failure to count only means one death goes uncounted."""
+    try:
+        message = wire.BatchMessage.from_args(args)
+        deaths = count_worker_death(
+            get_engine(database_url()), message.run_id, message.seq, message.token
+        )
+    except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
+        log.error("a worker process died; its death could not be counted: %s",
+                  mask_urls_in(str(e)))
+        return
+    if deaths is not None:
+        log.warning(
+            "a worker process died holding run %s batch %s (%s deaths on it so far)",
+            message.run_id, message.seq, deaths,
+        )
+
+
+class DeathCountingRequest(Request):
+    """Celery's request, in the worker's main process: when the pool process running a batch
+    dies, the batch's delivery count goes up by one (db/queries.count_worker_death) before
+    Celery requeues the message. A message cannot forge that (a redelivered flag can be)."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
+        if died_holding(self, exc_info.exception):
+            record_death(self.args)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        # past the hard time limit Celery kills the process and requeues the batch: a death
+        if not soft and not worker_state.should_terminate:
+            record_death(self.args)
+        super().on_timeout(soft, timeout)
 
 
 @lru_cache(maxsize=1)
@@ -217,7 +303,8 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     store = payload_store()
     key = wire.payload_key(message)
     try:
-        batch = recorded_batch(engine, message.run_id, message.seq, message.token)
+        limit = defaults.max_batch_images()
+        batch = recorded_batch(engine, message.run_id, message.seq, message.token, limit)
     except RunMismatch as e:
         log.error(
             "%s: nothing written, its payload deleted. Is the producer on another database? "
@@ -228,28 +315,31 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     if batch.finished:  # stored by an earlier delivery, or given up on
         store.delete(key)
         return 0
+    if batch.n_images > limit:
+        log.error(
+            "run %s batch %s holds %s images, more than %s=%s: dropped unscored, its payload "
+            "deleted; the batch stays queued (raise the limit on every worker, then `producer "
+            "resume %s`)", batch.run_id, batch.seq, batch.n_images,
+            defaults.MAX_BATCH_IMAGES_ENV, limit, batch.run_id,
+        )
+        store.delete(key)
+        return 0
     device = current_device()
-    clf = requeue_on_error(lambda: cached_classifier(url, batch.model_id, device))
-    # A message the broker hands out again (its worker died holding it, or held it past the
-    # visibility timeout) is flagged redelivered: count it before any work, so that a batch
-    # that kills every worker is known. A retry after a database error is a new message with
-    # request.retries one higher, not a redelivery. A first delivery, by far the common case,
-    # is counted in the transaction that stores its rows: no extra write per batch.
-    retries = task.request.retries
-    if (task.request.delivery_info or {}).get("redelivered"):
-        crashes = count_redelivery(engine, batch.run_id, batch.seq, retries) - 1 - retries
-        if crashes >= defaults.MAX_DELIVERIES:
-            log.error(
-                "run %s batch %s killed %s workers: marking it failed",
-                batch.run_id, batch.seq, crashes,
-            )
-            rows = poison_rows(batch.paths, clf.classes, crashes)
-            n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed")
-            store.delete(key)
-            return n_new
-        deliveries = 0
-    else:
-        deliveries = 1 + retries
+    clf = requeue_on_error(
+        lambda: cached_classifier(url, batch.model_id, device), engine, message
+    )
+    # Failed deliveries of this batch, counted where no message can forge them: worker
+    # processes that died holding it (by the Celery main process, DeathCountingRequest) and
+    # scoring errors that sent it back (requeue_on_error).
+    if batch.deaths >= defaults.MAX_DELIVERIES:
+        log.error(
+            "run %s batch %s failed on %s deliveries: marking it failed",
+            batch.run_id, batch.seq, batch.deaths,
+        )
+        rows = poison_rows(batch.paths, clf.classes, batch.deaths)
+        n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed", 1)
+        store.delete(key)
+        return n_new
     if batch.send_mode == "paths":
         files = read_batch_below(source_root(batch), batch.paths)
         blobs, errors = files.blobs, files.errors
@@ -262,10 +352,21 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
                 f"{defaults.PAYLOAD_TTL_ENV}); the batch stays unfinished: run "
                 f"`producer resume {batch.run_id}`"
             )
+        if SECRET is not None:
+            try:
+                name = wire.PAYLOAD_DIGEST_HEADER  # a custom header: in the request's headers
+                digest = getattr(task.request, name, None) or (
+                    task.request.headers or {}).get(name)
+                wire.check_payload_digest(digest, data)
+            except MessageError as e:
+                raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
         blobs, errors = wire.unpack_payload(data, len(batch.paths))
     rows = requeue_on_error(
-        lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device))
+        lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device)),
+        engine, message,
     )
+    # this delivery, and one per earlier try that ended in a database error (a retry)
+    deliveries = 1 + task.request.retries
     n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     store.delete(key)
     node = getattr(task.request, "hostname", None)
@@ -277,10 +378,10 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
 @app.task(
     bind=True,
     name=wire.TASK_NAME,
-    Strategy="worker.tasks:checked_strategy",
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
+    Request="worker.tasks:DeathCountingRequest",
     retry_backoff=True,
-    retry_backoff_max=60,
+    retry_backoff_max=defaults.db_retry_max(),  # below the visibility timeout
     max_retries=None,
 )
 def score_batch_task(self, run_id: int, seq: int, token: str) -> int:
