@@ -68,7 +68,7 @@ class SubmitInterrupted(DigitscoreError):
 class WaitTimeout(DigitscoreError):
     """``--wait --timeout S`` gave up: the run goes on without the command that waited."""
 class RedisFull(BrokerUnavailable):
-    """Redis refused a batch for want of memory; the message names ``producer resume RUN``."""
+    """Redis refused a batch for want of memory (submit and resume add ``producer resume RUN``)."""
 
 
 class GpuError(DigitscoreError):

@@ -93,7 +93,9 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
             if sum(key == cut for key in all_keys) > room:
                 tied.append((p, cut, room))
         added += [(run_id, p, path, key) for key, path in candidates]
-    insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added)
+    # a path kept already (its prediction row deleted by hand, then stored again) stays once
+    insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added,
+                " ON CONFLICT (run_id, predictor, path) DO NOTHING")
     if dropped:
         conn.exec_driver_sql(_DROP.format(m=m), dropped)
     for p, cut, room in tied:

@@ -142,10 +142,10 @@ class CelerySender:
             if is_out_of_memory(e):
                 self._leave_room(key if batch is not None else None)
                 raise RedisFull(
-                    f"Redis at {mask_url(self.url)} is out of memory and refused run "
-                    f"{message.run_id}'s batch {message.seq}: start workers, or give Redis "
-                    f"more maxmemory, or lower {defaults.MAX_QUEUED_BYTES_ENV}; then run "
-                    f"`producer resume {message.run_id}`"
+                    f"the broker {mask_url(self.url)} failed ({type(e).__name__}): "
+                    f"{first_line(e)}: Redis is out of memory and refused batch {message.seq}; "
+                    f"start workers, give Redis more maxmemory, or lower "
+                    f"{defaults.MAX_QUEUED_BYTES_ENV}"
                 ) from None
             if isinstance(e, (RedisError, KombuError, OSError)):
                 raise BrokerUnavailable(
