@@ -93,14 +93,17 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
             if sum(key == cut for key in all_keys) > room:
                 tied.append((p, cut, room))
         added += [(run_id, p, path, key) for key, path in candidates]
-    insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added)
+    # a path kept already (its row deleted by hand and stored again) stays as it is
+    insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added,
+                " ON CONFLICT (run_id, predictor, path) DO NOTHING")
     if dropped:
         conn.exec_driver_sql(_DROP.format(m=m), dropped)
     for p, cut, room in tied:
         last = conn.exec_driver_sql(
             _LAST_TIED.format(m=m), (run_id, p, cut, room - 1)
-        ).scalar_one()
-        conn.exec_driver_sql(_DROP_TIED.format(m=m), (run_id, p, cut, last))
+        ).scalar_one_or_none()
+        if last is not None:
+            conn.exec_driver_sql(_DROP_TIED.format(m=m), (run_id, p, cut, last))
 
 
 _COLUMNS = (
