@@ -161,5 +161,5 @@ def confident_mistakes(
         return [dict(r) for r in conn.execute(scan_query(run_id, predictor, limit)).mappings()]
     paths = list(conn.execute(kept_query(run_id, predictor, limit)).scalars())
     rows = {r["path"]: dict(r) for r in conn.execute(rows_query(run_id, paths)).mappings()}
-    return [rows[p] for p in paths]
+    return [rows[p] for p in paths if p in rows]  # a row deleted by hand is left out
 
