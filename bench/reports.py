@@ -7,10 +7,10 @@ plus a poison batch of 10 failed rows. A run of N rows is the seed's rows copied
 times with ``INSERT ... SELECT`` under new paths (``c<k>/<path>``; the run's source directory
 holds ``c<k>`` links to the seed's, so the HTML page finds every picture), its batches
 likewise, and its kept counts the seed's times the copies (checked against the views).
-Each command then runs as users run it, a fresh ``producer`` process, ``--repeat`` times, on
-SQLite and on PostgreSQL; ``producer status`` is the floor (the same process start, no
-report). Beside them, in this process: the reads of the report as they were, aggregating the
-run's rows through the views, and as they are, from the kept counts.
+Each command then runs as users run it, a fresh ``producer`` process, ``--repeat`` rounds of
+every size in turn, on SQLite and on PostgreSQL; ``producer status`` is the floor (the same
+process start, no report). Beside them, in this process: the reads of the report as they
+were, aggregating the run's rows through the views, and as they are, from the kept counts.
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ def measure(url: str, args: argparse.Namespace, clf: Any, seed_root: Path, work:
     seed = seed_run(engine, clf, model_id, seed_root)
     log(f"  seed run {seed}: {SEED_IMAGES + SEED_FAILED:,} rows in {time.perf_counter() - t:.1f} s")
     out: dict[str, dict[str, Any]] = {}
+    runs: dict[str, int] = {}
     for size in args.sizes:
         copies = size // SEED_IMAGES
         source = work / f"source-{copies}"
@@ -191,19 +192,24 @@ def measure(url: str, args: argparse.Namespace, clf: Any, seed_root: Path, work:
         with engine.connect() as conn:
             n_rows = queries.progress(conn, run_id).done
         log(f"  run {run_id}: {n_rows:,} rows, built in {built:.1f} s")
-        dispose_engines()
-        figures: dict[str, Any] = {"rows": n_rows, "build_seconds": built}
-        for _ in range(args.repeat):
+        runs[str(size)] = run_id
+        out[str(size)] = {"rows": n_rows, "build_seconds": built}
+    dispose_engines()
+    # round by round, each size in turn, so that a change of the machine's load falls on
+    # every size alike
+    for _ in range(args.repeat):
+        for size, run_id in runs.items():
+            figures = out[size]
             for name, command in COMMANDS.items():
                 figures.setdefault(name, []).append(time_command(url, run_id, command, work))
             for name, seconds in time_reads(get_engine(url), run_id).items():
                 figures.setdefault(name, []).append(seconds)
             dispose_engines()
+    for figures in out.values():
         for name in [*COMMANDS, "reads_over_the_rows", "reads_of_the_counts"]:
-            runs = figures[name]
-            log(f"  {n_rows:>9,} rows  {name:20s} median {statistics.median(runs):6.2f} s  "
-                f"(all: {', '.join(f'{x:.2f}' for x in runs)})")
-        out[str(size)] = figures
+            times = figures[name]
+            log(f"  {figures['rows']:>9,} rows  {name:20s} median "
+                f"{statistics.median(times):6.2f} s  (all: {', '.join(f'{x:.2f}' for x in times)})")
     return out
 
 

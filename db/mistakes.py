@@ -93,7 +93,7 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
             if sum(key == cut for key in all_keys) > room:
                 tied.append((p, cut, room))
         added += [(run_id, p, path, key) for key, path in candidates]
-    # a path kept already (its prediction row deleted by hand, then stored again) stays once
+    # a path kept already (its row deleted by hand and stored again) stays as it is
     insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added,
                 " ON CONFLICT (run_id, predictor, path) DO NOTHING")
     if dropped:
@@ -101,8 +101,9 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
     for p, cut, room in tied:
         last = conn.exec_driver_sql(
             _LAST_TIED.format(m=m), (run_id, p, cut, room - 1)
-        ).scalar_one()
-        conn.exec_driver_sql(_DROP_TIED.format(m=m), (run_id, p, cut, last))
+        ).scalar_one_or_none()
+        if last is not None:
+            conn.exec_driver_sql(_DROP_TIED.format(m=m), (run_id, p, cut, last))
 
 
 _COLUMNS = (
@@ -160,5 +161,5 @@ def confident_mistakes(
         return [dict(r) for r in conn.execute(scan_query(run_id, predictor, limit)).mappings()]
     paths = list(conn.execute(kept_query(run_id, predictor, limit)).scalars())
     rows = {r["path"]: dict(r) for r in conn.execute(rows_query(run_id, paths)).mappings()}
-    return [rows[p] for p in paths]
+    return [rows[p] for p in paths if p in rows]  # a row deleted by hand is left out
 
