@@ -8,16 +8,19 @@ so one model serves 3-vs-7 and all ten digits alike.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core import defaults
 from core.classifier import Classifier
-from core.errors import DirectoryError
+from core.errors import BadInput, DirectoryError
 from core.files import DirectoryWalk, check_directory, read_file
 from core.images import ImageError, decode_gray, image_size
 from core.scoring import linear, score_tensor
@@ -37,58 +40,217 @@ def ideal_images(stacked: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
 
 @dataclass(frozen=True)
 class EpochStats:
+    """One epoch of training, for the weight decay that did best on validation in it:
+    ``loss`` and ``train_accuracy`` over the epoch's mini-batches, the validation figures of
+    the weights at its end (``None`` without validation data), and the learning rate at the
+    epoch's start."""
+
     epoch: int
     loss: float
-    accuracy: float
+    train_accuracy: float
+    valid_loss: float | None
+    valid_accuracy: float | None
+    lr: float
+    weight_decay: float
+
+    def rank(self) -> tuple[float, float]:
+        """Higher is better: validation accuracy, then the lower validation loss."""
+        if self.valid_accuracy is None or self.valid_loss is None:
+            return (-math.inf, -math.inf)
+        return (self.valid_accuracy, -self.valid_loss)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
 
 
-def init_params(n_inputs: int, n_classes: int, generator: torch.Generator):
-    weights = (torch.randn(n_inputs, n_classes, generator=generator) * 0.01).requires_grad_()
-    bias = torch.zeros(n_classes).requires_grad_()
-    return weights, bias
+@dataclass(frozen=True)
+class SgdSettings:
+    """How the linear model is trained; the defaults are the ``producer train`` defaults.
+
+    Each weight decay in ``weight_decays`` trains its own copy of the model on the same
+    mini-batches, side by side in one matrix; validation chooses among them.
+    """
+
+    epochs: int = defaults.EPOCHS
+    lr: float = defaults.LEARNING_RATE
+    #: images per mini-batch; ``None``: :func:`auto_batch_size` of the training images
+    batch_size: int | None = None
+    seed: int = defaults.SEED
+    weight_decays: tuple[float, ...] = defaults.WEIGHT_DECAYS
+    momentum: float = defaults.MOMENTUM
+    #: stop after this many epochs without a better validation epoch; ``None``: never
+    patience: int | None = defaults.PATIENCE
+
+    def check(self) -> None:
+        if self.epochs < 1 or (self.batch_size or 1) < 1 or self.lr <= 0:
+            raise BadInput("epochs and batch size must be at least 1 and the learning rate > 0")
+        if not self.weight_decays or min(self.weight_decays) < 0:
+            raise BadInput("give at least one weight decay, each >= 0")
+        if not 0 <= self.momentum < 1:
+            raise BadInput("momentum must be in [0, 1)")
+        if self.patience is not None and self.patience < 1:
+            raise BadInput("patience must be at least 1 epoch")
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """The kept weights (``D x K``) and bias (``K``) for raw inputs (pixels / 255), the epoch
+    and weight decay they are from, and every epoch's figures."""
+
+    weights: torch.Tensor
+    bias: torch.Tensor
+    best_epoch: int
+    weight_decay: float
+    batch_size: int
+    curve: tuple[EpochStats, ...]
+
+
+def auto_batch_size(n: int) -> int:
+    """At least 64 mini-batches an epoch while they hold 64 to 256 images: small training
+    sets need the steps to converge, large ones the throughput of larger batches."""
+    return min(defaults.TRAIN_BATCH_SIZE_MAX, max(defaults.TRAIN_BATCH_SIZE_MIN, n // 64))
+
+
+def input_scaling(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input mean and one scale for all inputs: ``(x - mean) / scale`` is centred with a
+    mean square of 1, so one learning rate suits dark and bright images alike. One scale, not
+    one per pixel, so that a pixel that is almost always blank is not magnified."""
+    mean = x.mean(0)
+    scale = (x - mean).square().mean().sqrt().clamp_min(1e-6)
+    return mean, scale
+
+
+def fold_scaling(
+    weights: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights for raw inputs from weights trained on ``(x - mean) / scale``: the same logits,
+    ``((x - mean) / scale) @ W + b == x @ (W / scale) + (b - (mean / scale) @ W)``."""
+    return weights / scale, bias - (mean / scale) @ weights
+
+
+def cosine_lr(lr: float, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` of ``total_steps``: from ``lr`` down to 0 on a half cosine."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def validation_figures(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per model side by side (``weights`` is ``D x (G*K)``): the cross-entropy and accuracy
+    on raw inputs ``x``, each model predicting as core/scoring.py does."""
+    logits = linear(x, weights, bias).view(len(x), -1, k)  # N x G x K
+    _prob, pred = torch.softmax(logits, dim=2).max(2)
+    picked = torch.log_softmax(logits, dim=2).gather(
+        2, y[:, None, None].expand(-1, pred.shape[1], 1)
+    )
+    return -picked.mean((0, 2)), (pred == y[:, None]).float().mean(0)
 
 
 def train_sgd(
     x: torch.Tensor,
     y: torch.Tensor,
     n_classes: int,
+    settings: SgdSettings,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
+    valid: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> LinearFit:
     """Train on ``x`` (``N x D`` floats 0-1) and labels ``y`` (``N``, 0..K-1).
 
-    Returns ``weights`` (``D x K``) and ``bias`` (``K``). The same seed and data give the
-    same parameters bit for bit: initialisation and shuffling draw from one seeded generator.
+    Mini-batch SGD with momentum on softmax cross-entropy, on centred and scaled inputs (see
+    :func:`input_scaling`), the learning rate following a cosine from ``settings.lr`` to 0
+    over ``settings.epochs``, one model per weight decay (an L2 penalty on the weights). With
+    ``valid`` (raw inputs and labels), the weights kept are those of the epoch and weight
+    decay with the best validation accuracy (ties: the lower validation loss, then the
+    earlier epoch and the first weight decay), and training stops after ``patience`` epochs
+    without a better one; without, there must be one weight decay, and the last epoch is kept.
+    The kept weights are folded back to raw inputs, so the model scores ``pixels / 255``
+    exactly as core/scoring.py does.
+
+    The same seed and data give the same parameters bit for bit: initialisation and shuffling
+    draw from one seeded generator.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError("epochs and batch size must be at least 1 and the learning rate > 0")
-    generator = torch.Generator().manual_seed(seed)
-    weights, bias = init_params(x.shape[1], n_classes, generator)
-    n = x.shape[0]
-    for epoch in range(1, epochs + 1):
+    settings.check()
+    if valid is None and len(settings.weight_decays) > 1:
+        raise BadInput("choosing among weight decays needs validation data")
+    generator = torch.Generator().manual_seed(settings.seed)
+    n, d = x.shape
+    k, g = n_classes, len(settings.weight_decays)
+    batch_size = settings.batch_size or auto_batch_size(n)
+    weights = torch.randn(d, k, generator=generator).mul_(0.01).repeat(1, g)  # D x (G*K)
+    bias = torch.zeros(g * k)
+    decay = torch.tensor(settings.weight_decays).repeat_interleave(k)  # per column
+    v_weights, v_bias = torch.zeros_like(weights), torch.zeros_like(bias)
+    mean, scale = input_scaling(x)
+    z = (x - mean) / scale
+    total_steps = settings.epochs * math.ceil(n / batch_size)
+    step = 0
+    curve: list[EpochStats] = []
+    kept: LinearFit | None = None
+    for epoch in range(1, settings.epochs + 1):
+        epoch_lr = cosine_lr(settings.lr, step, total_steps)
         order = torch.randperm(n, generator=generator)
-        total_loss = 0.0
-        correct = 0
+        total_loss = torch.zeros(g, dtype=torch.float64)
+        correct = torch.zeros(g, dtype=torch.int64)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            xb, yb = x[idx], y[idx]
-            logits = linear(xb, weights, bias)  # predict
-            loss = F.cross_entropy(logits, yb)  # loss
-            loss.backward()  # gradient
-            with torch.no_grad():  # step
-                weights -= lr * weights.grad
-                bias -= lr * bias.grad
-                weights.grad.zero_()
-                bias.grad.zero_()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            xb, yb = z[idx], y[idx]
+            logits = linear(xb, weights, bias).view(len(idx), g, k)  # predict
+            log_probs = torch.log_softmax(logits, dim=2)
+            one_hot = F.one_hot(yb, k)[:, None, :]  # B x 1 x K
+            total_loss -= (log_probs * one_hot).sum((0, 2))  # loss
+            correct += (logits.argmax(2) == yb[:, None]).sum(0)
+            # gradient of the mean cross-entropy: (softmax - one-hot) / batch
+            grad = log_probs.exp_().sub_(one_hot).div_(len(idx)).view(len(idx), g * k)
+            v_weights.mul_(settings.momentum).add_(xb.T @ grad).addcmul_(weights, decay)
+            v_bias.mul_(settings.momentum).add_(grad.sum(0))
+            step_lr = cosine_lr(settings.lr, step, total_steps)  # step
+            weights.sub_(v_weights, alpha=step_lr)
+            bias.sub_(v_bias, alpha=step_lr)
+            step += 1
+        raw_weights, raw_bias = fold_scaling(weights, bias, mean, scale)
+        if valid is None:
+            stats = EpochStats(
+                epoch,
+                float(total_loss[0]) / n,
+                int(correct[0]) / n,
+                None,
+                None,
+                epoch_lr,
+                settings.weight_decays[0],
+            )
+        else:
+            losses, accuracy = validation_figures(*valid, raw_weights, raw_bias, k)
+            ranks = [(float(accuracy[i]), -float(losses[i])) for i in range(g)]
+            i = max(range(g), key=lambda j: (ranks[j], -j))
+            stats = EpochStats(
+                epoch,
+                float(total_loss[i]) / n,
+                int(correct[i]) / n,
+                float(losses[i]),
+                float(accuracy[i]),
+                epoch_lr,
+                settings.weight_decays[i],
+            )
+            if kept is None or stats.rank() > curve[kept.best_epoch - 1].rank():
+                cols = slice(i * k, (i + 1) * k)
+                kept = LinearFit(
+                    raw_weights[:, cols], raw_bias[cols], epoch, stats.weight_decay, batch_size, ()
+                )
+        curve.append(stats)
         if on_epoch is not None:
-            on_epoch(EpochStats(epoch, total_loss / n, correct / n))
-    return weights.detach(), bias.detach()
+            on_epoch(stats)
+        if (
+            kept is not None
+            and settings.patience is not None
+            and epoch - kept.best_epoch >= settings.patience
+        ):
+            break
+    if kept is None:  # no validation data: the last epoch
+        kept = LinearFit(
+            raw_weights, raw_bias, len(curve), settings.weight_decays[0], batch_size, ()
+        )
+    return replace(kept, curve=tuple(curve))
 
 
 @dataclass
@@ -103,37 +265,45 @@ def class_sort_key(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.isdigit() else (1, name)
 
 
-def load_labelled(root: Path, classes: tuple[str, ...] | None = None) -> LabelledImages:
+def load_labelled(
+    root: Path, classes: tuple[str, ...] | None = None, size: tuple[int, int] | None = None
+) -> LabelledImages:
     """Every image in ``root/<class>/`` (recursively), labelled by its class folder.
 
-    With ``classes`` given (a validation set), only those folders are read, in that order.
-    The image size is taken from the first image; images that cannot be decoded, or have
-    another size, are counted in ``n_unreadable`` and left out.
+    With ``classes`` given (a validation set), the class folders must be exactly those, and
+    are read in that order; with ``size`` (``height, width``), every image must have it.
+    Otherwise the first image fixes the size. Files that cannot be read or decoded are
+    counted in ``n_unreadable`` and left out; an image of another size is an error naming
+    both sizes, as is a class folder without a readable image or fewer than two classes.
     """
     root = check_directory(root)
     folders = sorted((p.name for p in root.iterdir() if p.is_dir()), key=class_sort_key)
     if classes is None:
         classes = tuple(folders)
         if len(classes) < 2:
+            found = f"only {classes[0]!r}" if classes else "none"
             raise DirectoryError(
-                f"{str(root)!r} needs at least two class folders (e.g. {root}/3 and {root}/7)"
+                f"{str(root)!r} needs at least two class folders (e.g. {root}/3 and {root}/7); "
+                f"found {found}"
             )
+    elif tuple(folders) != classes:
+        raise DirectoryError(class_mismatch(root, classes, folders))
     images: list[np.ndarray] = []
     labels: list[int] = []
-    size: tuple[int, int] | None = None
+    first_of_size: str | None = None
     unreadable = 0
     for k, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        for path, _rel in DirectoryWalk(folder):
+        for path, _rel in DirectoryWalk(root / name):
             data, _err = read_file(path)
             if data is None:
                 unreadable += 1
                 continue
             try:
+                this_size = image_size(data)
                 if size is None:  # the first image fixes the model's size
-                    size = image_size(data)
+                    size, first_of_size = this_size, path
+                elif this_size != size:
+                    raise DirectoryError(size_mismatch(root, size, first_of_size, this_size, path))
                 images.append(decode_gray(data, *size))
             except (ImageError, OSError):
                 unreadable += 1
@@ -141,8 +311,37 @@ def load_labelled(root: Path, classes: tuple[str, ...] | None = None) -> Labelle
             labels.append(k)
     if not images:
         raise DirectoryError(f"no readable images in the class folders of {str(root)!r}")
-    return LabelledImages(
+    labelled = LabelledImages(
         torch.from_numpy(np.stack(images)), torch.tensor(labels), tuple(classes), unreadable
+    )
+    require_every_class(labelled, root)
+    return labelled
+
+
+def class_mismatch(root: Path, classes: tuple[str, ...], folders: list[str]) -> str:
+    missing = [c for c in classes if c not in folders]
+    extra = [f for f in folders if f not in classes]
+    parts = [
+        f"{what} {', '.join(map(repr, names))}"
+        for what, names in (("missing", missing), ("not trained on", extra))
+        if names
+    ]
+    return (
+        f"the class folders of {str(root)!r} differ from the training classes "
+        f"({', '.join(classes)}): {'; '.join(parts)}; validate on the same classes"
+    )
+
+
+def size_mismatch(
+    root: Path, size: tuple[int, int], first: str | None, other: tuple[int, int], path: str
+) -> str:
+    def wxh(s: tuple[int, int]) -> str:
+        return f"{s[1]}x{s[0]}"
+
+    first_seen = f"{first!r} and others" if first else "the training images"
+    return (
+        f"images of two sizes in {str(root)!r}: {wxh(size)} ({first_seen}) and {wxh(other)} "
+        f"({path!r}); a model takes one size: resize the images or move the others out"
     )
 
 
@@ -171,6 +370,49 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[n_valid:], order[:n_valid]
 
 
+def flat_pixels(data: LabelledImages) -> torch.Tensor:
+    """``N x (H*W)`` floats 0-1, as core/scoring.py makes them."""
+    return (data.stack.float() / 255).reshape(len(data.stack), -1)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Both models, and how the linear one was trained (:class:`LinearFit`'s figures)."""
+
+    classifier: Classifier
+    best_epoch: int
+    weight_decay: float
+    batch_size: int
+    curve: tuple[EpochStats, ...]
+
+
+def train_model(
+    train: LabelledImages,
+    settings: SgdSettings,
+    *,
+    valid: LabelledImages | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainedModel:
+    """Both models from ``train``: the ideal images, and the linear model whose epoch is
+    chosen on ``valid`` (see :func:`train_sgd`)."""
+    k = len(train.classes)
+    ideals = ideal_images(train.stack, train.labels, k)
+    linear_fit = train_sgd(
+        flat_pixels(train),
+        train.labels,
+        k,
+        settings,
+        valid=None if valid is None else (flat_pixels(valid), valid.labels),
+        on_epoch=on_epoch,
+    )
+    clf = Classifier(
+        train.classes, ideals, linear_fit.weights.contiguous(), linear_fit.bias.contiguous()
+    )
+    return TrainedModel(
+        clf, linear_fit.best_epoch, linear_fit.weight_decay, linear_fit.batch_size, linear_fit.curve
+    )
+
+
 def fit(
     train: LabelledImages,
     *,
@@ -180,20 +422,19 @@ def fit(
     seed: int,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> Classifier:
-    k = len(train.classes)
-    ideals = ideal_images(train.stack, train.labels, k)
-    x = (train.stack.float() / 255).reshape(len(train.stack), -1)
-    weights, bias = train_sgd(
-        x,
-        train.labels,
-        k,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        on_epoch=on_epoch,
+    """Both models, the linear one trained for exactly ``epochs`` epochs (no validation)."""
+    settings = SgdSettings(
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, weight_decays=(0.0,)
     )
-    return Classifier(train.classes, ideals, weights, bias)
+    return train_model(train, settings, on_epoch=on_epoch).classifier
+
+
+def curve_to_json(curve: tuple[EpochStats, ...]) -> str:
+    return json.dumps([stats.as_dict() for stats in curve])
+
+
+def curve_from_json(text: str) -> tuple[EpochStats, ...]:
+    return tuple(EpochStats(**item) for item in json.loads(text))
 
 
 def subset(data: LabelledImages, idx: torch.Tensor) -> LabelledImages:

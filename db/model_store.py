@@ -32,6 +32,10 @@ class TrainingRecord:
     accuracy_l1: float | None
     accuracy_l2: float | None
     accuracy_sgd: float | None
+    weight_decay: float | None = None
+    best_epoch: int | None = None
+    #: JSON text, one object per epoch (:func:`core.training.curve_to_json`)
+    learning_curve: str | None = None
 
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:

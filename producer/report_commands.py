@@ -185,11 +185,7 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         ["image size", f"{clf.width}x{clf.height}"],
         ["trained", f"{info['created_at']:%Y-%m-%d %H:%M:%S} on {info['train_dir']}"],
         ["images", f"{info['n_train']} training, {info['n_valid']} validation"],
-        [
-            "SGD",
-            f"{info['epochs']} epochs, lr {info['lr']}, batch {info['batch_size']}, "
-            f"seed {info['seed']}, loss {info['loss']}",
-        ],
+        ["SGD", sgd_settings(info)],
         [
             "validation",
             f"L1 {pct(info['accuracy_l1'])}  L2 {pct(info['accuracy_l2'])}  "
@@ -197,9 +193,53 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         ],
     ]
     click.echo(format_table([f"model {model_id}", ""], rows, "ll"))
+    if info["learning_curve"] is not None:
+        from core.training import curve_from_json
+
+        click.echo("")
+        click.echo(format_curve(curve_from_json(info["learning_curve"]), info["best_epoch"]))
     if png_file is not None:
         _write(png_file, png_bytes(model_sheet(clf, scale, title=f"model {model_id}")))
         click.echo(f"wrote {png_file}", err=True)
+
+
+def sgd_settings(info: dict[str, Any]) -> str:
+    """The SGD line of ``show-model``: settings, and for models with a learning curve the
+    weight decay and the epoch kept."""
+    text = (
+        f"{info['epochs']} epochs, lr {info['lr']}, batch {info['batch_size']}, "
+        f"seed {info['seed']}, loss {info['loss']}"
+    )
+    if info["weight_decay"] is not None:
+        text += f", weight decay {info['weight_decay']}"
+    if info["best_epoch"] is not None:
+        text += f"; kept epoch {info['best_epoch']} (best on validation)"
+    return text
+
+
+def format_curve(curve: Any, best_epoch: int | None) -> str:
+    """The learning curve as a table, one row per epoch (the weight decay that did best on
+    validation in it); ``*`` marks the epoch kept."""
+    from producer.tables import format_table
+
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows = [
+        [
+            s.epoch,
+            f"{s.lr:.4f}",
+            f"{s.loss:.4f}",
+            figure(s.train_accuracy),
+            figure(s.valid_loss),
+            figure(s.valid_accuracy),
+            f"{s.weight_decay:g}",
+            "*" if s.epoch == best_epoch else "",
+        ]
+        for s in curve
+    ]
+    headers = ["epoch", "lr", "loss", "train acc", "valid loss", "valid acc", "decay", "kept"]
+    return format_table(headers, rows, "rrrrrrrl")
 
 
 @click.command("compare", context_settings=HELP)
