@@ -15,6 +15,7 @@ from core.classifier import (
     tensor_to_bytes,
 )
 from core.errors import ModelNotFound
+from core.training import EpochStats, curve_from_json
 from db.models import Model, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"
@@ -85,6 +86,19 @@ def load_classifier(conn: Connection, model_id: int) -> Classifier:
         weights=tensor_from_bytes(row["sgd_weights"], (h * w, k)),
         bias=tensor_from_bytes(row["sgd_bias"], (k,)),
     )
+
+
+def load_learning_curve(
+    conn: Connection, model_id: int
+) -> tuple[tuple[EpochStats, ...], int | None]:
+    """The model's learning curve and the epoch kept; ``()`` and ``None`` for a model stored
+    without them."""
+    row = conn.execute(
+        select(Model.learning_curve, Model.best_epoch).where(Model.id == model_id)
+    ).first()
+    if row is None or row.learning_curve is None:
+        return (), None
+    return curve_from_json(row.learning_curve), row.best_epoch
 
 
 def list_models(conn: Connection) -> list[dict[str, Any]]:

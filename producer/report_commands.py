@@ -157,29 +157,31 @@ def report_cmd(
     "--png",
     "png_file",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Draw the ideal images and SGD weight maps into this PNG file.",
+    help="Draw the ideal images, SGD weight maps and learning curve into this PNG file.",
 )
 @click.option(
     "--scale", type=click.IntRange(1, 16), default=4, show_default=True, help="Pixels per pixel."
 )
 @database_option
 def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engine: Any) -> None:
-    """Describe model ID (default: the newest) and, with --png, draw it: each class's ideal
-    image above its SGD weight map (red: evidence for the class, blue: against).
+    """Describe model ID (default: the newest) with its learning curve and, with --png, draw
+    it: each class's ideal image above its SGD weight map (red: evidence for the class, blue:
+    against), and under them the learning curve.
 
     \b
     Examples:
       producer show-model --png model.png
       producer show-model 3 --png model3.png --scale 6
     """
-    from db.model_store import list_models, load_classifier, resolve_model_id
-    from producer.pictures import model_sheet, png_bytes
+    from db.model_store import list_models, load_classifier, load_learning_curve, resolve_model_id
+    from producer.pictures import curve_chart, model_sheet, png_bytes, stacked
     from producer.tables import format_table, pct
 
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
         clf = load_classifier(conn, model_id)
         info = next(r for r in list_models(conn) if r["id"] == model_id)
+        curve, best_epoch = load_learning_curve(conn, model_id)
     rows = [
         ["classes", ", ".join(clf.classes)],
         ["image size", f"{clf.width}x{clf.height}"],
@@ -193,13 +195,14 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         ],
     ]
     click.echo(format_table([f"model {model_id}", ""], rows, "ll"))
-    if info["learning_curve"] is not None:
-        from core.training import curve_from_json
-
+    if curve:
         click.echo("")
-        click.echo(format_curve(curve_from_json(info["learning_curve"]), info["best_epoch"]))
+        click.echo(format_curve(curve, best_epoch))
     if png_file is not None:
-        _write(png_file, png_bytes(model_sheet(clf, scale, title=f"model {model_id}")))
+        picture = model_sheet(clf, scale, title=f"model {model_id}")
+        if curve:
+            picture = stacked(picture, curve_chart(curve, best_epoch))
+        _write(png_file, png_bytes(picture))
         click.echo(f"wrote {png_file}", err=True)
 
 

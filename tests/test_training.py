@@ -25,9 +25,12 @@ from core.training import (
     load_labelled,
     train_model,
 )
+from db.model_store import load_classifier
 from db.models import Model
 from db.session import get_engine
+from producer.pictures import ACCURACY_INK, model_sheet
 from producer.sample_data import write_sample
+from tests.populate import save_model
 
 #: The grid of inverse penalties the reference chooses from on validation.
 REFERENCE_C = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -218,3 +221,29 @@ def test_validation_classes_must_be_the_training_classes(run_cli, tmp_path, sqli
     assert "differ from the training classes" in r.output
     assert "missing 'c'" in r.output and "not trained on 'd'" in r.output
     assert model_count(sqlite_url) == 0
+
+
+def test_png_and_html_report_draw_the_learning_curve(run_cli, sample_dir, sqlite_url, tmp_path):
+    db = ["--database-url", sqlite_url]
+    assert run_cli("train", str(sample_dir / "train"), "--epochs", "4", *db).exit_code == 0
+    png = tmp_path / "model.png"
+    assert run_cli("show-model", "1", "--png", str(png), "--scale", "1", *db).exit_code == 0
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    with get_engine(sqlite_url).connect() as conn:
+        clf = load_classifier(conn, 1)
+    sheet_height = model_sheet(clf, 1, title="model 1").height
+    below = picture[sheet_height:]
+    assert below.shape[0] > 100  # the chart is under the sheet
+    assert (below == ACCURACY_INK).all(axis=2).sum() > 50  # with the accuracy line in it
+
+    r = run_cli("submit", str(sample_dir / "valid"), "--wait", *db)
+    assert r.exit_code == 0, r.output
+    page = tmp_path / "run.html"
+    assert run_cli("report", "latest", "--html", str(page), *db).exit_code == 0
+    assert "Learning curve" in page.read_text()
+
+    # a model stored without a curve (as before migration 0005) is drawn without one
+    save_model(get_engine(sqlite_url), clf)
+    r = run_cli("show-model", "2", "--png", str(png), "--scale", "1", *db)
+    assert r.exit_code == 0 and "valid acc" not in r.stdout
+    assert Image.open(png).height == sheet_height
