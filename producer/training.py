@@ -12,18 +12,14 @@ from typing import Any
 
 import click
 
-from core.training import (
-    EpochStats,
+from core.labelled import (
     LabelledImages,
-    SgdSettings,
-    accuracies,
-    curve_to_json,
     holdout_split,
     load_labelled,
     require_every_class,
     subset,
-    train_model,
 )
+from core.training import EpochStats, SgdSettings, accuracies, curve_to_json, train_model
 from db.model_store import TrainingRecord, save_classifier
 from producer.options import echo_err
 

@@ -15,14 +15,13 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sqlalchemy import func, select
 
+from core.labelled import LabelledImages, load_labelled
 from core.training import (
-    LabelledImages,
     SgdSettings,
     accuracies,
     curve_from_json,
     fold_scaling,
     input_scaling,
-    load_labelled,
     train_model,
 )
 from db.model_store import load_classifier
