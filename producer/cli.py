@@ -132,7 +132,8 @@ def sample_data_cmd(directory: Path, classes: str) -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=defaults.LEARNING_RATE,
     show_default=True,
-    help="SGD learning rate at the start; it falls to 0 on a cosine over the epochs.",
+    help="SGD learning rate at the start, for inputs centred and scaled to a mean square of "
+    "1; it falls to 0 on a cosine over the epochs.",
 )
 @click.option(
     "--batch-size",
