@@ -132,8 +132,9 @@ def sample_data_cmd(directory: Path, classes: str) -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=defaults.LEARNING_RATE,
     show_default=True,
-    help="SGD learning rate at the start, for inputs centred and scaled to a mean square of "
-    "1; it falls to 0 on a cosine over the epochs.",
+    help="SGD learning rate at the start; it falls to 0 on a cosine over the epochs. Each "
+    "step is divided by the largest variance of the centred inputs, so one rate suits "
+    "images of any size and brightness.",
 )
 @click.option(
     "--batch-size",
@@ -198,7 +199,7 @@ def train_cmd(
     \b
     Examples:
       producer train ./mnist/train --valid ./mnist/valid
-      producer train ./mnist/train --epochs 40 --lr 0.1 --weight-decay 0.01
+      producer train ./mnist/train --epochs 40 --lr 2 --weight-decay 0.01
     """
     from core.training import SgdSettings
     from producer.training import train_and_store

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from alembic import command
+from alembic.config import Config
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
+from core import defaults
 from core.labelled import LabelledImages, load_labelled
 from core.training import (
     SgdSettings,
@@ -26,7 +29,7 @@ from core.training import (
 )
 from db.model_store import load_classifier
 from db.models import Model
-from db.session import get_engine
+from db.session import MIGRATIONS, get_engine, make_engine
 from producer.pictures import ACCURACY_INK, model_sheet
 from producer.sample_data import write_sample
 from tests.populate import save_model
@@ -135,7 +138,7 @@ def test_train_stores_the_learning_curve_and_show_model_prints_it(run_cli, sampl
     assert 1 <= row["best_epoch"] <= 6
     assert row["weight_decay"] == curve[row["best_epoch"] - 1].weight_decay
     assert row["accuracy_sgd"] == curve[row["best_epoch"] - 1].valid_accuracy
-    assert json.loads(row["learning_curve"])[0]["lr"] == pytest.approx(0.05)
+    assert json.loads(row["learning_curve"])[0]["lr"] == defaults.LEARNING_RATE
 
     r = run_cli("show-model", "--database-url", sqlite_url)
     assert r.exit_code == 0, r.output
@@ -246,3 +249,37 @@ def test_png_and_html_report_draw_the_learning_curve(run_cli, sample_dir, sqlite
     r = run_cli("show-model", "2", "--png", str(png), "--scale", "1", *db)
     assert r.exit_code == 0 and "valid acc" not in r.stdout
     assert Image.open(png).height == sheet_height
+
+
+def test_migration_0005_keeps_older_models_without_a_curve(any_db_url, run_cli):
+    """A database at revision 0004 with a model: upgrading adds the three columns, NULL for
+    it, and ``show-model`` still describes it."""
+    engine = make_engine(any_db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    ideals = torch.zeros(2, 2, 2).numpy().astype("<f4").tobytes()
+    weights = torch.ones(4, 2).numpy().astype("<f4").tobytes()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO models (id, created_at, train_dir, classes, height, width, n_train, "
+                "n_valid, loss, epochs, lr, batch_size, seed, ideal_images, sgd_weights, "
+                "sgd_bias) VALUES (1, '2026-11-24 10:00:00', 't', '[\"3\", \"7\"]', 2, 2, 1, 1, "
+                "'x', 20, 0.5, 256, 42, :i, :w, :b)"
+            ),
+            {"i": ideals, "w": weights, "b": b"\0" * 8},
+        )
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT weight_decay, best_epoch, learning_curve FROM models"))
+        assert row.one() == (None, None, None)
+    engine.dispose()
+    r = run_cli("show-model", "1", "--database-url", any_db_url)
+    assert r.exit_code == 0, r.output
+    assert "20 epochs, lr 0.5" in r.output and "kept epoch" not in r.output
+    assert "valid acc" not in r.output
