@@ -163,6 +163,43 @@ def validation_figures(
     return -picked.mean((0, 2)), (pred == y[:, None]).float().mean(0)
 
 
+class SideBySide:
+    """One linear model per weight decay, trained on the same mini-batches as one ``D x
+    (G*K)`` matrix: the columns of model ``g`` are ``g*K .. g*K+K-1``."""
+
+    def __init__(
+        self, d: int, k: int, weight_decays: tuple[float, ...], generator: torch.Generator
+    ) -> None:
+        self.k, self.g = k, len(weight_decays)
+        self.weights = torch.randn(d, k, generator=generator).mul_(0.01).repeat(1, self.g)
+        self.bias = torch.zeros(self.g * k)
+        self.decay = torch.tensor(weight_decays).repeat_interleave(k)  # per column
+        self.v_weights = torch.zeros_like(self.weights)
+        self.v_bias = torch.zeros_like(self.bias)
+
+    def step(
+        self, xb: torch.Tensor, yb: torch.Tensor, lr: float, momentum: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of every model on a mini-batch; returns each model's summed
+        cross-entropy and number right on it, before the step."""
+        b = len(yb)
+        logits = linear(xb, self.weights, self.bias).view(b, self.g, self.k)  # predict
+        log_probs = torch.log_softmax(logits, dim=2)
+        one_hot = F.one_hot(yb, self.k)[:, None, :]  # B x 1 x K
+        loss = -(log_probs * one_hot).sum((0, 2))  # loss
+        correct = (logits.argmax(2) == yb[:, None]).sum(0)
+        # gradient of the mean cross-entropy: (softmax - one-hot) / batch
+        grad = log_probs.exp_().sub_(one_hot).div_(b).view(b, self.g * self.k)
+        self.v_weights.mul_(momentum).add_(xb.T @ grad).addcmul_(self.weights, self.decay)
+        self.v_bias.mul_(momentum).add_(grad.sum(0))
+        self.weights.sub_(self.v_weights, alpha=lr)  # step
+        self.bias.sub_(self.v_bias, alpha=lr)
+        return loss, correct
+
+    def columns(self, i: int) -> slice:
+        return slice(i * self.k, (i + 1) * self.k)
+
+
 def train_sgd(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -177,13 +214,13 @@ def train_sgd(
     Mini-batch SGD with momentum on softmax cross-entropy, on centred and scaled inputs (see
     :func:`input_scaling`), the learning rate following a cosine from ``settings.lr`` to 0
     over ``settings.epochs``, divided by the inputs' :func:`largest_variance`, one model per
-    weight decay (an L2 penalty on the weights). With
-    ``valid`` (raw inputs and labels), the weights kept are those of the epoch and weight
-    decay with the best validation accuracy (ties: the lower validation loss, then the
-    earlier epoch and the first weight decay), and training stops after ``patience`` epochs
-    without a better one; without, there must be one weight decay, and the last epoch is kept.
-    The kept weights are folded back to raw inputs, so the model scores ``pixels / 255``
-    exactly as core/scoring.py does.
+    weight decay (an L2 penalty on the weights; :class:`SideBySide`). With ``valid`` (raw
+    inputs and labels), the weights kept are those of the epoch and weight decay with the
+    best validation accuracy (ties: the lower validation loss, then the earlier epoch and the
+    first weight decay), and training stops after ``patience`` epochs without a better one;
+    without, there must be one weight decay, and the last epoch is kept. The kept weights are
+    folded back to raw inputs, so the model scores ``pixels / 255`` exactly as
+    core/scoring.py does.
 
     The same seed and data give the same parameters bit for bit: initialisation and shuffling
     draw from one seeded generator.
@@ -193,12 +230,8 @@ def train_sgd(
         raise BadInput("choosing among weight decays needs validation data")
     generator = torch.Generator().manual_seed(settings.seed)
     n, d = x.shape
-    k, g = n_classes, len(settings.weight_decays)
     batch_size = settings.batch_size or auto_batch_size(n)
-    weights = torch.randn(d, k, generator=generator).mul_(0.01).repeat(1, g)  # D x (G*K)
-    bias = torch.zeros(g * k)
-    decay = torch.tensor(settings.weight_decays).repeat_interleave(k)  # per column
-    v_weights, v_bias = torch.zeros_like(weights), torch.zeros_like(bias)
+    models = SideBySide(d, n_classes, settings.weight_decays, generator)
     mean, scale = input_scaling(x)
     z = (x - mean) / scale
     # the rate divided by the steepest curvature's scale suits few inputs and many alike
@@ -210,66 +243,42 @@ def train_sgd(
     for epoch in range(1, settings.epochs + 1):
         epoch_lr = cosine_lr(settings.lr, step, total_steps)
         order = torch.randperm(n, generator=generator)
-        total_loss = torch.zeros(g, dtype=torch.float64)
-        correct = torch.zeros(g, dtype=torch.int64)
+        total_loss = torch.zeros(models.g, dtype=torch.float64)
+        correct = torch.zeros(models.g, dtype=torch.int64)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            xb, yb = z[idx], y[idx]
-            logits = linear(xb, weights, bias).view(len(idx), g, k)  # predict
-            log_probs = torch.log_softmax(logits, dim=2)
-            one_hot = F.one_hot(yb, k)[:, None, :]  # B x 1 x K
-            total_loss -= (log_probs * one_hot).sum((0, 2))  # loss
-            correct += (logits.argmax(2) == yb[:, None]).sum(0)
-            # gradient of the mean cross-entropy: (softmax - one-hot) / batch
-            grad = log_probs.exp_().sub_(one_hot).div_(len(idx)).view(len(idx), g * k)
-            v_weights.mul_(settings.momentum).add_(xb.T @ grad).addcmul_(weights, decay)
-            v_bias.mul_(settings.momentum).add_(grad.sum(0))
-            step_lr = step_scale * cosine_lr(settings.lr, step, total_steps)  # step
-            weights.sub_(v_weights, alpha=step_lr)
-            bias.sub_(v_bias, alpha=step_lr)
+            lr = step_scale * cosine_lr(settings.lr, step, total_steps)
+            batch_loss, batch_correct = models.step(z[idx], y[idx], lr, settings.momentum)
+            total_loss += batch_loss
+            correct += batch_correct
             step += 1
-        raw_weights, raw_bias = fold_scaling(weights, bias, mean, scale)
-        if valid is None:
-            stats = EpochStats(
-                epoch,
-                float(total_loss[0]) / n,
-                int(correct[0]) / n,
-                None,
-                None,
-                epoch_lr,
-                settings.weight_decays[0],
+        raw_weights, raw_bias = fold_scaling(models.weights, models.bias, mean, scale)
+        i, valid_loss, valid_accuracy = 0, None, None
+        if valid is not None:
+            losses, accuracy = validation_figures(*valid, raw_weights, raw_bias, n_classes)
+            i = max(range(models.g), key=lambda j: (float(accuracy[j]), -float(losses[j]), -j))
+            valid_loss, valid_accuracy = float(losses[i]), float(accuracy[i])
+        stats = EpochStats(
+            epoch,
+            float(total_loss[i]) / n,
+            int(correct[i]) / n,
+            valid_loss,
+            valid_accuracy,
+            epoch_lr,
+            settings.weight_decays[i],
+        )
+        if valid is None or kept is None or stats.rank() > curve[kept.best_epoch - 1].rank():
+            cols = models.columns(i)
+            kept = LinearFit(
+                raw_weights[:, cols], raw_bias[cols], epoch, stats.weight_decay, batch_size, ()
             )
-        else:
-            losses, accuracy = validation_figures(*valid, raw_weights, raw_bias, k)
-            ranks = [(float(accuracy[i]), -float(losses[i])) for i in range(g)]
-            i = max(range(g), key=lambda j: (ranks[j], -j))
-            stats = EpochStats(
-                epoch,
-                float(total_loss[i]) / n,
-                int(correct[i]) / n,
-                float(losses[i]),
-                float(accuracy[i]),
-                epoch_lr,
-                settings.weight_decays[i],
-            )
-            if kept is None or stats.rank() > curve[kept.best_epoch - 1].rank():
-                cols = slice(i * k, (i + 1) * k)
-                kept = LinearFit(
-                    raw_weights[:, cols], raw_bias[cols], epoch, stats.weight_decay, batch_size, ()
-                )
         curve.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        if (
-            kept is not None
-            and settings.patience is not None
-            and epoch - kept.best_epoch >= settings.patience
-        ):
+        patience = settings.patience
+        if valid is not None and patience is not None and epoch - kept.best_epoch >= patience:
             break
-    if kept is None:  # no validation data: the last epoch
-        kept = LinearFit(
-            raw_weights, raw_bias, len(curve), settings.weight_decays[0], batch_size, ()
-        )
+    assert kept is not None  # settings.check(): at least one epoch
     return replace(kept, curve=tuple(curve))
 
 
