@@ -61,13 +61,17 @@ def load_labelled(
                 unreadable += 1
                 continue
             try:
-                this_size = image_size(data)
                 if size is None:  # the first image fixes the model's size
-                    size, first_of_size = this_size, path
-                elif this_size != size:
-                    raise DirectoryError(size_mismatch(root, size, first_of_size, this_size, path))
+                    size, first_of_size = image_size(data), path
                 images.append(decode_gray(data, *size))
             except (ImageError, OSError):
+                # the header is read again only for an image that failed: another size is
+                # an error, anything else one file left out
+                other = header_size(data)
+                if size is not None and other is not None and other != size:
+                    raise DirectoryError(
+                        size_mismatch(root, size, first_of_size, other, path)
+                    ) from None
                 unreadable += 1
                 continue
             labels.append(k)
@@ -78,6 +82,14 @@ def load_labelled(
     )
     require_every_class(labelled, root)
     return labelled
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from an image's header, or ``None`` when it cannot be read."""
+    try:
+        return image_size(data)
+    except ImageError:
+        return None
 
 
 def class_mismatch(root: Path, classes: tuple[str, ...], folders: list[str]) -> str:
