@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from core.errors import BadInput
 from producer.options import HELP, database_option
 from producer.run_commands import RunArg, resolve_run
+
+if TYPE_CHECKING:  # core.training imports torch: not for --help
+    from core.training import EpochStats
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -187,7 +190,7 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         ["image size", f"{clf.width}x{clf.height}"],
         ["trained", f"{info['created_at']:%Y-%m-%d %H:%M:%S} on {info['train_dir']}"],
         ["images", f"{info['n_train']} training, {info['n_valid']} validation"],
-        ["SGD", sgd_settings(info)],
+        ["SGD", sgd_settings(info, len(curve))],
         [
             "validation",
             f"L1 {pct(info['accuracy_l1'])}  L2 {pct(info['accuracy_l2'])}  "
@@ -206,11 +209,14 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         click.echo(f"wrote {png_file}", err=True)
 
 
-def sgd_settings(info: dict[str, Any]) -> str:
+def sgd_settings(info: dict[str, Any], epochs_run: int) -> str:
     """The SGD line of ``show-model``: settings, and for models with a learning curve the
-    weight decay and the epoch kept."""
+    epochs run, the weight decay and the epoch kept."""
+    epochs = f"{info['epochs']} epochs"
+    if epochs_run:
+        epochs = f"{epochs_run} of at most {info['epochs']} epochs"
     text = (
-        f"{info['epochs']} epochs, lr {info['lr']}, batch {info['batch_size']}, "
+        f"{epochs}, lr {info['lr']}, batch {info['batch_size']}, "
         f"seed {info['seed']}, loss {info['loss']}"
     )
     if info["weight_decay"] is not None:
@@ -220,7 +226,7 @@ def sgd_settings(info: dict[str, Any]) -> str:
     return text
 
 
-def format_curve(curve: Any, best_epoch: int | None) -> str:
+def format_curve(curve: tuple[EpochStats, ...], best_epoch: int | None) -> str:
     """The learning curve as a table, one row per epoch (the weight decay that did best on
     validation in it); ``*`` marks the epoch kept."""
     from producer.tables import format_table
