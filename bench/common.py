@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from core.classifier import Classifier
-from core.training import LabelledImages, fit
+from core.labelled import LabelledImages
+from core.training import fit
 from db.model_store import TrainingRecord, load_classifier, save_classifier
 from db.session import dispose_engines, get_engine
 from producer.sample_data import load_digits

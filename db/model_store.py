@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select
 
 from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
+from core.curve import EpochStats, curve_from_json
 from core.errors import ModelNotFound
 from core.storage import classes_from_json, classes_to_json
 from db.models import Model, utcnow
@@ -27,6 +28,10 @@ class TrainingRecord:
     accuracy_l1: float | None
     accuracy_l2: float | None
     accuracy_sgd: float | None
+    weight_decay: float | None = None
+    best_epoch: int | None = None
+    #: JSON text, one object per epoch (:func:`core.training.curve_to_json`)
+    learning_curve: str | None = None
 
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
@@ -76,6 +81,19 @@ def load_classifier(conn: Connection, model_id: int) -> Classifier:
         weights=tensor_from_bytes(row["sgd_weights"], (h * w, k)),
         bias=tensor_from_bytes(row["sgd_bias"], (k,)),
     )
+
+
+def load_learning_curve(
+    conn: Connection, model_id: int
+) -> tuple[tuple[EpochStats, ...], int | None]:
+    """The model's learning curve and the epoch kept; ``()`` and ``None`` for a model stored
+    without them."""
+    row = conn.execute(
+        select(Model.learning_curve, Model.best_epoch).where(Model.id == model_id)
+    ).first()
+    if row is None or row.learning_curve is None:
+        return (), None
+    return curve_from_json(row.learning_curve), row.best_epoch
 
 
 def list_models(conn: Connection) -> list[dict[str, Any]]:

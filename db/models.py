@@ -59,6 +59,10 @@ class Model(Base):
     ideal_images: Mapped[bytes] = mapped_column(LargeBinary)  # K x H x W float32 LE
     sgd_weights: Mapped[bytes] = mapped_column(LargeBinary)  # (H*W) x K float32 LE
     sgd_bias: Mapped[bytes] = mapped_column(LargeBinary)  # K float32 LE
+    # how the SGD model was trained (migration 0008; NULL for models trained before it)
+    weight_decay: Mapped[float | None] = mapped_column(Float)
+    best_epoch: Mapped[int | None] = mapped_column(Integer)  # the epoch whose weights were kept
+    learning_curve: Mapped[str | None] = mapped_column(Text)  # JSON list, one object per epoch
 
 
 class Run(Base):

@@ -19,12 +19,15 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.curve import EpochStats
 from core.rows import PREDICTORS
 from core.text import printable
 from db.mistakes import confident_mistakes
+from db.model_store import load_learning_curve
 from db.reads import ModelArrays, model_arrays
 from producer.pictures import (
     colour_bar,
+    curve_chart,
     data_uri,
     ideal_pictures,
     load_thumbnail,
@@ -223,10 +226,22 @@ def _failures(report: dict[str, Any]) -> str:
     )
 
 
+def _curve(curve: tuple[EpochStats, ...], best_epoch: int | None) -> str:
+    if not curve:
+        return ""
+    return (
+        "<h3>Learning curve (the grey line marks the epoch whose SGD weights were kept)</h3>"
+        f'<img src="{data_uri(curve_chart(curve, best_epoch))}" '
+        'alt="validation accuracy and training loss per epoch">'
+    )
+
+
 def render_html(
     report: dict[str, Any],
     classifier: ModelArrays,
     mistakes: dict[str, list[dict[str, Any]]],
+    curve: tuple[EpochStats, ...] = (),
+    best_epoch: int | None = None,
 ) -> str:
     run = report["run"]
     title = f"digitscore run {run['id']}"
@@ -242,6 +257,7 @@ def render_html(
         f"<div><h2>Accuracy</h2>{_accuracy(report)}</div></div>"
         f'<h2>Confusion matrices</h2><div class="row">{confusions}</div>'
         f"{_model(classifier, run['model_id'])}"
+        f"{_curve(curve, best_epoch)}"
         f"{_mistakes(report, classifier, mistakes)}"
         f"{_failures(report)}"
         "</body></html>\n"
@@ -257,4 +273,5 @@ def build_html(
     mistakes = {
         p: confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
     }
-    return render_html(report, classifier, mistakes)
+    curve, best_epoch = load_learning_curve(conn, report["run"]["model_id"])
+    return render_html(report, classifier, mistakes, curve, best_epoch)

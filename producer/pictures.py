@@ -4,6 +4,7 @@
 - :func:`heat_map`: SGD weights in a diverging palette, blue (negative) - white (0) - red
   (positive), on a scale symmetric around 0 so that white always means "no evidence";
 - :func:`model_sheet`: every class's ideal image above its weight map, with a colour bar;
+- :func:`curve_chart`: the learning curve, validation accuracy and training loss per epoch;
 - :func:`load_thumbnail`: a scored file re-read from the run's source directory.
 """
 
@@ -16,6 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from core.curve import EpochStats
 from core.files import read_file
 from core.images import ImageError, decode_gray
 from db.reads import ModelArrays
@@ -117,6 +119,81 @@ def model_sheet(classifier: ModelArrays, scale: int = 4, title: str = "") -> Ima
     draw.text((row_label_w, y), f"{-vmax:.3g}", fill=INK, font=small)
     draw.text((row_label_w + bar_w // 2 - 4, y), "0", fill=INK, font=small)
     draw.text((row_label_w + bar_w - 40, y), f"{vmax:.3g}", fill=INK, font=small)
+    return sheet
+
+
+ACCURACY_INK = (178, 24, 43)  # red
+LOSS_INK = (33, 102, 172)  # blue
+GRID = (200, 200, 200)
+
+
+#: Width and height of :func:`curve_chart` in pixels, whatever the model's picture scale.
+CURVE_CHART_SIZE = (560, 280)
+
+
+def curve_chart(
+    curve: tuple[EpochStats, ...],
+    best_epoch: int | None,
+    width: int = CURVE_CHART_SIZE[0],
+    height: int = CURVE_CHART_SIZE[1],
+) -> Image.Image:
+    """The learning curve: validation accuracy (red, left axis, from its lowest to its highest
+    value) and training loss (blue, right axis, from 0 to its highest) per epoch, with a grey
+    line at the epoch kept."""
+    left, right, top, bottom = 64, 64, 34, 40
+    chart = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(chart)
+    font, small = _font(14), _font(12)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    epochs = [s.epoch for s in curve]
+    first, last = (min(epochs), max(epochs)) if epochs else (1, 1)
+
+    def x_of(epoch: int) -> float:
+        return left + (plot_w / 2 if last == first else (epoch - first) / (last - first) * plot_w)
+
+    def y_of(value: float, low: float, high: float) -> float:
+        span = high - low if high > low else 1.0
+        return top + plot_h - (value - low) / span * plot_h
+
+    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=INK)
+    draw.text((left, 8), "validation accuracy", fill=ACCURACY_INK, font=font)
+    draw.text((left + plot_w - 100, 8), "training loss", fill=LOSS_INK, font=font)
+    draw.text((left + plot_w // 2 - 20, height - 20), "epoch", fill=INK, font=small)
+    draw.text((left - 6, top + plot_h + 4), str(first), fill=INK, font=small)
+    draw.text((left + plot_w - 10, top + plot_h + 4), str(last), fill=INK, font=small)
+    if best_epoch is not None and first <= best_epoch <= last:
+        x = x_of(best_epoch)
+        draw.line((x, top, x, top + plot_h), fill=GRID, width=2)
+        draw.text((x + 3, top + 2), f"kept: {best_epoch}", fill=INK, font=small)
+    accuracy = [(s.epoch, s.valid_accuracy) for s in curve if s.valid_accuracy is not None]
+    if accuracy:
+        low, high = min(a for _, a in accuracy), max(a for _, a in accuracy)
+        points = [(x_of(e), y_of(a, low, high)) for e, a in accuracy]
+        if len(points) > 1:
+            draw.line(points, fill=ACCURACY_INK, width=2)
+        for px, py in points:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=ACCURACY_INK)
+        draw.text((4, top - 6), f"{high:.3f}", fill=ACCURACY_INK, font=small)
+        draw.text((4, top + plot_h - 8), f"{low:.3f}", fill=ACCURACY_INK, font=small)
+    if curve:
+        high = max(s.loss for s in curve)
+        points = [(x_of(s.epoch), y_of(s.loss, 0.0, high)) for s in curve]
+        if len(points) > 1:
+            draw.line(points, fill=LOSS_INK, width=2)
+        draw.text((left + plot_w + 6, top - 6), f"{high:.3g}", fill=LOSS_INK, font=small)
+        draw.text((left + plot_w + 6, top + plot_h - 8), "0", fill=LOSS_INK, font=small)
+    return chart
+
+
+def stacked(*images: Image.Image) -> Image.Image:
+    """Images one above the other on a white background, left-aligned."""
+    sheet = Image.new(
+        "RGB", (max(i.width for i in images), sum(i.height for i in images)), BACKGROUND
+    )
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height
     return sheet
 
 

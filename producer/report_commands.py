@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from core.errors import BadInput
 from producer.options import HELP, database_option
 from producer.run_commands import RunArg, resolve_run
+
+if TYPE_CHECKING:  # core.training imports torch: not for --help
+    from core.curve import EpochStats
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -204,40 +207,38 @@ def report_cmd(
     "--png",
     "png_file",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Draw the ideal images and SGD weight maps into this PNG file.",
+    help="Draw the ideal images, SGD weight maps and learning curve into this PNG file.",
 )
 @click.option(
     "--scale", type=click.IntRange(1, 16), default=4, show_default=True, help="Pixels per pixel."
 )
 @database_option
 def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engine: Any) -> None:
-    """Describe model ID (default: the newest) and, with --png, draw it: each class's ideal
-    image above its SGD weight map (red: evidence for the class, blue: against).
+    """Describe model ID (default: the newest) with its learning curve and, with --png, draw
+    it: each class's ideal image above its SGD weight map (red: evidence for the class, blue:
+    against), and under them the learning curve.
 
     \b
     Examples:
       producer show-model --png model.png
       producer show-model 3 --png model3.png --scale 6
     """
-    from db.model_store import list_models, resolve_model_id
+    from db.model_store import list_models, load_learning_curve, resolve_model_id
     from db.reads import model_arrays
-    from producer.pictures import model_sheet, png_bytes
+    from producer.pictures import curve_chart, model_sheet, png_bytes, stacked
     from producer.tables import format_table, pct
 
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
         clf = model_arrays(conn, model_id)
         info = next(r for r in list_models(conn) if r["id"] == model_id)
+        curve, best_epoch = load_learning_curve(conn, model_id)
     rows = [
         ["classes", ", ".join(clf.classes)],
         ["image size", f"{clf.width}x{clf.height}"],
         ["trained", f"{info['created_at']:%Y-%m-%d %H:%M:%S} on {info['train_dir']}"],
         ["images", f"{info['n_train']} training, {info['n_valid']} validation"],
-        [
-            "SGD",
-            f"{info['epochs']} epochs, lr {info['lr']}, batch {info['batch_size']}, "
-            f"seed {info['seed']}, loss {info['loss']}",
-        ],
+        ["SGD", sgd_settings(info, len(curve))],
         [
             "validation",
             f"L1 {pct(info['accuracy_l1'])}  L2 {pct(info['accuracy_l2'])}  "
@@ -245,9 +246,57 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
         ],
     ]
     click.echo(format_table([f"model {model_id}", ""], rows, "ll"))
+    if curve:
+        click.echo("")
+        click.echo(format_curve(curve, best_epoch))
     if png_file is not None:
-        _write(png_file, png_bytes(model_sheet(clf, scale, title=f"model {model_id}")))
+        picture = model_sheet(clf, scale, title=f"model {model_id}")
+        if curve:
+            picture = stacked(picture, curve_chart(curve, best_epoch))
+        _write(png_file, png_bytes(picture))
         click.echo(f"wrote {png_file}", err=True)
+
+
+def sgd_settings(info: dict[str, Any], epochs_run: int) -> str:
+    """The SGD line of ``show-model``: settings, and for models with a learning curve the
+    epochs run, the weight decay and the epoch kept."""
+    epochs = f"{info['epochs']} epochs"
+    if epochs_run:
+        epochs = f"{epochs_run} of at most {info['epochs']} epochs"
+    text = (
+        f"{epochs}, lr {info['lr']}, batch {info['batch_size']}, "
+        f"seed {info['seed']}, loss {info['loss']}"
+    )
+    if info["weight_decay"] is not None:
+        text += f", weight decay {info['weight_decay']}"
+    if info["best_epoch"] is not None:
+        text += f"; kept epoch {info['best_epoch']} (best on validation)"
+    return text
+
+
+def format_curve(curve: tuple[EpochStats, ...], best_epoch: int | None) -> str:
+    """The learning curve as a table, one row per epoch (the weight decay that did best on
+    validation in it); ``*`` marks the epoch kept."""
+    from producer.tables import format_table
+
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows = [
+        [
+            s.epoch,
+            f"{s.lr:.4f}",
+            f"{s.loss:.4f}",
+            figure(s.train_accuracy),
+            figure(s.valid_loss),
+            figure(s.valid_accuracy),
+            f"{s.weight_decay:g}",
+            "*" if s.epoch == best_epoch else "",
+        ]
+        for s in curve
+    ]
+    headers = ["epoch", "lr", "loss", "train acc", "valid loss", "valid acc", "decay", "kept"]
+    return format_table(headers, rows, "rrrrrrrl")
 
 
 @click.command("compare", context_settings=HELP)

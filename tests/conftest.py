@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from core.training import LabelledImages, fit, load_labelled
+from core.labelled import LabelledImages, load_labelled
+from core.training import fit
 from db.session import dispose_engines, make_engine, upgrade_schema
 from producer.cli import cli
 from producer.sample_data import write_sample

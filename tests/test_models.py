@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from core.classifier import tensor_from_bytes, tensor_to_bytes
+from core.labelled import load_labelled
 from core.scoring import _difference_buffer, distances, score_tensor
-from core.training import accuracies, fit, ideal_image, load_labelled
+from core.training import accuracies, fit, ideal_image
 
 
 def reference_predictions(train, valid):

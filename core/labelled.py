@@ -1,0 +1,140 @@
+"""Labelled images read from class folders (``DIR/3/*.png``, ``DIR/7/*.png``...), checked
+for what training needs: two classes or more, images in every class, one image size, and
+validation folders of the same classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import DirectoryError
+from core.files import DirectoryWalk, check_directory, read_file
+from core.images import ImageError, decode_gray, image_size
+
+
+@dataclass
+class LabelledImages:
+    stack: torch.Tensor  # N x H x W uint8
+    labels: torch.Tensor  # N int64, index into classes
+    classes: tuple[str, ...]
+    n_unreadable: int
+
+
+def class_sort_key(name: str) -> tuple[int, int | str]:
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def load_labelled(
+    root: Path, classes: tuple[str, ...] | None = None, size: tuple[int, int] | None = None
+) -> LabelledImages:
+    """Every image in ``root/<class>/`` (recursively), labelled by its class folder.
+
+    With ``classes`` given (a validation set), the class folders must be exactly those, and
+    are read in that order; with ``size`` (``height, width``), every image must have it.
+    Otherwise the first image fixes the size. Files that cannot be read or decoded are
+    counted in ``n_unreadable`` and left out; an image of another size is an error naming
+    both sizes, as is a class folder without a readable image or fewer than two classes.
+    """
+    root = check_directory(root)
+    folders = sorted((p.name for p in root.iterdir() if p.is_dir()), key=class_sort_key)
+    if classes is None:
+        classes = tuple(folders)
+        if len(classes) < 2:
+            found = f"only {classes[0]!r}" if classes else "none"
+            raise DirectoryError(
+                f"{str(root)!r} needs at least two class folders (e.g. {root}/3 and {root}/7); "
+                f"found {found}"
+            )
+    elif tuple(folders) != classes:
+        raise DirectoryError(class_mismatch(root, classes, folders))
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    first_of_size: str | None = None
+    unreadable = 0
+    for k, name in enumerate(classes):
+        for path, _rel in DirectoryWalk(root / name):
+            data, _err = read_file(path)
+            if data is None:
+                unreadable += 1
+                continue
+            try:
+                if size is None:  # the first image fixes the model's size
+                    size, first_of_size = image_size(data), path
+                images.append(decode_gray(data, *size))
+            except (ImageError, OSError):
+                # the header is read again only for an image that failed: another size is
+                # an error, anything else one file left out
+                other = header_size(data)
+                if size is not None and other is not None and other != size:
+                    raise DirectoryError(
+                        size_mismatch(root, size, first_of_size, other, path)
+                    ) from None
+                unreadable += 1
+                continue
+            labels.append(k)
+    if not images:
+        raise DirectoryError(f"no readable images in the class folders of {str(root)!r}")
+    labelled = LabelledImages(
+        torch.from_numpy(np.stack(images)), torch.tensor(labels), tuple(classes), unreadable
+    )
+    require_every_class(labelled, root)
+    return labelled
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from an image's header, or ``None`` when it cannot be read."""
+    try:
+        return image_size(data)
+    except ImageError:
+        return None
+
+
+def class_mismatch(root: Path, classes: tuple[str, ...], folders: list[str]) -> str:
+    missing = [c for c in classes if c not in folders]
+    extra = [f for f in folders if f not in classes]
+    parts = [
+        f"{what} {', '.join(map(repr, names))}"
+        for what, names in (("missing", missing), ("not trained on", extra))
+        if names
+    ]
+    return (
+        f"the class folders of {str(root)!r} differ from the training classes "
+        f"({', '.join(classes)}): {'; '.join(parts)}; validate on the same classes"
+    )
+
+
+def size_mismatch(
+    root: Path, size: tuple[int, int], first: str | None, other: tuple[int, int], path: str
+) -> str:
+    def wxh(s: tuple[int, int]) -> str:
+        return f"{s[1]}x{s[0]}"
+
+    first_seen = f"{first!r} and others" if first else "the training images"
+    return (
+        f"images of two sizes in {str(root)!r}: {wxh(size)} ({first_seen}) and {wxh(other)} "
+        f"({path!r}); a model takes one size: resize the images or move the others out"
+    )
+
+
+def require_every_class(data: LabelledImages, root: Path) -> None:
+    """Training needs at least one image per class, or that class has no ideal image."""
+    counts = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
+    empty = [c for c, n in zip(data.classes, counts, strict=True) if n == 0]
+    if empty:
+        raise DirectoryError(
+            f"class folder(s) {', '.join(map(repr, empty))} of {str(root)!r} hold no readable "
+            "images: add images or remove the folder"
+        )
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_valid = max(1, int(round(n * fraction)))
+    return order[n_valid:], order[:n_valid]
+
+
+def subset(data: LabelledImages, idx: torch.Tensor) -> LabelledImages:
+    return LabelledImages(data.stack[idx], data.labels[idx], data.classes, 0)

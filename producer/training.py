@@ -1,0 +1,112 @@
+"""``producer train`` as a plain function: read the class folders, train with one line of
+progress per epoch on stderr, then store the model and its learning curve in one transaction.
+
+Every check of the input happens before training starts, and nothing is written before
+training ends, so bad input or an interrupted run leaves no model behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from core.curve import EpochStats, curve_to_json
+from core.labelled import (
+    LabelledImages,
+    holdout_split,
+    load_labelled,
+    require_every_class,
+    subset,
+)
+from core.training import SgdSettings, accuracies, train_model
+from db.model_store import TrainingRecord, save_classifier
+from producer.options import echo_err
+
+
+def split_data(
+    directory: Path, valid_dir: Path | None, holdout: float, seed: int
+) -> tuple[LabelledImages, LabelledImages, int]:
+    """Training and validation images, and the files of both that could not be used."""
+    data = load_labelled(directory)
+    if valid_dir is not None:
+        size = (int(data.stack.shape[1]), int(data.stack.shape[2]))
+        valid = load_labelled(valid_dir, data.classes, size)
+        return data, valid, data.n_unreadable + valid.n_unreadable
+    train_idx, valid_idx = holdout_split(len(data.labels), holdout, seed)
+    train = subset(data, train_idx)
+    require_every_class(train, directory)
+    return train, subset(data, valid_idx), data.n_unreadable
+
+
+def epoch_line(stats: EpochStats, epochs: int, best: bool) -> str:
+    """One epoch's progress; ``*`` marks the best epoch so far."""
+    valid = (
+        ""
+        if stats.valid_accuracy is None
+        else f"  valid accuracy {stats.valid_accuracy:.4f} (weight decay {stats.weight_decay:g})"
+    )
+    return (
+        f"  epoch {stats.epoch:>3}/{epochs}  lr {stats.lr:.4f}  loss {stats.loss:.4f}  "
+        f"train accuracy {stats.train_accuracy:.4f}{valid}{'  *' if best else ''}"
+    )
+
+
+def train_and_store(
+    engine: Any, directory: Path, valid_dir: Path | None, holdout: float, settings: SgdSettings
+) -> int:
+    """Train on ``directory``, choose the epoch on ``valid_dir`` (or a held-out ``holdout``
+    fraction), store the model; returns its id. Progress goes to stderr, results to stdout."""
+    settings.check()
+    train, valid, n_unreadable = split_data(directory, valid_dir, holdout, settings.seed)
+    if n_unreadable:
+        echo_err(f"warning: {n_unreadable} file(s) could not be read or decoded and were left out")
+    source = (
+        f"{len(valid.labels)} images of {valid_dir}"
+        if valid_dir is not None
+        else f"{len(valid.labels)} images held out of {directory} (--holdout {holdout})"
+    )
+    echo_err(
+        f"training on {len(train.labels)} images of classes {', '.join(train.classes)}; "
+        f"validating on {source}"
+    )
+    best: list[EpochStats] = []
+
+    def on_epoch(stats: EpochStats) -> None:
+        better = not best or stats.rank() > best[0].rank()  # the rule train_sgd keeps by
+        if better:
+            best[:] = [stats]
+        echo_err(epoch_line(stats, settings.epochs, better))
+
+    trained = train_model(train, settings, valid=valid, on_epoch=on_epoch)
+    if len(trained.curve) < settings.epochs:
+        echo_err(f"stopped early: no better validation accuracy in {settings.patience} epochs")
+    acc = accuracies(trained.classifier, valid)
+    record = TrainingRecord(
+        train_dir=str(directory.resolve()),
+        n_train=len(train.labels),
+        n_valid=len(valid.labels),
+        epochs=settings.epochs,
+        lr=settings.lr,
+        batch_size=trained.batch_size,
+        seed=settings.seed,
+        accuracy_l1=acc["l1"],
+        accuracy_l2=acc["l2"],
+        accuracy_sgd=acc["sgd"],
+        weight_decay=trained.weight_decay,
+        best_epoch=trained.best_epoch,
+        learning_curve=curve_to_json(trained.curve),
+    )
+    with engine.begin() as conn:
+        model_id = save_classifier(conn, trained.classifier, record)
+    echo_err(
+        f"kept the SGD weights of epoch {trained.best_epoch} (weight decay "
+        f"{trained.weight_decay:g}, batch size {trained.batch_size}): the best on validation"
+    )
+    click.echo(f"model {model_id}")
+    click.echo(
+        f"validation accuracy on {len(valid.labels)} images:  "
+        f"L1 {acc['l1']:.4f}  L2 {acc['l2']:.4f}  SGD {acc['sgd']:.4f}"
+    )
+    return model_id
