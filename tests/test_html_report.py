@@ -175,8 +175,9 @@ def test_html_report_survives_hostile_stored_paths(html_run, sqlite_url, tmp_pat
                f"3/{names[3]}\0.png"]
     with engine.begin() as conn:
         for old, new in zip(victims, hostile, strict=True):
-            conn.execute(text("UPDATE predictions SET path = :new WHERE run_id = :r AND "
-                              "path = :old"), {"new": new, "old": old, "r": run_id})
+            for table in ("predictions", "run_mistakes"):  # a row and its kept mistake
+                conn.execute(text(f"UPDATE {table} SET path = :new WHERE run_id = :r AND "
+                                  "path = :old"), {"new": new, "old": old, "r": run_id})
     page = tmp_path / "hostile.html"
     r = run_cli("report", str(run_id), "--html", str(page), "--database-url", sqlite_url)
     assert r.exit_code == 0, r.output

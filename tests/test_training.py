@@ -19,11 +19,11 @@ from sklearn.linear_model import LogisticRegression
 from sqlalchemy import func, select, text
 
 from core import defaults
+from core.curve import curve_from_json
 from core.labelled import LabelledImages, holdout_split, load_labelled, subset
 from core.training import (
     SgdSettings,
     accuracies,
-    curve_from_json,
     fold_scaling,
     input_scaling,
     train_model,
