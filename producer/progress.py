@@ -15,15 +15,18 @@ from core.errors import WaitTimeout
 from db.queries import progress
 
 
+def bar(done: int, total: int, width: int = 30) -> str:
+    """``[####------]``: ``done`` of ``total`` as a bar of ``width`` characters."""
+    filled = min(width, int(width * done / total)) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
 def progress_line(done: int, total: int | None, rate: float) -> str:
     if total is None:
         return f"{done:,}/? images  {rate:,.0f} images/s"
     eta = (total - done) / rate if rate > 0 else float("inf")
     eta_text = f"ETA {eta:,.0f} s" if eta != float("inf") else "ETA ?"
-    width = 30
-    filled = int(width * done / total) if total else width
-    bar = "#" * filled + "-" * (width - filled)
-    return f"[{bar}] {done:,}/{total:,} images  {rate:,.0f} images/s  {eta_text}"
+    return f"{bar(done, total)} {done:,}/{total:,} images  {rate:,.0f} images/s  {eta_text}"
 
 
 def wait_for_run(

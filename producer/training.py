@@ -23,6 +23,7 @@ from core.labelled import (
 from core.training import SgdSettings, accuracies, train_model
 from db.model_store import TrainingRecord, save_classifier
 from producer.options import echo_err
+from producer.progress import bar
 
 
 def split_data(
@@ -41,14 +42,15 @@ def split_data(
 
 
 def epoch_line(stats: EpochStats, epochs: int, best: bool) -> str:
-    """One epoch's progress; ``*`` marks the best epoch so far."""
+    """One epoch's progress, a bar of the epochs first; ``*`` marks the best epoch so far."""
     valid = (
         ""
         if stats.valid_accuracy is None
         else f"  valid accuracy {stats.valid_accuracy:.4f} (weight decay {stats.weight_decay:g})"
     )
     return (
-        f"  epoch {stats.epoch:>3}/{epochs}  lr {stats.lr:.4f}  loss {stats.loss:.4f}  "
+        f"{bar(stats.epoch, epochs, 20)} epoch {stats.epoch:>3}/{epochs}  lr {stats.lr:.4f}  "
+        f"loss {stats.loss:.4f}  "
         f"train accuracy {stats.train_accuracy:.4f}{valid}{'  *' if best else ''}"
     )
 

@@ -300,3 +300,15 @@ def test_migration_0008_keeps_older_models_without_a_curve(any_db_url, run_cli):
     assert r.exit_code == 0, r.output
     assert "20 epochs, lr 0.5" in r.output and "kept epoch" not in r.output
     assert "valid acc" not in r.output
+
+
+def test_each_epoch_line_shows_a_bar_of_the_epochs_loss_and_validation_accuracy():
+    from core.curve import EpochStats
+    from producer.training import epoch_line
+
+    stats = EpochStats(5, 0.25, 0.9, 0.3, 0.875, 2.0, 0.01)
+    line = epoch_line(stats, 20, best=True)
+    assert line.startswith("[#####" + "-" * 15 + "] epoch   5/20")
+    assert "loss 0.2500" in line and "valid accuracy 0.8750" in line and line.endswith("*")
+    assert epoch_line(EpochStats(20, 0.1, 1.0, None, None, 1.0, 0.0), 20, best=False).startswith(
+        "[" + "#" * 20 + "]")
