@@ -51,7 +51,8 @@ class WorkerSet:
         for i in range(self.n):
             log = self.log_dir / f"worker-{tag}-{i}.log"
             argv = [sys.executable, "-c", "from worker.cli import main; main()",
-                    "--device", self.device, "--", "--hostname", f"bench{i}-{tag}@%h"]
+                    "--device", self.device, "--concurrency", "1",
+                    "--", "--hostname", f"bench{i}-{tag}@%h"]
             with open(log, "wb") as out:
                 self.procs.append(subprocess.Popen(
                     argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
