@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy and torch are imported where a tensor is made: a report needs none
     import torch
@@ -11,8 +11,22 @@ if TYPE_CHECKING:  # numpy and torch are imported where a tensor is made: a repo
 from core.storage import array_from_bytes
 
 
+class ImageSize:
+    """The image size of a model whose ``ideals`` are ``K x H x W``, tensors or arrays."""
+
+    ideals: Any
+
+    @property
+    def height(self) -> int:
+        return int(self.ideals.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.ideals.shape[2])
+
+
 @dataclass(frozen=True)
-class Classifier:
+class Classifier(ImageSize):
     """Everything needed to score a batch.
 
     ``classes[k]`` names row ``k`` of ``ideals`` (``K x H x W``, pixel values 0-1) and column
@@ -23,14 +37,6 @@ class Classifier:
     ideals: torch.Tensor
     weights: torch.Tensor
     bias: torch.Tensor
-
-    @property
-    def height(self) -> int:
-        return int(self.ideals.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.ideals.shape[2])
 
     def to(self, device: torch.device | str) -> Classifier:
         return Classifier(
