@@ -212,31 +212,45 @@ def test_redis_restart_mid_run_then_resume_completes(
     assert run_row(postgres_url)["status"] == "done"
 
 
-def test_database_away_for_a_while_tasks_retry_and_run_completes(
-    run_cli, sample_dir, postgres_url, broker_env, start_worker
-):
+def score_through_a_database_outage(
+    run_cli, sample_dir: Path, postgres_url: str, broker_env: dict, start_worker,
+    seconds: float, extra_env: dict | None = None, submit_env: dict | None = None,
+) -> tuple[dict, list]:
+    """Two workers reach PostgreSQL through a TCP proxy; 1,000 images are submitted, the
+    proxy is cut for ``seconds`` once 100 are stored, then opened again. Returns the finished
+    run's row and the workers."""
     from tests.tcp_proxy import TcpProxy
 
+    extra = extra_env or {}
     train(run_cli, sample_dir, postgres_url)
     proxy = TcpProxy("127.0.0.1", 5432)
-    base, _, name = postgres_url.rpartition("/")
+    _base, _, name = postgres_url.rpartition("/")
     via_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{name}"
-    env = {**broker_env, "DIGITSCORE_DATABASE_URL": via_proxy,
+    env = {**broker_env, **extra, "DIGITSCORE_DATABASE_URL": via_proxy,
            "DIGITSCORE_TEST_TASK_DELAY": "0.1"}
     try:
         workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
         for w in workers:
             wait_for_log(w, "ready.")
         r = run_cli("submit", str(sample_dir), "--batch-size", "25", "--database-url",
-                    postgres_url)
+                    postgres_url, env=submit_env)
         assert r.exit_code == 0, r.output
         wait_scored(postgres_url, 100)
         proxy.cut()
-        time.sleep(6)
+        time.sleep(seconds)
         proxy.open()
         run = wait_done(postgres_url, timeout=120)
     finally:
         proxy.close()
+    return run, workers
+
+
+def test_database_away_for_a_while_tasks_retry_and_run_completes(
+    run_cli, sample_dir, postgres_url, broker_env, start_worker
+):
+    run, workers = score_through_a_database_outage(
+        run_cli, sample_dir, postgres_url, broker_env, start_worker, seconds=6
+    )
     assert_exactly_once(postgres_url, 1000)
     assert run["n_failed"] == 0
     logs = "".join(Path(w.log_path).read_text() for w in workers)
@@ -251,28 +265,12 @@ def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
     every batch is scored and none is failed as poison. Messages are signed
     (DIGITSCORE_SECRET): a retry keeps its message's signature."""
     secret = {"DIGITSCORE_SECRET": "faults-test-secret-0c9a71e2"}
-    from tests.tcp_proxy import TcpProxy
-
-    train(run_cli, sample_dir, postgres_url)
-    proxy = TcpProxy("127.0.0.1", 5432)
-    base, _, name = postgres_url.rpartition("/")
-    via_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{name}"
-    env = {**broker_env, **secret, "DIGITSCORE_DATABASE_URL": via_proxy,
-           "DIGITSCORE_VISIBILITY_TIMEOUT": "5", "DIGITSCORE_TEST_TASK_DELAY": "0.1"}
-    try:
-        workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
-        for w in workers:
-            assert "database retries at most 2 s apart" in wait_for_log(w, "ready.")
-        r = run_cli("submit", str(sample_dir), "--batch-size", "25", "--database-url",
-                    postgres_url, env=secret)
-        assert r.exit_code == 0, r.output
-        wait_scored(postgres_url, 100)
-        proxy.cut()
-        time.sleep(20)
-        proxy.open()
-        run = wait_done(postgres_url, timeout=120)
-    finally:
-        proxy.close()
+    run, workers = score_through_a_database_outage(
+        run_cli, sample_dir, postgres_url, broker_env, start_worker, seconds=20,
+        extra_env={**secret, "DIGITSCORE_VISIBILITY_TIMEOUT": "5"}, submit_env=secret,
+    )
+    for w in workers:
+        assert "database retries at most 2 s apart" in Path(w.log_path).read_text()
     assert_exactly_once(postgres_url, 1000)
     assert run["n_failed"] == 0
     with get_engine(postgres_url).connect() as conn:
