@@ -1,6 +1,7 @@
 """``producer`` as it is, plus two facts the benchmark needs, written as JSON at exit to the
-file named by ``BENCH_PRODUCER_STATS``: when the first file was read (``time.time()``) and
-the process's peak resident memory (``VmHWM``, MiB).
+file named by ``BENCH_PRODUCER_STATS``: when the walk of the directory started, its first
+file listed (``time.time()``; in ``--send bytes`` the first file is read right after), and the
+process's peak resident memory (``VmHWM``, MiB).
 
 Usage: ``python -m bench.run_producer submit DIR --wait ...`` (any producer arguments).
 """
@@ -11,19 +12,19 @@ import atexit
 import json
 import os
 import time
-from typing import Any
+from collections.abc import Iterator
 
 import core.files as files
 
-_first_read: float | None = None
-_read_file = files.read_file
+_walk_start: float | None = None
+_walk = files.DirectoryWalk.__iter__
 
 
-def _timed_read_file(*args: Any, **kwargs: Any) -> Any:
-    global _first_read
-    _first_read = time.time()
-    files.read_file = _read_file  # only the first read is timed
-    return _read_file(*args, **kwargs)
+def _timed_walk(self: files.DirectoryWalk) -> Iterator[tuple[str, str]]:
+    global _walk_start
+    if _walk_start is None:  # only the first walk is timed
+        _walk_start = time.time()
+    yield from _walk(self)
 
 
 def _peak_mib() -> float | None:
@@ -39,11 +40,11 @@ def _write_stats() -> None:
     target = os.environ.get("BENCH_PRODUCER_STATS")
     if target:
         with open(target, "w") as f:
-            json.dump({"first_read": _first_read, "peak_rss_mib": _peak_mib()}, f)
+            json.dump({"walk_start": _walk_start, "peak_rss_mib": _peak_mib()}, f)
 
 
 if __name__ == "__main__":
-    files.read_file = _timed_read_file
+    files.DirectoryWalk.__iter__ = _timed_walk  # type: ignore[method-assign]
     from producer.cli import cli
 
     cli(prog_name="producer")

@@ -1,5 +1,5 @@
 """The system end to end: real ``worker`` processes, Redis, a results database, and
-``producer submit --wait`` as a subprocess, timed from its first file read until the run is
+``producer submit --wait`` as a subprocess, timed from the start of its walk of the directory until the run is
 ``done`` (``runs.finished_at``, written in the transaction that stores the last rows)."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class WorkerSet:
 class SubmitResult:
     run_id: int
     n_images: int
-    seconds: float  # first file read -> run done
+    seconds: float  # the walk's start (first file listed) -> run done
     producer_peak_mib: float | None
     wall_seconds: float | None = None  # the producer process, start to exit, as a shell sees
 
@@ -150,7 +150,7 @@ def submit_and_wait(
     dispose_engines()
     if run["status"] != "done" or run["n_scored"] != run["n_images"]:
         raise RuntimeError(f"run {run['id']} ended {dict(run)}")
-    seconds = as_utc(run["finished_at"]).timestamp() - stats["first_read"]
+    seconds = as_utc(run["finished_at"]).timestamp() - stats["walk_start"]
     return SubmitResult(int(run["id"]), int(run["n_images"]), seconds, stats["peak_rss_mib"],
                         wall)
 
