@@ -34,7 +34,7 @@ class Handout:
 
 
 def producer(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from producer.cli import cli; cli()", *args]
+    return [sys.executable, "-c", "from producer.cli import main; main()", *args]
 
 
 def handout(

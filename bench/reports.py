@@ -157,7 +157,7 @@ def time_reads(engine: Engine, run_id: int) -> dict[str, float]:
 
 def time_command(url: str, run_id: int, args: list[str], work: Path) -> float:
     html = work / f"report-{run_id}.html"
-    argv = [sys.executable, "-c", "from producer.cli import cli; cli()",
+    argv = [sys.executable, "-c", "from producer.cli import main; main()",
             *[a.format(html=html) for a in args], str(run_id), "--database-url", url]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
     t = time.perf_counter()

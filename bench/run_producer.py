@@ -45,6 +45,6 @@ def _write_stats() -> None:
 
 if __name__ == "__main__":
     files.DirectoryWalk.__iter__ = _timed_walk  # type: ignore[method-assign]
-    from producer.cli import cli
+    from producer.cli import main
 
-    cli(prog_name="producer")
+    main()

@@ -52,9 +52,16 @@ def is_image_name(name: str) -> bool:
     """Whether the name ends in an image suffix, as ``os.path.splitext`` tells suffixes
     (leading dots start no suffix: ``.png`` is a hidden file named png); spelled out, since
     the walk asks it of every file."""
-    bare = name.lstrip(".")
-    dot = bare.rfind(".")
-    return dot > 0 and bare[dot:].lower() in defaults.IMAGE_SUFFIXES
+    dot = name.rfind(".")
+    if dot <= 0:
+        return False
+    suffix = name[dot:]
+    if suffix not in _SUFFIXES and suffix.lower() not in _SUFFIXES:
+        return False
+    return name[0] != "." or name[:dot].lstrip(".") != ""
+
+
+_SUFFIXES = defaults.IMAGE_SUFFIXES
 
 
 def safe_name(rel: str) -> str:
@@ -133,6 +140,8 @@ class DirectoryWalk:
                     yield directory + os.sep, stored_name(root, rel_dir) + "/"
                 continue
             with entries:
+                # The walk's inner loop, run once per file: the entry's type comes from the
+                # directory listing itself (no stat), and an ASCII name needs no escaping.
                 for entry in entries:
                     kind = _kind(entry)
                     if kind == "dir":
@@ -140,7 +149,11 @@ class DirectoryWalk:
                     elif kind == "dir-link" or not is_image_name(entry.name):
                         self.n_skipped += 1
                     else:
-                        yield entry.path, stored_name(root, _posix(entry.path[start:]))
+                        path = entry.path
+                        rel = path[start:]
+                        if not (rel.isascii() and os.sep == "/"):
+                            rel = stored_name(root, _posix(rel))
+                        yield path, rel
 
 
 def _posix(rel: str) -> str:
@@ -153,7 +166,7 @@ def _kind(entry: os.DirEntry[str]) -> str:
     try:
         if entry.is_dir(follow_symlinks=False):
             return "dir"
-        if entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+        if entry.is_symlink() and entry.is_dir():
             return "dir-link"
     except OSError:  # a symlink loop, a vanished entry: let read_file report it
         pass
@@ -188,17 +201,19 @@ _FILE_KINDS = {
 }
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+
 def _open(path: str) -> int:
     """Open for reading without blocking (a named pipe with no writer would hang a plain
     ``open``); a stored name with ``\\xNN`` escapes falls back to its on-disk spelling."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
     try:
-        return os.open(path, flags)
+        return os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         raw = on_disk_name(path)
         if raw is None:
             raise
-        return os.open(raw, flags)
+        return os.open(raw, _READ_FLAGS)
 
 
 def read_file(
@@ -215,6 +230,11 @@ def read_file(
     except OSError as e:
         what = "directory could not be listed" if unlisted else "file could not be read"
         return None, f"{what}: {e.strerror or type(e).__name__}"
+    return _read_open(fd, unlisted, max_bytes)
+
+
+def _read_open(fd: int, unlisted: bool, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """:func:`read_file`'s answer for the open descriptor ``fd``, which it closes."""
     # Plain os calls on the descriptor: a buffered file object per file costs about as much
     # as the open, stat and read together (docs/performance.md).
     try:
@@ -304,12 +324,23 @@ def read_batch(root: str, paths: Iterable[str]) -> FileBatch:
 OUTSIDE_ROOT = "path is outside the run's source directory"
 
 
-def read_below(root: str, rel: str, max_bytes: int = defaults.MAX_FILE_BYTES) -> tuple[
-    bytes | None, str | None
-]:
+def read_below(
+    root: str,
+    rel: str,
+    max_bytes: int = defaults.MAX_FILE_BYTES,
+    folders: dict[str, str | None] | None = None,
+) -> tuple[bytes | None, str | None]:
     """:func:`read_file` of ``rel`` below ``root`` (a resolved directory), refusing a path
     whose resolved location, symlinks followed, is not below ``root``: ``..``, an absolute
-    path, or a link out of the directory get the error :data:`OUTSIDE_ROOT`."""
+    path, or a link out of the directory get the error :data:`OUTSIDE_ROOT`.
+
+    ``folders`` keeps each folder's resolved location from call to call (the files of a
+    batch share a few folders), so that the common file costs one open more than the
+    producer's read, not a resolution of every component of its path.
+    """
+    quick = _read_in_folder(root, rel, max_bytes, {} if folders is None else folders)
+    if quick is not None:
+        return quick
     path = os.path.join(root, rel)
     if not os.path.lexists(path):
         raw = on_disk_name(path)  # a stored name with \xNN escapes: the file's own bytes
@@ -323,11 +354,36 @@ def read_below(root: str, rel: str, max_bytes: int = defaults.MAX_FILE_BYTES) ->
     return read_file(resolved, max_bytes)
 
 
+def _read_in_folder(
+    root: str, rel: str, max_bytes: int, folders: dict[str, str | None]
+) -> tuple[bytes | None, str | None] | None:
+    """The common case of :func:`read_below`: a plain name (no escapes) in a folder that
+    resolves below ``root``, which is not itself a symlink (opened with ``O_NOFOLLOW``).
+    ``None`` for anything else (a link, a missing file, a folder outside): the full
+    resolution answers those."""
+    folder, _, name = rel.rpartition("/")
+    if name in ("", ".", "..") or rel.startswith("/") or "\\x" in rel:
+        return None
+    if folder not in folders:
+        where = os.path.realpath(os.path.join(root, folder)) if folder else root
+        inside = where == root or where.startswith(os.path.join(root, ""))
+        folders[folder] = where if inside else None
+    where = folders[folder]
+    if where is None:
+        return None
+    try:
+        fd = os.open(os.path.join(where, name), _READ_FLAGS | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    return _read_open(fd, False, max_bytes)
+
+
 def read_batch_below(root: str, paths: Iterable[str]) -> FileBatch:
     """:func:`read_below` of each recorded path: a worker reading a ``--send paths`` batch."""
     batch = FileBatch()
+    folders: dict[str, str | None] = {}
     for rel in paths:
-        data, error = read_below(root, rel)
+        data, error = read_below(root, rel, folders=folders)
         batch.add(rel, data, error)
     return batch
 

@@ -7,6 +7,8 @@ Nothing here touches a database or a broker before its arguments have been check
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -242,3 +244,13 @@ for _command in (
     workers_cmd,
 ):
     cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``producer`` console script (``argv``: its arguments, default ``sys.argv[1:]``)."""
+    # At exit the interpreter's last garbage collections walk every object the imported
+    # libraries made (SQLAlchemy, Celery, kombu, redis): about 0.15 s of a short command.
+    # Those objects live until the process ends anyway, so they are frozen as the last thing
+    # before exit (atexit runs handlers in reverse order), and those collections skip them.
+    atexit.register(gc.freeze)
+    cli(args=argv, prog_name="producer")

@@ -70,3 +70,24 @@ def test_submit_to_a_broker_never_imports_torch(broker_env, sample_dir, model_db
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"exit": 0, "torch": False}, out.stderr
+
+
+@pytest.mark.parametrize("script", ["main", "cli"])
+def test_the_console_script_freezes_the_imported_objects_before_exit(script):
+    """``producer`` (``producer.cli:main``, as pyproject.toml installs it) freezes the objects
+    its imports made after every other exit handler, so the interpreter's last collections
+    skip them; the bare click group does not, which shows the check can fail."""
+    entry = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                 if line.startswith("producer ="))
+    assert entry.split("=", 1)[1].strip().strip('"') == "producer.cli:main"
+    probe = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count()))\n"
+        f"from producer.cli import {script}\n"
+        f"{script}(['runs', '--help'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    frozen = int(proc.stdout.rsplit("frozen at exit:", 1)[1])
+    assert frozen > 10_000 if script == "main" else frozen == 0

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import text
 
 from core import defaults
-from core.files import OUTSIDE_ROOT, map_prefix, read_below, read_file
+from core.files import OUTSIDE_ROOT, map_prefix, read_batch_below, read_below, read_file
 from db.session import get_engine
 from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
 from tests.conftest import wait_for_log
@@ -43,6 +43,40 @@ def test_read_below_refuses_every_way_out_of_the_root(tmp_path, sample_dir):
     for rel in ("missing.png", "pipe.png"):
         assert read_below(real, rel) == read_file(os.path.join(real, rel)), rel
     assert read_below(real, "a.png", max_bytes=10) == (None, "file is larger than 10 bytes")
+
+
+def test_a_batch_read_below_the_root_answers_as_each_path_resolved_in_full(tmp_path, sample_dir):
+    """A batch resolves each folder once and opens plain names without following a final
+    link; whatever the mix, every answer is the one the full resolution of that path gives."""
+    digit = digit_files(sample_dir, "3", 1)[0].read_bytes()
+    root = tmp_path / "root"
+    for folder in ("3", "7", "sub/deeper"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "a.png").write_bytes(digit)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "a.png").write_bytes(digit)
+    (root / "out").symlink_to(tmp_path / "outside")  # a folder link out
+    (root / "in").symlink_to(root / "7")  # a folder link in
+    (root / "3" / "link-out.png").symlink_to(tmp_path / "outside" / "a.png")
+    (root / "3" / "link-in.png").symlink_to(root / "7" / "a.png")
+    (root / "3" / "dir.png").mkdir()
+    os.mkfifo(root / "7" / "pipe.png")
+    real = str(root.resolve())
+    rels = ["3/a.png", "out/a.png", "7/a.png", "in/a.png", "3/link-out.png", "3/link-in.png",
+            "3/dir.png", "7/pipe.png", "3/missing.png", "sub/deeper/a.png", "sub/../3/a.png",
+            "sub/deeper/../../out/a.png", "../outside/a.png", "out/../3/a.png", "3/", "out/a.png"]
+
+    def resolved_in_full(rel: str) -> tuple[bytes | None, str | None]:
+        where = os.path.realpath(os.path.join(real, rel))
+        if not where.startswith(real + os.sep):
+            return None, OUTSIDE_ROOT
+        return read_file(where + ("/" if rel.endswith("/") else ""))
+
+    batch = read_batch_below(real, rels)
+    assert batch.paths == rels
+    assert list(zip(batch.blobs, batch.errors, strict=True)) == [resolved_in_full(r) for r in rels]
+    # out/../3/a.png leads out: "out" is resolved (a link out) before ".." applies
+    assert batch.blobs.count(digit) == 6 and batch.errors.count(OUTSIDE_ROOT) == 6
 
 
 def test_path_map_setting_and_prefix(monkeypatch):
