@@ -368,11 +368,11 @@ def _read_in_folder(
         where = os.path.realpath(os.path.join(root, folder)) if folder else root
         inside = where == root or where.startswith(os.path.join(root, ""))
         folders[folder] = where if inside else None
-    where = folders[folder]
-    if where is None:
+    resolved = folders[folder]
+    if resolved is None:
         return None
     try:
-        fd = os.open(os.path.join(where, name), _READ_FLAGS | os.O_NOFOLLOW)
+        fd = os.open(os.path.join(resolved, name), _READ_FLAGS | os.O_NOFOLLOW)
     except OSError:
         return None
     return _read_open(fd, False, max_bytes)
