@@ -1,6 +1,8 @@
 """What limits a fleet before the workers do: the producer's hand-out rate with no worker
-running, in each ``--send`` mode; what Redis holds meanwhile; and the fixed cost of a
-one-image ``submit --wait`` to running workers. All whole processes, timed from outside."""
+running, in each ``--send`` mode, at two directory sizes (the difference of the two gives
+the rate a long run settles at, and the fixed cost of the process); what Redis holds
+meanwhile; and the fixed cost of a one-image ``submit --wait`` to running workers. All whole
+processes, timed from outside."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from bench.system import service_env
 from db.session import dispose_engines, get_engine
 
 MODES = ("bytes", "paths")
+#: Flow control's bound while handing out with no worker: every batch stays queued, and the
+#: producer must not wait for workers that will never come (Redis here has no maxmemory).
+HANDOUT_MAX_QUEUED_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ def handout(
     holds in Redis is its peak (nothing has been taken), counted key by key with
     ``MEMORY USAGE`` so that other tenants of a shared Redis do not blur it."""
     queue = f"bench-handout-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, **service_env(broker_url, queue, db_url)}
+    env = {**os.environ, **service_env(broker_url, queue, db_url),
+           "DIGITSCORE_MAX_QUEUED_BYTES": str(HANDOUT_MAX_QUEUED_BYTES)}
     start = time.perf_counter()
     proc = subprocess.run(producer("submit", str(directory), "--send", mode, *extra), env=env,
                           capture_output=True, text=True, timeout=1800, cwd=work)
@@ -91,3 +97,14 @@ def one_image_seconds(image: Path, env: dict[str, str], work: Path) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"one-image submit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return seconds
+
+
+def steady_rate(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float]:
+    """From two hand-outs, ``(images, seconds)`` of a small and a large directory: the rate
+    a long run settles at (images/s: the extra images over the extra seconds) and the fixed
+    cost of the process (seconds: what is left of the small run's time at that rate)."""
+    (n_small, t_small), (n_large, t_large) = small, large
+    if n_large <= n_small or t_large <= t_small:
+        raise ValueError(f"no steady rate from {small} and {large}")
+    rate = (n_large - n_small) / (t_large - t_small)
+    return rate, t_small - n_small / rate

@@ -10,9 +10,11 @@ worker alone; the plain single-process script (bench/plain_script.py); naive Cel
 task per image (bench/naive_celery.py, on a subset); the decode-and-score limit of one process
 with Pillow and with the fast decoder. Then the peak memory of the producer and of a worker at
 two directory sizes. Then the fleet figures (bench/fleet.py): the producer's hand-out rate
-with no worker, ``--send bytes`` and ``--send paths``, whole process; Redis's peak memory
-meanwhile (every batch queued); and the whole-process wall time of a one-image
-``submit --wait`` to running workers. The measurements are interleaved, round by round,
+with no worker, ``--send bytes`` and ``--send paths``, whole process, of the main set and of
+a large one (``--handout-images``, ten times the main set: a fleet-sized run), and from the
+two the steady rate and the fixed cost of the process; Redis's peak memory meanwhile (every
+batch queued); and the whole-process wall time of a one-image ``submit --wait`` to running
+workers. The measurements are interleaved, round by round,
 and every ratio is the median of the ratios of the rounds, so that a noisy machine affects
 both sides alike.
 """
@@ -38,8 +40,10 @@ from bench import common, dataset, fleet, report, runners, system  # noqa: E402
 from core import defaults, fast_decode, images  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
-SIZES = {"images": 50_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3}
-QUICK = {"images": 3_000, "naive": 200, "memory": (1_000, 4_000), "repeat": 1}
+SIZES = {"images": 100_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3,
+         "handout": 1_000_000}
+QUICK = {"images": 3_000, "naive": 200, "memory": (1_000, 4_000), "repeat": 1,
+         "handout": 30_000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
     p.add_argument("--repeat", type=int, help="rounds; every figure is a median (default 3)")
-    p.add_argument("--images", type=int, help="images in the main set (default 50,000)")
+    p.add_argument("--images", type=int, help="images in the main set (default 100,000)")
+    p.add_argument("--handout-images", type=int, help="images in the fleet's large hand-out "
+                   "(default 1,000,000: hard links to the main set's files)")
     p.add_argument("--naive-images", type=int, help="images for naive Celery (default 2,000)")
     p.add_argument("--memory-sizes", help="two directory sizes for peak memory "
                    "(default 10000,200000)")
@@ -65,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeat = args.repeat or sizes["repeat"]
     args.images = args.images or sizes["images"]
     args.naive_images = args.naive_images or sizes["naive"]
+    args.handout_images = args.handout_images or sizes["handout"]
     if args.memory_sizes:
         small, large = (int(x) for x in args.memory_sizes.split(","))
         args.memory = (small, large)
@@ -200,22 +207,29 @@ def measure_memory(args: argparse.Namespace, work: Path, clf: Any) -> dict[int, 
 
 
 def measure_fleet(
-    args: argparse.Namespace, work: Path, main_set: Path, clf: Any
+    args: argparse.Namespace, work: Path, sets: tuple[Path, Path], clf: Any
 ) -> dict[str, list[float]]:
-    """Hand-out rate (images/s) and Redis's peak (MiB the run holds) per ``--send`` mode, and the
-    one-image ``submit --wait`` (seconds, median of three per round), ``args.repeat`` rounds."""
+    """Hand-out rate (images/s) per ``--send`` mode of the main set and of the large one,
+    Redis's peak (MiB the main set's run holds), and the one-image ``submit --wait``
+    (seconds, median of three per round), ``args.repeat`` rounds."""
     out: dict[str, list[float]] = {}
     db = common.sqlite_url(work / "fleet.db")
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    main_set, large_set = sets
     image = dataset.image_paths(main_set)[0]
     with workers(2, db, clf, args, work) as (_ws, env):
         for r in range(args.repeat):
             for mode in fleet.MODES:
-                h = fleet.handout(main_set, mode, args.broker_url, db, work, extra)
-                out.setdefault(f"handout_{mode}", []).append(h.rate)
-                out.setdefault(f"redis_peak_mib_{mode}", []).append(h.redis_bytes / 2**20)
-                log(f"round {r + 1}/{args.repeat}: hand-out --send {mode:5s} {h.rate:10,.0f} "
-                    f"images/s, Redis holds {h.redis_bytes / 2**20:,.1f} MiB of it")
+                for suffix, directory in (("", main_set), ("_large", large_set)):
+                    h = fleet.handout(directory, mode, args.broker_url, db, work, extra)
+                    out.setdefault(f"handout_{mode}{suffix}", []).append(h.rate)
+                    out.setdefault(f"handout_{mode}{suffix}_n", []).append(h.n_images)
+                    if not suffix:
+                        out.setdefault(f"redis_peak_mib_{mode}", []).append(
+                            h.redis_bytes / 2**20)
+                    log(f"round {r + 1}/{args.repeat}: hand-out --send {mode:5s} "
+                        f"{h.n_images:9,} images {h.rate:10,.0f} images/s ({h.seconds:.2f} s), "
+                        f"Redis holds {h.redis_bytes / 2**20:,.1f} MiB of it")
             one = common.median([fleet.one_image_seconds(image, env, work) for _ in range(3)])
             out.setdefault("one_image_s", []).append(one)
             log(f"round {r + 1}/{args.repeat}: one-image submit --wait {one:.2f} s")
@@ -232,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     main_set = dataset.image_set(args.data_dir, args.images, args.images)
     for n in args.memory:
         dataset.image_set(args.data_dir, n, args.images)
+    large_set = dataset.image_set(args.data_dir, args.handout_images, args.images)
     log(f"image sets ready in {args.data_dir}")
     clf = common.train_classifier()
     work = Path(tempfile.mkdtemp(prefix="digitscore-bench-"))
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         model = (model_url, common.store_model(model_url, clf))
         rates = measure_rounds(args, work, main_set, clf, model)
         memory = measure_memory(args, work, clf)
-        fleet_figures = measure_fleet(args, work, main_set, clf)
+        fleet_figures = measure_fleet(args, work, (main_set, large_set), clf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = report.summarise(rates, memory, args, machine, time.perf_counter() - started,

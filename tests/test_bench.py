@@ -211,17 +211,38 @@ def test_report_bench_copies_a_run_with_its_counts_and_mistakes(
     assert after["accuracy"] == before["accuracy"]
     assert after["batches"]["n_batches"] == 3 * before["batches"]["n_batches"]
 def test_report_shows_the_fleet_figures_and_their_goals():
-    fleet_figures = {"handout_bytes": [40_000.0, 50_000.0], "handout_paths": [200_000.0] * 2,
-                     "redis_peak_mib_bytes": [30.0, 31.0], "redis_peak_mib_paths": [0.5] * 2,
-                     "one_image_s": [0.9, 1.5]}
+    # two rounds; per mode 100 images then 1,100: bytes takes 2 s + 1 ms an image, paths
+    # 2 s + 0.1 ms an image (the first round), so the fixed cost hides most of the gap at 100
+    fleet_figures = {
+        "handout_bytes": [100 / 2.1, 100 / 2.1], "handout_bytes_n": [100, 100],
+        "handout_bytes_large": [1100 / 3.1, 1100 / 3.1], "handout_bytes_large_n": [1100, 1100],
+        "handout_paths": [100 / 2.01, 100 / 2.02], "handout_paths_n": [100, 100],
+        "handout_paths_large": [1100 / 2.11, 1100 / 2.22], "handout_paths_large_n": [1100, 1100],
+        "redis_peak_mib_bytes": [30.0, 31.0], "redis_peak_mib_paths": [0.5] * 2,
+        "one_image_s": [0.9, 1.5]}
     memory = {10: {}, 20: {}}
     args = Namespace(images=50, naive_images=5, repeat=2, device="cpu", memory=(10, 20))
     r = report.summarise({}, memory, args, "test machine", 1.0, fleet_figures)
-    assert r["fleet"]["handout_ratio"] == 4.5 and r["fleet"]["handout_met"] is True
-    assert r["fleet"]["one_image_met"] is False  # a median of 1.2 s
+    f = r["fleet"]
+    assert f["figures"]["steady_bytes"] == pytest.approx([1000.0, 1000.0])
+    assert f["figures"]["steady_paths"] == pytest.approx([10_000.0, 5_000.0])
+    assert f["figures"]["fixed_paths"] == pytest.approx([2.0, 2.0])
+    assert f["handout_ratio_steady"] == pytest.approx(7.5)  # median of 10 and 5
+    assert f["handout_ratio"] == pytest.approx((3.1 / 2.11 + 3.1 / 2.22) / 2)
+    assert f["handout_met"] is False and f["handout_ratio_main"] < 1.1
+    assert f["one_image_met"] is False  # a median of 1.2 s
     out = report.format_results(r)
-    assert "hand-out --send paths / --send bytes" in out and "4.50" in out
+    assert "hand-out paths / bytes, large set" in out and "NOT met" in out
     assert "one-image submit --wait (s)" in out
+
+
+def test_steady_rate_needs_a_larger_run_that_took_longer():
+    from bench.fleet import steady_rate
+
+    assert steady_rate((100, 2.0), (1100, 3.0)) == (1000.0, 1.9)
+    for small, large in (((100, 2.0), (100, 3.0)), ((100, 2.0), (1100, 2.0))):
+        with pytest.raises(ValueError, match="no steady rate"):
+            steady_rate(small, large)
 
 
 @pytest.mark.integration
