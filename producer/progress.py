@@ -62,7 +62,8 @@ def wait_for_run(
         first = p.done if first is None else first
         if p.done != last_done:
             last_done, last_change, hinted = p.done, now, False
-        line = progress_line(p.done, p.n_images, (p.done - first) / max(now - start, 1e-9))
+        rate = (p.done - first) / max(now - start, 1e-9)
+        line = progress_line(p.done, p.n_images, rate)
         if tty:
             click.echo("\r" + line, err=True, nl=False)
         elif now >= next_report:
@@ -88,5 +89,14 @@ def wait_for_run(
                 f"run {run_id} not done after --timeout {timeout:g} s ({p.done:,}/{total} "
                 f"images); it goes on: see `producer status {run_id}`"
             )
-        time.sleep(delay)
+        time.sleep(next_poll(delay, p.done, p.n_images, rate))
         delay = min(delay * 1.5, interval)
+
+
+def next_poll(delay: float, done: int, total: int | None, rate: float) -> float:
+    """Seconds to the next poll: ``delay``, or sooner when the run should end before that at
+    its rate so far (never sooner than :data:`defaults.POLL_FIRST`), so that the end of a run
+    is seen within a few milliseconds rather than up to a whole poll interval late."""
+    if total is None or rate <= 0:
+        return delay
+    return min(delay, max(defaults.POLL_FIRST, (total - done) / rate))
