@@ -1,6 +1,7 @@
 """The system end to end: real ``worker`` processes, Redis, a results database, and
-``producer submit --wait`` as a subprocess, timed from the start of its walk of the directory until the run is
-``done`` (``runs.finished_at``, written in the transaction that stores the last rows)."""
+``producer submit --wait`` as a subprocess, timed from the start of its walk of the directory
+until the run is ``done`` (``runs.finished_at``, written in the transaction that stores the last
+rows)."""
 
 from __future__ import annotations
 
