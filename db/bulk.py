@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from core.rows import ROW_KEYS, PredictionRow
-from db.models import Prediction
+from db.models import predictions
 
 COLUMNS = ("run_id", "batch_seq", *ROW_KEYS, "scored_at")
 _row_values = itemgetter(*ROW_KEYS)
@@ -55,7 +55,7 @@ def insert_new_rows(
     if conn.dialect.name == "postgresql":
         return _copy_new_rows(conn, run_id, batch_seq, rows, scored_at)
     # the timestamp exactly as SQLAlchemy stores it on this database (text on SQLite)
-    column_type = Prediction.__table__.c.scored_at.type.dialect_impl(conn.dialect)
+    column_type = predictions.c.scored_at.type.dialect_impl(conn.dialect)
     to_db = column_type.bind_processor(conn.dialect)
     at = to_db(scored_at) if to_db else scored_at
     if len({r["path"] for r in rows}) == len(rows) and _insert_all_new(conn, run_id, batch_seq,

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Select, select, text
 
 from core.rows import PredictionRow
 from db.counts import insert_rows
-from db.models import Prediction, RunMistake
+from db.models import predictions, run_mistakes
 
 #: Mistakes kept per run and predictor; a longer list is read from ``predictions`` directly.
 KEPT = 100
@@ -107,21 +107,21 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
 
 
 _COLUMNS = (
-    Prediction.path,
-    Prediction.label,
-    Prediction.pred_l1,
-    Prediction.pred_l2,
-    Prediction.pred_sgd,
-    Prediction.dist_l1,
-    Prediction.dist_l2,
-    Prediction.prob_sgd,
+    predictions.c.path,
+    predictions.c.label,
+    predictions.c.pred_l1,
+    predictions.c.pred_l2,
+    predictions.c.pred_sgd,
+    predictions.c.dist_l1,
+    predictions.c.dist_l2,
+    predictions.c.prob_sgd,
 )
 
 
 def kept_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
     """The paths of the first ``limit`` kept mistakes, surest first: a walk of the first
     entries of ``ix_run_mistakes_rank`` for the run and predictor."""
-    m = RunMistake
+    m = run_mistakes.c
     return (
         select(m.path)
         .where(m.run_id == run_id, m.predictor == predictor)
@@ -132,18 +132,18 @@ def kept_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[A
 
 def rows_query(run_id: int, paths: Sequence[str]) -> Select[Unpack[tuple[Any, ...]]]:
     """The rows of ``paths`` in the run, each found by the unique index on (run_id, path)."""
-    return select(*_COLUMNS).where(Prediction.run_id == run_id, Prediction.path.in_(paths))
+    return select(*_COLUMNS).where(predictions.c.run_id == run_id, predictions.c.path.in_(paths))
 
 
 def scan_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
     """The same list from ``predictions`` itself (a sort of the run's mistakes), for more
     than :data:`KEPT`; also the definition the kept ones are tested against."""
     column, sign = _RANK[predictor]
-    score = getattr(Prediction, column)
+    score = predictions.c[column]
     return (
         select(*_COLUMNS)
-        .where(Prediction.run_id == run_id, text(MISTAKE.format(p=predictor)))
-        .order_by(score.asc() if sign > 0 else score.desc(), Prediction.path)
+        .where(predictions.c.run_id == run_id, text(MISTAKE.format(p=predictor)))
+        .order_by(score.asc() if sign > 0 else score.desc(), predictions.c.path)
         .limit(limit)
     )
 

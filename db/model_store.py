@@ -11,7 +11,7 @@ from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
 from core.curve import EpochStats, curve_from_json
 from core.errors import ModelNotFound
 from core.storage import classes_from_json, classes_to_json
-from db.models import Model, utcnow
+from db.models import models, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"
 
@@ -36,7 +36,7 @@ class TrainingRecord:
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
     return conn.execute(
-        insert(Model)
+        insert(models)
         .values(
             created_at=utcnow(),
             classes=classes_to_json(clf.classes),
@@ -48,18 +48,18 @@ def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -
             sgd_bias=tensor_to_bytes(clf.bias),
             **record.__dict__,
         )
-        .returning(Model.id)
+        .returning(models.c.id)
     ).scalar_one()
 
 
 def resolve_model_id(conn: Connection, model_id: int | None) -> int:
     """The given model id if it exists, else the newest model's id."""
     if model_id is None:
-        newest = conn.execute(select(func.max(Model.id))).scalar_one_or_none()
+        newest = conn.execute(select(func.max(models.c.id))).scalar_one_or_none()
         if newest is None:
             raise ModelNotFound("no model trained yet: run `producer train DIR` first")
         return int(newest)
-    found = conn.execute(select(Model.id).where(Model.id == model_id)).scalar_one_or_none()
+    found = conn.execute(select(models.c.id).where(models.c.id == model_id)).scalar_one_or_none()
     if found is None:
         raise ModelNotFound(
             f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
@@ -68,7 +68,7 @@ def resolve_model_id(conn: Connection, model_id: int | None) -> int:
 
 
 def load_classifier(conn: Connection, model_id: int) -> Classifier:
-    row = conn.execute(select(Model.__table__).where(Model.id == model_id)).mappings().first()
+    row = conn.execute(select(models).where(models.c.id == model_id)).mappings().first()
     if row is None:
         raise ModelNotFound(
             f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
@@ -89,7 +89,7 @@ def load_learning_curve(
     """The model's learning curve and the epoch kept; ``()`` and ``None`` for a model stored
     without them."""
     row = conn.execute(
-        select(Model.learning_curve, Model.best_epoch).where(Model.id == model_id)
+        select(models.c.learning_curve, models.c.best_epoch).where(models.c.id == model_id)
     ).first()
     if row is None or row.learning_curve is None:
         return (), None
@@ -97,7 +97,6 @@ def load_learning_curve(
 
 
 def list_models(conn: Connection) -> list[dict[str, Any]]:
-    table = Model.__table__
-    cols = [c for c in table.c if c.name not in ("ideal_images", "sgd_weights", "sgd_bias")]
-    rows = conn.execute(select(*cols).order_by(Model.id.desc())).mappings()
+    cols = [c for c in models.c if c.name not in ("ideal_images", "sgd_weights", "sgd_bias")]
+    rows = conn.execute(select(*cols).order_by(models.c.id.desc())).mappings()
     return [dict(r) for r in rows]

@@ -23,7 +23,7 @@ from core.rows import PREDICTORS, PredictionRow
 from db.bulk import insert_new_rows
 from db.counts import RowCounts, add_counts, count_rows
 from db.mistakes import keep_mistakes
-from db.models import Batch, Prediction, Run, utcnow
+from db.models import batches, predictions, runs, utcnow
 
 
 def create_run(
@@ -32,7 +32,7 @@ def create_run(
     """A new run's id and token."""
     token = uuid.uuid4().hex
     run_id = conn.execute(
-        insert(Run)
+        insert(runs)
         .values(
             token=token,
             model_id=model_id,
@@ -45,14 +45,14 @@ def create_run(
             n_failed=0,
             created_at=utcnow(),
         )
-        .returning(Run.id)
+        .returning(runs.c.id)
     ).scalar_one()
     return int(run_id), token
 
 
 def record_batch(conn: Connection, run_id: int, seq: int, paths: Sequence[str], n_bytes: int):
     conn.execute(
-        insert(Batch).values(
+        insert(batches).values(
             run_id=run_id,
             seq=seq,
             paths=list(paths),
@@ -73,7 +73,7 @@ def store_batch_results(
     batch_status: str = "done",
     deliveries: int = 0,
 ) -> int:
-    """Insert a batch's prediction rows (each a dict of Prediction columns); returns how many
+    """Insert a batch's prediction rows (each a dict of ``predictions`` columns); returns how many
     were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
     mark the batch (adding ``deliveries`` to its delivery count), then lock the run, count
     the new rows into it (see :func:`add_to_run`) and keep those among its most confident
@@ -88,20 +88,20 @@ def store_batch_results(
     """
     now = utcnow()
     with engine.begin() as conn:
-        if conn.execute(select(Run.id).where(Run.id == run_id)).one_or_none() is None:
+        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).one_or_none() is None:
             raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
         new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
         conn.execute(
-            update(Batch)
-            .where(Batch.run_id == run_id, Batch.seq == batch_seq)
+            update(batches)
+            .where(batches.c.run_id == run_id, batches.c.seq == batch_seq)
             .values(
                 status=batch_status,
                 finished_at=now,
-                deliveries=Batch.deliveries + deliveries,
+                deliveries=batches.c.deliveries + deliveries,
             )
         )
         run = conn.execute(
-            select(*RUN_COUNTS).where(Run.id == run_id).with_for_update(key_share=True)
+            select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
         ).one()
         add_to_run(conn, run_id, run, count_rows(new))
         keep_mistakes(conn, run_id, new)
@@ -114,8 +114,8 @@ class RunMismatch(MessageError):
 
 #: The run's columns :func:`add_to_run` needs, read under the run's lock.
 RUN_COUNTS = (
-    Run.status, Run.n_images, Run.started_at, Run.n_scored, Run.n_failed, Run.n_labelled,
-    Run.n_correct_l1, Run.n_correct_l2, Run.n_correct_sgd,
+    runs.c.status, runs.c.n_images, runs.c.started_at, runs.c.n_scored, runs.c.n_failed,
+    runs.c.n_labelled, runs.c.n_correct_l1, runs.c.n_correct_l2, runs.c.n_correct_sgd,
 )
 
 
@@ -140,7 +140,7 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
     if n_rows and run.started_at is None:
         values["started_at"] = utcnow()
     values.update(settle_status(run.status, n_rows, run.n_images))
-    conn.execute(update(Run).where(Run.id == run_id).values(**values))
+    conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
     add_counts(conn, run_id, new)
     return str(values["status"])
 
@@ -186,22 +186,22 @@ def recorded_batch(
     and holds at most ``max_images``."""
     with engine.connect() as conn:
         run = conn.execute(
-            select(Run.token, Run.model_id, Run.send_mode, Run.source_dir)
-            .where(Run.id == run_id)
+            select(runs.c.token, runs.c.model_id, runs.c.send_mode, runs.c.source_dir)
+            .where(runs.c.id == run_id)
         ).one_or_none()
         if run is None:
             raise RunMismatch(f"run {run_id} is not in this database")
         if run.token != token:
             raise RunMismatch(f"run {run_id} of this database has another token")
-        where = (Batch.run_id == run_id, Batch.seq == seq)
+        where = (batches.c.run_id == run_id, batches.c.seq == seq)
         row = conn.execute(
-            select(Batch.status, Batch.n_images, Batch.deliveries).where(*where)
+            select(batches.c.status, batches.c.n_images, batches.c.deliveries).where(*where)
         ).one_or_none()
         if row is None:
             raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
         n_images, paths = int(row.n_images), []
         if row.status == "queued" and (max_images is None or n_images <= max_images):
-            paths = list(conn.execute(select(Batch.paths).where(*where)).scalar_one())
+            paths = list(conn.execute(select(batches.c.paths).where(*where)).scalar_one())
             n_images = len(paths)
     # while a batch is unfinished, its deliveries are the failed ones (a worker died, or
     # scoring failed and sent it back)
@@ -221,13 +221,15 @@ def count_worker_death(engine: Engine, run_id: int, seq: int, token: str) -> int
     while a batch is queued its count is exactly the deaths of workers holding it."""
     with engine.begin() as conn:
         count = conn.execute(
-            update(Batch)
+            update(batches)
             .where(
-                Batch.run_id == run_id, Batch.seq == seq, Batch.status == "queued",
-                Batch.run_id.in_(select(Run.id).where(Run.id == run_id, Run.token == token)),
+                batches.c.run_id == run_id, batches.c.seq == seq, batches.c.status == "queued",
+                batches.c.run_id.in_(
+                    select(runs.c.id).where(runs.c.id == run_id, runs.c.token == token)
+                ),
             )
-            .values(deliveries=Batch.deliveries + 1)
-            .returning(Batch.deliveries)
+            .values(deliveries=batches.c.deliveries + 1)
+            .returning(batches.c.deliveries)
         ).scalar_one_or_none()
     return None if count is None else int(count)
 
@@ -236,14 +238,14 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     """The producer has sent every batch: fix the run's size and settle its status."""
     with engine.begin() as conn:
         run = conn.execute(
-            select(Run.status, Run.n_scored, Run.n_failed).where(Run.id == run_id)
+            select(runs.c.status, runs.c.n_scored, runs.c.n_failed).where(runs.c.id == run_id)
             .with_for_update(key_share=True)
         ).one()
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
         values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
         conn.execute(
-            update(Run)
-            .where(Run.id == run_id)
+            update(runs)
+            .where(runs.c.id == run_id)
             .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now, **values)
         )
         return str(values["status"])
@@ -264,9 +266,9 @@ def stall(conn: Connection, run: dict[str, Any], now: datetime | None = None) ->
         return None
     queued, last = conn.execute(
         select(
-            func.count().filter(Batch.status == "queued"),
-            func.max(Batch.finished_at),
-        ).where(Batch.run_id == run["id"])
+            func.count().filter(batches.c.status == "queued"),
+            func.max(batches.c.finished_at),
+        ).where(batches.c.run_id == run["id"])
     ).one()
     if not queued:
         return None
@@ -275,46 +277,48 @@ def stall(conn: Connection, run: dict[str, Any], now: datetime | None = None) ->
         since = since.replace(tzinfo=utcnow().tzinfo)
     return Stall(int(queued), ((now or utcnow()) - since).total_seconds())
 def set_send_mode(conn: Connection, run_id: int, send_mode: str) -> None:
-    conn.execute(update(Run).where(Run.id == run_id).values(send_mode=send_mode))
+    conn.execute(update(runs).where(runs.c.id == run_id).values(send_mode=send_mode))
 
 
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
-    row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().one_or_none()
+    row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one_or_none()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
     return dict(row)
 
 
 def latest_run_id(conn: Connection) -> int | None:
-    return conn.execute(select(func.max(Run.id))).scalar_one_or_none()
+    return conn.execute(select(func.max(runs.c.id))).scalar_one_or_none()
 
 
 def list_runs(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
-    rows = conn.execute(select(Run.__table__).order_by(Run.id.desc()).limit(limit)).mappings()
+    rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).mappings()
     return [dict(r) for r in rows]
 
 
 def unfinished_batches(conn: Connection, run_id: int) -> list[tuple[int, list[str]]]:
     rows = conn.execute(
-        select(Batch.seq, Batch.paths)
-        .where(Batch.run_id == run_id, Batch.status == "queued")
-        .order_by(Batch.seq)
+        select(batches.c.seq, batches.c.paths)
+        .where(batches.c.run_id == run_id, batches.c.status == "queued")
+        .order_by(batches.c.seq)
     )
     return [(int(seq), list(paths)) for seq, paths in rows]
 
 
 def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
-    for (paths,) in conn.execute(select(Batch.paths).where(Batch.run_id == run_id)):
+    for (paths,) in conn.execute(select(batches.c.paths).where(batches.c.run_id == run_id)):
         yield from paths
 
 
 def images_sent(conn: Connection, run_id: int) -> int:
-    total = conn.execute(select(func.sum(Batch.n_images)).where(Batch.run_id == run_id)).scalar()
+    total = conn.execute(
+        select(func.sum(batches.c.n_images)).where(batches.c.run_id == run_id)
+    ).scalar()
     return int(total or 0)
 
 
 def next_batch_seq(conn: Connection, run_id: int) -> int:
-    top = conn.execute(select(func.max(Batch.seq)).where(Batch.run_id == run_id)).scalar()
+    top = conn.execute(select(func.max(batches.c.seq)).where(batches.c.run_id == run_id)).scalar()
     return 0 if top is None else int(top) + 1
 
 
@@ -326,9 +330,9 @@ def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, 
 
 def failures_query(run_id: int, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
     return (
-        select(Prediction.path, Prediction.error)
-        .where(Prediction.run_id == run_id, Prediction.error.is_not(None))
-        .order_by(Prediction.path)
+        select(predictions.c.path, predictions.c.error)
+        .where(predictions.c.run_id == run_id, predictions.c.error.is_not(None))
+        .order_by(predictions.c.path)
         .limit(limit)
     )
 
@@ -342,7 +346,8 @@ class Progress:
 
 def progress(conn: Connection, run_id: int) -> Progress:
     row = conn.execute(
-        select(Run.status, Run.n_images, Run.n_scored, Run.n_failed).where(Run.id == run_id)
+        select(runs.c.status, runs.c.n_images, runs.c.n_scored, runs.c.n_failed)
+        .where(runs.c.id == run_id)
     ).one_or_none()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")

@@ -15,14 +15,14 @@ from core.classifier import ImageSize
 from core.errors import ModelNotFound
 from core.rows import PREDICTORS
 from core.storage import array_from_bytes, classes_from_json
-from db.models import Batch, Model, RunCount, RunFailure
+from db.models import batches, models, run_counts, run_failures
 
 #: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
 Confusion = dict[str, dict[str, dict[str, int]]]
 
 
 def model_classes(conn: Connection, model_id: int) -> list[str]:
-    text = conn.execute(select(Model.classes).where(Model.id == model_id)).scalar_one()
+    text = conn.execute(select(models.c.classes).where(models.c.id == model_id)).scalar_one()
     return list(classes_from_json(text))
 
 
@@ -37,9 +37,9 @@ class ModelArrays(ImageSize):
 
 
 def model_arrays(conn: Connection, model_id: int) -> ModelArrays:
+    m = models.c
     row = conn.execute(
-        select(Model.classes, Model.height, Model.width, Model.ideal_images, Model.sgd_weights)
-        .where(Model.id == model_id)
+        select(m.classes, m.height, m.width, m.ideal_images, m.sgd_weights).where(m.id == model_id)
     ).one_or_none()
     if row is None:
         raise ModelNotFound(
@@ -56,11 +56,10 @@ def model_arrays(conn: Connection, model_id: int) -> ModelArrays:
 
 def batch_timings(conn: Connection, run_id: int) -> list[Any]:
     """Each batch's status, deliveries, enqueued_at and finished_at."""
+    b = batches.c
     return list(
         conn.execute(
-            select(Batch.status, Batch.deliveries, Batch.enqueued_at, Batch.finished_at).where(
-                Batch.run_id == run_id
-            )
+            select(b.status, b.deliveries, b.enqueued_at, b.finished_at).where(b.run_id == run_id)
         )
     )
 
@@ -69,10 +68,9 @@ def confusion_counts(conn: Connection, run_id: int) -> Confusion:
     """The run's confusion counts (``run_counts``): labelled, scored images per predictor,
     label and prediction; equal to the ``run_confusion`` view's rows for the run."""
     out: Confusion = {p: {} for p in PREDICTORS}
+    c = run_counts.c
     rows = conn.execute(
-        select(RunCount.predictor, RunCount.label, RunCount.predicted, RunCount.n).where(
-            RunCount.run_id == run_id, RunCount.n > 0
-        )
+        select(c.predictor, c.label, c.predicted, c.n).where(c.run_id == run_id, c.n > 0)
     )
     for predictor, label, predicted, n in rows:
         out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
@@ -109,8 +107,8 @@ def run_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
 def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
     """``{error, n}`` per reason, most frequent first (``run_failures``)."""
     rows = conn.execute(
-        select(RunFailure.error, RunFailure.n)
-        .where(RunFailure.run_id == run_id, RunFailure.n > 0)
-        .order_by(RunFailure.n.desc(), RunFailure.error)
+        select(run_failures.c.error, run_failures.c.n)
+        .where(run_failures.c.run_id == run_id, run_failures.c.n > 0)
+        .order_by(run_failures.c.n.desc(), run_failures.c.error)
     )
     return [{"error": e, "n": int(k)} for e, k in rows]

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
-from sqlalchemy.orm import aliased
 
 from core.rows import PREDICTORS
-from db.models import Prediction
+from db.models import predictions
 
 run_accuracy_view = table(
     "run_accuracy",
@@ -105,24 +104,21 @@ def changed_query(run_a: int, run_b: int) -> Select[Any]:
     """Rows in path order; ``a`` is run A's side of the join. Both databases can walk run
     A's rows in the unique index on (run_id, path) and look each path up in run B, so with
     a LIMIT the query stops after that many changed rows instead of sorting the run."""
-    a = aliased(Prediction, name="a")
-    b = aliased(Prediction, name="b")
-    differs = [
-        getattr(a, f"pred_{p}").is_distinct_from(getattr(b, f"pred_{p}")) for p in PREDICTORS
-    ]
-    differs.append(a.error.is_distinct_from(b.error))
+    a, b = predictions.alias("a"), predictions.alias("b")
+    differs = [a.c[f"pred_{p}"].is_distinct_from(b.c[f"pred_{p}"]) for p in PREDICTORS]
+    differs.append(a.c.error.is_distinct_from(b.c.error))
     return (
         select(
-            a.path,
-            a.label,
-            *[getattr(a, f"pred_{p}").label(f"a_{p}") for p in PREDICTORS],
-            *[getattr(b, f"pred_{p}").label(f"b_{p}") for p in PREDICTORS],
-            a.error.label("a_error"),
-            b.error.label("b_error"),
+            a.c.path,
+            a.c.label,
+            *[a.c[f"pred_{p}"].label(f"a_{p}") for p in PREDICTORS],
+            *[b.c[f"pred_{p}"].label(f"b_{p}") for p in PREDICTORS],
+            a.c.error.label("a_error"),
+            b.c.error.label("b_error"),
         )
-        .join(b, (b.path == a.path) & (b.run_id == run_b))
-        .where(a.run_id == run_a, or_(*differs))
-        .order_by(a.path)
+        .join(b, (b.c.path == a.c.path) & (b.c.run_id == run_b))
+        .where(a.c.run_id == run_a, or_(*differs))
+        .order_by(a.c.path)
     )
 
 
@@ -147,26 +143,26 @@ def change_counts(conn: Connection, run_a: int, run_b: int) -> dict[str, dict[st
     """Per predictor, over images scored in both runs (by path): how many predictions
     changed, and of the labelled ones how many went wrong -> right (fixed) and right ->
     wrong (broken)."""
-    a = aliased(Prediction, name="a")
-    b = aliased(Prediction, name="b")
+    a, b = predictions.alias("a"), predictions.alias("b")
+    label = a.c.label
+    labelled = label.is_not(None)
     columns = []
     for p in PREDICTORS:
-        pa, pb = getattr(a, f"pred_{p}"), getattr(b, f"pred_{p}")
-        labelled = a.label.is_not(None)
+        pa, pb = a.c[f"pred_{p}"], b.c[f"pred_{p}"]
         columns += [
             func.sum(case((pa != pb, 1), else_=0)).label(f"{p}_changed"),
-            func.sum(case((labelled & (pa != a.label) & (pb == a.label), 1), else_=0)).label(
+            func.sum(case((labelled & (pa != label) & (pb == label), 1), else_=0)).label(
                 f"{p}_fixed"
             ),
-            func.sum(case((labelled & (pa == a.label) & (pb != a.label), 1), else_=0)).label(
+            func.sum(case((labelled & (pa == label) & (pb != label), 1), else_=0)).label(
                 f"{p}_broken"
             ),
         ]
     row = conn.execute(
         select(*columns)
         .select_from(a)
-        .join(b, (b.path == a.path) & (b.run_id == run_b))
-        .where(a.run_id == run_a, a.error.is_(None), b.error.is_(None))
+        .join(b, (b.c.path == a.c.path) & (b.c.run_id == run_b))
+        .where(a.c.run_id == run_a, a.c.error.is_(None), b.c.error.is_(None))
     ).one()
     m = row._mapping
     return {

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from db.models import Worker, utcnow
+from db.models import utcnow, workers
 
 
 def register_worker(
@@ -18,14 +18,14 @@ def register_worker(
     values = dict(host=host, pid=pid, device=device, queue=queue, started_at=now, last_seen=now,
                   stopped_at=None, batches=0, images=0, last_batch_at=None)
     with engine.begin() as conn:
-        found = conn.execute(update(Worker).where(Worker.name == name).values(**values))
+        found = conn.execute(update(workers).where(workers.c.name == name).values(**values))
         if not found.rowcount:
-            conn.execute(insert(Worker).values(name=name, **values))
+            conn.execute(insert(workers).values(name=name, **values))
 
 
 def heartbeat(engine: Engine, name: str) -> None:
     with engine.begin() as conn:
-        conn.execute(update(Worker).where(Worker.name == name).values(last_seen=utcnow()))
+        conn.execute(update(workers).where(workers.c.name == name).values(last_seen=utcnow()))
 
 
 def count_batch(engine: Engine, name: str, n_images: int) -> None:
@@ -33,9 +33,9 @@ def count_batch(engine: Engine, name: str, n_images: int) -> None:
     now = utcnow()
     with engine.begin() as conn:
         conn.execute(
-            update(Worker)
-            .where(Worker.name == name)
-            .values(batches=Worker.batches + 1, images=Worker.images + n_images,
+            update(workers)
+            .where(workers.c.name == name)
+            .values(batches=workers.c.batches + 1, images=workers.c.images + n_images,
                     last_batch_at=now, last_seen=now)
         )
 
@@ -44,7 +44,7 @@ def stop_worker(engine: Engine, name: str) -> None:
     now = utcnow()
     with engine.begin() as conn:
         conn.execute(
-            update(Worker).where(Worker.name == name).values(stopped_at=now, last_seen=now)
+            update(workers).where(workers.c.name == name).values(stopped_at=now, last_seen=now)
         )
 
 
@@ -55,9 +55,12 @@ def live_workers(
     (images per second since it started)."""
     now = now or utcnow()
     rows = conn.execute(
-        select(Worker.__table__)
-        .where(Worker.stopped_at.is_(None), Worker.last_seen >= now - timedelta(seconds=within))
-        .order_by(Worker.name)
+        select(workers)
+        .where(
+            workers.c.stopped_at.is_(None),
+            workers.c.last_seen >= now - timedelta(seconds=within),
+        )
+        .order_by(workers.c.name)
     ).mappings()
     out = []
     for r in rows:

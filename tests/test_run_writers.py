@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, select, text
 
 from bench.run_writers import batch_rows
 from db.bulk import insert_new_rows
-from db.models import Run, utcnow
+from db.models import runs, utcnow
 from db.queries import (
     RUN_COUNTS,
     RowCounts,
@@ -100,6 +100,6 @@ def test_two_deliveries_of_a_batch_at_once_count_each_image_once(
 def store_batch_results_tail(conn, run_id: int, n_new: int) -> None:
     """What store_batch_results does after its insert: count the new rows into the run."""
     run = conn.execute(
-        select(*RUN_COUNTS).where(Run.id == run_id).with_for_update(key_share=True)
+        select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
     ).one()
     add_to_run(conn, run_id, run, RowCounts(scored=n_new, labelled=n_new))

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from db.models import Base
+from db.models import metadata
 from db.session import get_engine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
@@ -19,7 +19,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 def test_migrations_build_exactly_the_models_schema(any_db_url):
     engine = get_engine(any_db_url)  # first use: alembic upgrade head
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
 
 
@@ -35,7 +35,7 @@ def test_schema_upgrade_is_idempotent(any_db_url):
 
 def test_every_column_is_documented():
     doc = DOCS.read_text()
-    for table in Base.metadata.sorted_tables:
+    for table in metadata.sorted_tables:
         section = re.search(rf"## `{table.name}`.*?(?=\n## |\Z)", doc, re.S)
         assert section, f"docs/schema.md has no section for {table.name}"
         for column in table.columns:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from db import queries
-from db.models import Run, utcnow
+from db.models import runs, utcnow
 from db.session import get_engine
 
 
@@ -22,7 +22,7 @@ def test_a_run_waiting_past_the_visibility_timeout_is_called_stalled(run_cli, mo
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert r.exit_code == 0 and "stalled" not in r.output  # just created
     with engine.begin() as conn:
-        conn.execute(update(Run).where(Run.id == run_id).values(
+        conn.execute(update(runs).where(runs.c.id == run_id).values(
             created_at=utcnow() - timedelta(seconds=90)))
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert "stalled: no batch stored for 90 s while 2 wait" in r.output, r.output

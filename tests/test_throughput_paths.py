@@ -16,7 +16,7 @@ from core.batch import label_for, labels_for
 from core.scoring import CPU_SCORE_ROWS, Scores, score_stack, score_tensor
 from db import queries
 from db.bulk import insert_new_rows
-from db.models import Prediction
+from db.models import predictions
 from db.session import get_engine
 from producer.sample_data import load_digits
 from tests.conftest import score_and_store
@@ -185,13 +185,13 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
     at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
     with engine.begin() as conn:
         insert_new_rows(conn, run_id, 0, [row("3/a.png")], at)
-        conn.execute(Prediction.__table__.insert().values(  # as SQLAlchemy writes it
+        conn.execute(predictions.insert().values(  # as SQLAlchemy writes it
             run_id=run_id, batch_seq=0, path="ref.png", scored_at=at))
     with engine.connect() as conn:
         got = conn.execute(text(
             "SELECT * FROM predictions WHERE path = '3/a.png'")).mappings().one()
         typed = conn.execute(
-            Prediction.__table__.select().where(Prediction.path == "3/a.png")).mappings().one()
+            predictions.select().where(predictions.c.path == "3/a.png")).mappings().one()
     assert {k: got[k] for k in ("label", "pred_l1", "pred_sgd", "dist_l1", "prob_sgd")} == {
         "label": "3", "pred_l1": "3", "pred_sgd": "7", "dist_l1": 0.25, "prob_sgd": 0.75}
     assert typed["scored_at"].replace(tzinfo=timezone.utc) == at

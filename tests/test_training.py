@@ -29,7 +29,7 @@ from core.training import (
     train_model,
 )
 from db.model_store import load_classifier
-from db.models import Model
+from db.models import models
 from db.session import MIGRATIONS, get_engine, make_engine
 from producer.pictures import ACCURACY_INK, model_sheet
 from producer.sample_data import write_sample
@@ -148,7 +148,7 @@ def test_train_stores_the_learning_curve_and_show_model_prints_it(run_cli, sampl
     assert "held out of" in r.output and "(--holdout 0.2)" in r.output
     assert r.output.count("valid accuracy") == 6
     with get_engine(sqlite_url).connect() as conn:
-        row = conn.execute(select(Model.__table__)).mappings().one()
+        row = conn.execute(select(models)).mappings().one()
     curve = curve_from_json(row["learning_curve"])
     assert [s.epoch for s in curve] == list(range(1, 7))
     assert row["n_valid"] == 160 and row["n_train"] == 640
@@ -174,7 +174,7 @@ def write_pngs(folder: Path, n: int, size: tuple[int, int] = (6, 6), start: int 
 
 def model_count(url: str) -> int:
     with get_engine(url).connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(Model)).scalar_one())
+        return int(conn.execute(select(func.count()).select_from(models)).scalar_one())
 
 
 def test_class_folder_without_images_is_refused(run_cli, tmp_path, sqlite_url):

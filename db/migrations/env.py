@@ -3,10 +3,10 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from db.models import Base
+from db.models import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run() -> None:
