@@ -37,7 +37,7 @@ def gray_image(values: np.ndarray) -> Image.Image:
 
 def weight_scale(weights: np.ndarray) -> float:
     """The symmetric colour scale shared by all weight maps of a model: max ``|w|``."""
-    top = float(np.abs(weights).max()) if weights.size else 0.0
+    top = float(np.abs(np.asarray(weights)).max()) if weights.size else 0.0
     return top if top > 0 else 1.0
 
 
