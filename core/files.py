@@ -48,6 +48,9 @@ def check_directory(root: Path) -> Path:
     return resolved
 
 
+_SUFFIXES = defaults.IMAGE_SUFFIXES
+
+
 def is_image_name(name: str) -> bool:
     """Whether the name ends in an image suffix, as ``os.path.splitext`` tells suffixes
     (leading dots start no suffix: ``.png`` is a hidden file named png); spelled out, since
@@ -59,9 +62,6 @@ def is_image_name(name: str) -> bool:
     if suffix not in _SUFFIXES and suffix.lower() not in _SUFFIXES:
         return False
     return name[0] != "." or name[:dot].lstrip(".") != ""
-
-
-_SUFFIXES = defaults.IMAGE_SUFFIXES
 
 
 def safe_name(rel: str) -> str:
