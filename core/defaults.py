@@ -1,12 +1,11 @@
-"""Every default of digitscore in one place, with its unit and the env var that overrides it.
+"""Every default and fixed limit of digitscore in one place, with its unit, and the env var
+that overrides it where one does.
 
-A command-line flag and its ``DIGITSCORE_*`` env var are one setting: Click reads the env var
-through ``envvar=``; code that has no flags (the Celery app) reads it with :func:`setting`.
+These are constants only: the settings a user can change are read, checked and passed down as
+one :class:`core.settings.Settings`.
 """
 
 from __future__ import annotations
-
-import os
 
 #: SQLAlchemy URL of the results database (env ``DIGITSCORE_DATABASE_URL``).
 DATABASE_URL = "sqlite:///digitscore.db"
@@ -19,7 +18,7 @@ BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
 #: ``DIGITSCORE_CONCURRENCY``). Unset: the cores this host lets the launcher use, divided
 #: among the devices, at least 1 (``worker.devices.default_concurrency``).
 WORKER_CONCURRENCY: int | None = None
-WORKER_CONCURRENCY_ENV = "DIGITSCORE_CONCURRENCY"
+CONCURRENCY_ENV = "DIGITSCORE_CONCURRENCY"
 #: ``worker --require-gpu`` (env ``DIGITSCORE_REQUIRE_GPU=1``): no GPU is an error, not a
 #: worker on the CPU.
 REQUIRE_GPU_ENV = "DIGITSCORE_REQUIRE_GPU"
@@ -28,13 +27,12 @@ REQUIRE_GPU_ENV = "DIGITSCORE_REQUIRE_GPU"
 #: another worker (env ``DIGITSCORE_VISIBILITY_TIMEOUT``). Must exceed the slowest batch.
 VISIBILITY_TIMEOUT = 600
 VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
-#: Seconds a batch may take in a worker process before Celery kills that process (env
-#: ``DIGITSCORE_TASK_TIME_LIMIT``): a hung GPU gives its batch back to the queue this soon
-#: rather than after the visibility timeout, which it must be below: unset, it is 300 s or
-#: 4/5 of the visibility timeout, whichever is less. The batch counts as a worker death
-#: (:data:`MAX_DELIVERIES`). A batch of 4,096 takes about 0.1-0.5 s.
+#: Most seconds a batch may take in a worker process before Celery kills that process: a hung
+#: GPU gives its batch back to the queue this soon rather than after the visibility timeout.
+#: The limit is this or 4/5 of the visibility timeout, whichever is less
+#: (``Settings.task_time_limit``); the batch counts as a failed delivery
+#: (:data:`MAX_DELIVERIES`).
 TASK_TIME_LIMIT = 300
-TASK_TIME_LIMIT_ENV = "DIGITSCORE_TASK_TIME_LIMIT"
 #: Seconds a worker's new pool process may take to start, CUDA initialised, before Celery
 #: kills it (Celery's own default, 4 s, is short for a GPU's first context).
 PROCESS_START_TIMEOUT = 60.0
@@ -126,24 +124,24 @@ PROGRESS_EVERY = 10
 #: Seconds to wait for the workers' replies when asking which of them consume the queue.
 INSPECT_TIMEOUT = 1.0
 #: Seconds between progress polls of ``submit --wait``: the first after ``POLL_FIRST``, then
-#: half as long again each time up to ``POLL_INTERVAL``, so that a short run's end is
+#: half as long again each time up to ``PROGRESS_POLL_LONGEST``, so that a short run's end is
 #: noticed within a few milliseconds and a long one costs a query a quarter second.
 POLL_FIRST = 0.01
-POLL_INTERVAL = 0.25
+PROGRESS_POLL_LONGEST = 0.25
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
 #: Seconds between a worker's heartbeats into the database's ``workers`` table; a worker not
 #: seen for three of them is taken to be gone.
 HEARTBEAT_SECONDS = 10
 
-#: Worker deaths on one batch after which it is declared poison: its images get error rows.
+#: Failed deliveries of one batch (its worker process died, or its model or its scoring
+#: failed) after which it is poison: its images get error rows and the batch is ``failed``.
 MAX_DELIVERIES = 3
-#: Longest wait between two tries of a batch whose database was unreachable (seconds; env
-#: ``DIGITSCORE_DB_RETRY_MAX``). Unset: 60, or half the visibility timeout when that is less.
-#: It must stay below the visibility timeout: a retry waits in its worker unacknowledged,
-#: and Redis hands a message held longer than the timeout to another worker.
+#: Most seconds between two tries of a batch whose database was unreachable: this, or half
+#: the visibility timeout when that is less (``Settings.db_retry_max``): a retry waits in its
+#: worker unacknowledged, and Redis hands a message held longer than the timeout to another
+#: worker.
 DB_RETRY_MAX = 60
-DB_RETRY_MAX_ENV = "DIGITSCORE_DB_RETRY_MAX"
 #: A secret shared by the producer and every worker (env ``DIGITSCORE_SECRET``, at least
 #: :data:`MIN_SECRET_CHARS` characters). Set, the producer signs each message and every
 #: worker refuses a message without a valid signature; unset (the default), nothing is signed.
@@ -153,114 +151,26 @@ MIN_SECRET_CHARS = 16
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def setting(env: str, default: str | None) -> str | None:
-    """The value of a ``DIGITSCORE_*`` env var, or ``default`` when it is unset or empty."""
-    value = os.environ.get(env, "").strip()
-    return value or default
+#: Seconds between two looks of the ``worker`` launcher at its children (has one exited?).
+CHILD_CHECK_EVERY = 0.2
+#: Seconds the launcher's throwaway child may take to import torch and count GPUs.
+GPU_COUNT_TIMEOUT = 120.0
+#: Seconds a broker socket may wait on a read or write before kombu gives up on it.
+BROKER_SOCKET_TIMEOUT = 30
 
+#: Flow control of ``producer submit``: most sent batches remembered as possibly still
+#: queued (past it the producer checks which are gone and waits, as over the byte bound:
+#: Redis holds a message per queued batch too); the first and longest sleep while waiting
+#: for workers (seconds); how often a long wait is reported again (seconds).
+MAX_TRACKED_BATCHES = 10_000
+QUEUE_WAIT_FIRST = 0.05
+QUEUE_WAIT_LONGEST = 1.0
+QUEUE_WAIT_REPORT_EVERY = 5.0
 
-def queue() -> str:
-    return setting(QUEUE_ENV, QUEUE) or QUEUE
-
-
-def task_events() -> bool:
-    raw = (setting(TASK_EVENTS_ENV, None) or "").lower()
-    if raw in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
-        return raw in ("1", "true", "yes", "on") if raw else TASK_EVENTS
-    raise ValueError(f"{TASK_EVENTS_ENV}={raw!r}: use 1 or 0")
-
-
-def positive_seconds(env: str, default: int, unit: str = "seconds") -> int:
-    """A whole, positive number (of seconds, or of ``unit``) from ``env``, else ``default``."""
-    raw = setting(env, str(default))
-    try:
-        value = int(raw or default)
-    except ValueError as e:
-        raise ValueError(f"{env}={raw!r} is not a whole number of {unit}") from e
-    if value <= 0:
-        raise ValueError(f"{env} must be a positive number of {unit}")
-    return value
-
-
-def visibility_timeout() -> int:
-    return positive_seconds(VISIBILITY_TIMEOUT_ENV, VISIBILITY_TIMEOUT)
-
-
-def stall_hint_after() -> int:
-    return positive_seconds(STALL_HINT_AFTER_ENV, STALL_HINT_AFTER)
-
-
-def task_time_limit() -> int:
-    """The task time limit, checked to be below the visibility timeout."""
-    timeout = visibility_timeout()
-    if setting(TASK_TIME_LIMIT_ENV, None) is None:
-        return max(1, min(TASK_TIME_LIMIT, timeout * 4 // 5))
-    limit = positive_seconds(TASK_TIME_LIMIT_ENV, TASK_TIME_LIMIT)
-    if limit >= timeout:
-        raise ValueError(
-            f"{TASK_TIME_LIMIT_ENV}={limit} must be below {VISIBILITY_TIMEOUT_ENV}={timeout}: "
-            "a batch still running when the timeout ends is handed to a second worker"
-        )
-    return limit
-
-
-def payload_ttl() -> int:
-    return positive_seconds(PAYLOAD_TTL_ENV, PAYLOAD_TTL)
-
-
-def max_queued_bytes() -> int | None:
-    """``DIGITSCORE_MAX_QUEUED_BYTES`` as a positive number of bytes, or ``None`` if unset."""
-    raw = setting(MAX_QUEUED_BYTES_ENV, None)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError as e:
-        raise ValueError(f"{MAX_QUEUED_BYTES_ENV}={raw!r} is not a whole number of bytes") from e
-    if value <= 0:
-        raise ValueError(f"{MAX_QUEUED_BYTES_ENV} must be a positive number of bytes")
-    return value
-
-
-def path_map() -> tuple[str, str] | None:
-    """``DIGITSCORE_PATH_MAP`` as ``(producer prefix, worker prefix)``, or ``None`` if unset."""
-    raw = setting(PATH_MAP_ENV, None)
-    if raw is None:
-        return None
-    source, sep, target = raw.partition("=")
-    if not sep or not source.startswith("/") or not target.startswith("/"):
-        raise ValueError(
-            f"{PATH_MAP_ENV}={raw!r}: use /producer/prefix=/worker/prefix (two absolute paths)"
-        )
-    return source.rstrip("/") or "/", target.rstrip("/") or "/"
-def max_batch_images() -> int:
-    return positive_seconds(MAX_BATCH_IMAGES_ENV, MAX_BATCH_IMAGES, unit="images")
-
-
-def db_retry_max() -> int:
-    """The longest wait between two tries after a database error, below the visibility
-    timeout; a ``DIGITSCORE_DB_RETRY_MAX`` that is not raises ``ValueError`` naming both."""
-    timeout = visibility_timeout()
-    if setting(DB_RETRY_MAX_ENV, None) is None:
-        return max(1, min(DB_RETRY_MAX, timeout // 2))
-    value = positive_seconds(DB_RETRY_MAX_ENV, DB_RETRY_MAX)
-    if value >= timeout:
-        raise ValueError(
-            f"{DB_RETRY_MAX_ENV}={value} s is not below {VISIBILITY_TIMEOUT_ENV}={timeout} s: "
-            "a batch waiting that long to retry would be handed to another worker meanwhile; "
-            f"lower {DB_RETRY_MAX_ENV} or raise {VISIBILITY_TIMEOUT_ENV}"
-        )
-    return value
-
-
-def secret() -> bytes | None:
-    """The shared message secret, or ``None`` when ``DIGITSCORE_SECRET`` is unset."""
-    value = setting(SECRET_ENV, None)
-    if value is None:
-        return None
-    if len(value) < MIN_SECRET_CHARS:
-        raise ValueError(
-            f"{SECRET_ENV} is shorter than {MIN_SECRET_CHARS} characters: use a random one, "
-            "e.g. `openssl rand -hex 32`"
-        )
-    return value.encode()
+#: Images scored at once on the CPU (images): the distance temporary of 256 images (8 MB)
+#: stays in the CPU's last-level cache; a whole batch does not. Every image is scored on its
+#: own row, so the results do not depend on it.
+CPU_SCORE_ROWS = 256
+#: Mistakes kept per run and predictor (rows of ``run_mistakes``); a longer list is read from
+#: ``predictions`` directly.
+MISTAKES_KEPT = 100

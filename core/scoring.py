@@ -11,11 +11,7 @@ import numpy as np
 import torch
 
 from core.classifier import Classifier
-
-#: Images scored at once on the CPU: the distance temporary of 256 images (8 MB) stays in the
-#: CPU's last-level cache; a whole batch does not. Every image is scored on its own row, so
-#: the results do not depend on it.
-CPU_SCORE_ROWS = 256
+from core.defaults import CPU_SCORE_ROWS
 
 #: Per thread, the difference tensor of the last call, reused while the shapes allow, so the
 #: allocator does not map and fault in a fresh one for every slice.
@@ -130,7 +126,7 @@ def to_device(stack: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def score_stack(classifier: Classifier, stack: np.ndarray, device: torch.device) -> Scores:
     """Score a host ``N x H x W`` uint8 stack on ``device`` (where the classifier already
-    is): on the CPU in slices of :data:`CPU_SCORE_ROWS` images, elsewhere all at once."""
+    is): on the CPU in slices of ``CPU_SCORE_ROWS`` images, elsewhere all at once."""
     if device.type != "cpu" or len(stack) <= CPU_SCORE_ROWS:
         return score_tensor(classifier, to_device(stack, device))
     parts = [

@@ -46,6 +46,8 @@ from core.text import mask_url
 if TYPE_CHECKING:
     from celery import Celery
 
+    from core.settings import Settings
+
 #: The one task a producer sends and a worker runs.
 TASK_NAME = "digitscore.score_batch"
 #: Every payload key starts with this, then the run, its token and the batch number.
@@ -59,6 +61,8 @@ MAX_ID = 2**63 - 1
 #: Headers of a signed message: the HMAC (hex) and the SHA-256 (hex) of its payload.
 SIGNATURE_HEADER = "digitscore_signature"
 PAYLOAD_DIGEST_HEADER = "digitscore_payload_sha256"
+#: The longest read error a payload may carry for one file (characters).
+MAX_READ_ERROR_CHARS = 64 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -212,7 +216,7 @@ def unpack_payload(
     try:
         value = msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=True,
-            max_bin_len=max_file_bytes, max_str_len=64 * 1024,
+            max_bin_len=max_file_bytes, max_str_len=MAX_READ_ERROR_CHARS,
             max_array_len=max(n_images, 2), max_map_len=0, max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
@@ -258,23 +262,20 @@ def require_redis(connection: Any, broker_masked: str) -> Any:
     return client
 
 
-def make_app(broker_url: str | None = None) -> Celery:
-    """The Celery app producer and workers share: msgpack only, at-least-once delivery.
-
-    Its settings come from ``DIGITSCORE_*`` env vars, read now, so that the producer and
-    every worker agree on them.
-    """
+def make_app(settings: Settings) -> Celery:
+    """The Celery app producer and workers share: msgpack only, at-least-once delivery, with
+    the visibility timeout, time limit, queue and events of ``settings``, which the producer
+    and every worker read from the same ``DIGITSCORE_*`` env vars."""
     from celery import Celery
 
-    broker = broker_url or defaults.setting(defaults.BROKER_URL_ENV, None)
+    broker = settings.broker_url
     if not broker:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV} (or --broker-url), e.g. "
             "redis://127.0.0.1:6379/0"
         )
-    timeout = defaults.visibility_timeout()
-    time_limit = defaults.task_time_limit()
-    events = defaults.task_events()
+    timeout = settings.visibility_timeout
+    events = settings.task_events
     app = Celery("digitscore", broker=broker, set_as_current=False)
     # The visibility timeout is read from the broker's and the result backend's transport
     # options; no results are kept, but both are set so no part of Celery falls back to 1 h.
@@ -286,7 +287,7 @@ def make_app(broker_url: str | None = None) -> Celery:
         "unacked_restore_interval": max(1, min(10, timeout // 5)),
         "unacked_restore_throttle": 1,
         "socket_connect_timeout": defaults.BROKER_CONNECT_TIMEOUT,
-        "socket_timeout": 30,
+        "socket_timeout": defaults.BROKER_SOCKET_TIMEOUT,
     }
     app.conf.update(
         task_serializer="msgpack",
@@ -297,13 +298,13 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_acks_late=True,  # ack after the rows are committed
         task_reject_on_worker_lost=True,  # a killed worker's batch goes back to the queue
         # a batch over its time limit has its process killed, and goes back to the queue
-        task_time_limit=time_limit,
+        task_time_limit=settings.task_time_limit,
         task_acks_on_timeout=False,
         # a GPU pool process initialises CUDA as it starts, which can take longer than the
         # 4 s Celery waits by default before killing a process that has not reported up
         worker_proc_alive_timeout=defaults.PROCESS_START_TIMEOUT,
         worker_prefetch_multiplier=1,
-        task_default_queue=defaults.queue(),
+        task_default_queue=settings.queue,
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": timeout},
         broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,

@@ -1,4 +1,4 @@
-"""Each run keeps its :data:`KEPT` most confident mistakes per predictor (``run_mistakes``),
+"""Each run keeps its ``MISTAKES_KEPT`` most confident mistakes per predictor (``run_mistakes``),
 so that the HTML report's "most confidently misclassified" lists read a few rows instead of
 sorting the run.
 
@@ -6,7 +6,7 @@ A mistake is a scored, labelled row a predictor got wrong; the surest come first
 ``rank_key`` (the L1 or L2 distance to the wrong ideal image, or minus the SGD probability of
 the wrong class: negating is exact, so the order is that of ``prob_sgd DESC``), then by path.
 The transaction that stores a batch adds the batch's new rows that beat the run's
-:data:`KEPT`-th kept mistake and removes those pushed beyond it: a few statements per batch
+``MISTAKES_KEPT``-th kept mistake and removes those pushed beyond it: a few statements per batch
 whatever the run's size. (A partial index on ``predictions`` ordered by confidence would
 serve the reads too, but a batch's entries land all over such an index, so each batch would
 rewrite pages of it in proportion to the run's size.)
@@ -20,12 +20,10 @@ from typing import Any, Unpack
 
 from sqlalchemy import Connection, Select, select, text
 
+from core import defaults
 from core.rows import PredictionRow
 from db.counts import insert_rows
 from db.models import predictions, run_mistakes
-
-#: Mistakes kept per run and predictor; a longer list is read from ``predictions`` directly.
-KEPT = 100
 
 #: Which rows are a predictor's mistakes, in SQL.
 MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
@@ -68,7 +66,7 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
     the kept rank keys (a few hundred numbers), insert the batch's mistakes that make the
     cut, drop the kept ones that no longer do: three statements, whatever the run's size.
 
-    Python finds the cut, the :data:`KEPT`-th smallest rank key; should more mistakes than
+    Python finds the cut, the ``MISTAKES_KEPT``-th smallest rank key; should more mistakes than
     there is room for tie at it, the database keeps the first of them by path, in its own
     collation (the order every read uses): two statements more, for a rare batch."""
     found = {p: c for p, c in batch_mistakes(rows).items() if c}
@@ -83,13 +81,13 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
     tied: list[tuple[str, float, int]] = []
     for p, candidates in found.items():
         keys = kept.get(p, [])
-        if len(keys) + len(candidates) > KEPT:
+        if len(keys) + len(candidates) > defaults.MISTAKES_KEPT:
             all_keys = [*keys, *(key for key, _ in candidates)]
-            cut = heapq.nsmallest(KEPT, all_keys)[-1]
+            cut = heapq.nsmallest(defaults.MISTAKES_KEPT, all_keys)[-1]
             candidates = [c for c in candidates if c[0] <= cut]
             if any(key > cut for key in keys):
                 dropped.append((run_id, p, cut))
-            room = KEPT - sum(key < cut for key in all_keys)
+            room = defaults.MISTAKES_KEPT - sum(key < cut for key in all_keys)
             if sum(key == cut for key in all_keys) > room:
                 tied.append((p, cut, room))
         added += [(run_id, p, path, key) for key, path in candidates]
@@ -137,7 +135,7 @@ def rows_query(run_id: int, paths: Sequence[str]) -> Select[Unpack[tuple[Any, ..
 
 def scan_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
     """The same list from ``predictions`` itself (a sort of the run's mistakes), for more
-    than :data:`KEPT`; also the definition the kept ones are tested against."""
+    than ``MISTAKES_KEPT``; also the definition the kept ones are tested against."""
     column, sign = _RANK[predictor]
     score = predictions.c[column]
     return (
@@ -154,10 +152,10 @@ def confident_mistakes(
     """The labelled images ``predictor`` got wrong, surest first: highest SGD probability,
     or smallest L1/L2 distance to the (wrong) ideal image it chose; then by path.
 
-    Up to :data:`KEPT`, two bounded reads: the kept paths, then their rows by path (two
+    Up to ``MISTAKES_KEPT``, two bounded reads: the kept paths, then their rows by path (two
     statements rather than a join, which PostgreSQL may plan as a merge join over every row
     of the run)."""
-    if limit > KEPT:
+    if limit > defaults.MISTAKES_KEPT:
         return [dict(r) for r in conn.execute(scan_query(run_id, predictor, limit)).mappings()]
     paths = list(conn.execute(kept_query(run_id, predictor, limit)).scalars())
     rows = {r["path"]: dict(r) for r in conn.execute(rows_query(run_id, paths)).mappings()}

@@ -184,7 +184,7 @@ run_failures = Table(
     Column("n", Integer, nullable=False),
 )
 
-#: One of a run's most confident mistakes by a predictor (at most :data:`db.mistakes.KEPT`
+#: One of a run's most confident mistakes by a predictor (at most ``defaults.MISTAKES_KEPT``
 #: per run and predictor; migration 0006).
 run_mistakes = Table(
     "run_mistakes",

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from core import defaults
+from core.settings import Settings
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -74,23 +75,19 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.IntRange(min=1),
         default=defaults.BATCH_SIZE,
         show_default=True,
-        callback=_within_worker_limit,
         help=f"Most images in one batch; at most {defaults.MAX_BATCH_IMAGES_ENV} (default "
         f"{defaults.MAX_BATCH_IMAGES}), the most a worker scores.",
     )(f)
 
 
-def _within_worker_limit(_ctx: click.Context, param: click.Parameter, value: int) -> int:
-    try:
-        limit = defaults.max_batch_images()
-    except ValueError as e:
-        raise click.BadParameter(str(e), param=param) from None
-    if value > limit:
+def check_batch_size(settings: Settings, batch_size: int) -> None:
+    """``--batch-size`` is at most what a worker scores in one batch."""
+    limit = settings.max_batch_images
+    if batch_size > limit:
         raise click.BadParameter(
-            f"{value} is more than {defaults.MAX_BATCH_IMAGES_ENV}={limit}, the most images a "
-            "worker scores in one batch", param=param,
+            f"{batch_size} is more than {defaults.MAX_BATCH_IMAGES_ENV}={limit}, the most "
+            "images a worker scores in one batch", param_hint="'--batch-size'",
         )
-    return value
 
 
 def echo_err(message: str) -> None:

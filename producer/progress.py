@@ -32,11 +32,11 @@ def progress_line(done: int, total: int | None, rate: float) -> str:
 def wait_for_run(
     engine: Any,
     run_id: int,
-    interval: float = defaults.POLL_INTERVAL,
+    interval: float = defaults.PROGRESS_POLL_LONGEST,
     *,
     timeout: float | None = None,
     explain: Callable[[], str] | None = None,
-    stall_after: float | None = None,
+    stall_after: float = defaults.STALL_HINT_AFTER,
     report_every: float = defaults.PROGRESS_EVERY,
 ) -> str:
     """Poll until the run is done or failed, at most ``interval`` seconds apart (sooner at
@@ -44,13 +44,12 @@ def wait_for_run(
 
     On a terminal the progress line is redrawn at every poll; otherwise one line is printed
     every ``report_every`` seconds. When no batch of the run has been stored for
-    ``stall_after`` seconds (``DIGITSCORE_STALL_HINT_AFTER``, 30 by default), ``explain()``
+    ``stall_after`` seconds (``Settings.stall_hint_after``, 30 by default), ``explain()``
     says why it may be stuck, once per stall. After ``timeout`` seconds :class:`WaitTimeout`
     is raised; the run goes on. Ctrl-C raises KeyboardInterrupt to the caller.
     """
     delay = min(defaults.POLL_FIRST, interval)
     tty = sys.stderr.isatty()
-    stall_after = defaults.stall_hint_after() if stall_after is None else stall_after
     start = time.monotonic()
     first: int | None = None
     last_done, last_change, hinted = -1, start, False

@@ -19,15 +19,8 @@ from typing import Any
 from core import defaults, wire
 from core.errors import BrokerUnavailable, BrokerURLError, RedisFull
 from core.files import FileBatch
+from core.settings import Settings
 from core.text import first_line, mask_url
-
-#: Most sent batches remembered as possibly still queued; past it the producer checks which
-#: are gone and waits like over the byte bound (Redis holds a message per queued batch too).
-MAX_TRACKED_BATCHES = 10_000
-#: First and longest sleep while waiting for workers (seconds).
-WAIT_FIRST, WAIT_LONGEST = 0.05, 1.0
-#: How often a long wait is reported again (seconds).
-WAIT_REPORT_EVERY = 5.0
 
 #: Called while waiting, with the bytes queued and the bound.
 OnWait = Callable[[int, int], None]
@@ -66,17 +59,17 @@ class CelerySender:
 
     backend = "celery"
 
-    def __init__(self, broker_url: str, on_wait: OnWait | None = None) -> None:
-        self.url = broker_url
-        self.app = wire.make_app(broker_url)
-        self.queue = defaults.queue()
-        self.ttl = defaults.payload_ttl()
-        self.max_queued: int | None = defaults.max_queued_bytes()
+    def __init__(self, settings: Settings, on_wait: OnWait | None = None) -> None:
+        self.url = str(settings.broker_url)
+        self.app = wire.make_app(settings)
+        self.queue = settings.queue
+        self.ttl = settings.payload_ttl
+        self.max_queued: int | None = settings.max_queued_bytes
         self.on_wait = on_wait
         #: (payload key, bytes counted) of sent batches whose payload may still be in Redis
         self._sent: deque[tuple[str, int]] = deque()
         self.queued_bytes = 0
-        self.secret = defaults.secret()
+        self.secret = settings.secret
         self._connection: Any = None
         self._redis: Any = None
 
@@ -176,22 +169,22 @@ class CelerySender:
         """Return once ``cost`` more bytes fit under the bound (or nothing of ours is queued:
         a batch larger than the bound goes alone)."""
         bound = self.max_queued or defaults.MAX_QUEUED_BYTES
-        delay = WAIT_FIRST
+        delay = defaults.QUEUE_WAIT_FIRST
         reported = 0.0
         while self._no_room(cost, bound):
             self._forget_consumed()
             if not self._no_room(cost, bound):
                 return
             now = time.monotonic()
-            if self.on_wait is not None and now - reported >= WAIT_REPORT_EVERY:
+            if self.on_wait is not None and now - reported >= defaults.QUEUE_WAIT_REPORT_EVERY:
                 self.on_wait(self.queued_bytes, bound)
                 reported = now
             time.sleep(delay)
-            delay = min(delay * 2, WAIT_LONGEST)
+            delay = min(delay * 2, defaults.QUEUE_WAIT_LONGEST)
 
     def _no_room(self, cost: int, bound: int) -> bool:
         return bool(self._sent) and (
-            self.queued_bytes + cost > bound or len(self._sent) >= MAX_TRACKED_BATCHES
+            self.queued_bytes + cost > bound or len(self._sent) >= defaults.MAX_TRACKED_BATCHES
         )
 
     def _forget_consumed(self) -> None:
@@ -204,10 +197,11 @@ class CelerySender:
         self.queued_bytes = sum(cost for _, cost in still)
 
 
-def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIMEOUT) -> list[str]:
-    """The names of the workers that consume ``queue``, as they answer Celery's control API
-    within ``timeout`` seconds."""
-    app = wire.make_app(broker_url)
+def consumers(settings: Settings, timeout: float = defaults.INSPECT_TIMEOUT) -> list[str]:
+    """The names of the workers that consume the settings' queue, as they answer Celery's
+    control API within ``timeout`` seconds."""
+    queue = settings.queue
+    app = wire.make_app(settings)
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
     finally:
@@ -217,15 +211,15 @@ def consumers(broker_url: str, queue: str, timeout: float = defaults.INSPECT_TIM
     )
 
 
-def why_idle(broker_url: str, engine: Any) -> str:
+def why_idle(settings: Settings, engine: Any) -> str:
     """The likely reason no batch of a run is being stored, found by asking the broker which
     workers consume the queue and the run's database which workers write to it (its
     ``workers`` registry)."""
     from db.workers import live_workers
 
-    queue, broker, database = defaults.queue(), mask_url(broker_url), mask_url(engine.url)
+    queue, broker, database = settings.queue, mask_url(settings.broker_url), mask_url(engine.url)
     try:
-        nodes = consumers(broker_url, queue)
+        nodes = consumers(settings)
     except Exception as e:
         reason = first_line(e)
         return f"cannot ask the broker {broker} which workers consume queue {queue}: {reason}"

@@ -74,14 +74,16 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     Example:
       producer runs --limit 10
     """
+    from core.settings import Settings
     from db.queries import list_runs, stall
     from producer.run_commands import stall_hint
     from producer.tables import format_table, pct
 
+    timeout = Settings.from_env().visibility_timeout
     with engine.connect() as conn:
         rows = list_runs(conn, limit)
         for r in rows:
-            r["stall_hint"] = stall_hint(r["id"], stall(conn, r))
+            r["stall_hint"] = stall_hint(r["id"], stall(conn, r), timeout)
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return

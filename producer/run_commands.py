@@ -13,10 +13,12 @@ import click
 
 from core import defaults
 from core.errors import BadInput
+from core.settings import Settings
 from producer.options import (
     HELP,
     batch_options,
     broker_option,
+    check_batch_size,
     database_option,
     echo_err,
     send_option,
@@ -49,11 +51,11 @@ def resolve_run(conn: Any, run: int | str) -> int:
     return int(run)
 
 
-def _sender(engine: Any, broker_url: str | None, model_id: int) -> Any:
-    if broker_url:
+def _sender(engine: Any, settings: Settings, model_id: int) -> Any:
+    if settings.broker_url:
         from producer.queue import CelerySender
 
-        sender = CelerySender(broker_url, on_wait=_report_wait)
+        sender = CelerySender(settings, on_wait=_report_wait)
         sender.check()
         return sender
     from db.model_store import load_classifier
@@ -173,14 +175,16 @@ def submit_cmd(
     from db.model_store import resolve_model_id
     from producer.submit import submit_directory
 
+    settings = Settings.from_env(broker_url=broker_url, send=send_mode)
     check_timeout(wait, timeout)
+    check_batch_size(settings, batch_size)
     check_directory(directory)
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
-    sender = _sender(engine, broker_url, model_id)
+    sender = _sender(engine, settings, model_id)
     if sender.backend == "embedded":
         echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
-    send_mode = _mode_for(sender, send_mode) or defaults.SEND
+    send_mode = _mode_for(sender, settings.send) or defaults.SEND
     if sender.backend == "celery":
         batch_bytes = sender.batch_bytes(batch_bytes)
     counter = Counter("sent" if sender.backend == "celery" else "scored")
@@ -216,11 +220,11 @@ def submit_cmd(
         f"({sub.n_skipped} other files skipped), status {sub.status}"
     )
     if wait:
-        _wait_and_report(engine, sub.run_id, broker_url, timeout)
+        _wait_and_report(engine, sub.run_id, settings, timeout)
 
 
 def _wait_and_report(
-    engine: Any, run_id: int, broker_url: str | None, timeout: float | None
+    engine: Any, run_id: int, settings: Settings, timeout: float | None
 ) -> None:
     """Wait for the run (saying why when it does not move), then print its report."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -231,12 +235,13 @@ def _wait_and_report(
     from producer.submit import failure_cause
 
     explain = None
-    if broker_url:
+    if settings.broker_url:
         from producer.queue import why_idle
 
-        explain = functools.partial(why_idle, broker_url, engine)
+        explain = functools.partial(why_idle, settings, engine)
     try:
-        status = wait_for_run(engine, run_id, timeout=timeout, explain=explain)
+        status = wait_for_run(engine, run_id, timeout=timeout, explain=explain,
+                              stall_after=settings.stall_hint_after)
     except KeyboardInterrupt:
         echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
         sys.exit(130)
@@ -283,11 +288,13 @@ def resume_cmd(
     from db.queries import get_run
     from producer.submit import resume_run
 
+    settings = Settings.from_env(broker_url=broker_url)
     check_timeout(wait, timeout)
+    check_batch_size(settings, batch_size)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
         model_id = get_run(conn, run_id)["model_id"]
-    sender = _sender(engine, broker_url, model_id)
+    sender = _sender(engine, settings, model_id)
     if sender.backend == "celery":
         batch_bytes = sender.batch_bytes(batch_bytes)
     resent, sub = resume_run(
@@ -298,7 +305,7 @@ def resume_cmd(
         f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
     )
     if wait:
-        _wait_and_report(engine, run_id, broker_url, timeout)
+        _wait_and_report(engine, run_id, settings, timeout)
 
 
 @click.command("wait", context_settings=HELP)
@@ -323,9 +330,10 @@ def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engi
     Example:
       producer wait latest --timeout 3600
     """
+    settings = Settings.from_env(broker_url=broker_url)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
-    _wait_and_report(engine, run_id, broker_url, timeout)
+    _wait_and_report(engine, run_id, settings, timeout)
 
 
 @click.command("status", context_settings=HELP)
@@ -340,18 +348,19 @@ def status_cmd(run: int | str, engine: Any) -> None:
     """
     from db.queries import get_run, stall
 
+    settings = Settings.from_env()
     with engine.connect() as conn:
         r = get_run(conn, resolve_run(conn, run))
         stalled = stall(conn, r)
     line = status_line(r)
-    hint = stall_hint(r["id"], stalled)
+    hint = stall_hint(r["id"], stalled, settings.visibility_timeout)
     click.echo(f"{line}; {hint}" if hint else line)
 
 
-def stall_hint(run_id: int, stalled: Any) -> str | None:
+def stall_hint(run_id: int, stalled: Any, visibility_timeout: int) -> str | None:
     """For a run that stored nothing for longer than the visibility timeout while batches of
     it wait: what to look at."""
-    if stalled is None or stalled.seconds <= defaults.visibility_timeout():
+    if stalled is None or stalled.seconds <= visibility_timeout:
         return None
     return (
         f"stalled: no batch stored for {stalled.seconds:,.0f} s while {stalled.queued_batches} "

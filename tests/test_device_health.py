@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import defaults
 from core.scoring import pixel_table, scaled_pixels, score_stack
+from core.settings import Settings
 from core.wire import make_app
 from worker import device_health
 from worker.device_health import DeviceStartError, is_device_error, prepare_device
@@ -102,23 +102,10 @@ def test_a_run_on_the_gpu_matches_the_cpu_within_the_stated_bound(classifier, va
 # ---------------------------------------------------------------- the task time limit
 
 
-def test_the_task_time_limit_stays_below_the_visibility_timeout(monkeypatch):
-    monkeypatch.delenv(defaults.TASK_TIME_LIMIT_ENV, raising=False)
-    monkeypatch.delenv(defaults.VISIBILITY_TIMEOUT_ENV, raising=False)
-    assert defaults.task_time_limit() == 300
-    monkeypatch.setenv(defaults.VISIBILITY_TIMEOUT_ENV, "5")
-    assert defaults.task_time_limit() == 4
-    monkeypatch.setenv(defaults.TASK_TIME_LIMIT_ENV, "5")
-    with pytest.raises(ValueError, match="must be below DIGITSCORE_VISIBILITY_TIMEOUT=5"):
-        defaults.task_time_limit()
-    monkeypatch.setenv(defaults.TASK_TIME_LIMIT_ENV, "2")
-    assert defaults.task_time_limit() == 2
-
-
-def test_a_batch_over_the_time_limit_goes_back_to_the_queue(monkeypatch):
-    monkeypatch.setenv(defaults.TASK_TIME_LIMIT_ENV, "120")
-    conf = make_app("redis://127.0.0.1:6379/0").conf
-    assert conf.task_time_limit == 120
+def test_a_batch_over_the_time_limit_goes_back_to_the_queue():
+    settings = Settings(broker_url="redis://127.0.0.1:6379/0", visibility_timeout=150)
+    conf = make_app(settings).conf
+    assert conf.task_time_limit == settings.task_time_limit == 120
     assert conf.task_acks_on_timeout is False  # rejected and requeued, not acknowledged
     assert conf.task_reject_on_worker_lost is True
     assert conf.worker_proc_alive_timeout == 60  # time for a pool process to start CUDA

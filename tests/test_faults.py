@@ -261,7 +261,7 @@ def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
     run_cli, sample_dir, postgres_url, broker_env, start_worker
 ):
     """An outage four times the visibility timeout: the retries wait less than the timeout
-    (DIGITSCORE_DB_RETRY_MAX follows it), and copies Redis hands out again are no deaths, so
+    (the longest retry wait follows from it), and copies Redis hands out again are no deaths, so
     every batch is scored and none is failed as poison. Messages are signed
     (DIGITSCORE_SECRET): a retry keeps its message's signature."""
     secret = {"DIGITSCORE_SECRET": "faults-test-secret-0c9a71e2"}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from core import defaults, wire
 from core.files import FileBatch
-from producer import queue as flow
+from core.settings import Settings
 from producer.queue import CelerySender, default_bound, is_out_of_memory
 from tests.conftest import ROOT, service_missing, wait_for_log
 from tests.test_faults import RedisServer, assert_exactly_once, run_row, train, wait_done
@@ -92,22 +93,11 @@ def test_the_default_bound_is_half_of_maxmemory_up_to_256_mib():
     assert default_bound(FakeConfig(None)) == 256 * mib  # CONFIG not permitted
 
 
-def test_a_batch_takes_at_most_a_quarter_of_the_bound(monkeypatch):
-    monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, str(4 * 1024 * 1024))
-    sender = CelerySender("redis://127.0.0.1:1/0")  # never connected
+def test_a_batch_takes_at_most_a_quarter_of_the_bound():
+    settings = Settings(broker_url="redis://127.0.0.1:1/0", max_queued_bytes=4 * 1024 * 1024)
+    sender = CelerySender(settings)  # never connected
     assert sender.batch_bytes(defaults.BATCH_BYTES) == 1024 * 1024
     assert sender.batch_bytes(1000) == 1000
-
-
-def test_max_queued_bytes_setting(monkeypatch):
-    monkeypatch.delenv(defaults.MAX_QUEUED_BYTES_ENV, raising=False)
-    assert defaults.max_queued_bytes() is None
-    monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, "1048576")
-    assert defaults.max_queued_bytes() == 1048576
-    for bad, match in (("0", "positive"), ("1MB", "whole number")):
-        monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, bad)
-        with pytest.raises(ValueError, match=match):
-            defaults.max_queued_bytes()
 
 
 def test_out_of_memory_is_told_from_other_redis_errors():
@@ -219,13 +209,13 @@ def test_the_sender_waits_past_its_bound_until_a_payload_is_taken(
     """Past the byte bound, or past the number of batches it remembers, ``send`` waits and
     says so; once a worker has taken a payload (deleted its key), it goes on."""
     per_batch = 1000 + 20 + defaults.QUEUED_MESSAGE_BYTES  # payload, its framing, message
+    settings = Settings.from_env()  # broker_env sets the env vars
     if bound == "bytes":
-        monkeypatch.setenv(defaults.MAX_QUEUED_BYTES_ENV, str(3 * per_batch))
+        settings = replace(settings, max_queued_bytes=3 * per_batch)
     else:
-        monkeypatch.setattr(flow, "MAX_TRACKED_BATCHES", 3)
+        monkeypatch.setattr(defaults, "MAX_TRACKED_BATCHES", 3)
     waits: list[tuple[int, int]] = []
-    sender = CelerySender(broker_env["DIGITSCORE_BROKER_URL"],
-                          on_wait=lambda q, b: waits.append((q, b)))
+    sender = CelerySender(settings, on_wait=lambda q, b: waits.append((q, b)))
     for seq in range(3):
         sender.send(wire.BatchMessage(1, seq, "ab" * 16), _batch(1000))
     fourth = _send_in_thread(sender, 3)

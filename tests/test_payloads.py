@@ -15,21 +15,11 @@ from sqlalchemy import text
 
 from core import defaults, wire
 from core.files import FileBatch
+from core.settings import Settings
 from db.session import get_engine
 from producer.queue import CelerySender
 from tests.conftest import wait_for_log
 from tests.test_faults import assert_exactly_once, run_row, train, wait_done
-
-
-def test_payload_ttl_setting(monkeypatch):
-    monkeypatch.delenv(defaults.PAYLOAD_TTL_ENV, raising=False)
-    assert defaults.payload_ttl() == 7 * 24 * 3600
-    monkeypatch.setenv(defaults.PAYLOAD_TTL_ENV, "0")
-    with pytest.raises(ValueError, match="positive"):
-        defaults.payload_ttl()
-    monkeypatch.setenv(defaults.PAYLOAD_TTL_ENV, "soon")
-    with pytest.raises(ValueError, match="whole number"):
-        defaults.payload_ttl()
 
 
 @pytest.mark.integration
@@ -40,7 +30,8 @@ def test_on_redis_the_message_names_a_payload_key_holding_the_bytes(broker_env, 
         batch.add(f"7/{f.name}", f.read_bytes(), None)
     batch.add("7/gone.png", None, "file could not be read: No such file or directory")
     token = "ab" * 16
-    CelerySender(broker_env["DIGITSCORE_BROKER_URL"]).send(wire.BatchMessage(3, 5, token), batch)
+    sender = CelerySender(Settings.from_env())  # broker_env sets the env vars
+    sender.send(wire.BatchMessage(3, 5, token), batch)
 
     client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
     envelope = json.loads(client.lindex(broker_env["DIGITSCORE_QUEUE"], 0))

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from core import defaults
 from core.batch import label_for, poison_rows
 from core.rows import PREDICTORS, PredictionRow, unscored_row
 from db import mistakes, queries, reads, views
@@ -81,8 +82,8 @@ def assert_counts_agree(engine: Engine, run_id: int) -> dict[str, Any]:
         run = queries.get_run(conn, run_id)
         assert sum(r["n"] for r in reasons) == run["n_failed"]
         for p in PREDICTORS:  # the kept mistakes are the top of a sort of the run's rows
-            kept = mistakes.confident_mistakes(conn, run_id, p, mistakes.KEPT)
-            top = conn.execute(mistakes.scan_query(run_id, p, mistakes.KEPT)).mappings()
+            kept = mistakes.confident_mistakes(conn, run_id, p, defaults.MISTAKES_KEPT)
+            top = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
             assert kept == [dict(r) for r in top]
         return counts
 
@@ -94,7 +95,7 @@ def test_kept_counts_equal_the_views_after_any_batches(any_db_url, seed, monkeyp
     differently, batches overlapping earlier ones, poison batches; after every batch each
     run's counts equal the views' aggregates, its failures the GROUP BY of its rows, and its
     kept mistakes (7 here, so that batches push some out) the top of a sort of its rows."""
-    monkeypatch.setattr(mistakes, "KEPT", 7)
+    monkeypatch.setattr(defaults, "MISTAKES_KEPT", 7)
     rng = random.Random(seed)
     engine = get_engine(any_db_url)
     model_id = add_model(engine, CLASSES)
@@ -267,7 +268,7 @@ def mistakes_run(any_db_url, monkeypatch) -> tuple[Engine, int, list[PredictionR
     """A run of 3,000 made-up rows in 30 batches, many mistakes tying on confidence, keeping
     10 mistakes per predictor; and a second run of the same paths, answers shifted (for
     compare's plan)."""
-    monkeypatch.setattr(mistakes, "KEPT", 10)
+    monkeypatch.setattr(defaults, "MISTAKES_KEPT", 10)
     rng = random.Random(7)
     engine = get_engine(any_db_url)
     run_id = new_run(engine, add_model(engine, CLASSES))

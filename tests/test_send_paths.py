@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from core import defaults
 from core.files import OUTSIDE_ROOT, map_prefix, read_batch_below, read_below, read_file
+from core.settings import SettingError, Settings
 from db.session import get_engine
 from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
 from tests.conftest import wait_for_log
@@ -79,20 +80,17 @@ def test_a_batch_read_below_the_root_answers_as_each_path_resolved_in_full(tmp_p
     assert batch.blobs.count(digit) == 6 and batch.errors.count(OUTSIDE_ROOT) == 6
 
 
-def test_path_map_setting_and_prefix(monkeypatch):
-    monkeypatch.delenv(defaults.PATH_MAP_ENV, raising=False)
-    assert defaults.path_map() is None
-    monkeypatch.setenv(defaults.PATH_MAP_ENV, "/data/images/=/mnt/images")
-    mapping = defaults.path_map()
+def test_path_map_setting_and_prefix():
+    assert Settings.from_env({}).path_map is None
+    mapping = Settings.from_env({defaults.PATH_MAP_ENV: "/data/images/=/mnt/images"}).path_map
     assert mapping == ("/data/images", "/mnt/images")
     assert map_prefix("/data/images", mapping) == "/mnt/images"
     assert map_prefix("/data/images/run1", mapping) == "/mnt/images/run1"
     assert map_prefix("/data/images2/run1", mapping) == "/data/images2/run1"  # whole names only
     assert map_prefix("/elsewhere", mapping) == "/elsewhere"
     for bad in ("/data/images", "data=/mnt", "/data=mnt"):
-        monkeypatch.setenv(defaults.PATH_MAP_ENV, bad)
-        with pytest.raises(ValueError, match="/producer/prefix=/worker/prefix"):
-            defaults.path_map()
+        with pytest.raises(SettingError, match="/producer/prefix=/worker/prefix"):
+            Settings.from_env({defaults.PATH_MAP_ENV: bad})
 
 
 def payload_keys(broker_env: dict[str, str]) -> list[bytes]:

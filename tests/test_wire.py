@@ -3,6 +3,8 @@ and the task's handling of a batch through its own code (fakeredis for the paylo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import fakeredis
 import msgpack
 import pytest
@@ -10,6 +12,7 @@ from sqlalchemy import text
 
 from core import defaults, wire
 from core.errors import BrokerURLError, MessageError
+from core.settings import SettingError, Settings
 from db import queries
 from db.session import get_engine
 from tests.test_results import save
@@ -122,14 +125,6 @@ def test_signed_messages_and_payloads_are_checked():
     assert wire.check_delivery({"task": wire.TASK_NAME, "id": "x"}, 60, lambda: body) == message
 
 
-def test_a_short_secret_is_refused(monkeypatch):
-    monkeypatch.setenv(defaults.SECRET_ENV, "short")
-    with pytest.raises(ValueError, match="shorter than 16 characters"):
-        defaults.secret()
-    monkeypatch.delenv(defaults.SECRET_ENV)
-    assert defaults.secret() is None
-
-
 def test_broker_urls_kombu_cannot_parse_are_refused_without_echoing_them():
     wire.check_broker_url("redis://:pa%23ss@127.0.0.1:6379/0")
     wire.check_broker_url("redis://:pa@ss@127.0.0.1:6379/0")  # the last @ ends the password
@@ -158,29 +153,26 @@ def test_payload_round_trip_and_what_is_refused():
             wire.unpack_payload(data, 1, max_file_bytes=10)
 
 
-def test_the_app_accepts_msgpack_only_and_needs_a_broker(monkeypatch):
-    app = wire.make_app("memory://")
+def test_the_app_accepts_msgpack_only_and_needs_a_broker():
+    app = wire.make_app(Settings(broker_url="memory://"))
     assert app.conf.accept_content == ["msgpack"]
     assert app.conf.task_serializer == "msgpack"
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
     vt = app.conf.broker_transport_options["visibility_timeout"]
     assert vt == app.conf.result_backend_transport_options["visibility_timeout"] == 600
-    monkeypatch.delenv(defaults.BROKER_URL_ENV, raising=False)
     with pytest.raises(BrokerURLError, match="no broker"):
-        wire.make_app()
+        wire.make_app(Settings())
 
 
-def test_task_events_are_off_unless_asked_for_and_bad_values_are_refused(monkeypatch):
-    monkeypatch.delenv("DIGITSCORE_TASK_EVENTS", raising=False)
-    app = wire.make_app("memory://")
+def test_task_events_are_off_unless_asked_for_and_bad_values_are_refused():
+    broker = {"DIGITSCORE_BROKER_URL": "memory://"}
+    app = wire.make_app(Settings.from_env(broker))
     assert not app.conf.worker_send_task_events and not app.conf.task_send_sent_event
-    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "1")
-    app = wire.make_app("memory://")
+    app = wire.make_app(Settings.from_env({**broker, "DIGITSCORE_TASK_EVENTS": "1"}))
     assert app.conf.worker_send_task_events and app.conf.task_send_sent_event
-    monkeypatch.setenv("DIGITSCORE_TASK_EVENTS", "maybe")
-    with pytest.raises(ValueError, match="DIGITSCORE_TASK_EVENTS='maybe': use 1 or 0"):
-        wire.make_app("memory://")
+    with pytest.raises(SettingError, match="DIGITSCORE_TASK_EVENTS='maybe': use 1 or 0"):
+        Settings.from_env({**broker, "DIGITSCORE_TASK_EVENTS": "maybe"})
 
 
 class FakeTask:
@@ -198,7 +190,7 @@ def test_the_task_scores_what_the_database_recorded_and_nothing_else(
     from worker import tasks
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    monkeypatch.setenv(defaults.DATABASE_URL_ENV, url)
+    monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, database_url=url))
     engine = get_engine(url)
     model_id = save(engine, classifier)
     files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:6]
@@ -250,7 +242,7 @@ def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_droppe
     from worker import tasks
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    monkeypatch.setenv(defaults.DATABASE_URL_ENV, url)
+    monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, database_url=url))
     engine = get_engine(url)
     model_id = save(engine, classifier)
     files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:9]
@@ -268,7 +260,7 @@ def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_droppe
         queries.count_worker_death(engine, run_id, 1, token)
     assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 0, token)) == 3
     assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 1, token)) == 3
-    monkeypatch.setenv(defaults.MAX_BATCH_IMAGES_ENV, "2")
+    monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, max_batch_images=2))
     assert tasks.handle_batch(FakeTask, wire.BatchMessage(run_id, 2, token)) == 0
     assert store.keys() == []
     with engine.connect() as conn:

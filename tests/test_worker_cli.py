@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from core import defaults
 from tests.conftest import wait_for_log
 from worker.cli import exit_status, gpu_problem, main
 from worker.devices import TorchGpus, nvidia_on_host
@@ -406,12 +405,9 @@ def test_help_documents_signals_and_exit_status_without_any_service(monkeypatch)
         (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "ten"}, "VISIBILITY_TIMEOUT"),
         (["--device", "cpu"], {"DIGITSCORE_DATABASE_URL": "nonsense"}, "not a database URL"),
         (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": ""}, "no broker: set"),
-        (["--device", "cpu"], {"DIGITSCORE_TASK_TIME_LIMIT": "600"}, "must be below"),
+        (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "1"}, "no room below it"),
         (["--device", "cpu", "--require-gpu"], {}, "contradicts --require-gpu"),
-        (["--device", "cpu"], {"DIGITSCORE_VISIBILITY_TIMEOUT": "20", "DIGITSCORE_DB_RETRY_MAX":
-          "30"}, "DIGITSCORE_DB_RETRY_MAX=30 s is not below DIGITSCORE_VISIBILITY_TIMEOUT=20 s"),
-        (["--device", "cpu"], {"DIGITSCORE_DB_RETRY_MAX": "600"},
-         "DIGITSCORE_DB_RETRY_MAX=600 s is not below DIGITSCORE_VISIBILITY_TIMEOUT=600 s"),
+        (["--device", "cpu"], {"DIGITSCORE_SECRET": "short"}, "shorter than 16 characters"),
         (["--device", "cpu"], {"DIGITSCORE_MAX_BATCH_IMAGES": "0"}, "positive number of images"),
         (["--device", "cpu"], {"DIGITSCORE_BROKER_URL": "redis://:Sup3r#S3cret@127.0.0.1:6379/0"},
          "cannot be parsed: percent-escape"),
@@ -425,22 +421,6 @@ def test_usage_errors_exit_2_before_anything_starts(args, env, message):
     assert message in r.output
     assert "started the worker" not in r.output
     assert "Sup3r" not in r.output and "S3cret" not in r.output
-
-
-def test_database_retries_wait_less_than_the_visibility_timeout(monkeypatch):
-    """Unset, the longest retry wait is 60 s or half the visibility timeout; set, it is
-    taken when below the timeout. The task's own option is that value."""
-    for timeout, expected in (("600", 60), ("100", 50), ("5", 2)):
-        monkeypatch.setenv("DIGITSCORE_VISIBILITY_TIMEOUT", timeout)
-        assert defaults.db_retry_max() == expected
-    monkeypatch.setenv("DIGITSCORE_DB_RETRY_MAX", "4")
-    assert defaults.db_retry_max() == 4
-    monkeypatch.setenv("DIGITSCORE_VISIBILITY_TIMEOUT", "600")
-    monkeypatch.setenv("DIGITSCORE_BROKER_URL", "memory://")
-    monkeypatch.delenv("DIGITSCORE_DB_RETRY_MAX")
-    from worker import tasks
-
-    assert tasks.score_batch_task.retry_backoff_max == 60 < defaults.visibility_timeout()
 
 
 # ---------------------------------------------------------------- real Celery workers

@@ -15,13 +15,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from types import FrameType
 
 import click
 
 from core import defaults
 from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
-from core.text import mask_url
+from core.settings import Settings
 from core.wire import check_broker_url
 from worker.devices import (
     DEVICE_FAILED_EXIT,
@@ -36,8 +37,6 @@ from worker.devices import (
     resolve_devices,
 )
 
-#: Seconds between two looks at the children.
-POLL_INTERVAL = 0.2
 #: Signals that stop the workers: the first one warmly (SIGTERM: running batches finish),
 #: any further one coldly (SIGQUIT). SIGQUIT is always cold.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -100,44 +99,21 @@ def celery_command(
     ]
 
 
-def describe_settings() -> str:
-    """One line naming the broker, queue, database, visibility timeout and task time limit,
-    passwords masked.
-
-    Raises ``ValueError`` on a setting every worker would reject (settings that contradict
-    each other included), so that it fails here, once.
-    """
+def worker_settings(concurrency: int | None, require_gpu: bool) -> Settings:
+    """The settings every worker of this launcher runs with, checked here, once, so that a
+    setting every worker would reject fails before any starts: a broker is needed, and the
+    broker and database URLs must parse (the database's as digitscore normalises it)."""
     from db.session import normalize_url
 
-    broker = defaults.setting(defaults.BROKER_URL_ENV, None)
-    database = defaults.setting(defaults.DATABASE_URL_ENV, None)
-    timeout = defaults.visibility_timeout()
-    limit = defaults.task_time_limit()
-    retry_max = defaults.db_retry_max()
-    defaults.max_batch_images()
-    signed = "signed messages only" if defaults.secret() else (
-        f"unsigned messages ({defaults.SECRET_ENV} is not set)")
-    if not broker:
+    settings = Settings.from_env(concurrency=concurrency, require_gpu=require_gpu)
+    if not settings.broker_url:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
             f"{defaults.BROKER_URL_ENV}=redis://127.0.0.1:6379/0 worker"
         )
-    check_broker_url(broker)
-    broker_text = mask_url(broker)
-    if database:
-        database_text = mask_url(normalize_url(database))
-    else:
-        database_text = (
-            f"{defaults.DATABASE_URL} in {os.getcwd()} ({defaults.DATABASE_URL_ENV} is not set; "
-            "set it to a PostgreSQL URL to share results between hosts)"
-        )
-    mapping = defaults.path_map()
-    mapped = f", --send paths runs read below {mapping[0]} from {mapping[1]}" if mapping else ""
-    return (
-        f"broker {broker_text}, queue {defaults.queue()}, database {database_text}, "
-        f"visibility timeout {timeout} s, task time limit {limit} s, database retries at "
-        f"most {retry_max} s apart, {signed}{mapped}"
-    )
+    check_broker_url(settings.broker_url)
+    database = normalize_url(settings.database_url).render_as_string(hide_password=False)
+    return replace(settings, database_url=database)
 
 
 def gpu_problem(
@@ -226,7 +202,7 @@ class WorkerGroup:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def wait(self, poll_interval: float = POLL_INTERVAL) -> int:
+    def wait(self, poll_interval: float = defaults.CHILD_CHECK_EVERY) -> int:
         """Until every child has exited; the launcher's exit status (see ``EPILOG``)."""
         announced = 0
         exited: set[int] = set()
@@ -277,7 +253,7 @@ def _echo(message: str) -> None:
     "--concurrency",
     type=click.IntRange(min=1),
     default=defaults.WORKER_CONCURRENCY,
-    envvar=defaults.WORKER_CONCURRENCY_ENV,
+    envvar=defaults.CONCURRENCY_ENV,
     show_envvar=True,
     help="Pool processes per device. Default: this host's cores divided among the devices, "
     "so decoding (on the CPU) uses every core; on a GPU each has its own CUDA context.",
@@ -312,9 +288,10 @@ def main(
     queue and stops that worker with status 75.
 
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
-    DIGITSCORE_VISIBILITY_TIMEOUT, DIGITSCORE_TASK_TIME_LIMIT and DIGITSCORE_DB_RETRY_MAX
-    (both below the visibility timeout), DIGITSCORE_MAX_BATCH_IMAGES and DIGITSCORE_SECRET
-    (set: only messages signed with it are scored); and
+    DIGITSCORE_VISIBILITY_TIMEOUT (the task time limit, 4/5 of it up to 300 s, and the
+    longest wait between database retries, half of it up to 60 s, follow from it),
+    DIGITSCORE_MAX_BATCH_IMAGES and DIGITSCORE_SECRET (set: only messages signed with it
+    are scored); and
     DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix where this host sees the
     directories of `submit --send paths` runs elsewhere than the producer did. Arguments
     after `--` go to `celery worker` as they are.
@@ -330,12 +307,12 @@ def main(
     """
     try:
         requested = parse_devices(devices)
-        settings = describe_settings()
+        settings = worker_settings(concurrency, require_gpu)
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     except (DigitscoreError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    if require_gpu and any(spec.kind == "cpu" for spec in requested):
+    if settings.require_gpu and any(spec.kind == "cpu" for spec in requested):
         raise click.BadParameter("--device cpu contradicts --require-gpu", param_hint="--device")
     try:
         gpus = probe_torch() if needs_gpu_count(requested) else None
@@ -348,19 +325,18 @@ def main(
         specs = resolve_devices(requested, gpus.count if gpus else 0)
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    if require_gpu and not any(spec.kind == "cuda" for spec in specs):
+    if settings.require_gpu and not any(spec.kind == "cuda" for spec in specs):
         raise click.UsageError(
             "--require-gpu: torch sees no GPU on this host; check `nvidia-smi`, the torch "
             "build (README, Run on a GPU cluster) and the container's NVIDIA runtime"
         )
-    _echo(settings)
-    queue = defaults.queue()
-    per_device = concurrency or default_concurrency(len(specs))
+    _echo(settings.describe())
+    per_device = settings.concurrency or default_concurrency(len(specs))
     _echo(f"{per_device} pool process(es) per device")
     group = WorkerGroup(_echo)
     with group.relaying_signals():
         for spec in specs:
-            argv = celery_command(spec, per_device, queue, celery_args)
+            argv = celery_command(spec, per_device, settings.queue, celery_args)
             env = spec.environment(os.environ)
             if not group.start(spec.name, argv, env):
                 break

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from core import defaults
 from core.errors import DeviceError, GpuError
 
 #: The device a worker process scores on, as torch names it inside that process.
@@ -43,8 +44,6 @@ NVIDIA_DEV_GLOB = "/dev/nvidia[0-9]*"
 #: The exit status of a Celery worker whose device failed (start-up or a CUDA error in a batch);
 #: the launcher passes it on. EX_TEMPFAIL: restarting may well help.
 DEVICE_FAILED_EXIT = 75
-#: Seconds the throwaway child may take to import torch and count GPUs.
-COUNT_TIMEOUT = 120.0
 
 # Runs in a throwaway child that forks nothing, so it may initialise CUDA: a count from NVML
 # alone would not show a driver too old for this build of torch.
@@ -152,7 +151,10 @@ class TorchGpus:
     warning: str | None = None  # what torch warned while counting (e.g. the driver is too old)
 
 
-def probe_torch(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIMEOUT) -> TorchGpus:
+def probe_torch(
+    env: Mapping[str, str] | None = None,
+    timeout: float = defaults.GPU_COUNT_TIMEOUT,
+) -> TorchGpus:
     """Visible GPUs, counted in a child process so that this one never initialises CUDA.
 
     A CPU-only build of torch counts 0. A child that fails (torch missing, a broken driver)
@@ -181,12 +183,18 @@ def probe_torch(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIM
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise GpuError(f"could not count GPUs with torch: {last}")
     return TorchGpus(
-        str(probe.get("torch")), probe.get("cuda"), probe["count"], probe.get("error"),
+        str(probe.get("torch")),
+        probe.get("cuda"),
+        probe["count"],
+        probe.get("error"),
         probe.get("warning"),
     )
 
 
-def count_gpus(env: Mapping[str, str] | None = None, timeout: float = COUNT_TIMEOUT) -> int:
+def count_gpus(
+    env: Mapping[str, str] | None = None,
+    timeout: float = defaults.GPU_COUNT_TIMEOUT,
+) -> int:
     """The number of GPUs torch sees (see :func:`probe_torch`)."""
     return probe_torch(env, timeout).count
 

@@ -43,6 +43,7 @@ from core.batch import poison_rows, score_images
 from core.classifier import Classifier
 from core.errors import MessageError
 from core.files import map_prefix, read_batch_below
+from core.settings import Settings
 from core.text import mask_url, mask_urls_in
 from db.model_store import load_classifier
 from db.queries import (
@@ -59,16 +60,18 @@ from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_
 
 T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
-app = wire.make_app()
+#: This worker's settings, read once from the environment its launcher checked them in.
+SETTINGS = Settings.from_env()
+app = wire.make_app(SETTINGS)
 app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
 #: Set: every message must be signed with it (core/wire.py).
-SECRET = defaults.secret()
+SECRET = SETTINGS.secret
 if urlsplit(str(app.conf.broker_url)).scheme == "redis":
     app.conf.broker_transport = "worker.transport:CheckedTransport"
 
 
 def database_url() -> str:
-    return defaults.setting(defaults.DATABASE_URL_ENV, defaults.DATABASE_URL) or ""
+    return SETTINGS.database_url
 
 
 @lru_cache(maxsize=8)
@@ -158,7 +161,7 @@ def _register(sender: Any = None, **_kwargs) -> None:
     _registered.append(name)
     engine = get_engine(database_url())
     register_worker(engine, name, socket.gethostname(), os.getpid(),
-                    describe_current_device(), defaults.queue())
+                    describe_current_device(), SETTINGS.queue)
 
     def beat() -> None:
         while True:
@@ -282,7 +285,7 @@ def source_root(batch: RecordedBatch) -> str:
     """Where this host sees the run's source directory (``DIGITSCORE_PATH_MAP`` applied),
     resolved; :class:`MessageError` when it is not a directory here, which leaves the batch
     unfinished rather than failing each of its images."""
-    mapped = map_prefix(batch.source_dir, defaults.path_map())
+    mapped = map_prefix(batch.source_dir, SETTINGS.path_map)
     root = os.path.realpath(mapped)
     if not os.path.isdir(root):
         via = f" (mapped from {batch.source_dir!r})" if mapped != batch.source_dir else ""
@@ -302,8 +305,8 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     engine = get_engine(url)
     store = payload_store()
     key = wire.payload_key(message)
+    limit = SETTINGS.max_batch_images
     try:
-        limit = defaults.max_batch_images()
         batch = recorded_batch(engine, message.run_id, message.seq, message.token, limit)
     except RunMismatch as e:
         log.error(
@@ -381,7 +384,7 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
     Request="worker.tasks:DeathCountingRequest",
     retry_backoff=True,
-    retry_backoff_max=defaults.db_retry_max(),  # below the visibility timeout
+    retry_backoff_max=SETTINGS.db_retry_max,  # below the visibility timeout
     max_retries=None,
 )
 def score_batch_task(self, run_id: int, seq: int, token: str) -> int:
