@@ -34,9 +34,9 @@ if __package__ in (None, ""):  # run as a script: the project root is the parent
 from sqlalchemy import Engine, text  # noqa: E402
 
 from bench import common, dataset  # noqa: E402
-from core.batch import poison_rows  # noqa: E402
 from core.rows import PREDICTORS  # noqa: E402
-from db import mistakes, queries, reads, views  # noqa: E402
+from db import batch_life, mistakes, queries, reads, views  # noqa: E402
+from db.batch_life import poison_rows  # noqa: E402
 from db.session import dispose_engines, get_engine  # noqa: E402
 from producer.report import build_report  # noqa: E402
 from producer.submit import EmbeddedSender, submit_directory  # noqa: E402
@@ -61,8 +61,8 @@ def seed_run(engine: Engine, clf: Any, model_id: int, root: Path) -> int:
     paths = [f"{label}/poison-{i}.png" for i, label in enumerate("0123456789")][:SEED_FAILED]
     with engine.begin() as conn:
         seq = queries.next_batch_seq(conn, sub.run_id)
-        queries.record_batch(conn, sub.run_id, seq, paths, 0)
-    queries.store_batch_results(
+        batch_life.record_batch(conn, sub.run_id, seq, paths, 0)
+    batch_life.store_batch(
         engine, sub.run_id, seq, poison_rows(paths, clf.classes, 3), "failed"
     )
     return sub.run_id

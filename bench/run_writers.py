@@ -2,7 +2,7 @@
 
     python -m bench.run_writers [--writers 1 2 4] [--batches 24] [--batch-size 4096]
 
-Each writer is a process calling ``db.queries.store_batch_results`` on batches of ready-made
+Each writer is a process calling ``db.batch_life.store_batch`` on batches of ready-made
 rows (no decoding, no scoring), so the figure is how fast one run's results can be written.
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
@@ -22,7 +22,8 @@ from sqlalchemy import text
 
 from bench.common import postgres_database, store_model, train_classifier
 from core.rows import PredictionRow
-from db.queries import create_run, record_batch, store_batch_results
+from db.batch_life import record_batch, store_batch
+from db.queries import create_run
 from db.session import dispose_engines, get_engine
 
 
@@ -45,7 +46,7 @@ def _write(url: str, run_id: int, seqs: list[int], size: int, ready: Any) -> Non
         pass  # connected, schema checked: only the writes are timed
     ready.wait()  # every writer begins at once
     for seq, rows in prepared:
-        store_batch_results(engine, run_id, seq, rows)
+        store_batch(engine, run_id, seq, rows)
     dispose_engines()
 
 

@@ -5,21 +5,14 @@ row per file. Both the producer's in-process path and the worker's task call
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import PurePosixPath
 from typing import cast
 
 import torch
 
 from core.classifier import Classifier
 from core.fast_decode import decode_images
-from core.rows import PredictionRow, unscored_row
+from core.rows import PredictionRow, label_for, unscored_row
 from core.scoring import score_stack
-
-
-def label_for(path: str, classes: Sequence[str]) -> str | None:
-    """The parent folder's name when it is one of the model's classes, else ``None``."""
-    parent = PurePosixPath(path).parent.name
-    return parent if parent in classes else None
 
 
 def labels_for(paths: Sequence[str], classes: Sequence[str]) -> list[str | None]:
@@ -83,12 +76,3 @@ def score_images(
             row["dist_l1"], row["dist_l2"], row["prob_sgd"] = x, y, z
     return rows
 
-
-def poison_rows(
-    paths: Sequence[str], classes: Sequence[str], deliveries: int
-) -> list[PredictionRow]:
-    reason = (
-        f"batch abandoned after {deliveries} deliveries: the worker process died or failed to "
-        "score it every time it took this batch (poison batch; see the worker logs)"
-    )
-    return [unscored_row(p, label_for(p, classes), reason) for p in paths]

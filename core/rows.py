@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import PurePosixPath
 from typing import TypedDict
 
 #: The predictors, in the order every report lists them; ``pred_<p>`` is each one's column.
@@ -32,3 +34,9 @@ def unscored_row(path: str, label: str | None, error: str | None = None) -> Pred
         path=path, label=label, pred_l1=None, pred_l2=None, pred_sgd=None,
         dist_l1=None, dist_l2=None, prob_sgd=None, error=error,
     )
+
+
+def label_for(path: str, classes: Sequence[str]) -> str | None:
+    """The parent folder's name when it is one of the model's classes, else ``None``."""
+    parent = PurePosixPath(path).parent.name
+    return parent if parent in classes else None

@@ -113,6 +113,7 @@ batches = Table(
     Column("n_bytes", Integer, nullable=False),
     Column("status", String(20), nullable=False, default="queued"),
     Column("deliveries", Integer, nullable=False, default=0),
+    Column("last_failure", Text),  # why its last failed delivery failed (0009)
     Column("enqueued_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("finished_at", DateTime(timezone=True)),
     UniqueConstraint("run_id", "seq", name="uq_batches_run_seq"),

@@ -1,28 +1,26 @@
-"""Reads and writes of runs, batches and predictions.
+"""Reads and writes of runs, and the reads of their batches and predictions; a batch's own
+life (recorded, claimed, stored, failed) is db/batch_life.py.
 
-Writes of results are idempotent: a batch's rows go in with insert-or-ignore on
-(run_id, path) in one transaction that also marks the batch done and adds the rows that were
-new to the run's counts (scored, failed, labelled, right per predictor; its confusion counts
-in ``run_counts`` and failure reasons in ``run_failures``), from which its accuracies and
-status follow. A redelivered batch therefore never duplicates a row or skews
-a count, and a commit costs the same however many rows the run already has.
+A run's counts (scored, failed, labelled, right per predictor; its confusion counts in
+``run_counts`` and failure reasons in ``run_failures``) are added to as each batch's new rows
+are stored (:func:`add_to_run`), from which its accuracies and status follow. A redelivered
+batch therefore never skews a count, and a commit costs the same however many rows the run
+already has.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Unpack
 
 from sqlalchemy import Connection, Engine, Select, func, insert, select, update
 
-from core.errors import MessageError, RunNotFound
-from core.rows import PREDICTORS, PredictionRow
-from db.bulk import insert_new_rows
-from db.counts import RowCounts, add_counts, count_rows
-from db.mistakes import keep_mistakes
+from core.errors import RunNotFound
+from core.rows import PREDICTORS
+from db.counts import RowCounts, add_counts
 from db.models import batches, predictions, runs, utcnow
 
 
@@ -48,68 +46,6 @@ def create_run(
         .returning(runs.c.id)
     ).scalar_one()
     return int(run_id), token
-
-
-def record_batch(conn: Connection, run_id: int, seq: int, paths: Sequence[str], n_bytes: int):
-    conn.execute(
-        insert(batches).values(
-            run_id=run_id,
-            seq=seq,
-            paths=list(paths),
-            n_images=len(paths),
-            n_bytes=n_bytes,
-            status="queued",
-            deliveries=0,
-            enqueued_at=utcnow(),
-        )
-    )
-
-
-def store_batch_results(
-    engine: Engine,
-    run_id: int,
-    batch_seq: int,
-    rows: Sequence[PredictionRow],
-    batch_status: str = "done",
-    deliveries: int = 0,
-) -> int:
-    """Insert a batch's prediction rows (each a dict of ``predictions`` columns); returns how many
-    were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
-    mark the batch (adding ``deliveries`` to its delivery count), then lock the run, count
-    the new rows into it (see :func:`add_to_run`) and keep those among its most confident
-    mistakes (db/mistakes.py).
-
-    The run is locked last, for the count alone: the writers of one run insert their rows
-    side by side and queue only for the few statements that end each transaction, so every
-    count still sees every earlier commit. (On PostgreSQL the lock is ``FOR NO KEY UPDATE``,
-    which the foreign-key checks of another writer's rows do not wait for; on SQLite the
-    transaction holds the database's write lock from its start anyway.) The order is the
-    same in every writer, rows then run, so no two writers can wait for each other.
-    """
-    now = utcnow()
-    with engine.begin() as conn:
-        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).one_or_none() is None:
-            raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
-        new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
-        conn.execute(
-            update(batches)
-            .where(batches.c.run_id == run_id, batches.c.seq == batch_seq)
-            .values(
-                status=batch_status,
-                finished_at=now,
-                deliveries=batches.c.deliveries + deliveries,
-            )
-        )
-        run = conn.execute(
-            select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
-        ).one()
-        add_to_run(conn, run_id, run, count_rows(new))
-        keep_mistakes(conn, run_id, new)
-    return len(new)
-
-
-class RunMismatch(MessageError):
-    """A message for a run or batch this database does not hold as the message names it."""
 
 
 #: The run's columns :func:`add_to_run` needs, read under the run's lock.
@@ -154,84 +90,6 @@ def settle_status(
         return {"status": "done"} if status == "done" else {
             "status": "done", "finished_at": now or utcnow()}
     return {"status": "running" if n_rows and status == "queued" else status}
-
-
-@dataclass(frozen=True)
-class RecordedBatch:
-    """A batch as its producer recorded it: what a worker scores, whatever a message says.
-
-    ``paths`` is empty when the batch is finished or holds more than the reader's limit of
-    images (``n_images``); ``deaths`` counts the worker processes that died holding it."""
-
-    run_id: int
-    seq: int
-    model_id: int
-    paths: list[str]
-    status: str
-    n_images: int
-    deaths: int
-    send_mode: str = "bytes"
-    source_dir: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "failed")
-
-
-def recorded_batch(
-    engine: Engine, run_id: int, seq: int, token: str, max_images: int | None = None
-) -> RecordedBatch:
-    """Batch ``seq`` of run ``run_id`` if this database holds that run with ``token``; else
-    :class:`RunMismatch`, naming what differs. Its paths are read only when it is unfinished
-    and holds at most ``max_images``."""
-    with engine.connect() as conn:
-        run = conn.execute(
-            select(runs.c.token, runs.c.model_id, runs.c.send_mode, runs.c.source_dir)
-            .where(runs.c.id == run_id)
-        ).one_or_none()
-        if run is None:
-            raise RunMismatch(f"run {run_id} is not in this database")
-        if run.token != token:
-            raise RunMismatch(f"run {run_id} of this database has another token")
-        where = (batches.c.run_id == run_id, batches.c.seq == seq)
-        row = conn.execute(
-            select(batches.c.status, batches.c.n_images, batches.c.deliveries).where(*where)
-        ).one_or_none()
-        if row is None:
-            raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
-        n_images, paths = int(row.n_images), []
-        if row.status == "queued" and (max_images is None or n_images <= max_images):
-            paths = list(conn.execute(select(batches.c.paths).where(*where)).scalar_one())
-            n_images = len(paths)
-    # while a batch is unfinished, its deliveries are the failed ones (a worker died, or
-    # scoring failed and sent it back)
-    deaths = int(row.deliveries or 0) if row.status == "queued" else 0
-    return RecordedBatch(
-        run_id, seq, int(run.model_id), paths, str(row.status), n_images, deaths,
-        str(run.send_mode), str(run.source_dir),
-    )
-
-
-def count_worker_death(engine: Engine, run_id: int, seq: int, token: str) -> int | None:
-    """A worker process died holding batch ``seq`` of run ``run_id``: add one to the batch's
-    delivery count (committed at once) if the batch is unfinished and its run has ``token``;
-    return the new count, or ``None`` when no such batch is waiting.
-
-    A delivery that ends is counted with the batch's rows (``store_batch_results``), so
-    while a batch is queued its count is exactly the deaths of workers holding it."""
-    with engine.begin() as conn:
-        count = conn.execute(
-            update(batches)
-            .where(
-                batches.c.run_id == run_id, batches.c.seq == seq, batches.c.status == "queued",
-                batches.c.run_id.in_(
-                    select(runs.c.id).where(runs.c.id == run_id, runs.c.token == token)
-                ),
-            )
-            .values(deliveries=batches.c.deliveries + 1)
-            .returning(batches.c.deliveries)
-        ).scalar_one_or_none()
-    return None if count is None else int(count)
 
 
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:

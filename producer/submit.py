@@ -2,7 +2,7 @@
 
 A sender either scores the batch in this process (the embedded default) or enqueues it for
 the Celery workers; both score with ``core.batch.score_images`` and store with
-``db.queries.store_batch_results``.
+``db.batch_life.store_batch``.
 
 Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
 what was sent and re-send what has no results. A failure part way (the database full or gone,
@@ -47,7 +47,7 @@ from core.files import (
 )
 from core.text import first_line, mask_url
 from core.wire import BatchMessage
-from db import queries
+from db import batch_life, queries
 from db.session import driver_reason
 
 
@@ -73,7 +73,7 @@ class EmbeddedSender:
         if batch is None:
             raise ValueError("scoring in this process needs the batch's files read")
         rows = score_images(self.classifier, batch.paths, batch.blobs, batch.errors)
-        queries.store_batch_results(self.engine, message.run_id, message.seq, rows)
+        batch_life.store_batch(self.engine, message.run_id, message.seq, rows)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _send_all(
     seq = first_seq
     for batch in stream:
         with engine.begin() as conn:
-            queries.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
+            batch_life.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
         sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
         if on_batch is not None:
             on_batch(len(batch))

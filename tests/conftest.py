@@ -53,9 +53,9 @@ def service_missing(what: str) -> None:
 def score_and_store(engine, classifier, run_id, seq, paths, blobs, errors=None) -> int:
     """Score a batch in this process and store its rows, as the embedded producer does."""
     from core.batch import score_images
-    from db.queries import store_batch_results
+    from db.batch_life import store_batch
 
-    return store_batch_results(engine, run_id, seq, score_images(classifier, paths, blobs, errors))
+    return store_batch(engine, run_id, seq, score_images(classifier, paths, blobs, errors))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,4 @@
-"""Writers of one run side by side (db/queries.store_batch_results locks the run only for the
+"""Writers of one run side by side (db/batch_life.store_batch locks the run only for the
 count): four processes store batches of one run at once, some batches twice (a redelivery
 racing the first delivery), on SQLite and PostgreSQL; every path has one row and the run's
 counts are what SQL recomputes from its rows."""
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from core.rows import PredictionRow
-from db import queries
+from db import batch_life, queries
 from db.session import dispose_engines, get_engine
 from tests.test_results import RECOMPUTE, save
 
@@ -42,7 +42,7 @@ def store(url: str, run_id: int, seqs: list[int], start: Any) -> None:
     engine = get_engine(url)
     start.wait(30)
     for seq in seqs:
-        queries.store_batch_results(engine, run_id, seq, batch_rows(seq), deliveries=1)
+        batch_life.store_batch(engine, run_id, seq, batch_rows(seq), deliveries=1)
 
 
 @pytest.mark.integration
@@ -52,7 +52,7 @@ def test_concurrent_writers_of_one_run_keep_exact_counts(any_db_url, classifier)
     with engine.begin() as conn:
         run_id, _ = queries.create_run(conn, model_id, "/images", "celery")
         for seq in range(BATCHES):
-            queries.record_batch(conn, run_id, seq, [], 0)
+            batch_life.record_batch(conn, run_id, seq, [], 0)
     queries.finish_submission(engine, run_id, BATCHES * ROWS, 0)
     dispose_engines()
     context = multiprocessing.get_context("fork")

@@ -129,6 +129,33 @@ def test_poison_batch_is_failed_after_bounded_deliveries(
     assert worker.poll() is None  # the worker survived: Celery replaced each dead process
 
 
+def test_a_model_that_cannot_be_loaded_fails_its_batches_within_the_delivery_limit(
+    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+):
+    """Damaged weights: each delivery fails to load the model and counts a failed delivery;
+    the claim after the third gives the batch up before loading anything, so every batch ends
+    failed (never cycling), its rows naming the model's problem."""
+    train(run_cli, sample_dir, sqlite_url)
+    with get_engine(sqlite_url).begin() as conn:
+        conn.execute(text("UPDATE models SET sgd_weights = :b"), {"b": b"\x00" * 12})
+    src = tmp_path / "images" / "3"
+    src.mkdir(parents=True)
+    for f in sorted((sample_dir / "valid" / "3").glob("*.png"))[:12]:
+        shutil.copy(f, src / f.name)
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}, "--device", "cpu")
+    wait_for_log(worker, "ready.")
+    r = run_cli("submit", str(src.parent), "--batch-size", "6", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    run = wait_done(sqlite_url, timeout=60)
+    with get_engine(sqlite_url).connect() as conn:
+        batches = conn.execute(text("SELECT status, deliveries FROM batches")).all()
+        errors = conn.execute(text("SELECT DISTINCT error FROM predictions")).scalars().all()
+    assert [tuple(b) for b in batches] == [("failed", 4), ("failed", 4)]
+    assert run["n_failed"] == 12 and run["n_scored"] == 0
+    assert len(errors) == 1 and "after 3 failed deliveries" in errors[0]
+    assert "model 1 could not be loaded" in errors[0], errors[0]
+
+
 class RedisServer:
     """A real redis-server of this test's own (nothing on disk), that it may kill and restart
     without disturbing anyone else's Redis."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from core.batch import label_for
-from db import queries
+from core.rows import label_for
+from db import batch_life, queries
 from db.model_store import TrainingRecord, load_classifier, save_classifier
 from db.session import get_engine
 from producer.submit import EmbeddedSender, submit_directory
@@ -74,7 +74,7 @@ def test_redelivered_batch_duplicates_nothing(memory_engine, classifier, sample_
     blobs = [f.read_bytes() for f in files]
     with engine.begin() as conn:
         run_id, _token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "embedded")
-        queries.record_batch(conn, run_id, 0, paths, sum(map(len, blobs)))
+        batch_life.record_batch(conn, run_id, 0, paths, sum(map(len, blobs)))
     assert score_and_store(engine, classifier, run_id, 0, paths, blobs) == 10
     assert score_and_store(engine, classifier, run_id, 0, paths, blobs) == 0  # redelivery
     queries.finish_submission(engine, run_id, 10, 0)

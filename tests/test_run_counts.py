@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from core import defaults
-from core.batch import label_for, poison_rows
-from core.rows import PREDICTORS, PredictionRow, unscored_row
-from db import mistakes, queries, reads, views
+from core.rows import PREDICTORS, PredictionRow, label_for, unscored_row
+from db import batch_life, mistakes, queries, reads, views
+from db.batch_life import poison_rows
 from db.session import get_engine
 from producer.report import build_report
 from tests.conftest import score_and_store
@@ -121,12 +121,12 @@ def test_kept_counts_equal_the_views_after_any_batches(any_db_url, seed, monkeyp
             seq = len(batches)
             batches.append(paths)
             with engine.begin() as conn:
-                queries.record_batch(conn, run_id, seq, paths, 0)
+                batch_life.record_batch(conn, run_id, seq, paths, 0)
         if kind == "poison":
             rows, status = poison_rows(paths, CLASSES, 3), "failed"
         else:
             rows, status = made_up_rows(rng, paths), "done"
-        n_new = queries.store_batch_results(engine, run_id, seq, rows, status)
+        n_new = batch_life.store_batch(engine, run_id, seq, rows, status)
         if kind == "redelivered":
             assert n_new == 0
         for r in runs:
@@ -161,9 +161,9 @@ def test_kept_counts_of_real_batches_with_errors_redeliveries_and_poison(
     )
     half = len(paths) // 2
     with engine.begin() as conn:
-        queries.record_batch(conn, run_id, 0, paths[:half], 0)
-        queries.record_batch(conn, run_id, 1, paths[half:], 0)
-        queries.record_batch(conn, run_id, 2, ["3/p.png", "7/q.png", "x/r.png"], 0)
+        batch_life.record_batch(conn, run_id, 0, paths[:half], 0)
+        batch_life.record_batch(conn, run_id, 1, paths[half:], 0)
+        batch_life.record_batch(conn, run_id, 2, ["3/p.png", "7/q.png", "x/r.png"], 0)
     assert score_and_store(engine, classifier, run_id, 0, paths[:half], blobs[:half],
                            errors[:half]) == half
     before = assert_counts_agree(engine, run_id)
@@ -171,7 +171,7 @@ def test_kept_counts_of_real_batches_with_errors_redeliveries_and_poison(
                            errors[:half]) == 0
     assert assert_counts_agree(engine, run_id) == before
     score_and_store(engine, classifier, run_id, 1, paths[half:], blobs[half:], errors[half:])
-    queries.store_batch_results(
+    batch_life.store_batch(
         engine, run_id, 2, poison_rows(["3/p.png", "7/q.png", "x/r.png"], classes, 3), "failed"
     )
     counts = assert_counts_agree(engine, run_id)
@@ -276,9 +276,9 @@ def mistakes_run(any_db_url, monkeypatch) -> tuple[Engine, int, list[PredictionR
     for seq in range(30):
         paths = [f"{rng.choice(FOLDERS)}/{seq}-{i}.png" for i in range(100)]
         with engine.begin() as conn:
-            queries.record_batch(conn, run_id, seq, paths, 0)
+            batch_life.record_batch(conn, run_id, seq, paths, 0)
         rows = made_up_rows(rng, paths)
-        queries.store_batch_results(engine, run_id, seq, rows)
+        batch_life.store_batch(engine, run_id, seq, rows)
         stored += rows
     other = new_run(engine, add_model(engine, CLASSES))
     with engine.begin() as conn:

@@ -10,16 +10,10 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from bench.run_writers import batch_rows
+from db.batch_life import record_batch, store_batch
 from db.bulk import insert_new_rows
 from db.models import runs, utcnow
-from db.queries import (
-    RUN_COUNTS,
-    RowCounts,
-    add_to_run,
-    create_run,
-    record_batch,
-    store_batch_results,
-)
+from db.queries import RUN_COUNTS, RowCounts, add_to_run, create_run
 from db.session import get_engine, normalize_url
 from tests.test_results import save
 
@@ -64,7 +58,7 @@ def test_a_writer_mid_batch_does_not_hold_up_another_writer_of_the_run(
             insert_new_rows(first, run_id, 0, batch_rows(0, SIZE), utcnow())
             second = impatient_engine(postgres_url)
             try:
-                assert store_batch_results(second, run_id, 1, batch_rows(1, SIZE)) == SIZE
+                assert store_batch(second, run_id, 1, batch_rows(1, SIZE)) == SIZE
             finally:
                 second.dispose()
             assert run_counts(postgres_url, run_id) == (SIZE, SIZE)
@@ -82,7 +76,7 @@ def test_two_deliveries_of_a_batch_at_once_count_each_image_once(
 
     def second_delivery() -> None:
         started.set()
-        stored.append(store_batch_results(engine, run_id, 0, batch_rows(0, SIZE)))
+        stored.append(store_batch(engine, run_id, 0, batch_rows(0, SIZE)))
 
     with engine.connect() as first, first.begin():
         assert len(insert_new_rows(first, run_id, 0, batch_rows(0, SIZE), utcnow())) == SIZE
@@ -91,14 +85,14 @@ def test_two_deliveries_of_a_batch_at_once_count_each_image_once(
         started.wait()
         thread.join(1.0)
         assert thread.is_alive()  # waiting on the unique index for the first to commit
-        store_batch_results_tail(first, run_id, SIZE)
+        store_batch_tail(first, run_id, SIZE)
     thread.join(30)
     assert stored == [0]
     assert run_counts(postgres_url, run_id) == (SIZE, SIZE)
 
 
-def store_batch_results_tail(conn, run_id: int, n_new: int) -> None:
-    """What store_batch_results does after its insert: count the new rows into the run."""
+def store_batch_tail(conn, run_id: int, n_new: int) -> None:
+    """What store_batch does after its insert: count the new rows into the run."""
     run = conn.execute(
         select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
     ).one()

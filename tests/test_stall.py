@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from db import queries
+from db import batch_life, queries
 from db.models import runs, utcnow
 from db.session import get_engine
 
@@ -16,8 +16,8 @@ def test_a_run_waiting_past_the_visibility_timeout_is_called_stalled(run_cli, mo
     engine = get_engine(model_db)
     with engine.begin() as conn:
         run_id, _token = queries.create_run(conn, 1, "/data", "celery")
-        queries.record_batch(conn, run_id, 0, ["3/a.png"], 10)
-        queries.record_batch(conn, run_id, 1, ["3/b.png"], 10)
+        batch_life.record_batch(conn, run_id, 0, ["3/a.png"], 10)
+        batch_life.record_batch(conn, run_id, 1, ["3/b.png"], 10)
     env = {"DIGITSCORE_VISIBILITY_TIMEOUT": "60"}
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert r.exit_code == 0 and "stalled" not in r.output  # just created
@@ -32,6 +32,6 @@ def test_a_run_waiting_past_the_visibility_timeout_is_called_stalled(run_cli, mo
     with engine.connect() as conn:
         assert queries.stall(conn, queries.get_run(conn, run_id)).queued_batches == 2
     # a batch stored just now: not stalled any more
-    queries.store_batch_results(engine, run_id, 0, [])
+    batch_life.store_batch(engine, run_id, 0, [])
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert "stalled" not in r.output, r.output

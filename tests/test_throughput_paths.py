@@ -12,9 +12,10 @@ import torch
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
-from core.batch import label_for, labels_for
+from core.batch import labels_for
+from core.rows import label_for
 from core.scoring import CPU_SCORE_ROWS, Scores, score_stack, score_tensor
-from db import queries
+from db import batch_life, queries
 from db.bulk import insert_new_rows
 from db.models import predictions
 from db.session import get_engine
@@ -51,7 +52,7 @@ def new_run(engine, model_id: int, batches: list[list[str]]) -> int:
     with engine.begin() as conn:
         run_id, _token = queries.create_run(conn, model_id, "/data", "embedded")
         for seq, paths in enumerate(batches):
-            queries.record_batch(conn, run_id, seq, paths, 0)
+            batch_life.record_batch(conn, run_id, seq, paths, 0)
     return run_id
 
 
@@ -135,7 +136,7 @@ def test_a_commit_reads_no_other_rows_of_the_run(memory_engine, classifier):
         rows = [{"path": p, "label": "7", "pred_l1": "7", "pred_l2": "3" if seq else "7",
                  "pred_sgd": "7", "dist_l1": 0.1, "dist_l2": 0.2, "prob_sgd": 0.9,
                  "error": None} for p in paths]
-        queries.store_batch_results(engine, run_id, seq, rows)
+        batch_life.store_batch(engine, run_id, seq, rows)
     assert seen and aggregates_over_predictions(seen) == []
     run = assert_run_agrees_with_its_rows(engine, run_id)
     assert (run["status"], run["n_scored"], run["accuracy_l2"]) == ("done", 1000, 0.01)
@@ -154,10 +155,10 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     model_id = save(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png", "3/b.png"], ["3/b.png", "3/c.png"]])
     first = [row("3/a.png"), row("3/b.png", "empty file (0 bytes)")]
-    assert queries.store_batch_results(engine, run_id, 0, first) == 2
+    assert batch_life.store_batch(engine, run_id, 0, first) == 2
     # b is there already (its row stays as it was); c is new, and repeated in the batch
     again = [row("3/b.png"), row("3/c.png"), row("3/c.png", "second copy")]
-    assert queries.store_batch_results(engine, run_id, 1, again) == 1
+    assert batch_life.store_batch(engine, run_id, 1, again) == 1
     with engine.connect() as conn:
         stored = dict(conn.execute(text(
             "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
@@ -167,9 +168,9 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     # a first delivery holding another batch's path (on PostgreSQL the straight COPY is
     # refused by the unique index and the batch takes the general way)
     with engine.begin() as conn:
-        queries.record_batch(conn, run_id, 2, ["3/a.png", "3/d.png"], 0)
+        batch_life.record_batch(conn, run_id, 2, ["3/a.png", "3/d.png"], 0)
     later = [row("3/a.png", "changed"), row("3/d.png", "empty file (0 bytes)")]
-    assert queries.store_batch_results(engine, run_id, 2, later) == 1
+    assert batch_life.store_batch(engine, run_id, 2, later) == 1
     with engine.connect() as conn:
         stored = dict(conn.execute(text(
             "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
@@ -208,8 +209,8 @@ def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
     run_id = new_run(engine, model_id, [["3/a.png"]])
     broken = {**row("3/a.png"), "path": None}  # predictions.path is NOT NULL
     with pytest.raises(IntegrityError):
-        queries.store_batch_results(engine, run_id, 0, [broken])
-    assert queries.store_batch_results(engine, run_id, 0, [row("3/a.png")]) == 1
+        batch_life.store_batch(engine, run_id, 0, [broken])
+    assert batch_life.store_batch(engine, run_id, 0, [row("3/a.png")]) == 1
 
 
 def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_url, classifier):
@@ -227,19 +228,21 @@ def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_u
                                      "seq = :s"), {"r": run_id, "s": seq}).scalar_one()
 
     # batch 0: delivered once, stored; a late death report for it changes nothing
-    queries.store_batch_results(engine, run_id, 0, [row("3/a.png")], deliveries=1)
-    assert queries.count_worker_death(engine, run_id, 0, token) is None
+    batch_life.store_batch(engine, run_id, 0, [row("3/a.png")], deliveries=1)
+    assert batch_life.count_failed_delivery(engine, run_id, 0, token, "died") is None
     assert deliveries(0) == 1
     # batch 1: two deaths, then a delivery that stores its rows
-    assert [queries.count_worker_death(engine, run_id, 1, token) for _ in range(2)] == [1, 2]
-    batch = queries.recorded_batch(engine, run_id, 1, token)
-    assert (batch.deaths, batch.paths) == (2, ["3/b.png"])
-    queries.store_batch_results(engine, run_id, 1, [row("3/b.png")], deliveries=1)
+    counts = [batch_life.count_failed_delivery(engine, run_id, 1, token, f"died {i}")
+              for i in range(2)]
+    assert counts == [1, 2]
+    batch = batch_life.recorded_batch(engine, run_id, 1, token)
+    assert (batch.failed_deliveries, batch.paths, batch.last_failure) == (2, ["3/b.png"], "died 1")
+    batch_life.store_batch(engine, run_id, 1, [row("3/b.png")], deliveries=1)
     assert deliveries(1) == 3
     # batch 2: a death reported with another token, or for no such batch, counts nothing
-    assert queries.count_worker_death(engine, run_id, 2, "0" * 32) is None
-    assert queries.count_worker_death(engine, run_id, 7, token) is None
-    assert queries.recorded_batch(engine, run_id, 2, token).deaths == 0
+    assert batch_life.count_failed_delivery(engine, run_id, 2, "0" * 32, "died") is None
+    assert batch_life.count_failed_delivery(engine, run_id, 7, token, "died") is None
+    assert batch_life.recorded_batch(engine, run_id, 2, token).failed_deliveries == 0
 
 
 def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_db_url, classifier):
@@ -252,7 +255,7 @@ def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_d
     run_id = new_run(engine, model_id, [paths, paths])
     rows = [{**row(p, None if i % 7 else f"bad {i}"), "dist_l1": i / 1000} for i, p in
             enumerate(paths)]
-    assert queries.store_batch_results(engine, run_id, 0, rows) == 600
+    assert batch_life.store_batch(engine, run_id, 0, rows) == 600
     select = text("SELECT path, error, dist_l1 FROM predictions WHERE run_id = :r ORDER BY id")
     with engine.connect() as conn:
         stored = [tuple(r) for r in conn.execute(select, {"r": run_id})]
@@ -262,7 +265,7 @@ def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_d
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM predictions WHERE run_id = :r AND path IN "
                           "('0/0000.png', '3/0593.png')"), {"r": run_id})
-    assert queries.store_batch_results(engine, run_id, 1, rows) == 2
+    assert batch_life.store_batch(engine, run_id, 1, rows) == 2
     with engine.connect() as conn:
         again = {tuple(r) for r in conn.execute(select, {"r": run_id})}
     assert again == set(stored)

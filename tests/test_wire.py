@@ -13,7 +13,7 @@ from sqlalchemy import text
 from core import defaults, wire
 from core.errors import BrokerURLError, MessageError
 from core.settings import SettingError, Settings
-from db import queries
+from db import batch_life, queries
 from db.session import get_engine
 from tests.test_results import save
 
@@ -198,8 +198,8 @@ def test_the_task_scores_what_the_database_recorded_and_nothing_else(
     blobs: list[bytes | None] = [f.read_bytes() for f in files]
     with engine.begin() as conn:
         run_id, token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "celery")
-        queries.record_batch(conn, run_id, 0, paths[:3], 0)
-        queries.record_batch(conn, run_id, 1, paths[3:], 0)
+        batch_life.record_batch(conn, run_id, 0, paths[:3], 0)
+        batch_life.record_batch(conn, run_id, 1, paths[3:], 0)
     store = fakeredis.FakeRedis()
     monkeypatch.setattr(tasks, "payload_store", lambda: store)
     for seq in (0, 1):
@@ -250,14 +250,14 @@ def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_droppe
     with engine.begin() as conn:
         run_id, token = queries.create_run(conn, model_id, str(sample_dir / "valid"), "celery")
         for seq in range(3):
-            queries.record_batch(conn, run_id, seq, paths[3 * seq: 3 * seq + 3], 0)
+            batch_life.record_batch(conn, run_id, seq, paths[3 * seq: 3 * seq + 3], 0)
     store = fakeredis.FakeRedis()
     monkeypatch.setattr(tasks, "payload_store", lambda: store)
     for seq in range(3):
         store.set(wire.payload_key(wire.BatchMessage(run_id, seq, token)), wire.pack_payload(
             [f.read_bytes() for f in files[3 * seq: 3 * seq + 3]], [None] * 3))
     for _ in range(3):  # three worker processes died holding batch 1
-        queries.count_worker_death(engine, run_id, 1, token)
+        batch_life.count_failed_delivery(engine, run_id, 1, token, "died")
     assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 0, token)) == 3
     assert tasks.handle_batch(RedeliveredTask, wire.BatchMessage(run_id, 1, token)) == 3
     monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, max_batch_images=2))

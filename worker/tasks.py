@@ -39,20 +39,21 @@ from sqlalchemy.exc import OperationalError
 from vine import promise
 
 from core import defaults, wire
-from core.batch import poison_rows, score_images
+from core.batch import score_images
 from core.classifier import Classifier
 from core.errors import MessageError
 from core.files import map_prefix, read_batch_below
 from core.settings import Settings
 from core.text import mask_url, mask_urls_in
-from db.model_store import load_classifier
-from db.queries import (
+from db.batch_life import (
+    Claim,
     RecordedBatch,
-    RunMismatch,
-    count_worker_death,
-    recorded_batch,
-    store_batch_results,
+    claim_batch,
+    count_failed_delivery,
+    give_up,
+    store_batch,
 )
+from db.model_store import load_classifier
 from db.session import dispose_engines, get_engine
 from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker import device_health
@@ -68,10 +69,6 @@ app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
 SECRET = SETTINGS.secret
 if urlsplit(str(app.conf.broker_url)).scheme == "redis":
     app.conf.broker_transport = "worker.transport:CheckedTransport"
-
-
-def database_url() -> str:
-    return SETTINGS.database_url
 
 
 @lru_cache(maxsize=8)
@@ -121,13 +118,15 @@ def _no_cuda_before_fork(**_kwargs) -> None:
     device_health.install_stop_handler()
 
 
-def requeue_on_error(work: Callable[[], T], engine: Any, message: wire.BatchMessage) -> T:
-    """``work()`` (loading the model onto the device, or scoring): on an error the batch goes
-    back to the queue instead of being acknowledged, and on a device error this worker stops,
-    for its supervisor to start it again. An error that is not the device's counts as a failed
-    delivery of the batch (a broken device is not the batch's fault), so a batch that fails on
-    every delivery gets error rows after ``MAX_DELIVERIES``. A database error is left to the
-    task's retries."""
+def count_failure_on_error(
+    work: Callable[[], T], engine: Any, message: wire.BatchMessage, what: str
+) -> T:
+    """``work()`` (loading the batch's model onto the device, or scoring it); on an error the
+    batch goes back to the queue instead of being acknowledged. An error that is not the
+    device's counts as a failed delivery of the batch, ``what`` failed and why kept as its last
+    failure, so a batch that fails on every delivery is given up after ``MAX_DELIVERIES``; a
+    device error (a broken device is not the batch's fault) stops this worker instead, for its
+    supervisor to start it again. A database error is left to the task's retries."""
     global _device_failed
     if _device_failed:
         raise Reject("this process's device failed: the batch goes back", requeue=True)
@@ -144,9 +143,10 @@ def requeue_on_error(work: Callable[[], T], engine: Any, message: wire.BatchMess
             )
             device_health.stop_this_worker()
         else:
-            log.exception("scoring failed: the batch goes back to the queue")
-            count_worker_death(engine, message.run_id, message.seq, message.token)
-        raise Reject(f"scoring failed: {e!r}", requeue=True) from e
+            log.exception("%s: the batch goes back to the queue", what)
+            why = f"{what}: {type(e).__name__}: {mask_urls_in(str(e))[:300]}"
+            count_failed_delivery(engine, message.run_id, message.seq, message.token, why)
+        raise Reject(f"{what}: {e!r}", requeue=True) from e
 
 
 #: The node name this main process registered under.
@@ -159,7 +159,7 @@ def _register(sender: Any = None, **_kwargs) -> None:
     process, so that a producer can tell which workers write where (``producer workers``)."""
     name = str(sender.hostname)
     _registered.append(name)
-    engine = get_engine(database_url())
+    engine = get_engine(SETTINGS.database_url)
     register_worker(engine, name, socket.gethostname(), os.getpid(),
                     describe_current_device(), SETTINGS.queue)
 
@@ -178,7 +178,7 @@ def _register(sender: Any = None, **_kwargs) -> None:
 def _unregister(**_kwargs) -> None:
     try:
         for name in _registered:
-            stop_worker(get_engine(database_url()), name)
+            stop_worker(get_engine(SETTINGS.database_url), name)
     except Exception as e:
         log.warning("could not mark this worker stopped: %s", type(e).__name__)
 
@@ -234,39 +234,40 @@ def died_holding(request: Any, exc: BaseException) -> bool:
     )
 
 
-def record_death(args: Any) -> None:
-    """Count a pool process's death against the batch it held, in the database, before the
-    batch goes back to the queue; a failure to count only means one death goes uncounted."""
+def record_death(args: Any, why: str) -> None:
+    """Count a pool process's death as a failed delivery of the batch it held, in the
+    database, before the batch goes back to the queue; a failure to count only means one
+    death goes uncounted."""
     try:
         message = wire.BatchMessage.from_args(args)
-        deaths = count_worker_death(
-            get_engine(database_url()), message.run_id, message.seq, message.token
+        failed = count_failed_delivery(
+            get_engine(SETTINGS.database_url), message.run_id, message.seq, message.token, why
         )
     except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
         log.error("a worker process died; its death could not be counted: %s",
                   mask_urls_in(str(e)))
         return
-    if deaths is not None:
+    if failed is not None:
         log.warning(
-            "a worker process died holding run %s batch %s (%s deaths on it so far)",
-            message.run_id, message.seq, deaths,
+            "a worker process died holding run %s batch %s (%s failed deliveries so far)",
+            message.run_id, message.seq, failed,
         )
 
 
 class DeathCountingRequest(Request):
     """Celery's request, in the worker's main process: when the pool process running a batch
-    dies, the batch's delivery count goes up by one (db/queries.count_worker_death) before
+    dies, the batch's delivery count goes up by one (db/batch_life.count_failed_delivery) before
     Celery requeues the message. A message cannot forge that (a redelivered flag can be)."""
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
         if died_holding(self, exc_info.exception):
-            record_death(self.args)
+            record_death(self.args, "the worker process died holding it")
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # past the hard time limit Celery kills the process and requeues the batch: a death
         if not soft and not worker_state.should_terminate:
-            record_death(self.args)
+            record_death(self.args, f"it ran past the task time limit ({timeout:g} s)")
         super().on_timeout(soft, timeout)
 
 
@@ -299,83 +300,95 @@ def source_root(batch: RecordedBatch) -> str:
 
 
 def handle_batch(task: Any, message: wire.BatchMessage) -> int:
-    """Score and store the batch a message names, if the database says it is to be scored;
-    returns the number of rows stored."""
-    url = database_url()
-    engine = get_engine(url)
-    store = payload_store()
-    key = wire.payload_key(message)
-    limit = SETTINGS.max_batch_images
-    try:
-        batch = recorded_batch(engine, message.run_id, message.seq, message.token, limit)
-    except RunMismatch as e:
+    """Claim the batch a message names (db/batch_life.py) and do what the claim says: skip
+    it, give it up as poison, or score and store it; then delete its payload. Returns the
+    number of rows stored."""
+    engine = get_engine(SETTINGS.database_url)
+    claim = claim_batch(engine, message.run_id, message.seq, message.token,
+                        SETTINGS.max_batch_images)
+    if claim.action == "score":
+        assert claim.batch is not None
+        n_new = score_and_store(task, engine, message, claim.batch)
+    elif claim.action == "poison":
+        n_new = give_up_on(engine, claim)
+    else:
+        log_skip(claim)
+        n_new = 0
+    payload_store().delete(wire.payload_key(message))
+    return n_new
+
+
+def log_skip(claim: Claim) -> None:
+    if claim.batch is None:  # the database does not hold the batch as the message names it
         log.error(
             "%s: nothing written, its payload deleted. Is the producer on another database? "
-            "This worker's database is %s", e, mask_url(url),
+            "This worker's database is %s", claim.why, mask_url(SETTINGS.database_url),
         )
-        store.delete(key)
-        return 0
-    if batch.finished:  # stored by an earlier delivery, or given up on
-        store.delete(key)
-        return 0
-    if batch.n_images > limit:
+    elif claim.why:
         log.error(
-            "run %s batch %s holds %s images, more than %s=%s: dropped unscored, its payload "
-            "deleted; the batch stays queued (raise the limit on every worker, then `producer "
-            "resume %s`)", batch.run_id, batch.seq, batch.n_images,
-            defaults.MAX_BATCH_IMAGES_ENV, limit, batch.run_id,
+            "%s: dropped unscored, its payload deleted; the batch stays queued (raise the limit "
+            "on every worker, then `producer resume %s`)", claim.why, claim.batch.run_id,
         )
-        store.delete(key)
-        return 0
-    device = current_device()
-    clf = requeue_on_error(
-        lambda: cached_classifier(url, batch.model_id, device), engine, message
+
+
+def give_up_on(engine: Any, claim: Claim) -> int:
+    batch = claim.batch
+    assert batch is not None
+    log.error(
+        "run %s batch %s failed on %s deliveries (last: %s): marking it failed",
+        batch.run_id, batch.seq, batch.failed_deliveries, batch.last_failure,
     )
-    # Failed deliveries of this batch, counted where no message can forge them: worker
-    # processes that died holding it (by the Celery main process, DeathCountingRequest) and
-    # scoring errors that sent it back (requeue_on_error).
-    if batch.deaths >= defaults.MAX_DELIVERIES:
-        log.error(
-            "run %s batch %s failed on %s deliveries: marking it failed",
-            batch.run_id, batch.seq, batch.deaths,
-        )
-        rows = poison_rows(batch.paths, clf.classes, batch.deaths)
-        n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, "failed", 1)
-        store.delete(key)
-        return n_new
-    if batch.send_mode == "paths":
-        files = read_batch_below(source_root(batch), batch.paths)
-        blobs, errors = files.blobs, files.errors
-    else:
-        data = store.get(key)
-        if data is None:
-            raise MessageError(
-                f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis (a "
-                f"restart without persistence, or queued longer than "
-                f"{defaults.PAYLOAD_TTL_ENV}); the batch stays unfinished: run "
-                f"`producer resume {batch.run_id}`"
-            )
-        if SECRET is not None:
-            try:
-                name = wire.PAYLOAD_DIGEST_HEADER  # a custom header: in the request's headers
-                digest = getattr(task.request, name, None) or (
-                    task.request.headers or {}).get(name)
-                wire.check_payload_digest(digest, data)
-            except MessageError as e:
-                raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
-        blobs, errors = wire.unpack_payload(data, len(batch.paths))
-    rows = requeue_on_error(
+    return give_up(engine, claim)
+
+
+def score_and_store(
+    task: Any, engine: Any, message: wire.BatchMessage, batch: RecordedBatch
+) -> int:
+    """Load the batch's model, read its images, score them and store the rows; a failure to
+    load or to score counts as a failed delivery (:func:`count_failure_on_error`)."""
+    device = current_device()
+    clf = count_failure_on_error(
+        lambda: cached_classifier(SETTINGS.database_url, batch.model_id, device),
+        engine, message, f"model {batch.model_id} could not be loaded",
+    )
+    blobs, errors = read_images(task, message, batch)
+    rows = count_failure_on_error(
         lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device)),
-        engine, message,
+        engine, message, "scoring failed",
     )
     # this delivery, and one per earlier try that ended in a database error (a retry)
     deliveries = 1 + task.request.retries
-    n_new = store_batch_results(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
-    store.delete(key)
+    n_new = store_batch(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(rows))
     return n_new
+
+
+def read_images(
+    task: Any, message: wire.BatchMessage, batch: RecordedBatch
+) -> tuple[list[bytes | None], list[str | None]]:
+    """The batch's encoded images and read errors: from the run's source directory in a
+    ``paths`` run, else from its payload in Redis, checked against its signed digest."""
+    if batch.send_mode == "paths":
+        files = read_batch_below(source_root(batch), batch.paths)
+        return files.blobs, files.errors
+    data = payload_store().get(wire.payload_key(message))
+    if data is None:
+        raise MessageError(
+            f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis (a "
+            f"restart without persistence, or queued longer than "
+            f"{defaults.PAYLOAD_TTL_ENV}); the batch stays unfinished: run "
+            f"`producer resume {batch.run_id}`"
+        )
+    if SECRET is not None:
+        try:
+            name = wire.PAYLOAD_DIGEST_HEADER  # a custom header: in the request's headers
+            digest = getattr(task.request, name, None) or (task.request.headers or {}).get(name)
+            wire.check_payload_digest(digest, data)
+        except MessageError as e:
+            raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
+    return wire.unpack_payload(data, len(batch.paths))
 
 
 @app.task(
