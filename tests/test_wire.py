@@ -43,7 +43,8 @@ def test_message_arguments_are_checked():
 
 def test_bodies_and_headers_that_do_not_fit_are_refused():
     good = [[1, 2, TOKEN], {}, {"callbacks": None, "errbacks": None, "chain": None}]
-    assert wire.check_message(wire.TASK_NAME, good, 60) == wire.BatchMessage(1, 2, TOKEN)
+    headers = {"task": wire.TASK_NAME, "id": "x"}
+    assert wire.check_delivery(headers, 60, lambda: good) == wire.BatchMessage(1, 2, TOKEN)
     for name, body, size, reason in [
         ("other.task", good, 60, "unknown task"),
         (wire.TASK_NAME, good, 10**6, "bytes"),
@@ -52,7 +53,7 @@ def test_bodies_and_headers_that_do_not_fit_are_refused():
         (wire.TASK_NAME, [[1, 2, TOKEN], {}, {"chain": [{"task": "x"}]}], 10, "chains"),
     ]:
         with pytest.raises(MessageError, match=reason):
-            wire.check_message(name, body, size)
+            wire.check_delivery({**headers, "task": name}, size, lambda b=body: b)
     headers = {"task": wire.TASK_NAME, "id": "x", "retries": 0, "eta": None}
     wire.check_headers(headers)
     for change, reason in [
@@ -270,27 +271,3 @@ def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_droppe
             "SELECT seq, status, deliveries FROM batches ORDER BY seq")).all()
     assert errors == {0: 0, 1: 3}
     assert [tuple(b) for b in batches] == [(0, "done", 1), (1, "failed", 4), (2, "queued", 0)]
-
-
-def test_only_a_pool_process_dying_of_a_batch_counts_as_a_death(monkeypatch):
-    from billiard.einfo import ExceptionWithTraceback
-    from billiard.exceptions import WorkerLostError
-    from celery.exceptions import Terminated
-    from celery.worker import state
-
-    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
-    from worker import tasks
-
-    class Req:
-        _already_cancelled = _already_revoked = False
-
-    lost = WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL)")
-    assert tasks.died_holding(Req, lost)
-    assert tasks.died_holding(Req, ExceptionWithTraceback(lost, ""))
-    assert tasks.died_holding(Req, SystemExit(1))
-    assert not tasks.died_holding(Req, Terminated(15))
-    assert not tasks.died_holding(Req, MessageError("payload gone"))
-    Req._already_revoked = True
-    assert not tasks.died_holding(Req, SystemExit(1))
-    monkeypatch.setattr(state, "should_terminate", True)  # a cold stop: Celery ends the pool
-    assert not tasks.died_holding(Req, lost)

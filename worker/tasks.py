@@ -8,11 +8,8 @@ token and the batch number. In a ``--send paths`` run there is no payload: the w
 the recorded paths from the run's source directory itself, with the producer's rules
 (core/files.py), and never opens anything whose resolved location is outside it.
 
-Three pieces of Celery and kombu are replaced, all in the worker's main process: the Redis
-transport drops queue entries that are not kombu messages (worker/transport.py), the
-consumer checks every delivery before Celery reads it (:class:`CheckedConsumer`), and the
-request counts a pool process's death against the batch it held
-(:class:`DeathCountingRequest`).
+What reaches the task has been checked once, in the worker's main process, by the intake
+(worker/intake.py: the Redis transport, the consumer and the request Celery uses here).
 """
 
 from __future__ import annotations
@@ -28,15 +25,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import torch
-from billiard.einfo import ExceptionWithTraceback
-from billiard.exceptions import WorkerLostError
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
-from celery.worker import state as worker_state
-from celery.worker.consumer import Consumer
-from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
-from vine import promise
 
 from core import defaults, wire
 from core.batch import score_images
@@ -64,11 +55,11 @@ log = logging.getLogger("digitscore.worker")
 #: This worker's settings, read once from the environment its launcher checked them in.
 SETTINGS = Settings.from_env()
 app = wire.make_app(SETTINGS)
-app.conf.worker_consumer = "worker.tasks:CheckedConsumer"
+app.conf.worker_consumer = "worker.intake:CheckedConsumer"
 #: Set: every message must be signed with it (core/wire.py).
 SECRET = SETTINGS.secret
 if urlsplit(str(app.conf.broker_url)).scheme == "redis":
-    app.conf.broker_transport = "worker.transport:CheckedTransport"
+    app.conf.broker_transport = "worker.intake:CheckedTransport"
 
 
 @lru_cache(maxsize=8)
@@ -181,94 +172,6 @@ def _unregister(**_kwargs) -> None:
             stop_worker(get_engine(SETTINGS.database_url), name)
     except Exception as e:
         log.warning("could not mark this worker stopped: %s", type(e).__name__)
-
-
-def message_id(message: Any) -> str:
-    """A delivery's id for the log: its ``id`` header when that is text, else its tag."""
-    headers = message.headers if isinstance(message.headers, dict) else {}
-    value = headers.get("id")
-    if not isinstance(value, str):
-        value = (message.delivery_info or {}).get("delivery_tag") or message.delivery_tag
-    return repr(str(value)[:64])
-
-
-class CheckedConsumer(Consumer):
-    """Celery's consumer with every delivery checked (core/wire.check_delivery) before Celery
-    reads any of it: a message that is not this worker's one task in its one shape is
-    logged with its id and why, acknowledged (dropped: there is no dead-letter queue) and
-    the worker goes on with the next one. Unchecked, a body Celery cannot unpack, or an
-    unknown task without an ``id`` header, raises inside Celery's consumer and stops the
-    worker, and the message, restored, stops the next one."""
-
-    def create_task_handler(self, promise: Any = promise) -> Any:
-        handle = super().create_task_handler(promise)
-
-        def on_task_received(message: Any) -> Any:
-            try:
-                wire.check_delivery(
-                    message.headers, len(message.body or b""), message.decode, SECRET
-                )
-            except Exception as e:  # noqa: BLE001 - nothing in a message may stop the worker
-                why = e if isinstance(e, MessageError) else f"cannot be checked: {e!r:.200}"
-                log.error("message %s dropped: %s", message_id(message), why)
-                message.reject_log_error(log, self.connection_errors)  # no requeue: gone
-                return None
-            return handle(message)
-
-        return on_task_received
-
-
-def died_holding(request: Any, exc: BaseException) -> bool:
-    """Whether a failure Celery reports means the pool process running the task died of it:
-    not when the worker is being stopped coldly (Celery ends its own pool processes then)."""
-    if worker_state.should_terminate:
-        return False
-    if isinstance(exc, ExceptionWithTraceback):  # a child's exception, as billiard sends it
-        exc = exc.exc
-    if isinstance(exc, WorkerLostError):
-        return True
-    # billiard >= 4.3 reports a child's exit as SystemExit; Celery takes it for a lost worker
-    # unless it killed the child itself (a revoke or a cancel)
-    return isinstance(exc, (SystemExit, KeyboardInterrupt)) and not (
-        request._already_cancelled or request._already_revoked
-    )
-
-
-def record_death(args: Any, why: str) -> None:
-    """Count a pool process's death as a failed delivery of the batch it held, in the
-    database, before the batch goes back to the queue; a failure to count only means one
-    death goes uncounted."""
-    try:
-        message = wire.BatchMessage.from_args(args)
-        failed = count_failed_delivery(
-            get_engine(SETTINGS.database_url), message.run_id, message.seq, message.token, why
-        )
-    except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
-        log.error("a worker process died; its death could not be counted: %s",
-                  mask_urls_in(str(e)))
-        return
-    if failed is not None:
-        log.warning(
-            "a worker process died holding run %s batch %s (%s failed deliveries so far)",
-            message.run_id, message.seq, failed,
-        )
-
-
-class DeathCountingRequest(Request):
-    """Celery's request, in the worker's main process: when the pool process running a batch
-    dies, the batch's delivery count goes up by one (db/batch_life.count_failed_delivery) before
-    Celery requeues the message. A message cannot forge that (a redelivered flag can be)."""
-
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
-        if died_holding(self, exc_info.exception):
-            record_death(self.args, "the worker process died holding it")
-        return super().on_failure(exc_info, send_failed_event, return_ok)
-
-    def on_timeout(self, soft: bool, timeout: float) -> None:
-        # past the hard time limit Celery kills the process and requeues the batch: a death
-        if not soft and not worker_state.should_terminate:
-            record_death(self.args, f"it ran past the task time limit ({timeout:g} s)")
-        super().on_timeout(soft, timeout)
 
 
 @lru_cache(maxsize=1)
@@ -395,11 +298,12 @@ def read_images(
     bind=True,
     name=wire.TASK_NAME,
     autoretry_for=(OperationalError,),  # the database is away: back off and try again
-    Request="worker.tasks:DeathCountingRequest",
+    Request="worker.intake:DeathCountingRequest",
     retry_backoff=True,
     retry_backoff_max=SETTINGS.db_retry_max,  # below the visibility timeout
     max_retries=None,
 )
 def score_batch_task(self, run_id: int, seq: int, token: str) -> int:
-    """Score batch ``seq`` of run ``run_id`` (see :func:`handle_batch`)."""
-    return handle_batch(self, wire.BatchMessage.from_args([run_id, seq, token]))
+    """Score batch ``seq`` of run ``run_id`` (see :func:`handle_batch`); the arguments are
+    those ``worker/intake.CheckedConsumer`` checked, so they are not parsed again."""
+    return handle_batch(self, wire.BatchMessage(run_id, seq, token))
