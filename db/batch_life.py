@@ -98,8 +98,8 @@ def claim_batch(
     if batch.finished:  # stored by an earlier delivery, or given up on
         return Claim("skip", batch)
     if batch.n_images > max_images:
-        return Claim("skip", batch, f"it holds {batch.n_images} images, more than "
-                     f"{defaults.MAX_BATCH_IMAGES_ENV}={max_images}")
+        return Claim("skip", batch, f"run {run_id} batch {seq} holds {batch.n_images} images, "
+                     f"more than {defaults.MAX_BATCH_IMAGES_ENV}={max_images}")
     if batch.failed_deliveries >= max_deliveries:
         return Claim("poison", batch, classes=model_classes(engine, batch.model_id))
     return Claim("score", batch)
