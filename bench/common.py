@@ -7,7 +7,7 @@ import statistics
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -116,7 +116,7 @@ def as_utc(value: datetime | str) -> datetime:
     """A timestamp read back from either database, as an aware UTC datetime."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def median(values: list[float]) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Connection, Select, select, text
 
@@ -116,7 +116,7 @@ _COLUMNS = (
 )
 
 
-def kept_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
+def kept_query(run_id: int, predictor: str, limit: int) -> Select[*tuple[Any, ...]]:
     """The paths of the first ``limit`` kept mistakes, surest first: a walk of the first
     entries of ``ix_run_mistakes_rank`` for the run and predictor."""
     m = run_mistakes.c
@@ -128,12 +128,12 @@ def kept_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[A
     )
 
 
-def rows_query(run_id: int, paths: Sequence[str]) -> Select[Unpack[tuple[Any, ...]]]:
+def rows_query(run_id: int, paths: Sequence[str]) -> Select[*tuple[Any, ...]]:
     """The rows of ``paths`` in the run, each found by the unique index on (run_id, path)."""
     return select(*_COLUMNS).where(predictions.c.run_id == run_id, predictions.c.path.in_(paths))
 
 
-def scan_query(run_id: int, predictor: str, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
+def scan_query(run_id: int, predictor: str, limit: int) -> Select[*tuple[Any, ...]]:
     """The same list from ``predictions`` itself (a sort of the run's mistakes), for more
     than ``MISTAKES_KEPT``; also the definition the kept ones are tested against."""
     column, sign = _RANK[predictor]

@@ -7,7 +7,7 @@ docs/schema.md true to it in the same commit.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -26,12 +26,12 @@ from sqlalchemy import (
     text,
 )
 
-RUN_STATUSES = ("queued", "running", "done", "failed")
+RUN_STATUSES = ("queued", "running", "done")
 BATCH_STATUSES = ("queued", "done", "failed")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 metadata = MetaData()
@@ -97,7 +97,7 @@ runs = Table(
     # NOT NULL without rebuilding the table under its views)
     Column("token", String(32), index=True, unique=True),
     # 'bytes' (the producer sent each batch's image bytes through Redis) or 'paths' (workers
-    # read the files from source_dir themselves); migration 0008
+    # read the files from source_dir themselves); migration 0007
     Column("send_mode", String(10), nullable=False, default="bytes", server_default="bytes"),
 )
 

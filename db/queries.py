@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, func, insert, select, update
 
@@ -119,7 +119,7 @@ class Stall:
 
 def stall(conn: Connection, run: dict[str, Any], now: datetime | None = None) -> Stall | None:
     """How long run ``run`` has stored nothing while batches of it wait, or ``None`` when it
-    is not waiting on a batch (done, failed, or none queued)."""
+    is not waiting on a batch (done, or none queued)."""
     if run["status"] not in ("queued", "running"):
         return None
     queued, last = conn.execute(
@@ -186,7 +186,7 @@ def failures(conn: Connection, run_id: int, limit: int = 20) -> list[tuple[str, 
     return [(p, e) for p, e in conn.execute(failures_query(run_id, limit))]
 
 
-def failures_query(run_id: int, limit: int) -> Select[Unpack[tuple[Any, ...]]]:
+def failures_query(run_id: int, limit: int) -> Select[*tuple[Any, ...]]:
     return (
         select(predictions.c.path, predictions.c.error)
         .where(predictions.c.run_id == run_id, predictions.c.error.is_not(None))

@@ -39,7 +39,7 @@ def wait_for_run(
     stall_after: float = defaults.STALL_HINT_AFTER,
     report_every: float = defaults.PROGRESS_EVERY,
 ) -> str:
-    """Poll until the run is done or failed, at most ``interval`` seconds apart (sooner at
+    """Poll until the run is done, at most ``interval`` seconds apart (sooner at
     first, see :data:`defaults.POLL_FIRST`); show progress on stderr; return the status.
 
     On a terminal the progress line is redrawn at every poll; otherwise one line is printed
@@ -69,7 +69,7 @@ def wait_for_run(
             click.echo(f"run {run_id}: {line}", err=True)
             while next_report <= now:  # on a fixed grid: every report_every s from the start
                 next_report += report_every
-        if p.status in ("done", "failed"):
+        if p.status == "done":
             if tty:
                 click.echo("", err=True)
             return p.status

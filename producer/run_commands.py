@@ -1,5 +1,5 @@
-"""``producer submit``, ``resume``, ``status``, ``runs`` and ``report``: thin commands over
-producer.submit, producer.report and db.queries."""
+"""``producer submit``, ``resume``, ``wait`` and ``status``: thin commands over
+producer.submit, producer.progress, producer.report and db.queries."""
 
 from __future__ import annotations
 
@@ -240,8 +240,8 @@ def _wait_and_report(
 
         explain = functools.partial(why_idle, settings, engine)
     try:
-        status = wait_for_run(engine, run_id, timeout=timeout, explain=explain,
-                              stall_after=settings.stall_hint_after)
+        wait_for_run(engine, run_id, timeout=timeout, explain=explain,
+                     stall_after=settings.stall_hint_after)
     except KeyboardInterrupt:
         echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
         sys.exit(130)
@@ -252,8 +252,6 @@ def _wait_and_report(
         ) from e
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
-    if status == "failed":
-        sys.exit(1)
 
 
 @click.command("resume", context_settings=HELP)
@@ -323,7 +321,7 @@ def resume_cmd(
 def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engine: Any) -> None:
     """Wait for RUN, submitted earlier, showing its progress; then print its report.
 
-    Exits 1 if the run failed or --timeout passed. With a broker set, says why when no batch
+    Exits 1 if --timeout passed. With a broker set, says why when no batch
     is stored for 30 s (DIGITSCORE_STALL_HINT_AFTER).
 
     \b

@@ -5,7 +5,7 @@ batch's new rows (no aggregate over the run's rows)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -183,7 +183,7 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
     engine = get_engine(any_db_url)
     model_id = save(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png"]])
-    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     with engine.begin() as conn:
         insert_new_rows(conn, run_id, 0, [row("3/a.png")], at)
         conn.execute(predictions.insert().values(  # as SQLAlchemy writes it
@@ -195,7 +195,7 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
             predictions.select().where(predictions.c.path == "3/a.png")).mappings().one()
     assert {k: got[k] for k in ("label", "pred_l1", "pred_sgd", "dist_l1", "prob_sgd")} == {
         "label": "3", "pred_l1": "3", "pred_sgd": "7", "dist_l1": 0.25, "prob_sgd": 0.75}
-    assert typed["scored_at"].replace(tzinfo=timezone.utc) == at
+    assert typed["scored_at"].replace(tzinfo=UTC) == at
     if engine.dialect.name == "sqlite":  # stored as the same text SQLAlchemy writes
         with engine.connect() as conn:
             texts = conn.execute(text("SELECT scored_at FROM predictions ORDER BY path")).all()
