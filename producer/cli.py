@@ -205,20 +205,17 @@ def train_cmd(
     from core.training import SgdSettings
     from producer.training import train_and_store
 
-    train_and_store(
-        engine,
-        directory,
-        valid_dir,
-        holdout,
-        SgdSettings(
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            weight_decays=weight_decay or defaults.WEIGHT_DECAYS,
-            patience=patience,
-        ),
+    sgd = SgdSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        weight_decays=weight_decay or defaults.WEIGHT_DECAYS,
+        patience=patience,
     )
+    sgd.check()
+    # opened before training, so that a database that cannot be used fails in seconds
+    train_and_store(engine.open(), directory, valid_dir, holdout, sgd)
 
 
 from producer.report_commands import (  # noqa: E402

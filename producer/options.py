@@ -14,8 +14,29 @@ from core.settings import Settings
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class LazyEngine:
+    """The engine of a database URL, opened and migrated on first use: a command checks all
+    its arguments before it touches any database, since nothing opens one before."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: Any = None
+
+    def open(self) -> Any:
+        """The engine, opened and migrated now."""
+        if self._engine is None:
+            from db.session import get_engine
+
+            self._engine = get_engine(self._url)
+        return self._engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.open(), name)
+
+
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--database-url`` / ``DIGITSCORE_DATABASE_URL``: one setting, shared by every command."""
+    """``--database-url`` / ``DIGITSCORE_DATABASE_URL``: one setting, shared by every command;
+    the command receives a :class:`LazyEngine`."""
 
     @click.option(
         "--database-url",
@@ -27,9 +48,7 @@ def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(f)
     def wrapper(*args: Any, database_url: str, **kwargs: Any) -> Any:
-        from db.session import get_engine
-
-        return f(*args, engine=get_engine(database_url), **kwargs)
+        return f(*args, engine=LazyEngine(database_url), **kwargs)
 
     return wrapper
 

@@ -155,3 +155,21 @@ def test_batch_size_above_what_a_worker_scores_exits_2_and_creates_no_run(
     r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "10",
                 "--database-url", model_db)
     assert r.exit_code == 0, r.output
+
+
+def test_argument_errors_touch_no_database(run_cli, tmp_path):
+    """Every argument is checked before any database is opened: no file is created."""
+    db = tmp_path / "never.db"
+    url = f"sqlite:///{db}"
+    for args in (
+        ["submit", str(tmp_path), "--timeout", "-1"],
+        ["submit", str(tmp_path), "--timeout", "5"],  # --timeout without --wait
+        ["submit", str(tmp_path), "--batch-size", "70000"],
+        ["submit", str(tmp_path / "missing")],
+        ["resume", "1", "--timeout", "5"],
+        ["wait", "latest", "--timeout", "-1"],
+        ["train", str(tmp_path), "--epochs", "0"],
+    ):
+        r = run_cli(*args, "--database-url", url)
+        assert r.exit_code == 2, (args, r.output)
+        assert not db.exists(), args
