@@ -25,12 +25,6 @@ class SettingError(BadInput):
     """A ``DIGITSCORE_*`` setting that cannot be used; the message names it and what to use."""
 
 
-def setting(env: Mapping[str, str], name: str) -> str | None:
-    """The value of env var ``name``, or ``None`` when it is unset or blank."""
-    value = env.get(name, "").strip()
-    return value or None
-
-
 def positive_whole(name: str, raw: str, unit: str) -> int:
     """``raw`` (the value of setting ``name``) as a whole number of ``unit`` above 0."""
     try:
@@ -91,13 +85,9 @@ def _processes(name: str, raw: str) -> int:
     return positive_whole(name, raw, "processes")
 
 
-def _text(_name: str, raw: str) -> str:
-    return raw
-
-
 def _env(name: str, parse: Any, flag: str = "") -> dict[str, Any]:
-    """A field's metadata: its env var (``defaults.<name>_ENV``), how its text is parsed, and
-    its flag, if any."""
+    """A field's metadata: its env var (``defaults.<name>_ENV``), how its text is parsed
+    (``None``: kept as text), and its flag, if any."""
     return {"env": getattr(defaults, f"{name}_ENV"), "parse": parse, "flag": flag}
 
 
@@ -106,10 +96,10 @@ class Settings:
     """Every setting of digitscore; see :mod:`core.defaults` for what each default means."""
 
     database_url: str = field(
-        default=defaults.DATABASE_URL, metadata=_env("DATABASE_URL", _text, "--database-url"))
+        default=defaults.DATABASE_URL, metadata=_env("DATABASE_URL", None, "--database-url"))
     broker_url: str | None = field(
-        default=defaults.BROKER_URL, metadata=_env("BROKER_URL", _text, "--broker-url"))
-    queue: str = field(default=defaults.QUEUE, metadata=_env("QUEUE", _text))
+        default=defaults.BROKER_URL, metadata=_env("BROKER_URL", None, "--broker-url"))
+    queue: str = field(default=defaults.QUEUE, metadata=_env("QUEUE", None))
     visibility_timeout: int = field(
         default=defaults.VISIBILITY_TIMEOUT, metadata=_env("VISIBILITY_TIMEOUT", _seconds))
     concurrency: int | None = field(
@@ -135,22 +125,20 @@ class Settings:
     max_batch_images: int = field(
         default=defaults.MAX_BATCH_IMAGES, metadata=_env("MAX_BATCH_IMAGES", _images))
 
-    def __post_init__(self) -> None:
-        self.check()
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
-        """The settings of ``env`` (default: this process's environment), with ``flags``
-        (the values Click read from a flag or its env var; ``None``: not given) on top."""
+        """The settings of ``env`` (default: this process's environment; an env var unset or
+        blank is not given), with ``flags`` (the values Click read from a flag or its env var;
+        ``None``: not given) on top."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
             if flags.get(f.name) is not None:
                 values[f.name] = flags[f.name]
                 continue
-            raw = setting(env, f.metadata["env"])
-            if raw is not None:
-                values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
+            raw, parse = env.get(f.metadata["env"], "").strip(), f.metadata["parse"]
+            if raw:
+                values[f.name] = parse(f.metadata["env"], raw) if parse else raw
         unknown = set(flags) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"no such settings: {sorted(unknown)}")
@@ -171,8 +159,9 @@ class Settings:
         worker unacknowledged, so it must end before Redis hands the message out again."""
         return max(1, min(defaults.DB_RETRY_MAX, self.visibility_timeout // 2))
 
-    def check(self) -> None:
-        """:class:`SettingError` unless the settings agree with each other."""
+    def __post_init__(self) -> None:
+        """:class:`SettingError` unless the settings agree with each other: checked once, as
+        the settings are made."""
         timeout = self.visibility_timeout
         for what, value in (("task time limit", self.task_time_limit),
                             ("longest database retry wait", self.db_retry_max)):
