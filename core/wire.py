@@ -229,14 +229,6 @@ def unpack_payload(
     return blobs, errors
 
 
-def redis_client(connection: Any) -> Any | None:
-    """The Redis client of a kombu connection to a Redis broker (its own URL, password,
-    database and TLS settings), or ``None`` for any other transport."""
-    if getattr(connection.transport, "driver_type", None) != "redis":
-        return None
-    return connection.default_channel.client
-
-
 def check_broker_url(url: str) -> None:
     """:class:`BrokerURLError` when kombu could not take ``url`` apart (its own message, and
     urllib's, quote the part that fails, which is often the password)."""
@@ -250,13 +242,14 @@ def check_broker_url(url: str) -> None:
 
 
 def require_redis(connection: Any, broker_masked: str) -> Any:
-    client = redis_client(connection)
-    if client is None:
+    """The Redis client of a kombu connection to a Redis broker (its own URL, password,
+    database and TLS settings); :class:`BrokerURLError` for any other transport."""
+    if getattr(connection.transport, "driver_type", None) != "redis":
         raise BrokerURLError(
             f"the broker {broker_masked} is not Redis: batches keep their image bytes in Redis "
             "while queued, so use a redis:// (or rediss://) broker"
         )
-    return client
+    return connection.default_channel.client
 
 
 def make_app(settings: Settings) -> Celery:

@@ -55,7 +55,8 @@ def record_batch(conn, run_id: int, seq: int, paths: Sequence[str], n_bytes: int
 class RecordedBatch:
     """A batch as its producer recorded it: what a worker scores, whatever a message says.
 
-    ``paths`` is empty unless the batch is to be scored or given up."""
+    ``paths`` is empty unless the batch is to be scored or given up; a batch is finished once
+    its status is ``done`` or ``failed``."""
 
     run_id: int
     seq: int
@@ -67,10 +68,6 @@ class RecordedBatch:
     send_mode: str = "bytes"
     source_dir: str = ""
     last_failure: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "failed")
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ def claim_batch(
         batch = recorded_batch(engine, run_id, seq, token, max_images)
     except RunMismatch as e:
         return Claim("skip", why=str(e))
-    if batch.finished:  # stored by an earlier delivery, or given up on
+    if batch.status != "queued":  # stored by an earlier delivery, or given up on
         return Claim("skip", batch)
     if batch.n_images > max_images:
         return Claim("skip", batch, f"run {run_id} batch {seq} holds {batch.n_images} images, "

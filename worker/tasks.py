@@ -80,7 +80,7 @@ def _on_process_start(**_kwargs) -> None:
     # Connections must not cross a fork (the main process's, which counts worker deaths, stay
     # open for it); CUDA is first touched here, in the pool process.
     dispose_engines(close=False)
-    broker_connection.cache_clear()
+    payload_store.cache_clear()
     device = current_device()
     if device == "cpu":
         torch.set_num_threads(1)
@@ -175,14 +175,10 @@ def _unregister(**_kwargs) -> None:
 
 
 @lru_cache(maxsize=1)
-def broker_connection() -> Any:
-    """This process's own connection to the broker, opened on first use (after the fork)."""
-    return app.connection_for_read()
-
-
 def payload_store() -> Any:
-    """The Redis client for payloads, through the broker's own connection and settings."""
-    return wire.require_redis(broker_connection(), mask_url(app.conf.broker_url))
+    """The Redis client for payloads, through this process's own connection to the broker
+    (opened on first use, after the fork) and its settings."""
+    return wire.require_redis(app.connection_for_read(), mask_url(app.conf.broker_url))
 
 
 def source_root(batch: RecordedBatch) -> str:
