@@ -110,3 +110,133 @@ def test_a_webdataset_cls_member_labels_its_key(run_cli, model_db, tmp_path, sam
         "train-0000.tar/0423.png": "3"}
     (run,) = query(model_db, "SELECT n_skipped FROM runs")
     assert run["n_skipped"] == 1  # the .txt; .cls members are labels, not skipped files
+
+
+def rows_of(run_cli, model_db, root: Path, *extra: str) -> dict:
+    result = submit(run_cli, root, model_db, *extra)
+    assert result.exit_code == 0, result.output
+    return {p: r["error"] for p, r in predictions(model_db).items()}
+
+
+def packed_tar(path: Path, digits: list[bytes], fmt=tarfile.PAX_FORMAT, mode="w") -> None:
+    with tarfile.open(path, mode, format=fmt) as tf:
+        for i, d in enumerate(digits):
+            add(tf, f"3/{i}.png", d)
+
+
+@pytest.fixture
+def digits(sample_dir) -> list[bytes]:
+    return [p.read_bytes() for p in digit_files(sample_dir, "3", 4)]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_truncated_archive_scores_every_whole_member_and_names_where_it_broke(
+    run_cli, model_db, tmp_path, digits, suffix
+):
+    root = tmp_path / "root"
+    root.mkdir()
+    whole = tmp_path / ("whole" + suffix)
+    packed_tar(whole, digits, mode="w:gz" if suffix == ".tar.gz" else "w")
+    raw = whole.read_bytes()
+    if suffix == ".tar.gz":  # cut the tar inside the third member's data, then compress it
+        raw = gzip.compress(gzip.decompress(raw)[:512 * 2 * 2 + 512 + 100])
+    else:
+        raw = raw[:512 * 2 * 2 + 512 + 100]
+    (root / ("cut" + suffix)).write_bytes(raw)
+    rows = rows_of(run_cli, model_db, root)
+    name = "cut" + suffix
+    assert rows.keys() == {f"{name}/3/0.png", f"{name}/3/1.png", f"{name}/3/2.png"}
+    assert rows[f"{name}/3/0.png"] is None and rows[f"{name}/3/1.png"] is None
+    assert "truncated" in rows[f"{name}/3/2.png"] and "inside this member" in rows[
+        f"{name}/3/2.png"]
+
+
+def test_an_archive_cut_inside_a_header_gets_one_row_for_where_it_broke(
+    run_cli, model_db, tmp_path, digits
+):
+    root = tmp_path / "root"
+    root.mkdir()
+    packed_tar(tmp_path / "whole.tar", digits, fmt=tarfile.USTAR_FORMAT)
+    raw = (tmp_path / "whole.tar").read_bytes()
+    (root / "cut.tar").write_bytes(raw[:2048 + 200])  # two whole members, half a header
+    gz = gzip.compress(raw)
+    (root / "gzcut.tar.gz").write_bytes(gz[:len(gz) // 2])  # the gzip stream cut
+    rows = rows_of(run_cli, model_db, root)
+    assert rows["cut.tar/3/0.png"] is None and rows["cut.tar/3/1.png"] is None
+    assert rows["cut.tar"] == "archive is truncated at byte 2248, inside a header"
+    broken = [p for p in rows if p.startswith("gzcut.tar.gz") and rows[p] is not None]
+    assert len(broken) == 1, rows
+    assert all(rows[p] is None for p in rows if p.startswith("gzcut") and p not in broken)
+
+
+def test_each_bad_member_gets_its_own_error_row(run_cli, model_db, tmp_path, digits):
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "bad.tar", "w") as tf:
+        add(tf, "3/ok.png", digits[0])
+        add(tf, "3/corrupt.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+        add(tf, "3/sym.png", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add(tf, "3/hard.png", type=tarfile.LNKTYPE, linkname="3/ok.png")
+        add(tf, "3/dev.png", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add(tf, "3/fifo.png", type=tarfile.FIFOTYPE)
+        add(tf, "3/dir.png", type=tarfile.DIRTYPE)
+        add(tf, "3/dir", type=tarfile.DIRTYPE)  # a directory without an image suffix: no row
+        add(tf, "3/big.png", b"\0" * (CAP + 1))
+        add(tf, "3/ok.png", digits[1])  # the same name again: a row of its own
+    rows = rows_of(run_cli, model_db, root)
+    assert rows == {
+        "bad.tar/3/ok.png": None,
+        "bad.tar/3/corrupt.png": rows["bad.tar/3/corrupt.png"],
+        "bad.tar/3/sym.png": "not an image file: archive member is a symbolic link",
+        "bad.tar/3/hard.png": "not an image file: archive member is a hard link",
+        "bad.tar/3/dev.png": "not an image file: archive member is a character device",
+        "bad.tar/3/fifo.png": "not an image file: archive member is a named pipe",
+        "bad.tar/3/dir.png/": "not an image file: archive member is a directory",
+        "bad.tar/3/big.png": f"file is larger than {CAP} bytes",
+        "bad.tar/3/ok.png (member 9)": None,
+    }
+    assert rows["bad.tar/3/corrupt.png"] is not None
+
+
+def test_a_file_that_is_not_an_archive_gets_one_row(run_cli, model_db, tmp_path, digits):
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("png.tar", "png.tar.gz", "png.zip"):
+        (root / name).write_bytes(b"".join(digits))  # a PNG (and more) longer than a header
+    (root / "empty.tar").write_bytes(b"")
+    rows = rows_of(run_cli, model_db, root)
+    assert rows == {
+        "png.tar": "not a tar archive: its first block is not a tar header",
+        "png.tar.gz": rows["png.tar.gz"],
+        "png.zip": rows["png.zip"],
+        "empty.tar": "not a tar archive: it is empty",
+    }
+    assert "Not a gzipped file" in rows["png.tar.gz"]
+    assert rows["png.zip"].startswith("not a zip archive")
+
+
+def test_zip_members_are_read_and_checked(run_cli, model_db, tmp_path, digits):
+    root = tmp_path / "root"
+    root.mkdir()
+    bomb = b"\0" * (CAP * 4)
+    with zipfile.ZipFile(root / "z.zip", "w") as zf:
+        zf.writestr("3/stored.png", digits[0], compress_type=zipfile.ZIP_STORED)
+        zf.writestr("3/deflated.png", digits[1], compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("3/bomb.png", bomb, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("3/bad.png", digits[2], compress_type=zipfile.ZIP_STORED)
+        link = zipfile.ZipInfo("3/link.png")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("3/0.cls", "3")
+    raw = bytearray((root / "z.zip").read_bytes())
+    at = raw.find(digits[2][:32], raw.find(b"3/bad.png") + 9)
+    raw[at + 40] ^= 0xFF  # one byte of a stored member flipped: its CRC-32 no longer holds
+    (root / "z.zip").write_bytes(bytes(raw))
+    rows = rows_of(run_cli, model_db, root)
+    assert rows == {
+        "z.zip/3/stored.png": None,
+        "z.zip/3/deflated.png": None,
+        "z.zip/3/bomb.png": f"file is larger than {CAP} bytes",
+        "z.zip/3/bad.png": "archive member is corrupt: its size or CRC-32 does not match",
+        "z.zip/3/link.png": "not an image file: archive member is a symbolic link",
+    }
