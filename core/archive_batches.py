@@ -121,6 +121,7 @@ def read_recorded(root: str, paths: list[str], record: dict[str, Any]) -> FileBa
     batch = FileBatch(labels=record.get("labels"), members=record)
     wheres: list[Any] = record["members"]
     archive = _open_below(root, record["archive"], record["format"])
+    results: list[tuple[bytes | None, str | None]]
     if isinstance(archive, str):
         results = [(None, w if isinstance(w, str) else archive) for w in wheres]
     else:

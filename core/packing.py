@@ -83,7 +83,8 @@ def pack_directory(
 def _in_folder_order(walk: Iterable[tuple[str, str]]) -> Iterator[str]:
     """The walk's paths, each folder's files in name order (a walk lists a folder's files
     together)."""
-    folder, files = None, []
+    folder: str | None = None
+    files: list[str] = []
     for path, _rel in walk:
         here = os.path.dirname(path)
         if here != folder:

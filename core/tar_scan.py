@@ -18,7 +18,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import Any, Protocol
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -66,7 +66,7 @@ class StreamSource:
     offset asked must be at or after the last one read. ``length`` is known once the end
     of the stream has been met."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.length: int | None = None
 

@@ -15,7 +15,7 @@ import pytest
 from core.archive_batches import archive_batches, read_recorded
 from core.archives import member_name
 from core.files import DirectoryWalk
-from core.tar_scan import FileSource, TarMember, scan_tar
+from core.tar_scan import FileSource, scan_tar
 from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
 
 COMPARED = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd", "error")
@@ -240,3 +240,108 @@ def test_zip_members_are_read_and_checked(run_cli, model_db, tmp_path, digits):
         "z.zip/3/bad.png": "archive member is corrupt: its size or CRC-32 does not match",
         "z.zip/3/link.png": "not an image file: archive member is a symbolic link",
     }
+
+
+def counting(monkeypatch, module, name: str) -> list[tuple]:
+    """Record every call of ``module.name`` (its arguments), still calling it."""
+    calls: list[tuple] = []
+    real = getattr(module, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def shard_tree(tmp_path: Path, digits: list[bytes], n: int = 40) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "a.tar", "w") as tf:
+        for i in range(n):
+            add(tf, f"3/{i:03d}.png", digits[i % len(digits)])
+            add(tf, f"3/{i:03d}.cls", b"3")
+    with zipfile.ZipFile(root / "b.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(n):
+            zf.writestr(f"7/{i:03d}.png", digits[i % len(digits)])
+    return root
+
+
+def test_in_paths_mode_the_producer_reads_no_image_byte_and_a_worker_opens_once_a_batch(
+    monkeypatch, tmp_path, digits
+):
+    import core.archives
+    import core.tar_scan
+
+    root = shard_tree(tmp_path, digits)
+    reads = counting(monkeypatch, core.tar_scan.os, "pread")
+    walk = DirectoryWalk(root)
+    assert list(walk) == []
+    batches = list(archive_batches(walk, "paths", max_images=16))
+    assert [len(b) for b in batches] == [16, 16, 8, 16, 16, 8]
+    assert all(b.blobs == [] for b in batches)
+    # every read was a tar header, a .cls member (1 byte) or a zip local header (30 bytes)
+    assert {n for _fd, n, _at in reads} <= {512, 1, 30}
+    for fmt, sizes in (("tar", {512, 1}), ("zip", {30})):
+        images = [w[:2] for b in batches if b.members["format"] == fmt
+                  for w in b.members["members"]]
+        assert not any(o < at + n and at < o + size for _fd, n, at in reads if n in sizes
+                       for o, size in images), fmt
+    opens = counting(monkeypatch, core.archives.os, "open")
+    for b in batches:
+        before = len(opens)
+        got = read_recorded(str(root.resolve()), b.paths, b.members)
+        assert len(opens) - before == 1
+        assert got.errors == [None] * len(b) and got.blobs[0] in digits
+        assert got.labels == (["3"] * len(b) if b.members["format"] == "tar" else None)
+
+
+def walked(root: Path) -> DirectoryWalk:
+    walk = DirectoryWalk(root)
+    assert list(walk) == []  # no loose image; the walk met the archives
+    return walk
+
+
+def test_resume_finds_the_same_members_and_leaves_out_those_recorded(tmp_path, digits):
+    root = shard_tree(tmp_path, digits)
+    first = [p for b in archive_batches(walked(root), "paths", 16) for p in b.paths]
+    sent = set(first[:20]) | {first[45]}
+    again = [p for b in archive_batches(walked(root), "paths", 16, sent=sent)
+             for p in b.paths]
+    assert again == [p for p in first if p not in sent]
+    assert len(set(first)) == len(first) == 80
+
+
+def test_a_zip_member_that_expands_past_its_stated_size_is_cut_at_the_cap(tmp_path):
+    from core.archives import _zip_data
+
+    bomb = zlib_deflate(b"\0" * (CAP * 3))
+    where = [0, len(bomb), 100, zipfile.ZIP_DEFLATED, 0]  # its header claims 100 bytes
+    assert _zip_data(bomb, where, CAP) == (None, f"file is larger than {CAP} bytes")
+
+
+def zlib_deflate(data: bytes) -> bytes:
+    import zlib
+
+    pack = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return pack.compress(data) + pack.flush()
+
+
+def test_a_worker_reads_nothing_from_a_changed_archive_or_one_outside_the_directory(
+    tmp_path, digits
+):
+    from core.files import OUTSIDE_ROOT
+
+    root = shard_tree(tmp_path, digits, n=4)
+    (batch, *_rest) = list(archive_batches(walked(root), "paths", 16))
+    real = str(root.resolve())
+    assert read_recorded(real, batch.paths, batch.members).errors == [None] * 4
+    with open(root / "a.tar", "ab") as f:
+        f.write(bytes(512))
+    changed = read_recorded(real, batch.paths, batch.members)
+    assert changed.blobs == [None] * 4
+    assert changed.errors[0].startswith("archive changed since it was listed")
+    os.rename(root / "a.tar", tmp_path / "a.tar")
+    (root / "a.tar").symlink_to(tmp_path / "a.tar")  # a link out, swapped in
+    assert read_recorded(real, batch.paths, batch.members).errors == [OUTSIDE_ROOT] * 4
