@@ -66,7 +66,12 @@ def archive_format(name: str) -> str | None:
 def member_name(raw: bytes) -> str:
     """A member's name as stored: UTF-8 text, bytes that are not UTF-8 as ``\\xNN`` (as
     :func:`core.files.safe_name` writes file names) and NUL as ``\\x00``."""
-    return safe_name(raw.decode("utf-8", "surrogateescape")).replace("\0", "\\x00")
+    return _escaped(raw.decode("utf-8", "surrogateescape"))
+
+
+def _escaped(text: str) -> str:
+    """:func:`member_name` of a name decoded with ``surrogateescape``."""
+    return safe_name(text).replace("\0", "\\x00")
 
 
 @dataclass
@@ -82,7 +87,8 @@ class Item:
 
 @dataclass
 class _Entry:
-    """A member as listed, before it becomes an :class:`Item` (or is skipped)."""
+    """A member as listed, before it becomes an :class:`Item` (or is skipped); ``text`` is
+    its name decoded (``surrogateescape``), once."""
 
     name: bytes
     index: int
@@ -90,6 +96,12 @@ class _Entry:
     size: int
     where: list[int] | str
     data: bytes | None = None
+    text: str = ""
+    is_class: bool = False
+
+    def __post_init__(self) -> None:
+        self.text = self.name.decode("utf-8", "surrogateescape")
+        self.is_class = self.text[-4:].lower() == ".cls"
 
 
 @dataclass
@@ -228,7 +240,7 @@ def _grouped(entries: Iterator[_Entry | _Break]) -> Iterator[list[_Entry | _Brea
             group, key = [], None
             yield [entry]
             continue
-        k = _key(entry.name)
+        k = _key(entry.text)
         if group and (k is None or k != key):
             yield group
             group = []
@@ -238,13 +250,13 @@ def _grouped(entries: Iterator[_Entry | _Break]) -> Iterator[list[_Entry | _Brea
         yield group
 
 
-def _key(name: bytes) -> str | None:
-    match = _KEY.match(name.decode("utf-8", "surrogateescape"))
+def _key(name: str) -> str | None:
+    match = _KEY.match(name)
     return match.group(1) if match else None
 
 
 def _is_class_member(entry: _Entry | _Break) -> bool:
-    return isinstance(entry, _Entry) and entry.name.lower().endswith(b".cls")
+    return isinstance(entry, _Entry) and entry.is_class
 
 
 def _class_name(group: list[_Entry | _Break]) -> str | None:
@@ -265,8 +277,10 @@ def _item(entry: _Entry | _Break, rel: str, seen: set[str], max_bytes: int) -> I
         if is_image_name(_base(name)):
             return Item(_unique(rel, name, m.index, seen), entry.reason)
         return Item(rel, f"{entry.reason} ({name!r})")
-    name = member_name(entry.name)
-    if not is_image_name(_base(name)) or _is_class_member(entry):
+    if entry.is_class:
+        return None
+    name = _escaped(entry.text)
+    if not is_image_name(_base(name)):
         return None
     path = _unique(rel, name, entry.index, seen)
     if entry.kind is not None:
