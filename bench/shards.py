@@ -26,6 +26,7 @@ from core import defaults
 from core.archive_batches import archive_batches, read_recorded
 from core.files import DirectoryWalk, read_batch_below
 from core.packing import pack_directory
+from core.tar_scan import FileSource
 from db.session import dispose_engines, get_engine
 
 PER_SHARD = 10_000
@@ -117,18 +118,18 @@ def read_costs(loose: Path, shards: Path, batch: int = defaults.BATCH_SIZE) -> d
     walk = DirectoryWalk(shards.resolve())
     list(walk)
     reads: list[int] = []
-    real_pread = os.pread
+    real_read = FileSource.read_at
 
-    def counted(fd: int, n: int, offset: int) -> bytes:
-        data = real_pread(fd, n, offset)
+    def counted(source: FileSource, offset: int, n: int) -> bytes:
+        data = real_read(source, offset, n)
         reads.append(len(data))
         return data
 
-    os.pread = counted
+    FileSource.read_at = counted  # type: ignore[method-assign, assignment]
     try:
         listed = list(archive_batches(walk, "paths", batch))
     finally:
-        os.pread = real_pread
+        FileSource.read_at = real_read  # type: ignore[method-assign]
     records = [b.members for b in listed if b.members is not None]
     image_bytes = sum(w[1] for record in records for w in record["members"])
     first, record = listed[0], records[0]

@@ -14,7 +14,15 @@ from contextlib import closing
 from typing import Any
 
 from core import defaults
-from core.archives import Archive, Item, archive_format, list_items, open_archive, read_where
+from core.archives import (
+    Archive,
+    Item,
+    archive_format,
+    list_items,
+    open_archive,
+    read_dense,
+    read_where,
+)
 from core.files import OUTSIDE_ROOT, DirectoryWalk, FileBatch, on_disk_name
 
 
@@ -131,6 +139,12 @@ def read_recorded(root: str, paths: list[str], record: dict[str, Any]) -> FileBa
                            f"then, {archive.size} now): submit it again")
                 results = [(None, w if isinstance(w, str) else changed) for w in wheres]
             else:
+                fast = read_dense(archive, wheres)
+                if fast is not None:
+                    batch.paths, batch.blobs = list(paths), list[bytes | None](fast)
+                    batch.errors = [None] * len(fast)
+                    batch.n_bytes = sum(map(len, fast))
+                    return batch
                 results = read_where(archive, wheres)
     for path, (data, error) in zip(paths, results, strict=True):
         batch.add(path, data, error)

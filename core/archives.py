@@ -326,6 +326,27 @@ def read_where(archive: Archive, wheres: list[Any], max_bytes: int = defaults.MA
     return out
 
 
+def read_dense(archive: Archive, wheres: list[Any]) -> list[bytes] | None:
+    """The common batch of a plain tar, every member located, in order and close together:
+    its bytes with one ``pread`` and a slice each; ``None`` for anything else (then
+    :func:`read_where` answers, member by member)."""
+    if archive.fmt != "tar" or not wheres or any(isinstance(w, str) for w in wheres):
+        return None
+    start, end = wheres[0][0], wheres[-1][0] + wheres[-1][1]
+    if end - start > READ_SPAN or any(
+        not 0 <= b[0] - a[0] - a[1] <= READ_GAP
+        for a, b in zip(wheres, wheres[1:], strict=False)
+    ):
+        return None
+    try:
+        buf = os.pread(archive.fd, end - start, start)
+    except OSError:
+        return None
+    if len(buf) != end - start:
+        return None
+    return [buf[offset - start:offset - start + size] for offset, size in wheres]
+
+
 def _spans(located: list[tuple[int, int]], wheres: list[Any]
            ) -> Iterator[tuple[int, int, list[int]]]:
     """Ranges (start, end, member indices) covering the located members in offset order."""

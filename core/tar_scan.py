@@ -14,7 +14,6 @@ compressed tar is read through a forward-only stream (:class:`StreamSource`), in
 
 from __future__ import annotations
 
-import mmap
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -52,22 +51,15 @@ class Source(Protocol):
 
 
 class FileSource:
-    """An uncompressed archive: any offset, read through a read-only map of it (no system
-    call per header: only the pages holding what is read are ever touched)."""
+    """An uncompressed archive: any offset, read with ``pread`` (not through a memory map:
+    a file truncated while mapped would kill the process with SIGBUS)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.length: int | None = os.fstat(fd).st_size
-        self.map = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if self.length else None
 
     def read_at(self, offset: int, n: int) -> bytes:
-        if self.map is None:
-            return b""
-        return self.map[offset:offset + n]
-
-    def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
+        return os.pread(self.fd, n, offset)
 
 
 class StreamSource:
