@@ -2,7 +2,7 @@
 so that a worker reads them without listing the archive; NULL for a batch of loose files.
 
 Revision ID: 0014
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-02
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
