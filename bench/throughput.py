@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the project root is the parent folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, dataset, fleet, report, runners, system  # noqa: E402
+from bench import common, dataset, fleet, report, runners, shards, system  # noqa: E402
 from core import defaults, fast_decode, images  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
                    help="an admin URL: a fresh database is created and dropped")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    p.add_argument("--shards-only", action="store_true",
+                   help="only the shards-against-loose-files figures (bench/shards.py)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else SIZES
     args.repeat = args.repeat or sizes["repeat"]
@@ -236,10 +238,62 @@ def measure_fleet(
     return out
 
 
+def measure_shards(
+    args: argparse.Namespace, work: Path, sets: tuple[Path, Path], clf: Any
+) -> dict[str, list[float]]:
+    """bench/shards.py's figures, ``args.repeat`` rounds interleaved: the main set as shards
+    of 10,000 against its loose files, and the large set's hand-out against shards hard-linked
+    ten times."""
+    main_set, large_set = sets
+    shard_dir = shards.shard_set(args.data_dir, main_set)
+    large_shards = shards.linked_shards(args.data_dir, shard_dir, 10)
+    log(f"shards ready: {shard_dir}, {large_shards}")
+    extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    out: dict[str, list[float]] = {}
+    db = common.sqlite_url(work / "shards.db")
+    with workers(2, db, clf, args, work) as (_ws, env):
+        for r in range(args.repeat):
+            figures = shards.read_costs(main_set, shard_dir)
+            figures |= shards.handouts(
+                {"loose": main_set, "shards": shard_dir, "loose_large": large_set,
+                 "shards_large": large_shards}, args.broker_url, db, work, extra)
+            figures |= shards.whole_process(main_set, shard_dir, env, work, extra)
+            for name, value in figures.items():
+                out.setdefault(name, []).append(value)
+                log(f"round {r + 1}/{args.repeat}: {name:32s} {value:14,.2f}")
+    return out
+
+
+def shards_main(args: argparse.Namespace) -> None:
+    """``--shards-only``: the main and large sets, a model, and bench/shards.py's figures."""
+    main_set = dataset.image_set(args.data_dir, args.images, args.images)
+    large_set = dataset.image_set(args.data_dir, args.handout_images, args.images)
+    clf = common.train_classifier()
+    work = Path(tempfile.mkdtemp(prefix="digitscore-bench-"))
+    try:
+        figures = measure_shards(args, work, (main_set, large_set), clf)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {name: common.median(values) for name, values in figures.items()}
+    for a, b in (("submit_paths_shards_wall", "submit_paths_loose_wall"),
+                 ("submit_bytes_shards_wall", "submit_bytes_loose_wall"),
+                 ("handout_paths_shards", "handout_paths_loose"),
+                 ("handout_paths_shards_large", "handout_paths_loose_large"),
+                 ("read_us_loose", "read_us_shard")):
+        ratios = [x / y for x, y in zip(figures[a], figures[b], strict=True)]
+        summary[f"{a} / {b}"] = common.median(ratios)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps({"medians": summary, "rounds": figures}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not common.redis_reachable(args.broker_url):
         raise SystemExit(f"Redis at {args.broker_url} is not reachable: start it first")
+    if args.shards_only:
+        shards_main(args)
+        return
     started = time.perf_counter()
     machine = report.machine(args.device)
     log(f"{args.images:,} images, {args.repeat} round(s), device {args.device}; {machine}")

@@ -37,20 +37,26 @@ def score_images(
     blobs: Sequence[bytes | None],
     read_errors: Sequence[str | None] | None = None,
     device: torch.device | None = None,
+    class_names: Sequence[str | None] | None = None,
 ) -> list[PredictionRow]:
     """One prediction row per path, in order: decode, stack and score a batch.
 
     ``blobs[i]`` is the encoded file; where the producer could not read it, ``blobs[i]`` is
     ``None`` and ``read_errors[i]`` says why. The classifier must already be on ``device``.
+    ``class_names[i]``, when given and not ``None``, is the image's class as an archive's
+    WebDataset ``.cls`` member names it, in place of its folder's name.
     """
     if len(paths) != len(blobs):
         raise ValueError(f"{len(paths)} paths but {len(blobs)} images in one batch")
     device = device or torch.device("cpu")
     classes = classifier.classes
     blank = unscored_row("", None)
+    labels = labels_for(paths, classes)
+    if class_names is not None:
+        labels = [label if name is None else name if name in classes else None
+                  for label, name in zip(labels, class_names, strict=True)]
     rows = cast(list[PredictionRow], [  # copies of one blank row
-        {**blank, "path": p, "label": label}
-        for p, label in zip(paths, labels_for(paths, classes), strict=True)
+        {**blank, "path": p, "label": label} for p, label in zip(paths, labels, strict=True)
     ])
     readable = [i for i, b in enumerate(blobs) if b is not None]
     for i, b in enumerate(blobs):

@@ -92,6 +92,8 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 )
+#: File name endings the producer opens as archives of images (core.archives), any case.
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 #: Training defaults for the SGD model: the most epochs (the epoch kept is the best on
 #: validation), the learning rate at the start (it falls to 0 on a cosine over the epochs,

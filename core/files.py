@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core import defaults
 from core.errors import DirectoryError
@@ -49,6 +50,7 @@ def check_directory(root: Path) -> Path:
 
 
 _SUFFIXES = defaults.IMAGE_SUFFIXES
+_ARCHIVES = defaults.ARCHIVE_SUFFIXES
 
 
 def is_image_name(name: str) -> bool:
@@ -122,6 +124,8 @@ class DirectoryWalk:
     root: Path
     n_skipped: int = 0
     unreadable: list[str] = field(default_factory=list)
+    #: (absolute path, relative path) of the archives met (core.archive_batches reads them)
+    archives: list[tuple[str, str]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         root = str(self.root)
@@ -147,7 +151,11 @@ class DirectoryWalk:
                     if kind == "dir":
                         stack.append(entry.path)
                     elif kind == "dir-link" or not is_image_name(entry.name):
-                        self.n_skipped += 1
+                        if kind == "file" and entry.name.lower().endswith(_ARCHIVES):
+                            self.archives.append((entry.path, stored_name(root, _posix(
+                                entry.path[start:]))))
+                        else:
+                            self.n_skipped += 1
                     else:
                         path = entry.path
                         rel = path[start:]
@@ -181,6 +189,10 @@ class FileBatch:
     blobs: list[bytes | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     n_bytes: int = 0
+    #: an archive batch's class names from WebDataset ``.cls`` members, and its record
+    #: (where its members are: core.archives)
+    labels: list[str | None] | None = None
+    members: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)

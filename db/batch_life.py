@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -42,11 +42,16 @@ class RunMismatch(MessageError):
     """A message for a run or batch this database does not hold as the message names it."""
 
 
-def record_batch(conn, run_id: int, seq: int, paths: Sequence[str], n_bytes: int) -> None:
+def record_batch(
+    conn, run_id: int, seq: int, paths: Sequence[str], n_bytes: int,
+    members: dict[str, Any] | None = None,
+) -> None:
+    """Record a batch before it is sent (``members``: where an archive batch's members are,
+    core/archives.py)."""
     conn.execute(
         insert(batches).values(
-            run_id=run_id, seq=seq, paths=list(paths), n_images=len(paths), n_bytes=n_bytes,
-            status="queued", deliveries=0, enqueued_at=utcnow(),
+            run_id=run_id, seq=seq, paths=list(paths), members=members, n_images=len(paths),
+            n_bytes=n_bytes, status="queued", deliveries=0, enqueued_at=utcnow(),
         )
     )
 
@@ -68,6 +73,8 @@ class RecordedBatch:
     send_mode: str = "bytes"
     source_dir: str = ""
     last_failure: str | None = None
+    #: an archive batch's record of where its members are (core/archives.py); None: loose
+    members: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,14 +131,16 @@ def recorded_batch(
         ).one_or_none()
         if row is None:
             raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
-        n_images, paths = int(row.n_images), []
+        n_images, paths, members = int(row.n_images), [], None
         if row.status == "queued" and (max_images is None or n_images <= max_images):
-            paths = list(conn.execute(select(batches.c.paths).where(*where)).scalar_one())
+            recorded, members = conn.execute(
+                select(batches.c.paths, batches.c.members).where(*where)).one()
+            paths = list(recorded)
             n_images = len(paths)
     failed = int(row.deliveries or 0) if row.status == "queued" else 0
     return RecordedBatch(
         run_id, seq, int(run.model_id), paths, str(row.status), n_images, failed,
-        str(run.send_mode), str(run.source_dir), row.last_failure,
+        str(run.send_mode), str(run.source_dir), row.last_failure, members,
     )
 
 

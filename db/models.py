@@ -116,6 +116,9 @@ batches = Table(
     Column("last_failure", Text),  # why its last failed delivery failed (0009)
     Column("enqueued_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("finished_at", DateTime(timezone=True)),
+    # a batch of one archive's members: the archive and where each member is in it
+    # (core/archives.py; migration 0014); NULL for loose files
+    Column("members", JSON),
     UniqueConstraint("run_id", "seq", name="uq_batches_run_seq"),
 )
 

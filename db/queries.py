@@ -154,13 +154,16 @@ def list_runs(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def unfinished_batches(conn: Connection, run_id: int) -> list[tuple[int, list[str]]]:
+def unfinished_batches(
+    conn: Connection, run_id: int
+) -> list[tuple[int, list[str], dict[str, Any] | None]]:
+    """(seq, paths, members record) of each queued batch of the run, in order."""
     rows = conn.execute(
-        select(batches.c.seq, batches.c.paths)
+        select(batches.c.seq, batches.c.paths, batches.c.members)
         .where(batches.c.run_id == run_id, batches.c.status == "queued")
         .order_by(batches.c.seq)
     )
-    return [(int(seq), list(paths)) for seq, paths in rows]
+    return [(int(seq), list(paths), members) for seq, paths, members in rows]
 
 
 def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:

@@ -112,6 +112,40 @@ def sample_data_cmd(directory: Path, classes: str) -> None:
     )
 
 
+@cli.command("pack")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--images-per-shard",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Images in each tar shard.",
+)
+def pack_cmd(src: Path, out: Path, images_per_shard: int) -> None:
+    """Write the images below SRC (class folders) as tar shards in OUT, a new directory.
+
+    Each shard is readable by `producer submit` and by WebDataset: members keep their
+    relative paths (7/img0421.png) and each key has a .cls member holding its class folder.
+    OUT must not exist or be empty: pack never overwrites.
+
+    \b
+    Example:
+      producer pack ./mnist/valid ./shards --images-per-shard 5000
+    """
+    from core.files import DirectoryWalk, check_directory
+    from core.packing import check_output, pack_directory
+
+    check_output(out)
+    total = sum(1 for _ in DirectoryWalk(check_directory(src)))
+    with click.progressbar(length=total, label="packing", file=sys.stderr) as bar:
+        packed = pack_directory(src, out, images_per_shard, on_image=lambda: bar.update(1))
+    for name, error in packed.unread:
+        echo_err(f"left out {name}: {error}")
+    click.echo(f"wrote {packed.n_images:,} images in {len(packed.shards)} shards to {out}"
+               + (f"; {len(packed.unread)} files could not be read" if packed.unread else ""))
+
+
 @cli.command("train")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(

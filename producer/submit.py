@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from core.classifier import Classifier
 
 from core import defaults
+from core.archive_batches import archive_batches, read_recorded
 from core.errors import (
     BadInput,
     DatabaseUnavailable,
@@ -72,7 +73,9 @@ class EmbeddedSender:
 
         if batch is None:
             raise ValueError("scoring in this process needs the batch's files read")
-        rows = score_images(self.classifier, batch.paths, batch.blobs, batch.errors)
+        rows = score_images(
+            self.classifier, batch.paths, batch.blobs, batch.errors, class_names=batch.labels
+        )
         batch_life.store_batch(self.engine, message.run_id, message.seq, rows)
 
 
@@ -164,11 +167,20 @@ def kept_for_resume(engine: Engine, run_id: int, command: str) -> Iterator[None]
 
 
 def _stream(
-    files: Iterable[tuple[str, str]], send_mode: str, batch_size: int, batch_bytes: int
+    walk: DirectoryWalk,
+    send_mode: str,
+    batch_size: int,
+    batch_bytes: int,
+    sent: set[str] | None = None,
 ) -> Iterator[FileBatch]:
+    """The walk's loose files in batches, then the archives it met, each in batches of its
+    own (``sent``: paths already recorded, left out)."""
+    files: Iterable[tuple[str, str]] = walk if sent is None else _unsent(walk, sent)
     if send_mode == "paths":
-        return path_batches(files, batch_size)
-    return batches(files, batch_size, batch_bytes)
+        loose = path_batches(files, batch_size)
+    else:
+        loose = batches(files, batch_size, batch_bytes)
+    return chain(loose, archive_batches(walk, send_mode, batch_size, batch_bytes, sent))
 
 
 def _send_all(
@@ -184,7 +196,9 @@ def _send_all(
     seq = first_seq
     for batch in stream:
         with engine.begin() as conn:
-            batch_life.record_batch(conn, run_id, seq, batch.paths, batch.n_bytes)
+            batch_life.record_batch(
+                conn, run_id, seq, batch.paths, batch.n_bytes, batch.members
+            )
         sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
         if on_batch is not None:
             on_batch(len(batch))
@@ -243,8 +257,11 @@ def _resume(
         raise DirectoryError(
             f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
         )
-    for seq, paths in pending:
-        batch = None if mode == "paths" else read_batch(str(root), paths)
+    for seq, paths, members in pending:
+        batch = None
+        if mode == "bytes":
+            batch = (read_batch(str(root), paths) if members is None
+                     else read_recorded(str(root), paths, members))
         sender.send(BatchMessage(run_id, seq, run["token"]), batch)
         if on_batch is not None:
             on_batch(len(paths))
@@ -254,7 +271,7 @@ def _resume(
             sent = set(queries.batch_paths(conn, run_id))
             first_seq = queries.next_batch_seq(conn, run_id)
         walk = DirectoryWalk(root)
-        stream = _stream(_unsent(walk, sent), mode, batch_size, batch_bytes)
+        stream = _stream(walk, mode, batch_size, batch_bytes, sent)
         _send_all(engine, run_id, run["token"], stream, first_seq, sender, mode, on_batch)
         n_skipped = walk.n_skipped
     with engine.connect() as conn:

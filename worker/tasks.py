@@ -30,6 +30,7 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from sqlalchemy.exc import OperationalError
 
 from core import defaults, wire
+from core.archive_batches import labels_of, read_recorded
 from core.batch import score_images
 from core.classifier import Classifier
 from core.errors import MessageError
@@ -252,7 +253,8 @@ def score_and_store(
     )
     blobs, errors = read_images(task, message, batch)
     rows = count_failure_on_error(
-        lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device)),
+        lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device),
+                             labels_of(batch.members)),
         engine, message, "scoring failed",
     )
     # this delivery, and one per earlier try that ended in a database error (a retry)
@@ -270,7 +272,9 @@ def read_images(
     """The batch's encoded images and read errors: from the run's source directory in a
     ``paths`` run, else from its payload in Redis, checked against its signed digest."""
     if batch.send_mode == "paths":
-        files = read_batch_below(source_root(batch), batch.paths)
+        root = source_root(batch)
+        files = (read_batch_below(root, batch.paths) if batch.members is None
+                 else read_recorded(root, batch.paths, batch.members))
         return files.blobs, files.errors
     data = payload_store().get(wire.payload_key(message))
     if data is None:
