@@ -42,6 +42,16 @@ def store_model(url: str, clf: Classifier) -> int:
     return model_id
 
 
+def export_model(clf: Classifier, path: Path) -> Path:
+    """The model as the plain script reads it: an ``.npz`` of plain float32 arrays and the
+    class names (no pickle)."""
+    import numpy as np
+
+    np.savez(path, classes=np.array(clf.classes), ideals=clf.ideals.numpy(),
+             weights=clf.weights.numpy(), bias=clf.bias.numpy())
+    return path
+
+
 def load_model(url: str, model_id: int) -> Classifier:
     with get_engine(url).connect() as conn:
         return load_classifier(conn, model_id)

@@ -12,16 +12,21 @@ ROWS = [
     ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
     ("system_sqlite_wall", "  the same, whole producer process as a shell sees it"),
     ("system_postgresql", "system: 2 workers, Redis, PostgreSQL (submit --wait)"),
+    ("default_bytes_wall", "1 default worker, submit --wait, whole processes"),
+    ("default_paths_wall", "  the same, --send paths"),
     ("one_worker", "system: 1 worker, Redis, SQLite (submit --wait)"),
     ("one_worker_full", "1 worker, its queue full (producer done first)"),
     ("one_worker_busy", "  the same worker's pool process while busy (task time)"),
-    ("plain_script", "plain script: Pillow per file, stacks of 512, CSV"),
+    ("plain_script", "plain script: NumPy, Pillow per file, batches of 1,024, CSV"),
     ("plain_script_wall", "  the same, whole process as a shell sees it"),
     ("naive_celery", "naive Celery: 1 task per image, 2 processes"),
     ("limit_fast", "decode+score limit, 1 process, fast decoder"),
     ("limit_beside_worker", "  the same, just before and after the queue-full run"),
+    ("limit_previous", "  the same, the previous decoder (libspng, inflated twice)"),
     ("limit_pillow", "decode+score limit, 1 process, Pillow"),
 ]
+#: The decode+score limit's split, microseconds an image.
+SPLIT = [("fast", "fast decoder"), ("previous", "previous decoder")]
 
 #: (name, numerator, denominator, goal): the ratio of two rates must reach the goal; a goal
 #: of ``None`` is a ratio printed for information.
@@ -30,6 +35,12 @@ GOALS = [
     ("end to end (PostgreSQL) / plain script", "system_postgresql", "plain_script", 2.0),
     ("whole processes: submit --wait (SQLite) / plain script", "system_sqlite_wall",
      "plain_script_wall", 3.0),
+    ("whole: 1 default worker, --send bytes / plain script", "default_bytes_wall",
+     "plain_script_wall", 4.0),
+    ("whole: 1 default worker, --send paths / plain script", "default_paths_wall",
+     "plain_script_wall", 4.0),
+    ("decode+score limit: fast decoder / previous decoder", "limit_fast", "limit_previous",
+     2.0),
     ("end to end (SQLite) / naive Celery", "system_sqlite", "naive_celery", 50.0),
     ("end to end (PostgreSQL) / naive Celery", "system_postgresql", "naive_celery", 50.0),
     ("one worker, queue full / limit measured beside it", "one_worker_full",
@@ -155,7 +166,11 @@ def _steady(figures: dict[str, list[float]]) -> dict[str, list[float]]:
         if not all(k in figures for k in keys):
             continue
         for rate, n, rate_large, n_large in zip(*(figures[k] for k in keys), strict=True):
-            steady, fixed = steady_rate((int(n), n / rate), (int(n_large), n_large / rate_large))
+            try:
+                steady, fixed = steady_rate((int(n), n / rate),
+                                            (int(n_large), n_large / rate_large))
+            except ValueError:  # a noisy round: the larger run was no slower; left out
+                continue
             out.setdefault(f"steady_{mode}", []).append(steady)
             out.setdefault(f"fixed_{mode}", []).append(fixed)
     return out
@@ -181,6 +196,11 @@ def format_results(r: dict[str, Any]) -> str:
         if key in r["medians"]:
             every = ", ".join(f"{x:,.0f}" for x in r["rates"][key])
             lines.append(f"{name:56s} {r['medians'][key]:10,.0f}   {every}")
+    for key, name in SPLIT:
+        if f"decode_us_{key}" in r["medians"]:
+            d, s = r["medians"][f"decode_us_{key}"], r["medians"][f"score_us_{key}"]
+            label = f"  {name}: decode / score, us an image"
+            lines.append(f"{label:56s} {d:10.2f}   / {s:.2f}")
     lines += ["", f"{'goal (median of per-round ratios)':56s} {'ratio':>10s}   target"]
     if r["images"] < FULL_SIZE:
         lines.append(f"(a smoke run of {r['images']:,} images, a batch or two per run: the goals "

@@ -1,5 +1,5 @@
 """The baselines the system is measured against: the plain script, naive Celery, and the
-decode-and-score limit of one process."""
+decode-and-score limit of one process (with its split into decoding and scoring)."""
 
 from __future__ import annotations
 
@@ -19,28 +19,20 @@ import torch
 
 from bench.common import ROOT
 from core.classifier import Classifier
-from core.scoring import score_stack
+from core.scoring import Scores, score_stack
 
 Decoder = Callable[[Sequence[bytes], int, int], tuple[np.ndarray, list[int], dict[int, str]]]
+Scorer = Callable[[Classifier, np.ndarray, torch.device], Scores]
 
 
-def run_plain_script(
-    root: Path, db_url: str, model_id: int, out: Path, device: str
-) -> tuple[int, float]:
-    """``bench/plain_script.py`` in a fresh process; returns (images, seconds)."""
-    images, seconds, _wall = run_plain_script_timed(root, db_url, model_id, out, device)
-    return images, seconds
-
-
-def run_plain_script_timed(
-    root: Path, db_url: str, model_id: int, out: Path, device: str
-) -> tuple[int, float, float]:
-    """``bench/plain_script.py`` in a fresh process; returns (images, seconds from its first
-    file read, seconds of the whole process)."""
+def run_plain_script_timed(root: Path, model_npz: Path, out: Path) -> tuple[int, float, float]:
+    """``bench/plain_script.py`` in a fresh process, the model read from ``model_npz``
+    (``bench.common.export_model``); returns (images, seconds from its first file listed,
+    seconds of the whole process)."""
     script = ROOT / "bench" / "plain_script.py"
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(script), str(root), db_url, str(model_id), str(out), device],
+        [sys.executable, str(script), str(root), str(model_npz), str(out)],
         capture_output=True, text=True, check=False, timeout=3600,
     )
     if proc.returncode != 0:
@@ -121,22 +113,37 @@ def decode_score_rate(
     blobs: Sequence[bytes], classifier: Classifier, device: str, decoder: Decoder,
     batch: int = 512,
 ) -> float:
-    """Images per second of one process (one torch thread on the CPU, as a worker process)
-    decoding encoded images already in memory and scoring them as a worker does: no file
-    reads, no messages, no database."""
+    """Images per second of :func:`decode_score_split`."""
+    return decode_score_split(blobs, classifier, device, decoder, batch)["rate"]
+
+
+def decode_score_split(
+    blobs: Sequence[bytes], classifier: Classifier, device: str, decoder: Decoder,
+    batch: int = 512, scorer: Scorer = score_stack,
+) -> dict[str, float]:
+    """One process (one torch thread on the CPU, as a worker process) decoding encoded images
+    already in memory and scoring them as a worker does: no file reads, no messages, no
+    database. Images per second (``rate``), and the microseconds an image spent decoding
+    (``decode_us``) and scoring (``score_us``)."""
     threads = torch.get_num_threads()
     dev = torch.device(device)
     classifier = classifier.to(dev)  # as a worker keeps its model on its device
     if dev.type == "cpu":
         torch.set_num_threads(1)
+    decoding = scoring = 0.0
     try:
-        start = time.perf_counter()
         for i in range(0, len(blobs), batch):
+            start = time.perf_counter()
             stack, ok, _ = decoder(blobs[i : i + batch], classifier.height, classifier.width)
+            decoded = time.perf_counter()
             if ok:
-                score_stack(classifier, stack, dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return len(blobs) / (time.perf_counter() - start)
+                scorer(classifier, stack, dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            decoding += decoded - start
+            scoring += time.perf_counter() - decoded
     finally:
         torch.set_num_threads(threads)
+    n = len(blobs)
+    return {"rate": n / (decoding + scoring), "decode_us": decoding / n * 1e6,
+            "score_us": scoring / n * 1e6}

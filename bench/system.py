@@ -37,13 +37,15 @@ def service_env(broker_url: str, queue: str, db_url: str) -> dict[str, str]:
 
 @dataclass
 class WorkerSet:
-    """``n`` separate ``worker --device DEVICE`` launchers, each one Celery worker with one
-    pool process, as an operator starts them on a host."""
+    """``n`` separate ``worker --device DEVICE`` launchers, each one Celery worker with
+    ``concurrency`` pool processes (``None``: the worker's default, one per core), as an
+    operator starts them on a host."""
 
     n: int
     device: str
     env: dict[str, str]
     log_dir: Path
+    concurrency: int | None = 1
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -51,9 +53,9 @@ class WorkerSet:
         tag = uuid.uuid4().hex[:6]
         for i in range(self.n):
             log = self.log_dir / f"worker-{tag}-{i}.log"
+            pool = [] if self.concurrency is None else ["--concurrency", str(self.concurrency)]
             argv = [sys.executable, "-c", "from worker.cli import main; main()",
-                    "--device", self.device, "--concurrency", "1",
-                    "--", "--hostname", f"bench{i}-{tag}@%h"]
+                    "--device", self.device, *pool, "--", "--hostname", f"bench{i}-{tag}@%h"]
             with open(log, "wb") as out:
                 self.procs.append(subprocess.Popen(
                     argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,

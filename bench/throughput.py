@@ -6,10 +6,13 @@ On a generated set of real digit PNGs in ten class folders (cached in --data-dir
 images/second of: the system end to end (two ``worker`` processes, Redis, SQLite and then
 PostgreSQL, ``producer submit --wait`` from its first file read until the run is done, and
 as the whole process a shell sees, against the plain script's whole process too); one
-worker alone; the plain single-process script (bench/plain_script.py); naive Celery with one
-task per image (bench/naive_celery.py, on a subset); the decode-and-score limit of one process
-with Pillow and with the fast decoder. Then the peak memory of the producer and of a worker at
-two directory sizes. Then the fleet figures (bench/fleet.py): the producer's hand-out rate
+default ``worker`` (a pool process per core) fed by ``submit --wait`` with ``--send bytes``
+and ``--send paths``, whole processes; one worker alone; the lean plain script
+(bench/plain_script.py: NumPy and Pillow); naive Celery with one task per image
+(bench/naive_celery.py, on a subset); the decode-and-score limit of one process with Pillow,
+with the fast decoder and with the previous one (bench/previous_decode.py), each with its
+split into decoding and scoring. Then the peak memory of the producer and of a worker at two
+directory sizes. Then the fleet figures (bench/fleet.py): the producer's hand-out rate
 with no worker, ``--send bytes`` and ``--send paths``, whole process, of the main set and of
 a large one (``--handout-images``, ten times the main set: a fleet-sized run), and from the
 two the steady rate and the fixed cost of the process; Redis's peak memory meanwhile (every
@@ -36,8 +39,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the project root is the parent folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, dataset, fleet, report, runners, shards, system  # noqa: E402
-from core import defaults, fast_decode, images  # noqa: E402
+from bench import (  # noqa: E402
+    common,
+    dataset,
+    fleet,
+    previous_decode,
+    report,
+    runners,
+    shards,
+    system,
+)
+from core import defaults, fast_decode, images, scoring  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
 SIZES = {"images": 100_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3,
@@ -88,21 +100,22 @@ def log(message: str) -> None:
 
 @contextmanager
 def workers(
-    n: int, db_url: str, clf: Any, args: argparse.Namespace, work: Path
+    n: int, db_url: str, clf: Any, args: argparse.Namespace, work: Path,
+    concurrency: int | None = 1,
 ) -> Iterator[tuple[system.WorkerSet, dict[str, str]]]:
     """``n`` workers on a queue of their own, scoring into ``db_url`` (model stored there)."""
     common.store_model(db_url, clf)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     env = system.service_env(args.broker_url, queue, db_url)
     try:
-        with system.WorkerSet(n, args.device, env, work) as ws:
+        with system.WorkerSet(n, args.device, env, work, concurrency) as ws:
             yield ws, env
     finally:
         system.delete_queue(args.broker_url, queue)
 
 
 def measure_rounds(
-    args: argparse.Namespace, work: Path, main_set: Path, clf: Any, model: tuple[str, int]
+    args: argparse.Namespace, work: Path, main_set: Path, clf: Any, model_npz: Path
 ) -> dict[str, list[float]]:
     """Every throughput, ``args.repeat`` times, interleaved; images/second per round."""
     paths = dataset.image_paths(main_set)
@@ -110,13 +123,16 @@ def measure_rounds(
     step = max(1, len(paths) // args.naive_images)
     naive_paths = paths[::step][: args.naive_images]
     rates: dict[str, list[float]] = {}
-    model_url, model_id = model
+    model_url = common.sqlite_url(work / "model.db")
+    model_id = common.store_model(model_url, clf)
     batch = args.batch_size or defaults.BATCH_SIZE  # as producer submit cuts batches
     with ExitStack() as stack:
         sets: dict[str, tuple[system.WorkerSet, dict[str, str]]] = {}
-        log("starting workers: 2 on SQLite, 1 on SQLite, 2 on PostgreSQL")
+        log("starting workers: 2 on SQLite, 1 default on SQLite, 1 on SQLite, 2 on PostgreSQL")
         sets["system_sqlite"] = stack.enter_context(
             workers(2, common.sqlite_url(work / "e2e.db"), clf, args, work))
+        sets["default_worker"] = stack.enter_context(
+            workers(1, common.sqlite_url(work / "default.db"), clf, args, work, None))
         sets["one_worker"] = stack.enter_context(
             workers(1, common.sqlite_url(work / "one.db"), clf, args, work))
         if common.postgres_reachable(args.postgres_url):
@@ -132,8 +148,8 @@ def measure_rounds(
         steps: list[Callable[[], dict[str, float]]] = [
             lambda: {"limit_pillow": runners.decode_score_rate(
                 blobs, clf, args.device, images.decode_each, batch)},
-            lambda: {"limit_fast": limit()},
-            lambda: _plain_rates(main_set, model_url, model_id, work, args.device),
+            lambda: _limit_split(blobs, clf, args.device, batch),
+            lambda: _plain_rates(main_set, model_npz, work),
             lambda: {"naive_celery": _rate(runners.run_naive_celery(
                 naive_paths, model_url, model_id, work, args.broker_url, args.device))},
         ]
@@ -144,7 +160,8 @@ def measure_rounds(
             for step in steps:
                 for name, rate in step().items():
                     rates.setdefault(name, []).append(rate)
-                    log(f"round {r + 1}/{args.repeat}: {name:18s} {rate:10,.0f} images/s")
+                    unit = "us an image" if "_us_" in name else "images/s"
+                    log(f"round {r + 1}/{args.repeat}: {name:18s} {rate:10,.1f} {unit}")
     return rates
 
 
@@ -152,13 +169,28 @@ def _rate(result: tuple[int, float]) -> float:
     return result[0] / result[1]
 
 
-def _plain_rates(
-    root: Path, model_url: str, model_id: int, work: Path, device: str
-) -> dict[str, float]:
-    """The plain script's rate from its first file read, and as a shell sees it (the whole
+def _limit_split(blobs: list[bytes], clf: Any, device: str, batch: int) -> dict[str, float]:
+    """The decode+score limit with the fast decoder and, right after it in the same process,
+    with the previous decoder and scoring (when pyspng is installed), each with its split."""
+    out: dict[str, float] = {}
+    ways: list[tuple[str, runners.Decoder, runners.Scorer]] = [
+        ("fast", fast_decode.decode_images, scoring.score_stack)]
+    if previous_decode.pyspng is not None:
+        ways.append(("previous", previous_decode.decode_images, previous_decode.score_stack))
+    else:
+        log("pyspng is not installed: the previous decoder is not measured")
+    for name, decoder, scorer in ways:
+        split = runners.decode_score_split(blobs, clf, device, decoder, batch, scorer)
+        out[f"limit_{name}"] = split["rate"]
+        out[f"decode_us_{name}"] = split["decode_us"]
+        out[f"score_us_{name}"] = split["score_us"]
+    return out
+
+
+def _plain_rates(root: Path, model_npz: Path, work: Path) -> dict[str, float]:
+    """The plain script's rate from its first file listed, and as a shell sees it (the whole
     process: its imports and model loading too)."""
-    n, seconds, wall = runners.run_plain_script_timed(
-        root, model_url, model_id, work / "plain.csv", device)
+    n, seconds, wall = runners.run_plain_script_timed(root, model_npz, work / "plain.csv")
     return {"plain_script": n / seconds, "plain_script_wall": n / wall}
 
 
@@ -178,6 +210,13 @@ def _system_rates(
     run, and their mean is the limit it is compared with: on this noisy machine the limit
     moved by a third within minutes, and the round's own limit is measured minutes earlier."""
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    if name == "default_worker":  # loose files in both send modes, whole processes
+        rates = {}
+        for mode in fleet.MODES:
+            result = system.submit_and_wait(root, env, work, [*extra, "--send", mode])
+            rates[f"default_{mode}"] = result.rate
+            rates[f"default_{mode}_wall"] = result.n_images / (result.wall_seconds or 1)
+        return rates
     result = system.submit_and_wait(root, env, work, extra)
     rates = {name: result.rate}
     if result.wall_seconds:
@@ -305,9 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     clf = common.train_classifier()
     work = Path(tempfile.mkdtemp(prefix="digitscore-bench-"))
     try:
-        model_url = common.sqlite_url(work / "model.db")
-        model = (model_url, common.store_model(model_url, clf))
-        rates = measure_rounds(args, work, main_set, clf, model)
+        model_npz = common.export_model(clf, work / "model.npz")
+        rates = measure_rounds(args, work, main_set, clf, model_npz)
         memory = measure_memory(args, work, clf)
         fleet_figures = measure_fleet(args, work, (main_set, large_set), clf)
     finally:

@@ -1,26 +1,28 @@
 """A fast path for the common image: a plain 8-bit grayscale PNG of the model's size.
 
-Such a file is decoded with libspng (through ``pyspng``), about five times faster than
-Pillow; every other file, and any file libspng does not decode, goes to
-:func:`core.images.decode_each`, so it gets exactly the pixels or the error it gets there.
+Such a file is inflated once by zlib, and the rows of every such file of a batch are
+unfiltered together in NumPy; every other file goes to :func:`core.images.decode_each`, so it
+gets exactly the pixels or the error it gets there.
 
-"Plain" is checked from the bytes before libspng sees them, and is deliberately narrow:
+"Plain" is checked from the bytes, and is deliberately narrow:
 
-- the PNG signature, then chunks that each fit the file and whose CRC is right;
-- the first chunk is an ``IHDR`` of the model's width and height, bit depth 8, colour type 0
-  (grayscale), standard compression and filter method, not interlaced;
-- the other chunks are ``IDAT`` and a final ``IEND``, and nothing follows ``IEND``;
-- the IDAT data is one complete zlib stream (Adler-32 right, nothing after its end) that
-  inflates to exactly one filter byte (0-4) and ``width`` bytes per row, for every row.
+- the file starts with the PNG signature and the one ``IHDR`` chunk of a plain PNG of the
+  model's width and height (bit depth 8, colour type 0, standard compression and filtering,
+  not interlaced), byte for byte, its CRC included: comparing the bytes checks that CRC;
+- then only ``IDAT`` chunks that fit the file, then the standard ``IEND`` chunk, byte for
+  byte, and nothing after it;
+- the IDAT data is one complete zlib stream (zlib checks its Adler-32 as it inflates; nothing
+  may follow its end) that inflates to exactly ``height`` rows of one filter byte (0-4) and
+  ``width`` pixels.
 
-The last check costs a few microseconds (zlib inflates the stream once more) but it is what
-Pillow checks and libspng does not: libspng stops reading once it has every row, so a damaged
-stream whose Adler-32 is wrong would give pixels where Pillow reports the damage.
+The IDAT chunks' CRCs are not checked, because Pillow does not check them either (it skips
+them as it reads the image data): the Adler-32 is what tells a damaged stream, and a file whose
+only damage is an IDAT CRC gets Pillow's pixels on both paths.
 
-Anything else (another size, 16-bit, palette, colour, alpha, ``tRNS``, text chunks, a damaged
-chunk or stream, a truncated file) is left to Pillow, and so is an image libspng rejects:
-Pillow then names the reason. ``tests/test_fast_decode.py`` damages every byte of a real digit
-file, with and without repairing the chunk's CRC, and compares both paths.
+Anything else (another size, 16-bit, palette, colour, alpha, interlaced, ``tRNS``, text
+chunks, a damaged chunk or stream, a truncated file) is left to Pillow, which then names the
+reason. ``tests/test_fast_decode.py`` damages every byte of a real digit file, with and
+without repairing the chunk's CRC, forces every filter type, and compares both paths.
 """
 
 from __future__ import annotations
@@ -34,20 +36,11 @@ import numpy as np
 
 from core import images
 
-try:  # a platform without a pyspng wheel still scores, through Pillow only
-    import pyspng
-except ImportError:  # pragma: no cover - pyspng is a dependency
-    pyspng = None
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _CHUNK_HEAD = struct.Struct(">I4s")
 _CRC = struct.Struct(">I")
-
-
-def available() -> bool:
-    """Whether the fast decoder is installed (else every image goes through Pillow)."""
-    return pyspng is not None
+_NONE, _SUB, _UP, _AVERAGE, _PAETH = range(5)
 
 
 @lru_cache(maxsize=16)
@@ -58,81 +51,176 @@ def plain_header(height: int, width: int) -> bytes:
     return PNG_SIGNATURE + struct.pack(">I", 13) + ihdr + _CRC.pack(zlib.crc32(ihdr))
 
 
-def plain_png_stream(data: bytes, height: int, width: int) -> bytes | None:
-    """The zlib stream (IDAT data joined) of an 8-bit grayscale, non-interlaced PNG of
-    ``width`` x ``height`` whose only chunks are IHDR, IDAT and a final IEND, each with a
-    correct CRC; ``None`` for any other file (see the module doc)."""
+def filtered_rows(data: bytes, height: int, width: int) -> bytes | None:
+    """The inflated IDAT data of a plain PNG: ``height`` rows of a filter byte and ``width``
+    filtered pixels, inflated once; ``None`` for any file that is not plain (see the module
+    doc) but for its filter bytes, which :func:`decode_images` checks for the whole batch."""
     header = plain_header(height, width)
     if not data.startswith(header) or not data.endswith(_IEND):
         return None
-    pos = len(header)
-    end = len(data) - len(_IEND)
-    parts: list[bytes] = []
+    size = height * (width + 1)
+    start, end = len(header), len(data) - len(_IEND)
+    inflater = zlib.decompressobj()
+    if end - start >= 12:
+        length, kind = _CHUNK_HEAD.unpack_from(data, start)
+        if kind == b"IDAT" and start + 12 + length == end:  # one IDAT chunk, as most encoders
+            try:  # never more than one byte too many: a stream that inflates further is not plain
+                rows = inflater.decompress(data[start + 8 : end - 4], size + 1)
+            except zlib.error:
+                return None
+            if inflater.eof and not inflater.unused_data and len(rows) == size:
+                return rows
+            return None
+    return _inflate_chunks(data, start, end, inflater, size)
+
+
+def _inflate_chunks(
+    data: bytes, pos: int, end: int, inflater: zlib._Decompress, size: int
+) -> bytes | None:
+    """:func:`filtered_rows` of IDAT data in any number of chunks (``data[pos:end]``)."""
+    view = memoryview(data)
+    rows = b""
     while pos < end:
-        if pos + 12 > end:
+        if pos + 12 > end or len(rows) > size:
             return None
         length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         stop = pos + 8 + length
         if kind != b"IDAT" or stop + 4 > end:
             return None
-        if zlib.crc32(data[pos + 4 : stop]) != _CRC.unpack_from(data, stop)[0]:
+        try:
+            rows += inflater.decompress(view[pos + 8 : stop], size + 1 - len(rows))
+        except zlib.error:
             return None
-        parts.append(data[pos + 8 : stop])
+        if inflater.unconsumed_tail:
+            return None
         pos = stop + 4
-    if not parts or pos != end:
+    if not inflater.eof or inflater.unused_data or len(rows) != size:
         return None
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return rows
 
 
-def is_plain_png(data: bytes, height: int, width: int) -> bool:
-    """True when :func:`decode_plain_png` hands ``data`` to libspng: a plain PNG (see
-    :func:`plain_png_stream`) holding one complete zlib stream of exactly ``height`` rows of
-    ``width`` pixels, each row with a valid filter byte."""
-    stream = plain_png_stream(data, height, width)
-    if stream is None:
-        return False
-    size = height * (width + 1)
-    inflater = zlib.decompressobj()
-    try:
-        rows = inflater.decompress(stream, size + 1)  # never more than one byte too many
-    except zlib.error:
-        return False
-    if not inflater.eof or inflater.unused_data or inflater.unconsumed_tail or len(rows) != size:
-        return False
-    return max(rows[:: width + 1]) <= 4
+@lru_cache(maxsize=1)
+def _paeth_table() -> np.ndarray:
+    """The Paeth predictor minus the pixel above-left, modulo 256, indexed by
+    ``(a - c) * 511 + (b - c) + 255 * 512`` (``a`` left, ``b`` above, ``c`` above-left): the
+    predictor's choice depends only on those two differences."""
+    p, q = np.meshgrid(np.arange(-255, 256), np.arange(-255, 256), indexing="ij")
+    pa, pb, pc = np.abs(q), np.abs(p), np.abs(p + q)
+    delta = np.where((pa <= pb) & (pa <= pc), p, np.where(pb <= pc, q, 0))
+    return (delta % 256).astype(np.uint8).ravel()
 
 
-def decode_plain_png(data: bytes, height: int, width: int) -> np.ndarray | None:
-    """The pixels of a plain PNG (see :func:`is_plain_png`) decoded by libspng, or ``None``
-    when the file is not plain or libspng rejects it (then Pillow must decode it)."""
-    if pyspng is None or not is_plain_png(data, height, width):
-        return None
-    try:
-        pixels = pyspng.load(data)
-    except Exception:  # Pillow will decode it again and name the reason
-        return None
-    if pixels.shape != (height, width) or pixels.dtype != np.uint8:
-        return None
-    return pixels
+_511 = np.intp(511)
+
+
+def _paeth_rows(above: np.ndarray, filtered: np.ndarray) -> np.ndarray:
+    """``m`` filtered rows (``m x w``) unfiltered with the Paeth filter, given the pixels of
+    the row above each: column by column for the ``m`` rows at once, four array operations a
+    column, through :func:`_paeth_table`."""
+    m, w = filtered.shape
+    table = _paeth_table()
+    key = above.astype(np.intp)  # b - 512 c + 255 * 512, c the pixel above-left
+    key += 255 * 512
+    key[:, 1:] -= above[:, :-1].astype(np.intp) << 9
+    base = filtered.copy()  # the filtered byte plus c, modulo 256
+    base[:, 1:] += above[:, :-1]
+    rows = np.empty((m, w), np.uint8)
+    left = np.zeros(m, np.uint8)
+    index = np.empty(m, np.intp)
+    delta = np.empty(m, np.uint8)
+    for j in range(w):
+        np.multiply(left, _511, out=index)
+        index += key[:, j]
+        table.take(index, out=delta)
+        left = np.add(base[:, j], delta, out=rows[:, j])
+    return rows
+
+
+def _average_rows(above: np.ndarray, filtered: np.ndarray) -> np.ndarray:
+    """As :func:`_paeth_rows`, with the Average filter."""
+    m, w = filtered.shape
+    rows = np.empty((m, w), np.uint8)
+    left = np.zeros(m, np.uint8)
+    for j in range(w):
+        mean = np.add(left, above[:, j], dtype=np.uint16)
+        mean >>= 1
+        left = np.add(mean, filtered[:, j], out=rows[:, j], casting="unsafe")  # modulo 256
+    return rows
+
+
+def _rows_by_number(kinds: np.ndarray) -> dict[int, list[np.ndarray]]:
+    """For the filters Up, Average and Paeth, and each row number ``r``, the rows of the
+    batch (``image * h + r``) of that number with that filter."""
+    n, h = kinds.shape
+    by_row = np.ascontiguousarray(kinds.T)
+    none = np.empty(0, np.intp)
+    out: dict[int, list[np.ndarray]] = {}
+    for code in (_UP, _AVERAGE, _PAETH):
+        mask = by_row == code
+        present = mask.any(axis=1).tolist()
+        out[code] = [np.flatnonzero(mask[r]) * h + r if present[r] else none for r in range(h)]
+    return out
+
+
+def unfilter(filtered: np.ndarray, out: np.ndarray) -> None:
+    """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), to the ``n x h x w``
+    pixels in ``out``: the PNG filters undone for the ``n`` images at once, row by row (None
+    and Sub need no other row and are undone for the whole batch in one step)."""
+    kinds = filtered[:, :, 0]
+    out[...] = filtered[:, :, 1:]
+    rows = out.reshape(-1, out.shape[2])  # row r of image i is rows[i * h + r]
+    sub = np.flatnonzero(kinds == _SUB)
+    if len(sub):
+        rows[sub] = np.cumsum(rows.take(sub, axis=0), axis=1, dtype=np.uint8)
+    by_number = _rows_by_number(kinds)
+    undo_by_code = ((_AVERAGE, _average_rows), (_PAETH, _paeth_rows))
+    for r in range(out.shape[1]):
+        up = by_number[_UP][r]
+        if r and len(up):  # Up on the first row adds the zeros above it
+            rows[up] += rows.take(up - 1, axis=0)
+        for code, undo in undo_by_code:
+            which = by_number[code][r]
+            if len(which):
+                here = rows.take(which, axis=0)
+                above = rows.take(which - 1, axis=0) if r else np.zeros_like(here)
+                rows[which] = undo(above, here)
+
+
+def _unfiltered(filtered: np.ndarray) -> np.ndarray:
+    n, h, w1 = filtered.shape
+    out = np.empty((n, h, w1 - 1), np.uint8)
+    unfilter(filtered, out)
+    return out
 
 
 def decode_images(
     blobs: Sequence[bytes], height: int, width: int
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """:func:`core.images.decode_each` with plain PNGs decoded by libspng: the same stack,
-    indices and errors, faster. Every other image is decoded by ``core.images``."""
+    """:func:`core.images.decode_each`, with plain PNGs inflated once and unfiltered together:
+    the same stack, indices and errors, faster. Every other image is decoded by
+    ``core.images``."""
     n = len(blobs)
     stack = np.empty((n, height, width), dtype=np.uint8)
     decoded = np.zeros(n, dtype=bool)
-    slow: list[int] = []
+    plain: list[int] = []
+    rows: list[bytes] = []
     for i, data in enumerate(blobs):
-        pixels = decode_plain_png(data, height, width) if data else None
-        if pixels is None:
-            slow.append(i)
-            continue
-        stack[i] = pixels
-        decoded[i] = True
+        raw = filtered_rows(data, height, width) if data else None
+        if raw is not None:
+            plain.append(i)
+            rows.append(raw)
+    if plain:
+        filtered = np.frombuffer(b"".join(rows), np.uint8).reshape(len(plain), height, width + 1)
+        valid = filtered[:, :, 0].max(axis=1) <= _PAETH  # any other filter byte: Pillow's error
+        if valid.all() and len(plain) == n:  # the common batch: straight into the stack
+            unfilter(filtered, stack)
+            decoded[:] = True
+        else:
+            at = np.asarray(plain)[valid]
+            stack[at] = _unfiltered(filtered[valid])
+            decoded[at] = True
     errors: dict[int, str] = {}
+    slow = np.flatnonzero(~decoded).tolist()
     if slow:
         slow_stack, slow_ok, slow_errors = images.decode_each(
             [blobs[i] for i in slow], height, width

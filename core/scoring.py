@@ -4,14 +4,18 @@ model, and the prediction of each. The arithmetic only: no files, no database, n
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from core.classifier import Classifier
-from core.defaults import CPU_SCORE_ROWS
+from core.defaults import CPU_DIFFERENCE_ELEMENTS, GPU_DIFFERENCE_ELEMENTS
+
+#: Elements of the difference tensor that :func:`distances` fills at once, per device type
+#: (``core.defaults``); any other device type gets ``GPU_DIFFERENCE_ELEMENTS``.
+DIFFERENCE_ELEMENTS = {"cpu": CPU_DIFFERENCE_ELEMENTS}
 
 #: Per thread, the difference tensor of the last call, reused while the shapes allow, so the
 #: allocator does not map and fault in a fresh one for every slice.
@@ -49,7 +53,15 @@ def scaled_pixels(stacked: torch.Tensor) -> torch.Tensor:
     flat = stacked.reshape(stacked.shape[0], -1)
     if stacked.device.type == "cpu":
         return flat.float().div_(255)
-    return pixel_table(stacked.device)[flat.long()]
+    return looked_up_pixels(flat)
+
+
+def looked_up_pixels(flat: torch.Tensor) -> torch.Tensor:
+    """``N x D`` uint8 grey levels as their :func:`pixel_table` entries. The indices are int32
+    (4 bytes a pixel; a grey level needs one byte and ``index_select`` takes int32 or int64),
+    and the table is read with one gather."""
+    index = flat.reshape(-1).int()
+    return pixel_table(flat.device).index_select(0, index).reshape(flat.shape)
 
 
 def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +69,15 @@ def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torc
 
     ``x`` is ``N x D`` floats in 0-1, ``ideals`` is ``K x D``; both results are ``N x K``.
     Broadcasting ``N x 1 x D`` against ``1 x K x D``, done in chunks so that the temporary
-    difference tensor stays under about 64 MB whatever the batch size. The difference is
-    written into a buffer kept for the next call, made absolute and then squared in place
-    (``|d| * |d|`` is ``d * d`` exactly): no temporary per chunk, the same bits.
+    difference tensor holds at most :data:`DIFFERENCE_ELEMENTS` whatever the batch size. The
+    difference is written into a buffer kept for the next call, made absolute and then
+    squared in place (``|d| * |d|`` is ``d * d`` exactly): no temporary per chunk, the same
+    bits.
     """
     n, d = x.shape
     k = ideals.shape[0]
-    chunk = max(1, (16 * 1024 * 1024) // max(1, k * d))
+    budget = DIFFERENCE_ELEMENTS.get(x.device.type, GPU_DIFFERENCE_ELEMENTS)
+    chunk = max(1, budget // max(1, k * d))
     l1 = torch.empty((n, k), dtype=x.dtype, device=x.device)
     l2 = torch.empty((n, k), dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
@@ -117,20 +131,17 @@ def score_tensor(classifier: Classifier, stacked: torch.Tensor) -> Scores:
 
 
 def to_device(stack: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host stack to the scoring device; on CUDA through pinned memory, without blocking."""
+    """Host stack to the scoring device: on the CPU the NumPy buffer itself, elsewhere one
+    plain copy. Pinning would cost a page-locked buffer and a host copy per batch and buy
+    nothing: the first kernel needs the pixels at once, and a batch's 3 MiB are a small part
+    of decoding it."""
     tensor = torch.from_numpy(stack)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+    if device.type == "cpu":
+        return tensor
+    return tensor.to(device)
 
 
 def score_stack(classifier: Classifier, stack: np.ndarray, device: torch.device) -> Scores:
     """Score a host ``N x H x W`` uint8 stack on ``device`` (where the classifier already
-    is): on the CPU in slices of ``CPU_SCORE_ROWS`` images, elsewhere all at once."""
-    if device.type != "cpu" or len(stack) <= CPU_SCORE_ROWS:
-        return score_tensor(classifier, to_device(stack, device))
-    parts = [
-        score_tensor(classifier, torch.from_numpy(stack[i : i + CPU_SCORE_ROWS]))
-        for i in range(0, len(stack), CPU_SCORE_ROWS)
-    ]
-    return Scores(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Scores)))
+    is), all at once: :func:`distances` keeps its temporaries small."""
+    return score_tensor(classifier, to_device(stack, device))

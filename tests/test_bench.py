@@ -13,12 +13,24 @@ import uuid
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from sqlalchemy import text
 
-from bench import common, dataset, naive_celery, plain_script, report, runners, system
-from core import fast_decode, images
+from bench import (
+    common,
+    dataset,
+    naive_celery,
+    plain_script,
+    previous_decode,
+    report,
+    runners,
+    system,
+)
+from core import fast_decode, images, scoring
 from db.session import dispose_engines, get_engine
+from producer.sample_data import load_digits
 from producer.submit import EmbeddedSender, submit_directory
 from tests.conftest import REDIS_DB, ROOT
 from tests.test_results import save
@@ -43,17 +55,52 @@ def db_rows(url: str, run_id: int) -> dict[str, tuple]:
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
-def test_plain_script_and_the_batch_function_give_identical_predictions(
+def plain_csv(root: Path, classifier, tmp_path: Path) -> dict[str, tuple]:
+    """The plain script's CSV of ``root``, the model exported as the benchmark exports it."""
+    model = plain_script.load_model(str(common.export_model(classifier, tmp_path / "m.npz")))
+    out = tmp_path / f"plain-{uuid.uuid4().hex[:6]}.csv"
+    assert plain_script.score_directory(str(root), str(out), model) > 0
+    return csv_rows(out)
+
+
+def assert_same_predictions(got: dict[str, tuple], plain: dict[str, tuple]) -> None:
+    """The same labels and predictions; NumPy's float32 sums are not torch's, so distances
+    and probabilities agree to float32 precision."""
+    assert got.keys() == plain.keys()
+    for path, row in got.items():
+        assert row[:4] == plain[path][:4], path
+        assert row[4:] == pytest.approx(plain[path][4:], rel=2e-5), path
+
+
+def test_plain_script_and_the_batch_function_give_the_same_predictions(
     sample_dir, sqlite_url, classifier, tmp_path
 ):
     root = sample_dir / "valid"
-    assert plain_script.score_directory(root, tmp_path / "out.csv", classifier) == 200
-    plain = csv_rows(tmp_path / "out.csv")
+    plain = plain_csv(root, classifier, tmp_path)
+    assert len(plain) == 200
     engine = get_engine(sqlite_url)
     model_id = save(engine, classifier)
     sub = submit_directory(engine, root, model_id, EmbeddedSender(engine, classifier))
     assert sub.status == "done"
-    assert db_rows(sqlite_url, sub.run_id) == plain  # floats too, bit for bit
+    assert_same_predictions(db_rows(sqlite_url, sub.run_id), plain)
+
+
+def test_the_plain_script_runs_alone_on_numpy_and_pillow(sample_dir, classifier, tmp_path):
+    """A fresh process, the model from an .npz: no torch and nothing of the project loaded."""
+    model = common.export_model(classifier, tmp_path / "m.npz")
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__'); "
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('torch', 'core', 'db', 'worker', 'producer', 'bench')); "
+             "assert not bad, bad")
+    script = ROOT / "bench" / "plain_script.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(script), str(sample_dir / "valid"), str(model),
+         str(tmp_path / "out.csv")], capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["images"] == 200
+    assert csv_rows(tmp_path / "out.csv") == plain_csv(sample_dir / "valid", classifier, tmp_path)
 
 
 def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifier, tmp_path,
@@ -71,17 +118,12 @@ def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifi
     files = sorted((sample_dir / "valid").rglob("*.png"))[:20]
     for f in files:
         naive_celery.score_image(str(f))  # the task's function, called directly
-    plain_script.score_directory(sample_dir / "valid", tmp_path / "out.csv", classifier)
-    plain = csv_rows(tmp_path / "out.csv")
+    plain = plain_csv(sample_dir / "valid", classifier, tmp_path)
     with sqlite3.connect(results) as db:
         got = {Path(r[0]).relative_to(sample_dir / "valid").as_posix(): tuple(r[1:])
                for r in db.execute("SELECT * FROM results")}
-    # One image at a time multiplies a 1-row matrix, whose last bits differ from a stack's:
-    # the predictions and distances are equal, the SGD probability to float32 precision.
     assert len(got) == 20
-    for path, row in got.items():
-        assert row[:6] == plain[path][:6], path
-        assert row[6] == pytest.approx(plain[path][6], rel=1e-6), path
+    assert_same_predictions(got, {path: plain[path] for path in got})
 
 
 def test_image_sets_hold_real_digits_in_class_folders_and_are_reused(tmp_path):
@@ -100,10 +142,27 @@ def test_image_sets_hold_real_digits_in_class_folders_and_are_reused(tmp_path):
     assert files[0].stat().st_mtime_ns == first
 
 
-def test_decode_score_rate_runs_both_decoders(sample_dir, classifier):
+def test_decode_score_split_runs_every_decoder(sample_dir, classifier):
     blobs = [f.read_bytes() for f in sorted((sample_dir / "valid").rglob("*.png"))]
-    for decoder in (images.decode_each, fast_decode.decode_images):
-        assert runners.decode_score_rate(blobs, classifier, "cpu", decoder, batch=64) > 0
+    decoders = [images.decode_each, fast_decode.decode_images]
+    if previous_decode.pyspng is not None:  # the previous decoder, kept for one release
+        decoders.append(previous_decode.decode_images)
+        previous = previous_decode.decode_images(blobs, 28, 28)[0]
+        assert np.array_equal(previous, fast_decode.decode_images(blobs, 28, 28)[0])
+    for decoder in decoders:
+        split = runners.decode_score_split(blobs, classifier, "cpu", decoder, batch=64)
+        assert split["rate"] == pytest.approx(1e6 / (split["decode_us"] + split["score_us"]))
+        assert split["decode_us"] > 0 and split["score_us"] > 0
+
+
+def test_the_previous_scoring_gives_todays_scores(classifier):
+    """The previous way (slices of 256, one difference tensor a slice) scores as today."""
+    stack = load_digits()[0][:600]
+    before = previous_decode.score_stack(classifier, stack, torch.device("cpu"))
+    now = scoring.score_stack(classifier, stack, torch.device("cpu"))
+    for f in ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd"):
+        assert torch.equal(getattr(before, f), getattr(now, f)), f
+    assert scoring.DIFFERENCE_ELEMENTS["cpu"] < scoring.GPU_DIFFERENCE_ELEMENTS  # restored
 
 
 def test_the_producer_wrapper_records_the_walk_start_and_peak_memory(
@@ -173,11 +232,11 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
         system.delete_queue(f"{redis_server}/{REDIS_DB}", queue)
     assert result.n_images == 200 and 0 < result.seconds < 60 and result.rate > 0
     assert memory["worker_pool_mib"] > 20 and memory["worker_main_mib"] > 20
-    plain_script.score_directory(sample_dir / "valid", tmp_path / "out.csv", classifier)
-    assert db_rows(sqlite_url, result.run_id) == csv_rows(tmp_path / "out.csv")
+    plain = plain_csv(sample_dir / "valid", classifier, tmp_path)
+    assert_same_predictions(db_rows(sqlite_url, result.run_id), plain)
     # the queue-full measurement scores the same images, in a run of its own
     assert full.run_id == result.run_id + 1 and full.n_images == 200 and full.seconds > 0
-    assert db_rows(sqlite_url, full.run_id) == csv_rows(tmp_path / "out.csv")
+    assert_same_predictions(db_rows(sqlite_url, full.run_id), plain)
 
 
 def test_report_bench_copies_a_run_with_its_counts_and_mistakes(

@@ -1,20 +1,26 @@
-"""The faster paths of a batch give what the plain ones gave: scoring in slices, labels per
-folder, bulk writes of new rows only, and run counts and accuracies kept by adding each
-batch's new rows (no aggregate over the run's rows)."""
+"""The faster paths of a batch give what the plain ones gave: decoding once and scoring in
+slices (the shipped digits' predictions bit for bit those of the plain arithmetic), the GPU
+path's int32 look-up and plain copy, labels per folder, bulk writes of new rows only, and run
+counts and accuracies kept by adding each batch's new rows (no aggregate over the run's
+rows)."""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
-from core.batch import labels_for
+from bench.dataset import encoded_digits
+from core import scoring
+from core.batch import labels_for, score_images
+from core.fast_decode import decode_images
 from core.rows import label_for
-from core.scoring import CPU_SCORE_ROWS, Scores, score_stack, score_tensor
+from core.scoring import Scores, score_stack, to_device
 from db import batch_life, queries
 from db.bulk import insert_new_rows
 from db.models import predictions
@@ -26,15 +32,91 @@ from tests.test_results import RECOMPUTE, save
 FIELDS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
 
-def test_scoring_in_slices_equals_scoring_at_once_bit_for_bit(classifier):
+def plain_scores(classifier, stack: np.ndarray) -> dict[str, torch.Tensor]:
+    """The scoring arithmetic written out plainly, 500 images at a time, no buffers kept."""
+    x = torch.from_numpy(stack).reshape(len(stack), -1).float() / 255
+    ideals = classifier.ideals.reshape(classifier.ideals.shape[0], -1)
+    parts = [x[i : i + 500, None, :] - ideals[None] for i in range(0, len(x), 500)]
+    l1 = torch.cat([d.abs().mean(-1) for d in parts])
+    l2 = torch.cat([(d * d).mean(-1).sqrt() for d in parts])
+    probs = torch.softmax(x @ classifier.weights + classifier.bias, dim=1)
+    (d1, p1), (d2, p2), (pr, ps) = l1.min(1), l2.min(1), probs.max(1)
+    return {"pred_l1": p1, "pred_l2": p2, "pred_sgd": ps, "dist_l1": d1, "dist_l2": d2,
+            "prob_sgd": pr}
+
+
+def test_the_5000_shipped_digits_decode_and_score_as_the_plain_arithmetic(classifier):
+    """The files decoded once on the fast path are the digits' own pixels (PNG is lossless),
+    and a worker's scoring of them is the plain arithmetic's, bit for bit."""
+    digits = load_digits()[0]
+    blobs, _labels = encoded_digits()
+    with torch.inference_mode(False):
+        stack, ok, errors = decode_images(blobs, 28, 28)
+        assert ok == list(range(5000)) and not errors and np.array_equal(stack, digits)
+        got = score_stack(classifier, stack, torch.device("cpu"))
+        want = plain_scores(classifier, digits)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), want[f]), f
+    rows = score_images(classifier, [f"{i % 10}/{i}.png" for i in range(5000)], blobs)
+    classes = classifier.classes
+    assert [r["pred_sgd"] for r in rows] == [classes[k] for k in want["pred_sgd"].tolist()]
+
+
+def test_scoring_in_difference_chunks_is_the_plain_arithmetic_at_every_size(classifier):
+    """Every batch size around the chunk of the difference tensor scores bit for bit as the
+    plain arithmetic does."""
     images = load_digits()[0]
-    for n in (1, CPU_SCORE_ROWS - 1, CPU_SCORE_ROWS, CPU_SCORE_ROWS + 1, 512, 1000):
-        stack = images[:n]
-        sliced = score_stack(classifier, stack, torch.device("cpu"))
-        whole = score_tensor(classifier, torch.from_numpy(stack))
-        assert isinstance(sliced, Scores) and len(sliced) == n
+    chunk = scoring.DIFFERENCE_ELEMENTS["cpu"] // (10 * 28 * 28)
+    for n in (1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, 1000):
+        got, want = score_stack(classifier, images[:n], torch.device("cpu")), plain_scores(
+            classifier, images[:n])
+        assert isinstance(got, Scores) and len(got) == n
         for f in FIELDS:
-            assert torch.equal(getattr(sliced, f), getattr(whole, f)), (n, f)
+            assert torch.equal(getattr(got, f), want[f]), (n, f)
+
+
+def test_the_difference_buffer_is_kept_and_sized_for_the_cache(classifier):
+    images = load_digits()[0][:1000]
+    score_stack(classifier, images, torch.device("cpu"))
+    kept = scoring._scratch.diff
+    score_stack(classifier, images[:700], torch.device("cpu"))
+    assert scoring._scratch.diff is kept  # reused, not made again
+    assert kept.numel() <= scoring.DIFFERENCE_ELEMENTS["cpu"] < 1000 * kept[0].numel()
+
+
+def test_a_gpu_batch_is_looked_up_through_int32_indices(monkeypatch):
+    """On a device other than the CPU (the meta device stands in for CUDA: same code, no
+    data), the grey levels are looked up with int32 indices, never int64; on the CPU the same
+    look-up gives the CPU's quotients."""
+    seen: list[torch.dtype] = []
+    real = torch.Tensor.index_select
+
+    def index_select(self, dim, index):
+        seen.append(index.dtype)
+        return real(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
+    monkeypatch.setattr(torch.Tensor, "long", lambda self: pytest.fail("int64 indices"))
+    stand_in = torch.empty((4096, 28, 28), dtype=torch.uint8, device="meta")
+    x = scoring.scaled_pixels(stand_in)
+    assert (x.device.type, x.dtype, x.shape) == ("meta", torch.float32, (4096, 784))
+    levels = torch.arange(256, dtype=torch.uint8).reshape(2, 128)
+    assert torch.equal(scoring.looked_up_pixels(levels), levels.float().div_(255))
+    assert seen == [torch.int32, torch.int32]
+
+
+def test_a_gpu_batch_is_copied_once_and_never_pinned(monkeypatch):
+    """The host stack goes to the device in one plain copy: no page-locked buffer a batch.
+    ``Tensor.to`` stands in for the copy to CUDA."""
+    copies: list[tuple] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda *a, **k: pytest.fail("pinned"))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or self)
+    stack = load_digits()[0][:8]
+    tensor = to_device(stack, torch.device("cuda:0"))
+    assert copies == [((torch.device("cuda:0"),), {})]
+    assert torch.equal(tensor, torch.from_numpy(stack))
+    assert to_device(stack, torch.device("cpu")).data_ptr() == stack.ctypes.data
+    assert len(copies) == 1
 
 
 def test_labels_per_folder_equal_label_for_each_path():
