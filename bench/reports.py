@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: the project root is the parent
 from sqlalchemy import Engine, text  # noqa: E402
 
 from bench import common, dataset  # noqa: E402
+from core import defaults  # noqa: E402
 from core.rows import PREDICTORS  # noqa: E402
 from db import batch_life, mistakes, queries, reads, views  # noqa: E402
 from db.batch_life import poison_rows  # noqa: E402
@@ -109,7 +110,7 @@ def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
                 f"FROM {table} WHERE run_id = :seed"
             ), k)
         for p in PREDICTORS:  # the kept mistakes: the first of the copies, by key and path
-            rows = conn.execute(mistakes.scan_query(run_id, p, mistakes.KEPT)).mappings()
+            rows = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
             for r in rows:
                 conn.execute(text(
                     "INSERT INTO run_mistakes (run_id, predictor, path, rank_key) "
