@@ -69,6 +69,11 @@ def seed_run(engine: Engine, clf: Any, model_id: int, root: Path) -> int:
     return sub.run_id
 
 
+_BATCH_COLUMNS = (
+    "paths, n_images, n_bytes, status, deliveries, enqueued_at, finished_at, n_scored, "
+    "n_failed, n_labelled, n_correct_l1, n_correct_l2, n_correct_sgd, n_agree, n_agree_l1_l2, "
+    "n_agree_l1_sgd, n_agree_l2_sgd, prob_sgd_bins"
+)
 _COPIES = "WITH RECURSIVE k(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM k WHERE n < :last) "
 _ROW_COLUMNS = (
     "label, pred_l1, pred_l2, pred_sgd, dist_l1, dist_l2, prob_sgd, error, scored_at"
@@ -76,7 +81,7 @@ _ROW_COLUMNS = (
 
 
 def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
-    """A done run of ``copies`` copies of the seed's rows, batches and counts."""
+    """A done run of ``copies`` copies of the seed's rows, batches and their counts."""
     k = {"seed": seed, "k": copies, "last": copies - 1}
     with engine.begin() as conn:
         n_seq = queries.next_batch_seq(conn, seed)
@@ -92,10 +97,9 @@ def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
         ), {**k, "src": str(source_dir), "token": uuid.uuid4().hex}).scalar_one()
         k["run"] = run_id
         conn.execute(text(
-            _COPIES + "INSERT INTO batches (run_id, seq, paths, n_images, n_bytes, status, "
-            "deliveries, enqueued_at, finished_at) SELECT :run, b.seq + k.n * :n_seq, "
-            "b.paths, b.n_images, b.n_bytes, b.status, b.deliveries, b.enqueued_at, "
-            "b.finished_at FROM batches b, k WHERE b.run_id = :seed"
+            _COPIES + f"INSERT INTO batches (run_id, seq, {_BATCH_COLUMNS}) SELECT :run, "
+            f"b.seq + k.n * :n_seq, {', '.join('b.' + c for c in _BATCH_COLUMNS.split(', '))} "
+            "FROM batches b, k WHERE b.run_id = :seed"
         ), {**k, "n_seq": n_seq})
         conn.execute(text(
             _COPIES + f"INSERT INTO predictions (run_id, batch_seq, path, {_ROW_COLUMNS}) "
@@ -103,12 +107,16 @@ def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
             f"{', '.join('p.' + c for c in _ROW_COLUMNS.split(', '))} "
             "FROM predictions p, k WHERE p.run_id = :seed ORDER BY k.n, p.path"
         ), {**k, "n_seq": n_seq})
-        for table, key in (("run_counts", "predictor, label, predicted"),
-                           ("run_failures", "error")):
+        for table, key in (("batch_counts", "predictor, label, predicted"),
+                           ("batch_failures", "error")):
             conn.execute(text(
-                f"INSERT INTO {table} (run_id, {key}, n) SELECT :run, {key}, n * :k "
-                f"FROM {table} WHERE run_id = :seed"
-            ), k)
+                _COPIES + f"INSERT INTO {table} (run_id, batch_seq, {key}, n) SELECT :run, "
+                f"batch_seq + k.n * :n_seq, {key}, n FROM {table}, k WHERE run_id = :seed"
+            ), {**k, "n_seq": n_seq})
+        for r in conn.execute(mistakes.unsure_scan_query(run_id, mistakes.KEPT)).mappings():
+            conn.execute(text(
+                "INSERT INTO run_unsure (run_id, path, prob_sgd) VALUES (:run, :path, :p)"
+            ), {"run": run_id, "path": r["path"], "p": r["prob_sgd"]})
         for p in PREDICTORS:  # the kept mistakes: the first of the copies, by key and path
             rows = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
             for r in rows:

@@ -1,30 +1,41 @@
-"""Rows per second stored into one run on PostgreSQL by 1, 2 and 4 writer processes at once.
+"""Rows per second the project stores on PostgreSQL, beside what a bare COPY takes there.
 
-    python -m bench.run_writers [--writers 1 2 4] [--batches 24] [--batch-size 4096]
+    python -m bench.run_writers [--writers 1 4] [--batches 24] [--batch-size 4096] [--repeat 3]
 
-Each writer is a process calling ``db.batch_life.store_batch`` on batches of ready-made
-rows (no decoding, no scoring), so the figure is how fast one run's results can be written.
+In each round, in turn: 1 and 4 writer processes storing batches of one run with
+``db.batch_life.store_batch`` (ready-made rows: no decoding, no scoring), 4 writers of 4
+different runs, and the same numbers of processes COPYing the same rows, a batch a
+transaction, into ``bare_predictions``: a logged table of the same columns with no key, no
+index and no foreign key (binary COPY from tuples made beforehand: the fastest a plain script
+writes). Each figure is the median of the rounds, and each ratio is the project's rate over
+the bare rate of the same number of writers in the same round, so that the machine's load
+falls on both.
+
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
-``pg_stat_activity``) that found one waiting for a lock. Needs the PostgreSQL of
-``--postgres-url``; a database of its own is created and dropped.
+``pg_stat_activity``) that found one waiting for a lock. ``--sqlite`` also times one writer
+on a SQLite file. Needs the PostgreSQL of ``--postgres-url``; a database of its own is
+created and dropped.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import tempfile
 import threading
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import postgres_database, store_model, train_classifier
-from core.rows import PredictionRow
+from bench.common import postgres_database, sqlite_url, store_model, train_classifier
+from core.rows import ROW_KEYS, PredictionRow
 from db.batch_life import record_batch, store_batch
-from db.queries import create_run
-from db.session import dispose_engines, get_engine
+from db.queries import create_run, finish_submission
+from db.session import dispose_engines, get_engine, normalize_url
 
 
 def batch_rows(seq: int, size: int) -> list[PredictionRow]:
@@ -33,100 +44,212 @@ def batch_rows(seq: int, size: int) -> list[PredictionRow]:
         label = str(i % 10)
         rows.append({
             "path": f"d{seq}/img{i:05d}.png", "label": label, "pred_l1": label,
-            "pred_l2": label, "pred_sgd": str((i + 1) % 10), "dist_l1": 0.1, "dist_l2": 0.2,
-            "prob_sgd": 0.9, "error": None,
+            "pred_l2": label, "pred_sgd": str((i + 1) % 10), "dist_l1": 0.1 + i / size,
+            "dist_l2": 0.2, "prob_sgd": 0.9 - i / size / 2, "error": None,
         })  # fmt: skip
     return rows
 
 
-def _write(url: str, run_id: int, seqs: list[int], size: int, ready: Any) -> None:
-    prepared = [(seq, batch_rows(seq, size)) for seq in seqs]
+def _write(url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: Any) -> None:
+    """Store each (run, batch) of ``jobs`` with the project's code; put the wall-clock
+    times of the first write's start and the last commit's end in ``times``."""
+    prepared = [(run_id, seq, batch_rows(seq, size)) for run_id, seq in jobs]
     engine = get_engine(url)
     with engine.connect():
         pass  # connected, schema checked: only the writes are timed
     ready.wait()  # every writer begins at once
-    for seq, rows in prepared:
+    start = time.time()
+    for run_id, seq, rows in prepared:
         store_batch(engine, run_id, seq, rows)
+    times.put((start, time.time()))
     dispose_engines()
 
 
+BARE_TABLE = (
+    "CREATE TABLE IF NOT EXISTS bare_predictions (run_id int NOT NULL, batch_seq int NOT NULL, "
+    "path text NOT NULL, label text, pred_l1 text, pred_l2 text, pred_sgd text, dist_l1 float8, "
+    "dist_l2 float8, prob_sgd float8, error text, scored_at timestamptz NOT NULL)"
+)
+_BARE_TYPES = ["int4", "int4", "text", "text", "text", "text", "text", "float8", "float8",
+               "float8", "text", "timestamptz"]
+
+
+def _copy_bare(
+    url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: Any
+) -> None:
+    """COPY the same rows into ``bare_predictions``, a batch a transaction: the floor."""
+    import psycopg
+
+    at = datetime.now(timezone.utc)
+    prepared = [
+        [(run_id, seq, *(r[k] for k in ROW_KEYS), at)  # type: ignore[literal-required]
+         for r in batch_rows(seq, size)]
+        for run_id, seq in jobs
+    ]
+    dsn = normalize_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as conn:
+        ready.wait()
+        start = time.time()
+        for rows in prepared:
+            with conn.cursor() as cursor, cursor.copy(
+                "COPY bare_predictions FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(_BARE_TYPES)
+                for row in rows:
+                    copy.write_row(row)
+            conn.commit()
+        times.put((start, time.time()))
+
+
 _SAMPLE = text(
-    "SELECT COUNT(*) FILTER (WHERE wait_event_type = 'Lock'), COUNT(*) FROM pg_stat_activity "
-    "WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()"
+    "SELECT wait_event_type = 'Lock' AND wait_event <> 'extend', wait_event = 'extend' "
+    "FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+    "AND pid <> pg_backend_pid()"
 )
 
 
 def _sample_lock_waits(url: str, stop: threading.Event, counts: list[int]) -> None:
     """Every 10 ms until ``stop``: add to ``counts`` the writers' sessions waiting for a lock
-    and the writers' sessions at work."""
+    on a row or transaction, those waiting to extend a table (which a bare COPY of several
+    writers into one table waits for too), and the writers' sessions at work."""
     with get_engine(url).connect() as conn:
         while not stop.is_set():
-            waiting, active = conn.execute(_SAMPLE).one()
+            for lock, extend in conn.execute(_SAMPLE):
+                counts[0] += bool(lock)
+                counts[1] += bool(extend)
+                counts[2] += 1
             conn.rollback()
-            counts[0] += waiting
-            counts[1] += active
             time.sleep(0.01)
 
 
-def measure(
-    url: str, model_id: int, writers: int, batches: int, size: int
-) -> tuple[float, float]:
-    """Rows per second into one fresh run with ``writers`` processes sharing ``batches``, and
-    the share of samples of working writers that found one waiting for a lock."""
+def new_runs(url: str, model_id: int, n_runs: int, batches: int, size: int) -> list[int]:
+    """``n_runs`` runs sharing ``batches`` recorded batches, each run's submission finished
+    (so that every writer settles as in a real run)."""
     engine = get_engine(url)
+    ids = []
     with engine.begin() as conn:
-        run_id, _token = create_run(conn, model_id, "/bench", "celery")
-        for seq in range(batches):
-            record_batch(conn, run_id, seq, [f"d{seq}/img{i:05d}.png" for i in range(size)], 0)
+        for r in range(n_runs):
+            run_id, _token = create_run(conn, model_id, "/bench", "celery")
+            for seq in range(r, batches, n_runs):
+                record_batch(conn, run_id, seq, [f"d{seq}/img{i:05d}.png" for i in range(size)],
+                             0)
+            ids.append(run_id)
+    for r, run_id in enumerate(ids):
+        finish_submission(engine, run_id, len(range(r, batches, n_runs)) * size, 0)
+    return ids
+
+
+def measure(
+    url: str, target: Any, jobs: list[list[tuple[int, int]]], size: int
+) -> tuple[float, tuple[float, float]]:
+    """Rows per second of one process per share of ``jobs`` running ``target``, from the
+    first write's start to the last commit (each process's own clock readings: a process's
+    exit is not timed), and the share of samples of working writers that found one waiting
+    for a lock."""
     dispose_engines()
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Barrier(writers + 1)
-    procs = [
-        ctx.Process(target=_write, args=(url, run_id, list(range(w, batches, writers)), size,
-                                         ready))
-        for w in range(writers)
-    ]
+    ctx = multiprocessing.get_context("fork")  # the children start with the imports made
+    ready = ctx.Barrier(len(jobs) + 1)
+    times = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(url, share, size, ready, times))
+             for share in jobs]
     for p in procs:
         p.start()
-    stop, counts = threading.Event(), [0, 0]
+    stop, counts = threading.Event(), [0, 0, 0]
     sampler = threading.Thread(target=_sample_lock_waits, args=(url, stop, counts))
-    sampler.start()
+    if url.startswith("postgresql"):
+        sampler.start()
     ready.wait()  # every writer has its rows and its connection
-    start = time.time()
+    spans = [times.get(timeout=600) for _ in procs]
+    stop.set()
     for p in procs:
         p.join()
         if p.exitcode:
             raise RuntimeError(f"a writer exited with {p.exitcode}")
-    elapsed = time.time() - start
-    stop.set()
-    sampler.join()
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    if sampler.is_alive():
+        sampler.join()
+    n_rows = sum(map(len, jobs)) * size
+    active = max(1, counts[2])
+    return n_rows / elapsed, (counts[0] / active, counts[1] / active)
+
+
+def product(url: str, model_id: int, writers: int, n_runs: int, batches: int,
+            size: int) -> tuple[float, tuple[float, float]]:
+    ids = new_runs(url, model_id, n_runs, batches, size)
+    jobs: list[list[tuple[int, int]]] = [[] for _ in range(writers)]
+    for seq in range(batches):
+        jobs[seq % writers].append((ids[seq % n_runs], seq))
+    rate, waits = measure(url, _write, jobs, size)
     with get_engine(url).connect() as conn:
-        n = conn.execute(text("SELECT n_scored FROM runs WHERE id = :r"), {"r": run_id}).scalar()
-    assert n == batches * size, (n, batches * size)
-    return batches * size / elapsed, counts[0] / max(1, counts[1])
+        for run_id in ids:
+            status, n = conn.execute(text("SELECT status, n_scored FROM runs WHERE id = :r"),
+                                     {"r": run_id}).one()
+            assert status == "done" and n == batches // n_runs * size, (run_id, status, n)
+    return rate, waits
+
+
+def bare(url: str, writers: int, batches: int, size: int) -> tuple[float, tuple[float, float]]:
+    with get_engine(url).begin() as conn:
+        conn.execute(text(BARE_TABLE))
+        conn.execute(text("TRUNCATE bare_predictions"))
+    jobs = [[(0, seq) for seq in range(w, batches, writers)] for w in range(writers)]
+    return measure(url, _copy_bare, jobs, size)
+
+
+def sqlite_rate(model_id_url: tuple[int, str], batches: int, size: int) -> float:
+    model_id, url = model_id_url
+    ids = new_runs(url, model_id, 1, batches, size)
+    return measure(url, _write, [[(ids[0], seq) for seq in range(batches)]], size)[0]
+
+
+def _line(name: str, rounds: list[tuple[float, tuple[float, float], float | None]]) -> str:
+    """One line of medians over the rounds (the rounds in brackets)."""
+    def mid(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    rates = [r for r, _, _ in rounds]
+    out = f"{name}: {mid(rates):,.0f} rows/s ({', '.join(f'{r:,.0f}' for r in rates)})"
+    ratios = [x for _, _, x in rounds if x is not None]
+    if ratios:
+        out += f"; {mid(ratios):.2f} of bare ({', '.join(f'{x:.2f}' for x in ratios)})"
+    locks, extends = [w[0] for _, w, _ in rounds], [w[1] for _, w, _ in rounds]
+    return out + (f"; waiting for a row/transaction lock in {mid(locks):.1%} of samples, "
+                  f"to extend the table in {mid(extends):.1%}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--writers", type=int, nargs="+", default=[1, 4])
     p.add_argument("--batches", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--sqlite", action="store_true", help="also one writer on a SQLite file")
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = p.parse_args(argv)
-    with postgres_database(args.postgres_url) as url:
-        model_id = store_model(url, train_classifier())
-        for writers in args.writers:
-            found = [
-                measure(url, model_id, writers, args.batches, args.batch_size)
-                for _ in range(args.repeat)
-            ]
-            rates = sorted(rate for rate, _ in found)
-            waits = sorted(wait for _, wait in found)
-            print(f"{writers} writer(s): median {rates[len(rates) // 2]:,.0f} rows/s "
-                  f"(rounds {', '.join(f'{r:,.0f}' for r in rates)}); waiting for a lock in "
-                  f"{waits[len(waits) // 2]:.0%} of samples (rounds "
-                  f"{', '.join(f'{w:.0%}' for w in waits)})")
+    clf = train_classifier()
+    found: dict[str, list[Any]] = {}
+    with postgres_database(args.postgres_url) as url, tempfile.TemporaryDirectory() as tmp:
+        model_id = store_model(url, clf)
+        lite = sqlite_url(Path(tmp) / "bench.db")
+        lite_model = store_model(lite, clf) if args.sqlite else 0
+        for _ in range(args.repeat):
+            for w in args.writers:
+                shapes = [(f"{w} writer(s) of one run", 1)]
+                if w > 1:
+                    shapes.append((f"{w} writers of {w} runs", w))
+                base, waits = bare(url, w, args.batches, args.batch_size)
+                found.setdefault(f"bare COPY, {w} writer(s)", []).append((base, waits, None))
+                for name, n_runs in shapes:
+                    rate, waits = product(url, model_id, w, n_runs, args.batches,
+                                          args.batch_size)
+                    found.setdefault(name, []).append((rate, waits, rate / base))
+            if args.sqlite:
+                found.setdefault("SQLite, 1 writer", []).append(
+                    (sqlite_rate((lite_model, lite), args.batches, args.batch_size), (0, 0),
+                     None))
+        dispose_engines()
+    for name, rounds in found.items():
+        print(_line(name, rounds))
 
 
 if __name__ == "__main__":

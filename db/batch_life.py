@@ -3,8 +3,10 @@
 - **recorded** by its producer before it is sent (:func:`record_batch`): its paths, in order;
 - **claimed** by a worker that got its message (:func:`claim_batch`): skip it, give it up as
   poison, or score it, decided from the database alone and before any model is loaded;
-- **stored** once scored (:func:`store_batch`): its rows, the batch ``done`` and the run's
-  counts, in one transaction;
+- **stored** once scored (:func:`store_batch`): the batch claimed ``done`` first (its row
+  alone locked: a second delivery storing it at the same moment waits, then writes nothing),
+  its rows and its counts (on rows of its own), in one transaction; then its run settled if
+  this may be its last batch;
 - a **failed delivery** counted (:func:`count_failed_delivery`) when a worker process died
   holding it, its model could not be loaded or scoring it failed; after
   :data:`~core.defaults.MAX_DELIVERIES` of them the next claim says ``poison``, and the batch
@@ -25,17 +27,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from core import defaults
 from core.errors import MessageError, RunNotFound
 from core.rows import PredictionRow, label_for, unscored_row
 from core.storage import classes_from_json
-from db.bulk import insert_new_rows
-from db.counts import count_rows
+from db.bulk import stored_paths, write_predictions
+from db.counts import count_rows, write_counts
 from db.mistakes import keep_mistakes
 from db.models import batches, models, runs, utcnow
-from db.queries import RUN_COUNTS, add_to_run
+from db.queries import settle_run
 
 
 class RunMismatch(MessageError):
@@ -202,36 +205,87 @@ def store_batch(
     batch_status: str = "done",
     deliveries: int = 0,
 ) -> int:
-    """Insert a batch's prediction rows (each a dict of ``predictions`` columns); returns how many
-    were new. One transaction: insert the rows whose path is new (in bulk, see db/bulk.py),
-    mark the batch (adding ``deliveries`` to its delivery count), then lock the run, count
-    the new rows into it (see ``db.queries.add_to_run``) and keep those among its most
-    confident mistakes (db/mistakes.py).
+    """Store a batch's prediction rows (the first of a path repeated in ``rows``) and mark
+    the batch ``batch_status``, adding ``deliveries`` to its delivery count; return how many
+    rows were written: 0 when the batch was stored already.
 
-    The run is locked last, for the count alone: the writers of one run insert their rows
-    side by side and queue only for the few statements that end each transaction, so every
-    count still sees every earlier commit. (On PostgreSQL the lock is ``FOR NO KEY UPDATE``,
-    which the foreign-key checks of another writer's rows do not wait for; on SQLite the
-    transaction holds the database's write lock from its start anyway.) The order is the
-    same in every writer, rows then run, so no two writers can wait for each other.
-    """
+    The rows are written as they are, with no look-up; should the unique index on
+    (run_id, path) refuse one (a path stored by another batch of the run, which the producer
+    never sends), the transaction is tried again writing only the paths the run lacks. Then
+    the run is settled (:func:`settle_run`) if this batch may be its first or its last, or
+    was stored already."""
+    rows = _first_of_each_path(rows)
+    look_up = False
+    while True:
+        try:
+            with engine.begin() as conn:
+                stored = write_batch(
+                    conn, run_id, batch_seq, rows, batch_status, deliveries, look_up
+                )
+            break
+        except IntegrityError:
+            if look_up:
+                raise
+            look_up = True
+    # stored already: perhaps by a writer that died between its commit and the settling
+    n_new, status, n_images = stored or (0, "queued", 0)
+    if status == "queued" or (n_images is not None and status != "done"):
+        with engine.begin() as conn:
+            settle_run(conn, run_id, queued=status == "queued")
+    return n_new
+
+
+def _first_of_each_path(rows: Sequence[PredictionRow]) -> Sequence[PredictionRow]:
+    if len({r["path"] for r in rows}) == len(rows):
+        return rows
+    first = {}
+    for r in rows:
+        first.setdefault(r["path"], r)
+    return list(first.values())
+
+
+def write_batch(
+    conn: Connection,
+    run_id: int,
+    seq: int,
+    rows: Sequence[PredictionRow],
+    batch_status: str = "done",
+    deliveries: int = 0,
+    look_up: bool = False,
+) -> tuple[int, str, int | None] | None:
+    """Mark batch ``seq`` stored and write its rows (those the run lacks, if ``look_up``)
+    and counts, in the caller's transaction: ``(rows written, the run's status and
+    n_images)``, or ``None`` if the batch is stored already."""
     now = utcnow()
-    with engine.begin() as conn:
-        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).one_or_none() is None:
-            raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
-        new = insert_new_rows(conn, run_id, batch_seq, rows, now) if rows else []
-        conn.execute(
-            update(batches)
-            .where(batches.c.run_id == run_id, batches.c.seq == batch_seq)
-            .values(
-                status=batch_status,
-                finished_at=now,
-                deliveries=batches.c.deliveries + deliveries,
-            )
-        )
-        run = conn.execute(
-            select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
-        ).one()
-        add_to_run(conn, run_id, run, count_rows(new))
-        keep_mistakes(conn, run_id, new)
-    return len(new)
+    this = (batches.c.run_id == run_id, batches.c.seq == seq)
+    counts = count_rows(rows)
+    claimed = conn.execute(  # the batch's row alone is locked, to the commit
+        update(batches)
+        .where(*this, batches.c.status == "queued")
+        .values(status=batch_status, finished_at=now,
+                deliveries=batches.c.deliveries + deliveries, **counts.batch_values())
+    ).rowcount
+    if not claimed:
+        _check_recorded(conn, run_id, seq)
+        return None
+    if look_up:
+        held = stored_paths(conn, run_id, [r["path"] for r in rows])
+        rows = [r for r in rows if r["path"] not in held]
+        counts = count_rows(rows)
+        conn.execute(update(batches).where(*this).values(**counts.batch_values()))
+    write_predictions(conn, run_id, seq, rows, now)
+    write_counts(conn, run_id, seq, counts)
+    keep_mistakes(conn, run_id, rows)
+    run = conn.execute(
+        select(runs.c.status, runs.c.n_images).where(runs.c.id == run_id)
+    ).one()
+    return len(rows), str(run.status), run.n_images
+
+
+def _check_recorded(conn: Connection, run_id: int, seq: int) -> None:
+    """Raise unless batch ``seq`` of run ``run_id`` is recorded."""
+    if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).one_or_none() is None:
+        raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
+    found = select(batches.c.id).where(batches.c.run_id == run_id, batches.c.seq == seq)
+    if conn.execute(found).one_or_none() is None:
+        raise RunMismatch(f"run {run_id} has no recorded batch {seq}")

@@ -1,7 +1,12 @@
-"""What a batch's new rows add to its run's counts: the numbers of ``runs`` (scored, failed,
-labelled, right per predictor), the confusion counts of ``run_counts`` and the failure
-reasons of ``run_failures``. The transaction that stores the rows adds them
-(:func:`db.queries.add_to_run`), so the counts are always those of the run's rows.
+"""What a batch's rows count, kept per batch: the numbers on its ``batches`` row (scored,
+failed, labelled, right per predictor, how often the predictors agree, a histogram of
+``prob_sgd``), its cells in ``batch_counts`` (per predictor, label and answer, unlabelled
+rows too) and its failure reasons in ``batch_failures``.
+
+They are written by the transaction that stores the batch's rows and marks it done
+(:func:`db.batch_life.store_batch`), and no other batch touches them, so writers of one
+run never wait for each other here; a run's counts are their sums (the views ``run_totals``,
+``run_counts`` and ``run_failures``; db/reads.py), exact at every commit.
 """
 
 from __future__ import annotations
@@ -9,121 +14,108 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from itertools import chain
 from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection
 
 from core.rows import PREDICTORS, PredictionRow
+from db.bulk import insert_rows
+
+#: Bins of the ``prob_sgd`` histogram: bin i holds i/10 <= p < (i+1)/10, and 1.0 the last.
+PROB_BINS = 10
+
+#: The pairs of predictors whose agreement is counted, as ``n_agree_<a>_<b>`` names them.
+PAIRS = (("l1", "l2"), ("l1", "sgd"), ("l2", "sgd"))
 
 
 @dataclass(frozen=True)
 class RowCounts:
-    """What a set of prediction rows adds to its run's counts."""
+    """What a set of prediction rows counts."""
 
     scored: int = 0
     failed: int = 0
     labelled: int = 0  # scored, with a label
     correct: tuple[int, int, int] = (0, 0, 0)  # of those, right by l1, l2, sgd
-    #: (predictor, label, predicted) -> labelled, scored rows: what ``run_counts`` adds
-    confusion: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    #: error -> failed rows: what ``run_failures`` adds
+    agree: int = 0  # scored rows where all three predictors give the same answer
+    agree_pairs: tuple[int, int, int] = (0, 0, 0)  # ... where each pair of :data:`PAIRS` does
+    prob_bins: tuple[int, ...] = (0,) * PROB_BINS  # scored rows per tenth of prob_sgd
+    #: (predictor, label or None, predicted) -> scored rows: what ``batch_counts`` holds
+    cells: dict[tuple[str, str | None, str], int] = field(default_factory=dict)
+    #: error -> failed rows: what ``batch_failures`` holds
     failures: dict[str, int] = field(default_factory=dict)
+
+    def batch_values(self) -> dict[str, Any]:
+        """The batch's columns of these counts, as ``batches`` names them."""
+        values: dict[str, Any] = {
+            "n_scored": self.scored, "n_failed": self.failed, "n_labelled": self.labelled,
+            "n_agree": self.agree, "prob_sgd_bins": list(self.prob_bins),
+        }
+        for p, n in zip(PREDICTORS, self.correct, strict=True):
+            values[f"n_correct_{p}"] = n
+        for (a, b), n in zip(PAIRS, self.agree_pairs, strict=True):
+            values[f"n_agree_{a}_{b}"] = n
+        return values
 
 
 _ERROR = itemgetter("error")
-_ANSWERS = {p: itemgetter("label", f"pred_{p}") for p in PREDICTORS}
+_ANSWERS = itemgetter("label", "pred_l1", "pred_l2", "pred_sgd")
+_PROB = itemgetter("prob_sgd")
 
 
 def count_rows(rows: Sequence[PredictionRow]) -> RowCounts:
-    """The counts ``rows`` add. A row is scored when it has no error, and then has every
-    prediction; an unscored row has none (see core/rows.py): so the (label, prediction)
-    pairs with both set are the labelled, scored rows. Each count is a ``Counter`` over the
-    rows (a loop in C); only the distinct pairs, a few dozen, are looked at one by one."""
+    """The counts of ``rows``. A row is scored when it has no error, and then has every
+    prediction; an unscored row has none (see core/rows.py). Two ``Counter`` passes over
+    the rows (loops in C), of errors and of (label, answers); only the distinct answers, a
+    few hundred, are looked at one by one; the histogram is NumPy's."""
     errors = Counter(map(_ERROR, rows))
     scored = errors.pop(None, 0)
-    confusion: dict[tuple[str, str, str], int] = {}
-    right = [0, 0, 0]
-    labelled = 0
-    for i, p in enumerate(PREDICTORS):
-        n_answered = 0
-        for (label, pred), n in Counter(map(_ANSWERS[p], rows)).items():
-            if label is not None and pred is not None:
-                confusion[(p, label, pred)] = n
-                n_answered += n
-                right[i] += n if pred == label else 0
-        labelled = n_answered  # the same for every predictor
+    cells: Counter[tuple[str, str | None, str]] = Counter()
+    right, pairs = [0, 0, 0], [0, 0, 0]
+    labelled = agree = 0
+    for (label, *answers), n in Counter(map(_ANSWERS, rows)).items():
+        if answers[0] is None:
+            continue  # unscored
+        l1, l2, sgd = answers
+        for i, (p, pred) in enumerate(zip(PREDICTORS, answers, strict=True)):
+            cells[(p, label, pred)] += n
+            right[i] += n if pred == label else 0
+        labelled += n if label is not None else 0
+        agree += n if l1 == l2 == sgd else 0
+        for j, same in enumerate((l1 == l2, l1 == sgd, l2 == sgd)):
+            pairs[j] += n if same else 0
     return RowCounts(
-        scored, len(rows) - scored, labelled, (right[0], right[1], right[2]), confusion,
-        dict(errors),
+        scored, len(rows) - scored, labelled, (right[0], right[1], right[2]), agree,
+        (pairs[0], pairs[1], pairs[2]), prob_bins(rows), dict(cells), dict(errors),
     )
 
 
-#: Rows per statement on SQLite (at most 5 values each: within its 32,766 parameters).
-_ROWS = 500
+def prob_bins(rows: Sequence[PredictionRow]) -> tuple[int, ...]:
+    """Scored rows per bin of ``prob_sgd``: bin i holds floor(p * 10) = i, 1.0 the last.
+    (NumPy is imported here: submitting a run imports this module and needs none.)"""
+    import numpy as np
+
+    probs = np.array([p for p in map(_PROB, rows) if p is not None], dtype=np.float64)
+    bins = np.minimum((probs * PROB_BINS).astype(np.int64), PROB_BINS - 1)
+    return tuple(int(n) for n in np.bincount(bins, minlength=PROB_BINS))
 
 
-@lru_cache(maxsize=64)
-def _values_sql(table: str, columns: tuple[str, ...], n_rows: int, tail: str) -> str:
-    one = "(" + ", ".join(["?"] * len(columns)) + ")"
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * n_rows)}{tail}"
-
-
-def insert_rows(
-    conn: Connection,
-    table: str,
-    columns: dict[str, str],
-    rows: Sequence[tuple[Any, ...]],
-    tail: str = "",
-) -> None:
-    """Insert ``rows`` (tuples in the order of ``columns``, which maps each column to its
-    PostgreSQL type) in one statement, ``tail`` (e.g. an ``ON CONFLICT`` clause) after it.
-
-    On PostgreSQL the rows go as one array per column, through ``unnest``: one statement of
-    fixed text, prepared once (a multi-row ``VALUES`` of 300 rows took 5-12 ms there, against
-    1.7 ms); on SQLite as multi-row ``VALUES`` statements. Either goes to the driver as it is:
-    SQLAlchemy's handling of each of a thousand parameters cost more than the statement."""
-    if not rows:
-        return
-    names = tuple(columns)
-    if conn.dialect.name == "postgresql":
-        arrays = ", ".join(f"%s::{t}[]" for t in columns.values())
-        conn.exec_driver_sql(
-            f"INSERT INTO {table} ({', '.join(names)}) SELECT * FROM unnest({arrays}){tail}",
-            tuple(list(column) for column in zip(*rows, strict=True)),
-        )
-        return
-    for start in range(0, len(rows), _ROWS):
-        part = rows[start : start + _ROWS]
-        conn.exec_driver_sql(
-            _values_sql(table, names, len(part), tail), tuple(chain.from_iterable(part))
-        )
-
-
-def _adds(table: str, key: tuple[str, ...]) -> str:
-    """The ``ON CONFLICT`` clause that adds ``n`` to a row already there."""
-    return f" ON CONFLICT (run_id, {', '.join(key)}) DO UPDATE SET n = {table}.n + excluded.n"
-
-
-_CONFUSION_COLUMNS = {
-    "run_id": "int", "predictor": "text", "label": "text", "predicted": "text", "n": "int",
+_CELL_COLUMNS = {
+    "run_id": "int", "batch_seq": "int", "predictor": "text", "label": "text",
+    "predicted": "text", "n": "int",
 }
-_FAILURE_COLUMNS = {"run_id": "int", "error": "text", "n": "int"}
+_FAILURE_COLUMNS = {"run_id": "int", "batch_seq": "int", "error": "text", "n": "int"}
 
 
-def add_counts(conn: Connection, run_id: int, new: RowCounts) -> None:
-    """Add a batch's new rows to the run's confusion counts and failure reasons: one upsert
-    per table (a batch of ten classes touches at most 300 cells), the same
-    ``INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`` on both databases."""
+def write_counts(conn: Connection, run_id: int, batch_seq: int, counts: RowCounts) -> None:
+    """Insert a batch's cells and failure reasons: one statement per table (a batch of ten
+    classes has at most 330 cells), rows no other batch writes."""
     insert_rows(
-        conn, "run_counts", _CONFUSION_COLUMNS,
-        [(run_id, *cell, n) for cell, n in sorted(new.confusion.items())],
-        _adds("run_counts", ("predictor", "label", "predicted")),
+        conn, "batch_counts", _CELL_COLUMNS,
+        [(run_id, batch_seq, p, label, pred, n)
+         for (p, label, pred), n in counts.cells.items()],
     )
     insert_rows(
-        conn, "run_failures", _FAILURE_COLUMNS,
-        [(run_id, error, n) for error, n in sorted(new.failures.items())],
-        _adds("run_failures", ("error",)),
+        conn, "batch_failures", _FAILURE_COLUMNS,
+        [(run_id, batch_seq, error, n) for error, n in counts.failures.items()],
     )

@@ -1,15 +1,17 @@
-"""Each run keeps its ``MISTAKES_KEPT`` most confident mistakes per predictor (``run_mistakes``),
-so that the HTML report's "most confidently misclassified" lists read a few rows instead of
-sorting the run.
+"""Each run keeps its ``MISTAKES_KEPT`` (core/defaults.py) most confident mistakes per
+predictor (``run_mistakes``) and as many least confident scored images (``run_unsure``), so
+that the HTML report's lists read a few rows instead of sorting the run.
 
 A mistake is a scored, labelled row a predictor got wrong; the surest come first: smallest
 ``rank_key`` (the L1 or L2 distance to the wrong ideal image, or minus the SGD probability of
 the wrong class: negating is exact, so the order is that of ``prob_sgd DESC``), then by path.
-The transaction that stores a batch adds the batch's new rows that beat the run's
-``MISTAKES_KEPT``-th kept mistake and removes those pushed beyond it: a few statements per batch
-whatever the run's size. (A partial index on ``predictions`` ordered by confidence would
-serve the reads too, but a batch's entries land all over such an index, so each batch would
-rewrite pages of it in proportion to the run's size.)
+The least confident images are the scored rows of smallest ``prob_sgd``, then by path.
+
+The transaction that stores a batch adds those of its rows that beat the list's
+``MISTAKES_KEPT``-th entry as that transaction reads it, taking no lock: what another writer
+adds meanwhile only makes that entry stricter, so every row of the true top goes in, and the
+lists hold a superset of it while the run runs (reads take the first entries in order). When
+the run is settled as done, :func:`trim_kept` cuts each list to ``MISTAKES_KEPT``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import Any
 from sqlalchemy import Connection, Select, select, text
 
 from core import defaults
-from core.rows import PredictionRow
-from db.counts import insert_rows
-from db.models import predictions, run_mistakes
+from core.rows import PREDICTORS, PredictionRow
+from db.bulk import insert_rows
+from db.models import predictions, run_mistakes, run_unsure
 
 #: Which rows are a predictor's mistakes, in SQL.
 MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
@@ -32,76 +34,87 @@ MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
 _RANK = {"l1": ("dist_l1", 1.0), "l2": ("dist_l2", 1.0), "sgd": ("prob_sgd", -1.0)}
 
 
-def batch_mistakes(rows: Sequence[PredictionRow]) -> dict[str, list[tuple[float, str]]]:
-    """``(rank_key, path)`` of the rows each predictor got wrong, in no particular order (a
-    right answer fails the first test; an unscored row has no prediction and no score)."""
-    out = {}
-    for p, (column, sign) in _RANK.items():
-        predicted = f"pred_{p}"
-        out[p] = [
-            (sign * r[column], r["path"])  # type: ignore[literal-required]
-            for r in rows
-            if r[predicted] != r["label"]  # type: ignore[literal-required]
-            and r["label"] is not None and r[column] is not None  # type: ignore[literal-required]
-        ]
+def _mistakes(
+    rows: Sequence[PredictionRow], predictor: str, cut: float | None
+) -> list[tuple[float, str]]:
+    """``(rank_key, path)`` of the rows ``predictor`` got wrong whose key is no worse than
+    ``cut`` (a right answer fails the first test; an unscored row has no score)."""
+    column, sign = _RANK[predictor]
+    predicted = f"pred_{predictor}"
+    out = []
+    for r in rows:
+        value = r[column]  # type: ignore[literal-required]
+        if value is None or r["label"] is None or r[predicted] == r["label"]:  # type: ignore[literal-required]
+            continue
+        key = sign * value
+        if cut is None or key <= cut:
+            out.append((key, r["path"]))
     return out
 
 
-_KEPT_NOW = "SELECT predictor, rank_key FROM run_mistakes WHERE run_id = {m}"
-_COLUMNS_TYPES = {"run_id": "int", "predictor": "text", "path": "text", "rank_key": "float8"}
-_DROP = "DELETE FROM run_mistakes WHERE run_id = {m} AND predictor = {m} AND rank_key > {m}"
-#: Of the kept ones tied at the cut, the last to keep by path, and those after it.
-_LAST_TIED = (
-    "SELECT path FROM run_mistakes WHERE run_id = {m} AND predictor = {m} AND rank_key = {m} "
-    "ORDER BY path LIMIT 1 OFFSET {m}"
+#: The ``MISTAKES_KEPT``-th entry of each list, as ``m`` (the driver's parameter mark) binds.
+_CUTS = (
+    "SELECT "
+    + ", ".join(
+        f"(SELECT rank_key FROM run_mistakes WHERE run_id = {{m}} AND predictor = '{p}' "
+        "ORDER BY rank_key LIMIT 1 OFFSET {m})" for p in PREDICTORS
+    )
+    + ", (SELECT prob_sgd FROM run_unsure WHERE run_id = {m} ORDER BY prob_sgd LIMIT 1 "
+    "OFFSET {m})"
 )
-_DROP_TIED = (
-    "DELETE FROM run_mistakes WHERE run_id = {m} AND predictor = {m} AND rank_key = {m} "
-    "AND path > {m}"
-)
+_MISTAKE_COLUMNS = {"run_id": "int", "predictor": "text", "path": "text", "rank_key": "float8"}
+_UNSURE_COLUMNS = {"run_id": "int", "path": "text", "prob_sgd": "float8"}
+#: a path kept already (its row deleted by hand and stored again) stays as it is
+_KEEP_OLD = " ON CONFLICT DO NOTHING"
+
+
+def _beating(candidates: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Of a batch's candidates, its own first ``MISTAKES_KEPT``."""
+    kept = defaults.MISTAKES_KEPT
+    return heapq.nsmallest(kept, candidates) if len(candidates) > kept else candidates
 
 
 def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) -> None:
-    """Merge a batch's new rows into the run's kept mistakes (under the run's lock): read
-    the kept rank keys (a few hundred numbers), insert the batch's mistakes that make the
-    cut, drop the kept ones that no longer do: three statements, whatever the run's size.
-
-    Python finds the cut, the ``MISTAKES_KEPT``-th smallest rank key; should more mistakes than
-    there is room for tie at it, the database keeps the first of them by path, in its own
-    collation (the order every read uses): two statements more, for a rare batch."""
-    found = {p: c for p, c in batch_mistakes(rows).items() if c}
-    if not found:
-        return
+    """Add a batch's rows to the run's kept lists: read each list's ``MISTAKES_KEPT``-th key
+    (one statement of index look-ups), insert the batch's candidates no worse than it (one
+    statement per table). The cut is applied first, so that after a run's first batches
+    few rows are looked at twice."""
     m = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # the driver's own
-    kept: dict[str, list[float]] = {}
-    for p, key in conn.exec_driver_sql(_KEPT_NOW.format(m=m), (run_id,)):
-        kept.setdefault(p, []).append(key)
-    added: list[tuple[Any, ...]] = []
-    dropped: list[tuple[Any, ...]] = []
-    tied: list[tuple[str, float, int]] = []
-    for p, candidates in found.items():
-        keys = kept.get(p, [])
-        if len(keys) + len(candidates) > defaults.MISTAKES_KEPT:
-            all_keys = [*keys, *(key for key, _ in candidates)]
-            cut = heapq.nsmallest(defaults.MISTAKES_KEPT, all_keys)[-1]
-            candidates = [c for c in candidates if c[0] <= cut]
-            if any(key > cut for key in keys):
-                dropped.append((run_id, p, cut))
-            room = defaults.MISTAKES_KEPT - sum(key < cut for key in all_keys)
-            if sum(key == cut for key in all_keys) > room:
-                tied.append((p, cut, room))
-        added += [(run_id, p, path, key) for key, path in candidates]
-    # a path kept already (its row deleted by hand and stored again) stays as it is
-    insert_rows(conn, "run_mistakes", _COLUMNS_TYPES, added,
-                " ON CONFLICT (run_id, predictor, path) DO NOTHING")
-    if dropped:
-        conn.exec_driver_sql(_DROP.format(m=m), dropped)
-    for p, cut, room in tied:
-        last = conn.exec_driver_sql(
-            _LAST_TIED.format(m=m), (run_id, p, cut, room - 1)
-        ).scalar_one_or_none()
-        if last is not None:
-            conn.exec_driver_sql(_DROP_TIED.format(m=m), (run_id, p, cut, last))
+    *cuts, unsure_cut = conn.exec_driver_sql(
+        _CUTS.format(m=m), (run_id, defaults.MISTAKES_KEPT - 1) * (len(PREDICTORS) + 1)
+    ).one()
+    added = []
+    for p, cut in zip(PREDICTORS, cuts, strict=True):
+        added += [(run_id, p, path, key) for key, path in _beating(_mistakes(rows, p, cut))]
+    insert_rows(conn, "run_mistakes", _MISTAKE_COLUMNS, added, _KEEP_OLD)
+    unsure = [
+        (key, r["path"]) for r in rows
+        if (key := r["prob_sgd"]) is not None and (unsure_cut is None or key <= unsure_cut)
+    ]
+    insert_rows(conn, "run_unsure", _UNSURE_COLUMNS,
+                [(run_id, path, key) for key, path in _beating(unsure)], _KEEP_OLD)
+
+
+_TRIM_MISTAKES = (
+    "DELETE FROM run_mistakes WHERE run_id = {m} AND predictor = {m} AND (rank_key, path) > "
+    "(SELECT rank_key, path FROM run_mistakes WHERE run_id = {m} AND predictor = {m} "
+    "ORDER BY rank_key, path LIMIT 1 OFFSET {m})"
+)
+_TRIM_UNSURE = (
+    "DELETE FROM run_unsure WHERE run_id = {m} AND (prob_sgd, path) > "
+    "(SELECT prob_sgd, path FROM run_unsure WHERE run_id = {m} "
+    "ORDER BY prob_sgd, path LIMIT 1 OFFSET {m})"
+)
+
+
+def trim_kept(conn: Connection, run_id: int) -> None:
+    """Cut each of a finished run's lists to its first ``MISTAKES_KEPT`` entries (in the
+    database's own collation of paths, the order every read uses)."""
+    m = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    last = defaults.MISTAKES_KEPT - 1
+    for p in PREDICTORS:
+        conn.exec_driver_sql(_TRIM_MISTAKES.format(m=m), (run_id, p, run_id, p, last))
+    conn.exec_driver_sql(_TRIM_UNSURE.format(m=m), (run_id, run_id, last))
 
 
 _COLUMNS = (
@@ -161,3 +174,34 @@ def confident_mistakes(
     rows = {r["path"]: dict(r) for r in conn.execute(rows_query(run_id, paths)).mappings()}
     return [rows[p] for p in paths if p in rows]  # a row deleted by hand is left out
 
+
+
+def unsure_query(run_id: int, limit: int) -> Select[*tuple[Any, ...]]:
+    """The paths of the run's first ``limit`` least confident images: a walk of the first
+    entries of ``ix_run_unsure_rank``."""
+    u = run_unsure.c
+    return (
+        select(u.path).where(u.run_id == run_id).order_by(u.prob_sgd, u.path).limit(limit)
+    )
+
+
+def unsure_scan_query(run_id: int, limit: int) -> Select[*tuple[Any, ...]]:
+    """The same list from ``predictions`` itself, for more than ``MISTAKES_KEPT``; also the
+    definition the kept ones are tested against."""
+    return (
+        select(*_COLUMNS)
+        .where(predictions.c.run_id == run_id, predictions.c.prob_sgd.is_not(None))
+        .order_by(predictions.c.prob_sgd, predictions.c.path)
+        .limit(limit)
+    )
+
+
+def least_confident(conn: Connection, run_id: int, limit: int) -> list[dict[str, Any]]:
+    """The run's scored images of smallest ``prob_sgd`` (labelled or not), then by path: up
+    to ``MISTAKES_KEPT`` read from ``run_unsure`` and their rows by path, as
+    :func:`confident_mistakes` does."""
+    if limit > defaults.MISTAKES_KEPT:
+        return [dict(r) for r in conn.execute(unsure_scan_query(run_id, limit)).mappings()]
+    paths = list(conn.execute(unsure_query(run_id, limit)).scalars())
+    rows = {r["path"]: dict(r) for r in conn.execute(rows_query(run_id, paths)).mappings()}
+    return [rows[p] for p in paths if p in rows]

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -65,8 +66,8 @@ models = Table(
     Column("learning_curve", Text),  # JSON list, one object per epoch
 )
 
-#: One submission of a directory; its counts and accuracies are those of its predictions,
-#: kept up to date by each batch's commit.
+#: One submission of a directory. Its counts, accuracies, status and finished_at are settled
+#: when its last batch is stored (db/runs.py); while it runs, ``run_totals`` sums its batches.
 runs = Table(
     "runs",
     metadata,
@@ -119,15 +120,22 @@ batches = Table(
     # a batch of one archive's members: the archive and where each member is in it
     # (core/archives.py; migration 0014); NULL for loose files
     Column("members", JSON),
+    # what the batch's rows count, written with them (migration 0010): 0 while queued
+    *[Column(name, Integer, nullable=False, default=0, server_default="0") for name in (
+        "n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2", "n_correct_sgd",
+        "n_agree", "n_agree_l1_l2", "n_agree_l1_sgd", "n_agree_l2_sgd",
+    )],
+    Column("prob_sgd_bins", JSON),  # scored rows per tenth of prob_sgd; NULL while queued
     UniqueConstraint("run_id", "seq", name="uq_batches_run_seq"),
 )
 
-#: One row per submitted image: its predictions, or the reason it could not be scored.
+#: One row per submitted image: its predictions, or the reason it could not be scored. Rows
+#: are written only with their batch's ``done``/``failed`` mark (db/queries.py), so it keeps
+#: no surrogate key and no foreign key (migration 0010): each costs every row of a COPY.
 predictions = Table(
     "predictions",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
+    Column("run_id", Integer, nullable=False),
     Column("batch_seq", Integer, nullable=False),
     Column("path", Text, nullable=False),
     Column("label", Text),
@@ -140,7 +148,6 @@ predictions = Table(
     Column("error", Text),
     Column("scored_at", DateTime(timezone=True), nullable=False, default=utcnow),
     UniqueConstraint("run_id", "path", name="uq_predictions_run_path"),
-    Index("ix_predictions_run_batch", "run_id", "batch_seq"),
     # the failed rows of a run in path order (migration 0006)
     Index(
         "ix_predictions_failures", "run_id", "path",
@@ -167,29 +174,38 @@ workers = Table(
     Column("last_batch_at", DateTime(timezone=True)),
 )
 
-#: How many of a run's labelled, scored images with ``label`` a predictor called
-#: ``predicted``: the run's confusion counts, kept by each batch's commit (migration 0006).
-run_counts = Table(
-    "run_counts",
+#: How many of a batch's scored rows with ``label`` (NULL: unlabelled) a predictor called
+#: ``predicted``, written with the batch's rows (migration 0010). The view ``run_counts``
+#: sums the labelled cells per run.
+batch_counts = Table(
+    "batch_counts",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("predictor", String(10), primary_key=True),
-    Column("label", Text, primary_key=True),
-    Column("predicted", Text, primary_key=True),
+    Column("run_id", Integer, nullable=False),
+    Column("batch_seq", Integer, nullable=False),
+    Column("predictor", String(10), nullable=False),
+    Column("label", Text),
+    Column("predicted", Text, nullable=False),
     Column("n", Integer, nullable=False),
+    ForeignKeyConstraint(["run_id", "batch_seq"], ["batches.run_id", "batches.seq"]),
+    Index("ix_batch_counts_run", "run_id", "batch_seq"),
 )
 
-#: How many of a run's rows have ``error`` as their reason (migration 0006).
-run_failures = Table(
-    "run_failures",
+#: How many of a batch's rows have ``error`` as their reason (migration 0010); the view
+#: ``run_failures`` sums them per run.
+batch_failures = Table(
+    "batch_failures",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("error", Text, primary_key=True),
+    Column("run_id", Integer, nullable=False),
+    Column("batch_seq", Integer, nullable=False),
+    Column("error", Text, nullable=False),
     Column("n", Integer, nullable=False),
+    ForeignKeyConstraint(["run_id", "batch_seq"], ["batches.run_id", "batches.seq"]),
+    Index("ix_batch_failures_run", "run_id", "batch_seq"),
 )
 
-#: One of a run's most confident mistakes by a predictor (at most ``defaults.MISTAKES_KEPT``
-#: per run and predictor; migration 0006).
+#: One of a run's most confident mistakes by a predictor: while the run is running, a
+#: superset of its ``defaults.MISTAKES_KEPT`` surest; exactly those once it is done
+#: (migration 0006; 0010 made it a superset while running).
 run_mistakes = Table(
     "run_mistakes",
     metadata,
@@ -199,4 +215,15 @@ run_mistakes = Table(
     # dist_l1, dist_l2 or -prob_sgd of the row: smaller is surer
     Column("rank_key", Float, nullable=False),
     Index("ix_run_mistakes_rank", "run_id", "predictor", "rank_key", "path"),
+)
+
+#: One of a run's least confident scored images (smallest ``prob_sgd``), kept like
+#: ``run_mistakes`` (migration 0010).
+run_unsure = Table(
+    "run_unsure",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("path", Text, primary_key=True),
+    Column("prob_sgd", Float, nullable=False),
+    Index("ix_run_unsure_rank", "run_id", "prob_sgd", "path"),
 )

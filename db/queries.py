@@ -1,11 +1,9 @@
 """Reads and writes of runs, and the reads of their batches and predictions; a batch's own
 life (recorded, claimed, stored, failed) is db/batch_life.py.
 
-A run's counts (scored, failed, labelled, right per predictor; its confusion counts in
-``run_counts`` and failure reasons in ``run_failures``) are added to as each batch's new rows
-are stored (:func:`add_to_run`), from which its accuracies and status follow. A redelivered
-batch therefore never skews a count, and a commit costs the same however many rows the run
-already has.
+A run's counts are the sums of its batches' (``run_totals``), which each batch's commit
+writes on rows of its own (db/counts.py), exact at every commit. The ``runs`` row is settled
+from those sums when the run's last batch is stored (:func:`settle_run`).
 """
 
 from __future__ import annotations
@@ -16,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, bindparam, func, insert, select, text, update
 
 from core.errors import RunNotFound
 from core.rows import PREDICTORS
-from db.counts import RowCounts, add_counts
+from db.mistakes import trim_kept
 from db.models import batches, predictions, runs, utcnow
 
 
@@ -48,65 +46,69 @@ def create_run(
     return int(run_id), token
 
 
-#: The run's columns :func:`add_to_run` needs, read under the run's lock.
-RUN_COUNTS = (
-    runs.c.status, runs.c.n_images, runs.c.started_at, runs.c.n_scored, runs.c.n_failed,
-    runs.c.n_labelled, runs.c.n_correct_l1, runs.c.n_correct_l2, runs.c.n_correct_sgd,
+#: The counts of ``runs`` that are sums of its batches', and the accuracies that follow.
+SUMMED = ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2", "n_correct_sgd")
+_SUMS = ", ".join(f"COALESCE(SUM({c}), 0) AS {c}" for c in SUMMED) + ", " + ", ".join(
+    f"CAST(SUM(n_correct_{p}) AS DOUBLE PRECISION) / NULLIF(SUM(n_labelled), 0) AS accuracy_{p}"
+    for p in PREDICTORS
 )
+_RUN_TOTALS = text(f"SELECT {_SUMS} FROM batches WHERE run_id = :r")
+#: ``now`` bound as the ``runs`` timestamps are stored (on SQLite, text without the zone)
+_NOW = bindparam("now", type_=runs.c.started_at.type)
+_START = text(
+    "UPDATE runs SET status = 'running', started_at = :now WHERE id = :r AND status = 'queued' "
+    "AND EXISTS (SELECT 1 FROM batches WHERE run_id = :r AND status <> 'queued')"
+).bindparams(_NOW)
+_QUEUED = "SELECT 1 FROM batches WHERE run_id = :r AND status = 'queued'"
+_FINISH = text(
+    f"UPDATE runs SET ({', '.join(SUMMED)}, {', '.join(f'accuracy_{p}' for p in PREDICTORS)}) "
+    f"= (SELECT {_SUMS} FROM batches WHERE run_id = :r), status = 'done', finished_at = :now, "
+    "started_at = COALESCE(started_at, :now) "
+    f"WHERE id = :r AND status <> 'done' AND n_images IS NOT NULL AND NOT EXISTS ({_QUEUED})"
+).bindparams(_NOW)
 
 
-def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
-    """Add a batch's new rows to its run, whose :data:`RUN_COUNTS` ``run`` was read under
-    the lock, and to its confusion counts and failure reasons (:func:`add_counts`); set the
-    accuracies (right / labelled) and the status from the sums; return the status. The same
-    cost whatever the run's size: re-aggregating the run's rows on every batch made a run of
-    n images cost O(n^2 / batch size)."""
-    labelled = int(run.n_labelled) + new.labelled
-    values: dict[str, Any] = {
-        "n_scored": int(run.n_scored) + new.scored,
-        "n_failed": int(run.n_failed) + new.failed,
-        "n_labelled": labelled,
-    }
-    olds = (run.n_correct_l1, run.n_correct_l2, run.n_correct_sgd)
-    for p, old, add in zip(PREDICTORS, olds, new.correct, strict=True):
-        right = int(old) + add
-        values[f"n_correct_{p}"] = right
-        values[f"accuracy_{p}"] = right / labelled if labelled else None
-    n_rows = values["n_scored"] + values["n_failed"]
-    if n_rows and run.started_at is None:
-        values["started_at"] = utcnow()
-    values.update(settle_status(run.status, n_rows, run.n_images))
-    conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
-    add_counts(conn, run_id, new)
-    return str(values["status"])
+def run_totals(conn: Connection, run_id: int) -> dict[str, Any]:
+    """The run's counts and accuracies as its stored batches sum them: what ``runs`` holds
+    once the run is settled, exact at every commit before."""
+    row = conn.execute(_RUN_TOTALS, {"r": run_id}).mappings().one()
+    out: dict[str, Any] = {k: int(row[k]) for k in SUMMED}
+    for p in PREDICTORS:
+        value = row[f"accuracy_{p}"]
+        out[f"accuracy_{p}"] = None if value is None else float(value)
+    return out
 
 
-def settle_status(
-    status: str, n_rows: int, n_images: int | None, now: datetime | None = None
-) -> dict[str, Any]:
-    """A run's status (and ``finished_at``, ``now``, when it becomes ``done``) for its row
-    count."""
-    if n_images is not None and n_rows >= n_images:
-        return {"status": "done"} if status == "done" else {
-            "status": "done", "finished_at": now or utcnow()}
-    return {"status": "running" if n_rows and status == "queued" else status}
+def settle_run(conn: Connection, run_id: int, queued: bool = True) -> bool:
+    """Settle the ``runs`` row from its batches; return whether it became ``done``. A
+    ``queued`` run (if ``queued`` may be so) becomes ``running`` once a batch is stored; a
+    run whose producer has sent everything (``n_images`` set) and none of whose batches is
+    queued becomes ``done``, with its counts and accuracies summed and its kept lists cut
+    (db/mistakes.py).
+
+    Each is one ``UPDATE`` whose ``WHERE`` is false, and so locks nothing, until it is
+    true. The writers call it after their commit, so the last of them to commit sees every
+    batch stored; the producer calls it when it has sent the last batch."""
+    at = {"r": run_id, "now": utcnow()}
+    if queued:
+        conn.execute(_START, at)
+    done = conn.execute(_FINISH, at).rowcount > 0
+    if done:
+        trim_kept(conn, run_id)
+    return done
 
 
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:
-    """The producer has sent every batch: fix the run's size and settle its status."""
+    """The producer has sent every batch: fix the run's size and settle it."""
     with engine.begin() as conn:
-        run = conn.execute(
-            select(runs.c.status, runs.c.n_scored, runs.c.n_failed).where(runs.c.id == run_id)
-            .with_for_update(key_share=True)
-        ).one()
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
-        values = settle_status(run.status, int(run.n_scored) + int(run.n_failed), n_images, now)
         conn.execute(
             update(runs)
             .where(runs.c.id == run_id)
-            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now, **values)
+            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now)
         )
-        return str(values["status"])
+        settle_run(conn, run_id)
+        return str(conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one())
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,17 @@ def set_send_mode(conn: Connection, run_id: int, send_mode: str) -> None:
 
 
 def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
+    """The run's row, with its counts summed from its batches until it is settled."""
     row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one_or_none()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
-    return dict(row)
+    return _live(conn, dict(row))
+
+
+def _live(conn: Connection, run: dict[str, Any]) -> dict[str, Any]:
+    if run["status"] != "done":
+        run.update(run_totals(conn, run["id"]))
+    return run
 
 
 def latest_run_id(conn: Connection) -> int | None:
@@ -151,7 +160,7 @@ def latest_run_id(conn: Connection) -> int | None:
 
 def list_runs(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).mappings()
-    return [dict(r) for r in rows]
+    return [_live(conn, dict(r)) for r in rows]
 
 
 def unfinished_batches(
@@ -206,10 +215,20 @@ class Progress:
 
 
 def progress(conn: Connection, run_id: int) -> Progress:
+    """The run's status, size and rows stored (summed from its batches: one index range)."""
     row = conn.execute(
-        select(runs.c.status, runs.c.n_images, runs.c.n_scored, runs.c.n_failed)
-        .where(runs.c.id == run_id)
+        select(
+            runs.c.status, runs.c.n_images,
+            select(func.coalesce(func.sum(batches.c.n_scored + batches.c.n_failed), 0))
+            .where(batches.c.run_id == run_id).scalar_subquery(),
+        ).where(runs.c.id == run_id)
     ).one_or_none()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist: see `producer runs`")
-    return Progress(row.status, row.n_images, int(row.n_scored) + int(row.n_failed))
+    return Progress(row[0], row[1], int(row[2]))
+
+
+def delete_run_rows(conn: Connection, run_id: int) -> int:
+    """Delete run ``run_id``'s rows from ``predictions`` in one statement (its counts,
+    batches and kept lists are left to the caller); return how many went."""
+    return int(conn.execute(predictions.delete().where(predictions.c.run_id == run_id)).rowcount)

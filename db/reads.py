@@ -1,6 +1,8 @@
 """Reads that reports need beyond db/views.py: a model's classes, a run's batches, and the
-counts each batch's commit keeps (``run_counts``, ``run_failures``), from which a report's
-accuracies, confusion matrices and failure reasons follow without reading ``predictions``.
+counts each batch's commit keeps (``batches``, ``batch_counts``, ``batch_failures``; see
+db/counts.py), summed over the run's batches, from which a report's accuracies, confusion
+matrices, failure reasons, agreement and confidence follow without reading ``predictions``:
+a run of a million images has about 250 batches, so each sum reads a few thousand rows.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from core.classifier import ImageSize
 from core.errors import ModelNotFound
 from core.rows import PREDICTORS
 from core.storage import array_from_bytes, classes_from_json
-from db.models import batches, models, run_counts, run_failures
+from db.counts import PAIRS, PROB_BINS
+from db.models import batch_counts, batch_failures, batches, models
 
 #: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
 Confusion = dict[str, dict[str, dict[str, int]]]
@@ -65,16 +68,63 @@ def batch_timings(conn: Connection, run_id: int) -> list[Any]:
 
 
 def confusion_counts(conn: Connection, run_id: int) -> Confusion:
-    """The run's confusion counts (``run_counts``): labelled, scored images per predictor,
-    label and prediction; equal to the ``run_confusion`` view's rows for the run."""
+    """The run's confusion counts (the view ``run_counts``): labelled, scored images per
+    predictor, label and prediction; equal to the ``run_confusion`` view's rows for the
+    run."""
     out: Confusion = {p: {} for p in PREDICTORS}
-    c = run_counts.c
-    rows = conn.execute(
-        select(c.predictor, c.label, c.predicted, c.n).where(c.run_id == run_id, c.n > 0)
-    )
-    for predictor, label, predicted, n in rows:
-        out.setdefault(predictor, {}).setdefault(label, {})[predicted] = int(n)
+    for (predictor, label, predicted), n in _cells(conn, run_id).items():
+        if label is not None and n:
+            out.setdefault(predictor, {}).setdefault(label, {})[predicted] = n
     return out
+
+
+def _cells(conn: Connection, run_id: int) -> dict[tuple[str, str | None, str], int]:
+    c = batch_counts.c
+    rows = conn.execute(
+        select(c.predictor, c.label, c.predicted, func.sum(c.n))
+        .where(c.run_id == run_id)
+        .group_by(c.predictor, c.label, c.predicted)
+    )
+    return {(p, label, pred): int(n) for p, label, pred, n in rows}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a report says beyond accuracy, summed over a run's stored batches."""
+
+    #: predictor -> class -> scored images (labelled or not) it predicted as that class
+    predicted: dict[str, dict[str, int]]
+    scored: int
+    agree: int  # scored images all three predictors gave the same answer
+    #: (a, b) of :data:`db.counts.PAIRS` -> scored images predictors a and b agree on
+    agree_pairs: dict[tuple[str, str], int]
+    #: scored images per tenth of prob_sgd: bin i holds i/10 <= p < (i+1)/10, 1.0 the last
+    prob_bins: list[int]
+
+
+def run_summary(conn: Connection, run_id: int) -> RunSummary:
+    """The run's predicted classes per predictor, agreement between the predictors and
+    histogram of ``prob_sgd``, summed over its batches (the least confident images
+    themselves: :func:`db.mistakes.least_confident`)."""
+    predicted: dict[str, dict[str, int]] = {p: {} for p in PREDICTORS}
+    for (p, _label, pred), n in _cells(conn, run_id).items():
+        predicted[p][pred] = predicted[p].get(pred, 0) + n
+    b = batches.c
+    pair_columns = [b[f"n_agree_{x}_{y}"] for x, y in PAIRS]
+    row = conn.execute(
+        select(*(func.coalesce(func.sum(c), 0) for c in (b.n_scored, b.n_agree, *pair_columns)))
+        .where(b.run_id == run_id)
+    ).one()
+    bins = [0] * PROB_BINS
+    for (stored,) in conn.execute(
+        select(b.prob_sgd_bins).where(b.run_id == run_id, b.prob_sgd_bins.is_not(None))
+    ):
+        for i, n in enumerate(stored):
+            bins[i] += int(n)
+    return RunSummary(
+        predicted, int(row[0]), int(row[1]),
+        {pair: int(n) for pair, n in zip(PAIRS, row[2:], strict=True)}, bins,
+    )
 
 
 def _accuracy(n_images: int, n_correct: int) -> dict[str, Any]:
@@ -105,10 +155,11 @@ def run_accuracy(confusion: Confusion) -> list[dict[str, Any]]:
 
 
 def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
-    """``{error, n}`` per reason, most frequent first (``run_failures``)."""
+    """``{error, n}`` per reason, most frequent first (the view ``run_failures``)."""
+    f = batch_failures.c
+    n = func.sum(f.n)
     rows = conn.execute(
-        select(run_failures.c.error, run_failures.c.n)
-        .where(run_failures.c.run_id == run_id, run_failures.c.n > 0)
-        .order_by(run_failures.c.n.desc(), run_failures.c.error)
+        select(f.error, n).where(f.run_id == run_id).group_by(f.error)
+        .order_by(n.desc(), f.error)
     )
-    return [{"error": e, "n": int(k)} for e, k in rows]
+    return [{"error": e, "n": int(k)} for e, k in rows if k]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
@@ -68,9 +70,13 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # pragma: no cover - trivial
-        # IMMEDIATE takes the write lock up front, where the busy timeout applies; a deferred
-        # transaction that upgrades to writing can fail at once with "database is locked".
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Deferred: a read takes no write lock, so polls and reports never queue the
+        # writers. A transaction whose first statement writes takes the write lock there,
+        # under the busy timeout; one that reads and then writes would fail at once with
+        # "database is locked" if another writer committed between, so those open with
+        # IMMEDIATE (the execution option ``sqlite_immediate``).
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -124,11 +130,20 @@ def upgrade_schema(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with read_then_write(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def read_then_write(engine: Engine) -> Iterator[Connection]:
+    """A transaction that reads before it writes: on SQLite it takes the write lock at its
+    start (``BEGIN IMMEDIATE``), so that no writer can commit between its read and its
+    write; elsewhere a plain transaction."""
+    with engine.connect() as conn, conn.execution_options(sqlite_immediate=True).begin():
+        yield conn
 
 
 _engines: dict[str, Engine] = {}

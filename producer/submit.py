@@ -49,7 +49,7 @@ from core.files import (
 from core.text import first_line, mask_url
 from core.wire import BatchMessage
 from db import batch_life, queries
-from db.session import driver_reason
+from db.session import driver_reason, read_then_write
 
 
 class Sender(Protocol):
@@ -244,7 +244,7 @@ def _resume(
     send_mode: str | None,
     on_batch: OnBatch | None,
 ) -> tuple[int, Submission]:
-    with engine.begin() as conn:
+    with read_then_write(engine) as conn:
         run = queries.get_run(conn, run_id)
         if send_mode is not None and send_mode != run["send_mode"]:
             queries.set_send_mode(conn, run_id, send_mode)

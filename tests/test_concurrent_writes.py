@@ -1,7 +1,8 @@
-"""Writers of one run side by side (db/batch_life.store_batch locks the run only for the
-count): four processes store batches of one run at once, some batches twice (a redelivery
-racing the first delivery), on SQLite and PostgreSQL; every path has one row and the run's
-counts are what SQL recomputes from its rows."""
+"""Writers of one run side by side (db/batch_life.store_batch writes each batch's counts on
+rows of its own): four processes store batches of one run at once, some batches twice (a
+redelivery racing the first delivery), on SQLite and PostgreSQL; every path has one row, each
+batch is stored by one delivery, and the run's counts, read in one snapshot while the writers
+commit and at the end, are what SQL recomputes from its rows."""
 
 from __future__ import annotations
 
@@ -67,10 +68,15 @@ def test_concurrent_writers_of_one_run_keep_exact_counts(any_db_url, classifier)
     for p in procs:
         p.start()
     start.set()
+    engine = get_engine(any_db_url)
+    seen = set()
+    while any(p.is_alive() for p in procs):
+        seen.add(assert_totals_are_the_rows(engine, run_id))
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    engine = get_engine(any_db_url)
+    assert len(seen) > 1  # the sums were checked between commits, not only before and after
+    assert assert_totals_are_the_rows(engine, run_id) == BATCHES * ROWS
     with engine.connect() as conn:
         run = queries.get_run(conn, run_id)
         sql = conn.execute(text(RECOMPUTE), {"run": run_id}).mappings().one()
@@ -80,9 +86,29 @@ def test_concurrent_writers_of_one_run_keep_exact_counts(any_db_url, classifier)
         deliveries = conn.execute(text(
             "SELECT SUM(deliveries) FROM batches WHERE run_id = :r"), {"r": run_id}).scalar()
     assert (n, distinct) == (BATCHES * ROWS, BATCHES * ROWS)
-    assert deliveries == sum(map(len, shares)) == 24
+    assert deliveries == BATCHES  # of 24 deliveries, the one that stored each batch
     assert run["status"] == "done"
     for column in ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2",
                    "n_correct_sgd"):
         assert run[column] == sql[column], column
     assert run["n_failed"] == BATCHES * 6
+
+
+def assert_totals_are_the_rows(engine: Any, run_id: int) -> int:
+    """In one snapshot: the run's counts summed over its batches (``run_totals``) and its
+    confusion counts (``run_counts``) against SQL over its rows; returns the rows seen."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        totals = conn.execute(text("SELECT * FROM run_totals WHERE run_id = :r"),
+                              {"r": run_id}).mappings().one()
+        sql = conn.execute(text(RECOMPUTE), {"run": run_id}).mappings().one()
+        cells = "SELECT predictor, label, predicted, n FROM {} WHERE run_id = :r"
+        kept = set(conn.execute(text(cells.format("run_counts")), {"r": run_id}).all())
+        grouped = set(conn.execute(text(cells.format("run_confusion")), {"r": run_id}).all())
+    for column in ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2",
+                   "n_correct_sgd"):
+        assert totals[column] == sql[column], column
+    assert {(p, la, pr, int(n)) for p, la, pr, n in kept} == {
+        (p, la, pr, int(n)) for p, la, pr, n in grouped}
+    return int(sql["n_scored"]) + int(sql["n_failed"])

@@ -16,6 +16,7 @@ from core import defaults
 from core.rows import PREDICTORS, PredictionRow, label_for, unscored_row
 from db import batch_life, mistakes, queries, reads, views
 from db.batch_life import poison_rows
+from db.counts import PAIRS, PROB_BINS
 from db.session import get_engine
 from producer.report import build_report
 from tests.conftest import score_and_store
@@ -85,7 +86,37 @@ def assert_counts_agree(engine: Engine, run_id: int) -> dict[str, Any]:
             kept = mistakes.confident_mistakes(conn, run_id, p, defaults.MISTAKES_KEPT)
             top = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
             assert kept == [dict(r) for r in top]
+        unsure = mistakes.least_confident(conn, run_id, defaults.MISTAKES_KEPT)
+        top = conn.execute(mistakes.unsure_scan_query(run_id, defaults.MISTAKES_KEPT)).mappings()
+        assert unsure == [dict(r) for r in top]
+        assert_summary_is_the_rows(conn, run_id)
         return counts
+
+
+def assert_summary_is_the_rows(conn: Any, run_id: int) -> None:
+    """The run's predicted classes, agreement and histogram summed over its batches
+    (db.reads.run_summary) against SQL over its rows."""
+    summary = reads.run_summary(conn, run_id)
+    scored = "FROM predictions WHERE run_id = :r AND error IS NULL"
+    for p in PREDICTORS:
+        grouped = conn.execute(text(
+            f"SELECT pred_{p}, COUNT(*) {scored} GROUP BY pred_{p}"), {"r": run_id}).all()
+        assert summary.predicted[p] == {pred: int(n) for pred, n in grouped}
+    same = {"agree": "pred_l1 = pred_l2 AND pred_l2 = pred_sgd",
+            **{f"{a}_{b}": f"pred_{a} = pred_{b}" for a, b in PAIRS}}
+    row = conn.execute(text(
+        "SELECT COUNT(*), " + ", ".join(f"SUM(CASE WHEN {w} THEN 1 ELSE 0 END)"
+                                        for w in same.values()) + f" {scored}"),
+        {"r": run_id}).one()
+    assert summary.scored == row[0]
+    assert [summary.agree, *summary.agree_pairs.values()] == [int(n or 0) for n in row[1:]]
+    assert list(summary.agree_pairs) == list(PAIRS)
+    bins = conn.execute(text(
+        "SELECT " + ", ".join(
+            f"SUM(CASE WHEN prob_sgd * 10 >= {i} AND (prob_sgd * 10 < {i + 1} OR {i} = 9) "
+            "THEN 1 ELSE 0 END)" for i in range(PROB_BINS)) + f" {scored}"),
+        {"r": run_id}).one()
+    assert summary.prob_bins == [int(n or 0) for n in bins]
 
 
 @pytest.mark.integration
@@ -280,6 +311,10 @@ def mistakes_run(any_db_url, monkeypatch) -> tuple[Engine, int, list[PredictionR
         rows = made_up_rows(rng, paths)
         batch_life.store_batch(engine, run_id, seq, rows)
         stored += rows
+    with engine.connect() as conn:  # while running, each list holds a superset of its top
+        assert conn.execute(text("SELECT COUNT(*) FROM run_mistakes WHERE run_id = :r"),
+                            {"r": run_id}).scalar_one() > 3 * 10
+    assert queries.finish_submission(engine, run_id, len(stored), 0) == "done"
     other = new_run(engine, add_model(engine, CLASSES))
     with engine.begin() as conn:
         conn.execute(text(

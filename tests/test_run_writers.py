@@ -1,19 +1,18 @@
-"""Several writers storing batches of one run at once, on the real PostgreSQL: a writer waits
-for another only to update the run's counts, never for the length of its batch, and two
-deliveries of one batch at once still count each image once."""
+"""Several writers storing batches of one run at once, on the real PostgreSQL: a writer never
+waits for another writer of the run (each batch's counts are rows of its own), and two
+deliveries of one batch at once store it once: the second waits for the first's commit on
+that batch's row alone, then finds it stored."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, text
 
 from bench.run_writers import batch_rows
-from db.batch_life import record_batch, store_batch
-from db.bulk import insert_new_rows
-from db.models import runs, utcnow
-from db.queries import RUN_COUNTS, RowCounts, add_to_run, create_run
+from db.batch_life import record_batch, store_batch, write_batch
+from db.queries import create_run, finish_submission
 from db.session import get_engine, normalize_url
 from tests.test_results import save
 
@@ -39,61 +38,55 @@ def impatient_engine(url: str):
     )
 
 
-def run_counts(url: str, run_id: int) -> tuple[int, int]:
+def stored(url: str, run_id: int) -> tuple[int, int, str]:
+    """The run's scored images summed over its batches, its rows, and its status."""
     with get_engine(url).connect() as conn:
         return tuple(conn.execute(  # type: ignore[return-value]
-            text("SELECT n_scored, (SELECT COUNT(*) FROM predictions WHERE run_id = :r) "
-                 "FROM runs WHERE id = :r"), {"r": run_id}).one())
+            text("SELECT n_scored, (SELECT COUNT(*) FROM predictions WHERE run_id = :r), "
+                 "(SELECT status FROM runs WHERE id = :r) FROM run_totals WHERE run_id = :r"),
+            {"r": run_id}).one())
 
 
 def test_a_writer_mid_batch_does_not_hold_up_another_writer_of_the_run(
     postgres_url, run_of_two_batches
 ):
     run_id = run_of_two_batches
+    finish_submission(get_engine(postgres_url), run_id, 2 * SIZE, 0)  # either may be last
     first = get_engine(postgres_url).connect()
     try:
         with first.begin():
-            # the first writer has inserted its rows (each insert's foreign-key check holds
-            # a key-share lock on the run's row) and not yet committed
-            insert_new_rows(first, run_id, 0, batch_rows(0, SIZE), utcnow())
+            # the first writer has written its batch's rows and counts, not yet committed
+            assert write_batch(first, run_id, 0, batch_rows(0, SIZE)) is not None
             second = impatient_engine(postgres_url)
             try:
                 assert store_batch(second, run_id, 1, batch_rows(1, SIZE)) == SIZE
             finally:
                 second.dispose()
-            assert run_counts(postgres_url, run_id) == (SIZE, SIZE)
+            assert stored(postgres_url, run_id) == (SIZE, SIZE, "running")
     finally:
         first.close()
+    assert stored(postgres_url, run_id) == (2 * SIZE, 2 * SIZE, "running")
+    assert store_batch(get_engine(postgres_url), run_id, 0, batch_rows(0, SIZE)) == 0
+    assert stored(postgres_url, run_id) == (2 * SIZE, 2 * SIZE, "done")  # settled by a retry
 
 
-def test_two_deliveries_of_a_batch_at_once_count_each_image_once(
-    postgres_url, run_of_two_batches
-):
+def test_two_deliveries_of_a_batch_at_once_store_it_once(postgres_url, run_of_two_batches):
     run_id = run_of_two_batches
     engine = get_engine(postgres_url)
-    stored: list[int] = []
+    results: list[int] = []
     started = threading.Event()
 
     def second_delivery() -> None:
         started.set()
-        stored.append(store_batch(engine, run_id, 0, batch_rows(0, SIZE)))
+        results.append(store_batch(engine, run_id, 0, batch_rows(0, SIZE)))
 
     with engine.connect() as first, first.begin():
-        assert len(insert_new_rows(first, run_id, 0, batch_rows(0, SIZE), utcnow())) == SIZE
+        assert write_batch(first, run_id, 0, batch_rows(0, SIZE)) == (SIZE, "queued", None)
         thread = threading.Thread(target=second_delivery)
         thread.start()
         started.wait()
         thread.join(1.0)
-        assert thread.is_alive()  # waiting on the unique index for the first to commit
-        store_batch_tail(first, run_id, SIZE)
+        assert thread.is_alive()  # waiting on the batch's row for the first to commit
     thread.join(30)
-    assert stored == [0]
-    assert run_counts(postgres_url, run_id) == (SIZE, SIZE)
-
-
-def store_batch_tail(conn, run_id: int, n_new: int) -> None:
-    """What store_batch does after its insert: count the new rows into the run."""
-    run = conn.execute(
-        select(*RUN_COUNTS).where(runs.c.id == run_id).with_for_update(key_share=True)
-    ).one()
-    add_to_run(conn, run_id, run, RowCounts(scored=n_new, labelled=n_new))
+    assert results == [0]
+    assert stored(postgres_url, run_id) == (SIZE, SIZE, "running")  # settled by the second

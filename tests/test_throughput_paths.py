@@ -22,7 +22,7 @@ from core.fast_decode import decode_images
 from core.rows import label_for
 from core.scoring import Scores, score_stack, to_device
 from db import batch_life, queries
-from db.bulk import insert_new_rows
+from db.bulk import write_predictions
 from db.models import predictions
 from db.session import get_engine
 from producer.sample_data import load_digits
@@ -267,7 +267,7 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
     run_id = new_run(engine, model_id, [["3/a.png"]])
     at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     with engine.begin() as conn:
-        insert_new_rows(conn, run_id, 0, [row("3/a.png")], at)
+        write_predictions(conn, run_id, 0, [row("3/a.png")], at)
         conn.execute(predictions.insert().values(  # as SQLAlchemy writes it
             run_id=run_id, batch_seq=0, path="ref.png", scored_at=at))
     with engine.connect() as conn:
