@@ -113,12 +113,13 @@ def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
                 _COPIES + f"INSERT INTO {table} (run_id, batch_seq, {key}, n) SELECT :run, "
                 f"batch_seq + k.n * :n_seq, {key}, n FROM {table}, k WHERE run_id = :seed"
             ), {**k, "n_seq": n_seq})
-        for r in conn.execute(mistakes.unsure_scan_query(run_id, mistakes.KEPT)).mappings():
+        kept = defaults.MISTAKES_KEPT
+        for r in conn.execute(mistakes.unsure_scan_query(run_id, kept)).mappings():
             conn.execute(text(
                 "INSERT INTO run_unsure (run_id, path, prob_sgd) VALUES (:run, :path, :p)"
             ), {"run": run_id, "path": r["path"], "p": r["prob_sgd"]})
         for p in PREDICTORS:  # the kept mistakes: the first of the copies, by key and path
-            rows = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
+            rows = conn.execute(mistakes.scan_query(run_id, p, kept)).mappings()
             for r in rows:
                 conn.execute(text(
                     "INSERT INTO run_mistakes (run_id, predictor, path, rank_key) "

@@ -25,7 +25,7 @@ import multiprocessing
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def _copy_bare(
     """COPY the same rows into ``bare_predictions``, a batch a transaction: the floor."""
     import psycopg
 
-    at = datetime.now(timezone.utc)
+    at = datetime.now(UTC)
     prepared = [
         [(run_id, seq, *(r[k] for k in ROW_KEYS), at)  # type: ignore[literal-required]
          for r in batch_rows(seq, size)]

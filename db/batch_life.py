@@ -238,7 +238,7 @@ def store_batch(
 def _first_of_each_path(rows: Sequence[PredictionRow]) -> Sequence[PredictionRow]:
     if len({r["path"] for r in rows}) == len(rows):
         return rows
-    first = {}
+    first: dict[str, PredictionRow] = {}
     for r in rows:
         first.setdefault(r["path"], r)
     return list(first.values())

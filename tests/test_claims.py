@@ -9,8 +9,10 @@ import re
 import tomllib
 from pathlib import Path
 
+from sqlalchemy import text
+
+from db import batch_life, queries
 from db.models import RUN_STATUSES
-from db.queries import settle_status
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "db", "worker", "producer")
@@ -76,15 +78,31 @@ def test_every_packaged_file_exists():
         assert (ROOT / package.replace(".", "/") / "__init__.py").exists(), package
 
 
-def test_every_run_status_is_one_the_code_writes():
-    """A run is created ``queued`` (db/queries.create_run) and settles by its row count; the
-    statuses the schema allows and documents are exactly those."""
-    written, seen = {"queued"}, set()
-    while written - seen:  # every status reachable from a new run
-        status = (written - seen).pop()
-        seen.add(status)
-        for n_rows, n_images in ((0, None), (1, None), (1, 2), (2, 2), (0, 0)):
-            written.add(settle_status(status, n_rows, n_images)["status"])
+def test_every_run_status_is_one_the_code_writes(memory_engine):
+    """A run is created ``queued`` (db/queries.create_run), becomes ``running`` when a batch
+    is stored and ``done`` when the last is (db/queries.settle_run); the statuses the schema
+    allows and documents are exactly those."""
+    engine = memory_engine
+    with engine.begin() as conn:
+        model_id = conn.execute(text(
+            "INSERT INTO models (created_at, train_dir, classes, height, width, n_train, "
+            "n_valid, loss, epochs, lr, batch_size, seed, ideal_images, sgd_weights, sgd_bias) "
+            "VALUES ('2026-12-02 00:00:00', 't', '[\"3\"]', 28, 28, 1, 1, 'x', 1, 1, 1, 1, "
+            "x'', x'', x'') RETURNING id")).scalar_one()
+        run_id, _ = queries.create_run(conn, model_id, "/d", "celery")
+        for seq in (0, 1):
+            batch_life.record_batch(conn, run_id, seq, [f"3/{seq}.png"], 0)
+
+    def status() -> str:
+        with engine.connect() as conn:
+            return str(queries.get_run(conn, run_id)["status"])
+
+    written = {status()}
+    for seq in (0, 1):
+        rows = batch_life.poison_rows([f"3/{seq}.png"], ["3"], 3)
+        batch_life.store_batch(engine, run_id, seq, rows, "failed", 1)
+        written.add(status())
+    written.add(queries.finish_submission(engine, run_id, 2, 0))
     assert written == set(RUN_STATUSES)
     schema = (ROOT / "docs" / "schema.md").read_text()
     runs_table = schema[schema.index("## `runs`"):schema.index("## `batches`")]
