@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def dump(url: str, table: str) -> list[tuple]:
     with get_engine(url).connect() as conn:
-        return [tuple(r) for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY id"))]
+        return [tuple(r) for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY 1, 2, 3"))]
 
 
 def test_a_worker_on_another_database_changes_nothing_in_it(

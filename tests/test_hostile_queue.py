@@ -80,7 +80,7 @@ def push(broker_env: dict[str, str], *messages: tuple[str, bytes]) -> list[str]:
 def dump(db_url: str) -> dict[str, list[tuple]]:
     """Every row of every table, in id order."""
     with get_engine(db_url).connect() as conn:
-        return {t: [tuple(r) for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY id"))]
+        return {t: [tuple(r) for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2, 3"))]
                 for t in TABLES}
 
 
