@@ -7,6 +7,7 @@ commit and at the end, are what SQL recomputes from its rows."""
 from __future__ import annotations
 
 import multiprocessing
+import time
 from typing import Any
 
 import pytest
@@ -112,3 +113,22 @@ def assert_totals_are_the_rows(engine: Any, run_id: int) -> int:
     assert {(p, la, pr, int(n)) for p, la, pr, n in kept} == {
         (p, la, pr, int(n)) for p, la, pr, n in grouped}
     return int(sql["n_scored"]) + int(sql["n_failed"])
+
+
+def test_a_sqlite_read_in_progress_does_not_hold_up_a_writer(sqlite_url, classifier):
+    """A report or ``--wait`` poll reading in a transaction takes no write lock (a deferred
+    transaction), so a worker storing a batch meanwhile does not wait for it."""
+    engine = get_engine(sqlite_url)
+    model_id = save(engine, classifier)
+    with engine.begin() as conn:
+        run_id, _ = queries.create_run(conn, model_id, "/images", "celery")
+        batch_life.record_batch(conn, run_id, 0, [], 0)
+    reader = get_engine(sqlite_url).connect()
+    try:
+        assert queries.progress(reader, run_id).done == 0  # its transaction stays open
+        start = time.monotonic()
+        assert batch_life.store_batch(engine, run_id, 0, batch_rows(0)) == ROWS
+        assert time.monotonic() - start < 5  # the busy timeout is 30 s
+        assert queries.progress(reader, run_id).done == 0  # its snapshot, as first read
+    finally:
+        reader.close()
