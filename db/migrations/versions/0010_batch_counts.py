@@ -9,7 +9,7 @@ cost every row of a COPY, and a batch's rows are written only with its done mark
 Existing batches get the counts of their rows, existing runs their least confident images.
 
 Revision ID: 0010
-Revises: 0009
+Revises: 0014
 Create Date: 2026-12-02
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0009"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
