@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from db import queries
 from db.session import get_engine
 from tests.conftest import ROOT, wait_for_log
 
@@ -28,9 +29,9 @@ def train(run_cli, sample_dir: Path, db_url: str) -> None:
 
 
 def run_row(db_url: str, run_id: int = 1) -> dict:
+    """The run's row, its counts summed from its batches until it is settled as done."""
     with get_engine(db_url).connect() as conn:
-        return dict(conn.execute(text("SELECT * FROM runs WHERE id = :r"), {"r": run_id})
-                    .mappings().one())
+        return queries.get_run(conn, run_id)
 
 
 def wait_done(db_url: str, timeout: float, run_id: int = 1) -> dict:
