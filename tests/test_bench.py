@@ -20,8 +20,7 @@ from bench import common, dataset, naive_celery, plain_script, report, runners, 
 from core import fast_decode, images
 from db.session import dispose_engines, get_engine
 from producer.submit import EmbeddedSender, submit_directory
-from tests.conftest import REDIS_DB, ROOT
-from tests.test_results import save
+from tests.support import REDIS_DB, ROOT, save_model
 
 COLUMNS = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -50,7 +49,7 @@ def test_plain_script_and_the_batch_function_give_identical_predictions(
     assert plain_script.score_directory(root, tmp_path / "out.csv", classifier) == 200
     plain = csv_rows(tmp_path / "out.csv")
     engine = get_engine(sqlite_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     sub = submit_directory(engine, root, model_id, EmbeddedSender(engine, classifier))
     assert sub.status == "done"
     assert db_rows(sqlite_url, sub.run_id) == plain  # floats too, bit for bit
@@ -58,7 +57,7 @@ def test_plain_script_and_the_batch_function_give_identical_predictions(
 
 def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifier, tmp_path,
                                                 monkeypatch):
-    model_id = save(get_engine(sqlite_url), classifier)
+    model_id = save_model(get_engine(sqlite_url), classifier)
     results = tmp_path / "naive.db"
     import sqlite3
 
@@ -109,7 +108,7 @@ def test_decode_score_rate_runs_both_decoders(sample_dir, classifier):
 def test_the_producer_wrapper_records_the_walk_start_and_peak_memory(
     sample_dir, sqlite_url, classifier, tmp_path
 ):
-    save(get_engine(sqlite_url), classifier)
+    save_model(get_engine(sqlite_url), classifier)
     dispose_engines()
     stats = tmp_path / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_PRODUCER_STATS": str(stats)}
@@ -160,7 +159,7 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
 ):
     """Real ``worker`` process, Redis and ``producer submit --wait`` as the benchmark runs
     them: every image done, the predictions equal to the plain script's."""
-    common.store_model(sqlite_url, classifier)
+    common.save_model(sqlite_url, classifier)
     queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
     env = system.service_env(f"{redis_server}/{REDIS_DB}", queue, sqlite_url)
     try:
@@ -191,7 +190,8 @@ def test_report_bench_copies_a_run_with_its_counts_and_mistakes(
     from producer.report import build_report
 
     engine = get_engine(sqlite_url)
-    seed = reports.seed_run(engine, classifier, save(engine, classifier), sample_dir / "valid")
+    model_id = save_model(engine, classifier)
+    seed = reports.seed_run(engine, classifier, model_id, sample_dir / "valid")
     run_id = reports.copy_run(engine, seed, 3, tmp_path)
     reports.check_counts(engine, run_id)
     with engine.connect() as conn:
@@ -255,7 +255,7 @@ def test_fleet_handout_queues_every_batch_and_cleans_up(
 
     from bench import fleet
 
-    common.store_model(sqlite_url, classifier)
+    common.save_model(sqlite_url, classifier)
     url = f"{redis_server}/{REDIS_DB}"
     got = {mode: fleet.handout(sample_dir / "valid", mode, url, sqlite_url, tmp_path,
                                ["--batch-size", "50"]) for mode in fleet.MODES}

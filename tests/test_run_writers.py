@@ -15,7 +15,7 @@ from db.bulk import insert_new_rows
 from db.models import runs, utcnow
 from db.queries import RUN_COUNTS, RowCounts, add_to_run, create_run
 from db.session import get_engine, normalize_url
-from tests.test_results import save
+from tests.support import save_model
 
 pytestmark = pytest.mark.integration
 SIZE = 50
@@ -24,7 +24,7 @@ SIZE = 50
 @pytest.fixture
 def run_of_two_batches(postgres_url, classifier) -> int:
     engine = get_engine(postgres_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     with engine.begin() as conn:
         run_id, _token = create_run(conn, model_id, "/images", "celery")
         for seq in (0, 1):

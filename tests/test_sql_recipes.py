@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from core.training import fit
 from db.session import dispose_engines, get_engine
-from tests.populate import prediction_rows, save_model, submit
+from tests.support import prediction_rows, save_model, submit_embedded
 
 USAGE = Path(__file__).resolve().parent.parent / "docs" / "usage.md"
 SECTION = "## Querying results with SQL"
@@ -75,7 +75,7 @@ def _populate(url: str, root: Path, classifier: Any, weak: Any) -> dict[int, lis
     engine = get_engine(url)
     runs = {}
     for clf in (classifier, weak):
-        run_id = submit(engine, clf, save_model(engine, clf), root)
+        run_id = submit_embedded(engine, clf, save_model(engine, clf), root)
         runs[run_id] = prediction_rows(engine, run_id)
     assert sorted(runs) == [1, 2]
     return runs
