@@ -59,8 +59,8 @@ def add_to_run(conn: Connection, run_id: int, run: Any, new: RowCounts) -> str:
     """Add a batch's new rows to its run, whose :data:`RUN_COUNTS` ``run`` was read under
     the lock, and to its confusion counts and failure reasons (:func:`add_counts`); set the
     accuracies (right / labelled) and the status from the sums; return the status. The same
-    cost whatever the run's size: re-aggregating the run's rows on every batch made a run of
-    n images cost O(n^2 / batch size)."""
+    cost whatever the run's size, where re-aggregating the run's rows on every batch would
+    make a run of n images cost O(n^2 / batch size)."""
     labelled = int(run.n_labelled) + new.labelled
     values: dict[str, Any] = {
         "n_scored": int(run.n_scored) + new.scored,
