@@ -159,7 +159,7 @@ def test_the_system_as_benchmarked_scores_like_the_plain_script(
 ):
     """Real ``worker`` process, Redis and ``producer submit --wait`` as the benchmark runs
     them: every image done, the predictions equal to the plain script's."""
-    common.save_model(sqlite_url, classifier)
+    common.store_model(sqlite_url, classifier)
     queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
     env = system.service_env(f"{redis_server}/{REDIS_DB}", queue, sqlite_url)
     try:
@@ -255,7 +255,7 @@ def test_fleet_handout_queues_every_batch_and_cleans_up(
 
     from bench import fleet
 
-    common.save_model(sqlite_url, classifier)
+    common.store_model(sqlite_url, classifier)
     url = f"{redis_server}/{REDIS_DB}"
     got = {mode: fleet.handout(sample_dir / "valid", mode, url, sqlite_url, tmp_path,
                                ["--batch-size", "50"]) for mode in fleet.MODES}
