@@ -218,6 +218,25 @@ def wait_for_log(proc: subprocess.Popen, text: str, timeout: float = 60, count: 
         time.sleep(0.1)
 
 
+def pool_children(launcher: subprocess.Popen) -> list[int]:
+    """The Celery pool processes under a started `worker` (launcher → celery → pool)."""
+    def children(pid: int) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    return [child for master in children(launcher.pid) for child in children(master)]
+
+
+def submit_in_background(db_url: str, source: Path, env: dict, *args: str) -> subprocess.Popen:
+    """``producer submit SOURCE`` as a process of its own, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
+         "--database-url", db_url, *args],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
 class RedisServer:
     """A real redis-server of this test's own (nothing on disk), that it may kill and restart
     without disturbing anyone else's Redis."""

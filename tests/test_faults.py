@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,34 +15,17 @@ from sqlalchemy import text
 from db.session import get_engine
 from tests.support import (
     FAULTS,
-    ROOT,
     assert_exactly_once,
+    pool_children,
     run_row,
     save_model,
+    submit_in_background,
     wait_done,
     wait_for_log,
     wait_scored,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def pool_children(launcher: subprocess.Popen) -> list[int]:
-    """The Celery pool processes under a started `worker` (launcher → celery → pool)."""
-    def children(pid: int) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    return [child for master in children(launcher.pid) for child in children(master)]
-
-
-def submit_in_background(db_url: str, source: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
-         "--database-url", db_url, *args],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
 
 
 def test_killed_workers_lose_no_image(
