@@ -125,11 +125,9 @@ STALL_HINT_AFTER_ENV = "DIGITSCORE_STALL_HINT_AFTER"
 PROGRESS_EVERY = 10
 #: Seconds to wait for the workers' replies when asking which of them consume the queue.
 INSPECT_TIMEOUT = 1.0
-#: Seconds between progress polls of ``submit --wait``: the first after ``POLL_FIRST``, then
-#: half as long again each time up to ``PROGRESS_POLL_LONGEST``, so that a short run's end is
-#: noticed within a few milliseconds and a long one costs a query a quarter second.
-POLL_FIRST = 0.01
-PROGRESS_POLL_LONGEST = 0.25
+#: Seconds between two progress polls of ``--wait`` (each one query on the run's row): a
+#: run's end is seen within this.
+PROGRESS_POLL_INTERVAL = 0.05
 #: Seconds to wait for the broker before ``submit`` gives up (seconds).
 BROKER_CONNECT_TIMEOUT = 3.0
 #: Seconds between a worker's heartbeats into the database's ``workers`` table; a worker not

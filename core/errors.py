@@ -3,7 +3,7 @@
 Each message says what went wrong and what to do next. The ``producer`` and ``worker`` command
 lines turn them into one line on stderr and an exit status in one place each (producer/cli.py,
 worker/cli.py): :attr:`DigitscoreError.exit_code` is 2 for bad usage or input, 1 for a failure
-at run time (README.md, "Errors and exit codes").
+at run time (docs/usage.md, "Errors and exit codes").
 """
 
 from __future__ import annotations

@@ -49,10 +49,6 @@ def check_directory(root: Path) -> Path:
     return resolved
 
 
-_SUFFIXES = defaults.IMAGE_SUFFIXES
-_ARCHIVES = defaults.ARCHIVE_SUFFIXES
-
-
 def is_image_name(name: str) -> bool:
     """Whether the name ends in an image suffix, as ``os.path.splitext`` tells suffixes
     (leading dots start no suffix: ``.png`` is a hidden file named png); spelled out, since
@@ -61,7 +57,8 @@ def is_image_name(name: str) -> bool:
     if dot <= 0:
         return False
     suffix = name[dot:]
-    if suffix not in _SUFFIXES and suffix.lower() not in _SUFFIXES:
+    suffixes = defaults.IMAGE_SUFFIXES
+    if suffix not in suffixes and suffix.lower() not in suffixes:
         return False
     return name[0] != "." or name[:dot].lstrip(".") != ""
 
@@ -145,13 +142,16 @@ class DirectoryWalk:
                 continue
             with entries:
                 # The walk's inner loop, run once per file: the entry's type comes from the
-                # directory listing itself (no stat), and an ASCII name needs no escaping.
+                # directory listing itself (no stat), and an ASCII name needs no escaping, so
+                # it skips the call to stored_name (docs/performance.md, "Simple code
+                # against tricks").
                 for entry in entries:
                     kind = _kind(entry)
                     if kind == "dir":
                         stack.append(entry.path)
                     elif kind == "dir-link" or not is_image_name(entry.name):
-                        if kind == "file" and entry.name.lower().endswith(_ARCHIVES):
+                        archive = entry.name.lower().endswith(defaults.ARCHIVE_SUFFIXES)
+                        if kind == "file" and archive:
                             self.archives.append((entry.path, stored_name(root, _posix(
                                 entry.path[start:]))))
                         else:

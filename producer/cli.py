@@ -280,8 +280,8 @@ for _command in (
 def main(argv: list[str] | None = None) -> None:
     """The ``producer`` console script (``argv``: its arguments, default ``sys.argv[1:]``)."""
     # At exit the interpreter's last garbage collections walk every object the imported
-    # libraries made (SQLAlchemy, Celery, kombu, redis): about 0.15 s of a short command.
-    # Those objects live until the process ends anyway, so they are frozen as the last thing
-    # before exit (atexit runs handlers in reverse order), and those collections skip them.
+    # libraries made (SQLAlchemy, Celery, kombu, redis), which live until the process ends
+    # anyway: frozen as the last thing before exit (atexit runs handlers in reverse order),
+    # they are skipped (docs/performance.md, "Simple code against tricks").
     atexit.register(gc.freeze)
     cli(args=argv, prog_name="producer")

@@ -32,15 +32,15 @@ def progress_line(done: int, total: int | None, rate: float) -> str:
 def wait_for_run(
     engine: Any,
     run_id: int,
-    interval: float = defaults.PROGRESS_POLL_LONGEST,
+    interval: float = defaults.PROGRESS_POLL_INTERVAL,
     *,
     timeout: float | None = None,
     explain: Callable[[], str] | None = None,
     stall_after: float = defaults.STALL_HINT_AFTER,
     report_every: float = defaults.PROGRESS_EVERY,
 ) -> str:
-    """Poll until the run is done, at most ``interval`` seconds apart (sooner at
-    first, see :data:`defaults.POLL_FIRST`); show progress on stderr; return the status.
+    """Poll until the run is done, every ``interval`` seconds (one query on the run's row), so
+    that its end is seen within that; show progress on stderr; return the status.
 
     On a terminal the progress line is redrawn at every poll; otherwise one line is printed
     every ``report_every`` seconds. When no batch of the run has been stored for
@@ -48,7 +48,6 @@ def wait_for_run(
     says why it may be stuck, once per stall. After ``timeout`` seconds :class:`WaitTimeout`
     is raised; the run goes on. Ctrl-C raises KeyboardInterrupt to the caller.
     """
-    delay = min(defaults.POLL_FIRST, interval)
     tty = sys.stderr.isatty()
     start = time.monotonic()
     first: int | None = None
@@ -88,14 +87,4 @@ def wait_for_run(
                 f"run {run_id} not done after --timeout {timeout:g} s ({p.done:,}/{total} "
                 f"images); it goes on: see `producer status {run_id}`"
             )
-        time.sleep(next_poll(delay, p.done, p.n_images, rate))
-        delay = min(delay * 1.5, interval)
-
-
-def next_poll(delay: float, done: int, total: int | None, rate: float) -> float:
-    """Seconds to the next poll: ``delay``, or sooner when the run should end before that at
-    its rate so far (never sooner than :data:`defaults.POLL_FIRST`), so that the end of a run
-    is seen within a few milliseconds rather than up to a whole poll interval late."""
-    if total is None or rate <= 0:
-        return delay
-    return min(delay, max(defaults.POLL_FIRST, (total - done) / rate))
+        time.sleep(interval)

@@ -13,13 +13,12 @@ this process go through NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -30,32 +29,19 @@ from core.training import fit
 from db.session import dispose_engines, make_engine, upgrade_schema
 from producer.cli import cli
 from producer.sample_data import write_sample
-
-PG_ADMIN_URL = os.environ.get(
-    "DIGITSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.support import (
+    PG_ADMIN_URL,
+    REDIS_BASE_URL,
+    REDIS_DB,
+    REQUIRE_GPU,
+    ROOT,
+    RedisServer,
+    gpu_count,
+    save_model,
+    service_missing,
 )
-REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-#: The Redis database the tests' queues and payloads use (one per concurrent checkout).
-REDIS_DB = int(os.environ.get("DIGITSCORE_TEST_REDIS_DB", "9"))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-REQUIRE_GPU = os.environ.get("DIGITSCORE_TEST_REQUIRE_GPU") == "1"
-ROOT = Path(__file__).resolve().parent.parent
+
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-
-
-def service_missing(what: str) -> None:
-    """Skip locally, fail under CI."""
-    if IN_CI:
-        pytest.fail(f"{what} is required under CI=true but is not available")
-    pytest.skip(f"{what} not available")
-
-
-def score_and_store(engine, classifier, run_id, seq, paths, blobs, errors=None) -> int:
-    """Score a batch in this process and store its rows, as the embedded producer does."""
-    from core.batch import score_images
-    from db.batch_life import store_batch
-
-    return store_batch(engine, run_id, seq, score_images(classifier, paths, blobs, errors))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,14 +51,6 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-@lru_cache(maxsize=1)
-def gpu_count() -> int:
-    """GPUs torch sees, counted in a child process (as the launcher counts them)."""
-    from worker.devices import count_gpus
-
-    return count_gpus()
-
-
 @pytest.fixture
 def cuda_gpu() -> str:
     """``cuda:0``, or a skip naming why (a failure under DIGITSCORE_TEST_REQUIRE_GPU=1)."""
@@ -178,18 +156,14 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def model_db(sqlite_url: str, classifier) -> str:
     """A SQLite database holding the session's trained model (id 1)."""
-    from tests.bad_input_support import store_model
-
-    store_model(sqlite_url, classifier)
+    save_model(sqlite_url, classifier)
     return sqlite_url
 
 
 @pytest.fixture
 def any_model_db(any_db_url: str, classifier) -> str:
     """SQLite, then PostgreSQL, each holding the session's trained model (id 1)."""
-    from tests.bad_input_support import store_model
-
-    store_model(any_db_url, classifier)
+    save_model(any_db_url, classifier)
     return any_db_url
 
 
@@ -243,30 +217,25 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
         return proc
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    # The test has made its checks: kill each worker's whole process group at once rather
+    # than stop it warmly, which waits for Celery's shutdown (seconds a worker). Its queue
+    # and payloads go with the test's broker_env.
     for proc in procs:
         try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)  # its Celery processes too, if it is gone
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
-def wait_for_log(proc: subprocess.Popen, text: str, timeout: float = 60, count: int = 1) -> str:
-    """Wait until a started worker's log holds ``text`` (``count`` times); return the log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
-        if log.count(text) >= count:
-            return log
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode} before {text!r}:\n{log[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {text!r} in the worker log after {timeout} s:\n{log[-3000:]}")
-        time.sleep(0.2)
+@pytest.fixture
+def own_redis(tmp_path: Path, redis_server: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill and restart."""
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server binary")
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
 
 
 # ---------------------------------------------------------------- the CLI

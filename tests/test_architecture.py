@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 PACKAGES = ("core", "db", "worker", "producer")
 #: What each package may import of the others.

@@ -17,16 +17,19 @@ import pytest
 from sqlalchemy import text
 
 from db.session import get_engine
-from tests.bad_input_support import copy_digits, digit_files, predictions, submit
-from tests.conftest import wait_for_log
-from tests.test_faults import (
+from tests.support import (
     FAULTS,
     assert_exactly_once,
+    copy_digits,
+    digit_files,
     pool_children,
+    predictions,
     run_row,
+    save_model,
+    submit,
     submit_in_background,
-    train,
     wait_done,
+    wait_for_log,
 )
 
 pytestmark = pytest.mark.integration
@@ -104,9 +107,9 @@ def test_workers_read_shards_as_the_loose_files_bit_for_bit_and_nothing_outside(
 
 
 def test_every_member_is_stored_once_under_a_killed_worker_and_a_resumed_producer(
-    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     shards = tmp_path / "shards"
     assert run_cli("pack", str(sample_dir / "valid"), str(shards), "--images-per-shard", "50"
                    ).exit_code == 0

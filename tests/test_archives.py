@@ -16,7 +16,7 @@ from core.archive_batches import archive_batches, read_recorded
 from core.archives import member_name
 from core.files import DirectoryWalk
 from core.tar_scan import FileSource, scan_tar
-from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
+from tests.support import copy_digits, digit_files, predictions, query, submit
 
 COMPARED = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd", "error")
 CAP = 4 * 1024 * 1024

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from core.images import ImageError, decode_gray
-from tests.bad_input_support import (
+from tests.support import (
     PREDICTION_COLUMNS,
     assert_run_complete,
     bomb_png,

@@ -32,8 +32,7 @@ from core import fast_decode, images, scoring
 from db.session import dispose_engines, get_engine
 from producer.sample_data import load_digits
 from producer.submit import EmbeddedSender, submit_directory
-from tests.conftest import REDIS_DB, ROOT
-from tests.test_results import save
+from tests.support import REDIS_DB, ROOT, save_model
 
 COLUMNS = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -79,7 +78,7 @@ def test_plain_script_and_the_batch_function_give_the_same_predictions(
     plain = plain_csv(root, classifier, tmp_path)
     assert len(plain) == 200
     engine = get_engine(sqlite_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     sub = submit_directory(engine, root, model_id, EmbeddedSender(engine, classifier))
     assert sub.status == "done"
     assert_same_predictions(db_rows(sqlite_url, sub.run_id), plain)
@@ -105,7 +104,7 @@ def test_the_plain_script_runs_alone_on_numpy_and_pillow(sample_dir, classifier,
 
 def test_naive_task_writes_the_same_predictions(sample_dir, sqlite_url, classifier, tmp_path,
                                                 monkeypatch):
-    model_id = save(get_engine(sqlite_url), classifier)
+    model_id = save_model(get_engine(sqlite_url), classifier)
     results = tmp_path / "naive.db"
     import sqlite3
 
@@ -168,7 +167,7 @@ def test_the_previous_scoring_gives_todays_scores(classifier):
 def test_the_producer_wrapper_records_the_walk_start_and_peak_memory(
     sample_dir, sqlite_url, classifier, tmp_path
 ):
-    save(get_engine(sqlite_url), classifier)
+    save_model(get_engine(sqlite_url), classifier)
     dispose_engines()
     stats = tmp_path / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_PRODUCER_STATS": str(stats)}
@@ -250,7 +249,8 @@ def test_report_bench_copies_a_run_with_its_counts_and_mistakes(
     from producer.report import build_report
 
     engine = get_engine(sqlite_url)
-    seed = reports.seed_run(engine, classifier, save(engine, classifier), sample_dir / "valid")
+    model_id = save_model(engine, classifier)
+    seed = reports.seed_run(engine, classifier, model_id, sample_dir / "valid")
     run_id = reports.copy_run(engine, seed, 3, tmp_path)
     reports.check_counts(engine, run_id)
     with engine.connect() as conn:

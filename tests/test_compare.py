@@ -10,7 +10,7 @@ import pytest
 
 from core.training import fit
 from db.session import get_engine
-from tests.populate import prediction_rows, save_model, submit
+from tests.support import prediction_rows, save_model, submit_embedded
 
 PREDICTORS = ("l1", "l2", "sgd")
 
@@ -32,8 +32,8 @@ def two_runs(any_db_url, sample_dir, classifier, weak_classifier, tmp_path):
     (dir_a / "3" / "broken_in_b.png").write_bytes(
         sorted((dir_a / "3").glob("0*.png"))[1].read_bytes()
     )
-    run_a = submit(engine, classifier, save_model(engine, classifier), dir_a)
-    run_b = submit(engine, weak_classifier, save_model(engine, weak_classifier), dir_b)
+    run_a = submit_embedded(engine, classifier, save_model(engine, classifier), dir_a)
+    run_b = submit_embedded(engine, weak_classifier, save_model(engine, weak_classifier), dir_b)
     return any_db_url, engine, run_a, run_b
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import service_missing
+from tests.support import service_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

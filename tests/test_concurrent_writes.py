@@ -16,7 +16,7 @@ from sqlalchemy import text
 from core.rows import PredictionRow
 from db import batch_life, queries
 from db.session import dispose_engines, get_engine
-from tests.test_results import RECOMPUTE, save
+from tests.support import RECOMPUTE, save_model
 
 BATCHES, ROWS = 16, 300
 
@@ -50,7 +50,7 @@ def store(url: str, run_id: int, seqs: list[int], start: Any) -> None:
 @pytest.mark.integration
 def test_concurrent_writers_of_one_run_keep_exact_counts(any_db_url, classifier):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     with engine.begin() as conn:
         run_id, _ = queries.create_run(conn, model_id, "/images", "celery")
         for seq in range(BATCHES):
@@ -119,7 +119,7 @@ def test_a_sqlite_read_in_progress_does_not_hold_up_a_writer(sqlite_url, classif
     """A report or ``--wait`` poll reading in a transaction takes no write lock (a deferred
     transaction), so a worker storing a batch meanwhile does not wait for it."""
     engine = get_engine(sqlite_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     with engine.begin() as conn:
         run_id, _ = queries.create_run(conn, model_id, "/images", "celery")
         batch_life.record_batch(conn, run_id, 0, [], 0)

@@ -23,7 +23,7 @@ from sqlalchemy import text
 
 from core.scoring import to_device
 from db.session import get_engine
-from tests.conftest import gpu_count, wait_for_log
+from tests.support import gpu_count, wait_for_log
 from worker.cli import celery_command
 from worker.devices import (
     DEVICE_ENV,

@@ -11,20 +11,15 @@ from sqlalchemy import text
 from db.model_store import load_classifier
 from db.session import get_engine
 from producer.submit import EmbeddedSender, submit_directory
-from tests.conftest import wait_for_log
+from tests.support import save_model, wait_for_log
 
 pytestmark = pytest.mark.integration
 
 
-def train(run_cli, sample_dir, db_url: str) -> None:
-    r = run_cli("train", str(sample_dir / "train"), "--epochs", "10", "--database-url", db_url)
-    assert r.exit_code == 0, r.output
-
-
 def test_two_workers_score_every_image_exactly_once(
-    run_cli, sample_dir, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url}
     workers = [start_worker(env, "--device", "cpu", name=f"w{i}") for i in range(2)]
     for w in workers:
@@ -65,9 +60,9 @@ def test_two_workers_score_every_image_exactly_once(
 
 
 def test_unreachable_broker_fails_fast_masks_password_and_creates_no_run(
-    run_cli, sample_dir, sqlite_url
+    run_cli, classifier, sample_dir, sqlite_url
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     url = "redis://:s3cret-pw@127.0.0.1:1/0"  # nothing listens on port 1
     start = time.monotonic()
     r = run_cli("submit", str(sample_dir / "valid"), "--database-url", sqlite_url,
@@ -81,9 +76,9 @@ def test_unreachable_broker_fails_fast_masks_password_and_creates_no_run(
 
 
 def test_pickled_message_is_refused_and_the_worker_keeps_going(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url},
                           "--device", "cpu")
     wait_for_log(worker, "ready.")
@@ -105,9 +100,9 @@ def test_pickled_message_is_refused_and_the_worker_keeps_going(
 
 
 def test_sqlite_holds_up_under_several_writing_workers(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}
     # two workers with two processes each: four processes writing to one SQLite file
     workers = [start_worker(env, "--device", "cpu", "--concurrency", "2", name=f"w{i}")

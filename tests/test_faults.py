@@ -6,76 +6,32 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from db import queries
 from db.session import get_engine
-from tests.conftest import ROOT, wait_for_log
+from tests.support import (
+    FAULTS,
+    assert_exactly_once,
+    pool_children,
+    run_row,
+    save_model,
+    submit_in_background,
+    wait_done,
+    wait_for_log,
+    wait_scored,
+)
 
 pytestmark = pytest.mark.integration
 
-FAULTS = ("--", "--include", "tests.fault_injection")
-
-
-def train(run_cli, sample_dir: Path, db_url: str) -> None:
-    r = run_cli("train", str(sample_dir / "train"), "--epochs", "5", "--database-url", db_url)
-    assert r.exit_code == 0, r.output
-
-
-def run_row(db_url: str, run_id: int = 1) -> dict:
-    """The run's row, its counts summed from its batches until it is settled as done."""
-    with get_engine(db_url).connect() as conn:
-        return queries.get_run(conn, run_id)
-
-
-def wait_done(db_url: str, timeout: float, run_id: int = 1) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = run_row(db_url, run_id)
-        if run["status"] == "done":
-            return run
-        time.sleep(0.3)
-    pytest.fail(f"run {run_id} not done after {timeout} s: {run_row(db_url, run_id)}")
-
-
-def assert_exactly_once(db_url: str, files: int, run_id: int = 1) -> None:
-    with get_engine(db_url).connect() as conn:
-        n, distinct = conn.execute(text(
-            "SELECT COUNT(*), COUNT(DISTINCT path) FROM predictions WHERE run_id = :r"),
-            {"r": run_id}).one()
-    run = run_row(db_url, run_id)
-    assert (n, distinct, run["n_images"]) == (files, files, files)
-    assert run["n_scored"] + run["n_failed"] == files
-
-
-def pool_children(launcher: subprocess.Popen) -> list[int]:
-    """The Celery pool processes under a started `worker` (launcher → celery → pool)."""
-    def children(pid: int) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    return [child for master in children(launcher.pid) for child in children(master)]
-
-
-def submit_in_background(db_url: str, source: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
-         "--database-url", db_url, *args],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-
 
 def test_killed_workers_lose_no_image(
-    run_cli, sample_dir, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url,
            "DIGITSCORE_VISIBILITY_TIMEOUT": "5", "DIGITSCORE_TEST_TASK_DELAY": "0.3"}
     workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
@@ -104,9 +60,9 @@ def test_killed_workers_lose_no_image(
 
 
 def test_poison_batch_is_failed_after_bounded_deliveries(
-    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     src = tmp_path / "images"
     shutil.copytree(sample_dir / "valid", src)
     shutil.copy(next((src / "3").glob("*.png")), src / "3" / "poison.png")
@@ -131,12 +87,12 @@ def test_poison_batch_is_failed_after_bounded_deliveries(
 
 
 def test_a_model_that_cannot_be_loaded_fails_its_batches_within_the_delivery_limit(
-    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
 ):
     """Damaged weights: each delivery fails to load the model and counts a failed delivery;
     the claim after the third gives the batch up before loading anything, so every batch ends
     failed (never cycling), its rows naming the model's problem."""
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     with get_engine(sqlite_url).begin() as conn:
         conn.execute(text("UPDATE models SET sgd_weights = :b"), {"b": b"\x00" * 12})
     src = tmp_path / "images" / "3"
@@ -157,68 +113,10 @@ def test_a_model_that_cannot_be_loaded_fails_its_batches_within_the_delivery_lim
     assert "model 1 could not be loaded" in errors[0], errors[0]
 
 
-class RedisServer:
-    """A real redis-server of this test's own (nothing on disk), that it may kill and restart
-    without disturbing anyone else's Redis."""
-
-    def __init__(self, workdir: Path, *options: str) -> None:
-        from tests.tcp_proxy import _free_port
-
-        self.port = _free_port()
-        self.workdir = workdir
-        self.options = options
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), *self.options],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
-                return
-            except Exception:
-                time.sleep(0.05)
-        pytest.fail("redis-server did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path, redis_server: str):
-    if shutil.which("redis-server") is None:
-        from tests.conftest import service_missing
-
-        service_missing("redis-server binary")
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
-
-
-def wait_scored(db_url: str, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while run_row(db_url)["n_scored"] < at_least:
-        if time.monotonic() > deadline:
-            pytest.fail(f"fewer than {at_least} scored after {timeout} s: {run_row(db_url)}")
-        time.sleep(0.1)
-
-
 def test_redis_restart_mid_run_then_resume_completes(
-    run_cli, sample_dir, postgres_url, own_redis, start_worker
+    run_cli, classifier, sample_dir, postgres_url, own_redis, start_worker
 ):
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     env = {"DIGITSCORE_BROKER_URL": own_redis.url, "DIGITSCORE_DATABASE_URL": postgres_url,
            "DIGITSCORE_TEST_TASK_DELAY": "0.2"}
     workers = [start_worker(env, "--device", "cpu", *FAULTS, name=f"w{i}") for i in range(2)]
@@ -241,7 +139,7 @@ def test_redis_restart_mid_run_then_resume_completes(
 
 
 def score_through_a_database_outage(
-    run_cli, sample_dir: Path, postgres_url: str, broker_env: dict, start_worker,
+    run_cli, classifier, sample_dir: Path, postgres_url: str, broker_env: dict, start_worker,
     seconds: float, extra_env: dict | None = None, submit_env: dict | None = None,
 ) -> tuple[dict, list]:
     """Two workers reach PostgreSQL through a TCP proxy; 1,000 images are submitted, the
@@ -250,7 +148,7 @@ def score_through_a_database_outage(
     from tests.tcp_proxy import TcpProxy
 
     extra = extra_env or {}
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     proxy = TcpProxy("127.0.0.1", 5432)
     _base, _, name = postgres_url.rpartition("/")
     via_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{name}"
@@ -274,10 +172,10 @@ def score_through_a_database_outage(
 
 
 def test_database_away_for_a_while_tasks_retry_and_run_completes(
-    run_cli, sample_dir, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker
 ):
     run, workers = score_through_a_database_outage(
-        run_cli, sample_dir, postgres_url, broker_env, start_worker, seconds=6
+        run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker, seconds=6
     )
     assert_exactly_once(postgres_url, 1000)
     assert run["n_failed"] == 0
@@ -286,7 +184,7 @@ def test_database_away_for_a_while_tasks_retry_and_run_completes(
 
 
 def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
-    run_cli, sample_dir, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker
 ):
     """An outage four times the visibility timeout: the retries wait less than the timeout
     (the longest retry wait follows from it), and copies Redis hands out again are no deaths, so
@@ -294,7 +192,7 @@ def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
     (DIGITSCORE_SECRET): a retry keeps its message's signature."""
     secret = {"DIGITSCORE_SECRET": "faults-test-secret-0c9a71e2"}
     run, workers = score_through_a_database_outage(
-        run_cli, sample_dir, postgres_url, broker_env, start_worker, seconds=20,
+        run_cli, classifier, sample_dir, postgres_url, broker_env, start_worker, seconds=20,
         extra_env={**secret, "DIGITSCORE_VISIBILITY_TIMEOUT": "5"}, submit_env=secret,
     )
     for w in workers:
@@ -309,9 +207,9 @@ def test_database_away_longer_than_the_visibility_timeout_marks_nothing_poison(
 
 
 def test_producer_killed_mid_submit_then_resume_completes(
-    run_cli, sample_dir, tmp_path, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, postgres_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     src = tmp_path / "images"
     for i in range(3):
         shutil.copytree(sample_dir / "valid", src / f"part{i}")
@@ -337,9 +235,9 @@ def test_producer_killed_mid_submit_then_resume_completes(
 
 
 def test_sigterm_finishes_the_batch_in_hand(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url,
            "DIGITSCORE_TEST_TASK_DELAY": "2"}
     worker = start_worker(env, "--device", "cpu", *FAULTS)
@@ -368,9 +266,9 @@ def _images_with(sample_dir: Path, tmp_path: Path, name: str) -> Path:
 
 
 def test_a_scoring_error_requeues_the_batch_and_the_run_completes(
-    run_cli, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     src = _images_with(sample_dir, tmp_path, "flaky-bug.png")
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url,
            "DIGITSCORE_TEST_FAULT_DIR": str(tmp_path)}
@@ -389,9 +287,9 @@ def test_a_scoring_error_requeues_the_batch_and_the_run_completes(
 
 
 def test_a_device_error_requeues_the_batch_and_stops_the_worker(
-    run_cli, sample_dir, tmp_path, postgres_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, postgres_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     src = _images_with(sample_dir, tmp_path, "flaky-cuda.png")
     env = {**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url,
            "DIGITSCORE_TEST_FAULT_DIR": str(tmp_path)}

@@ -7,11 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.bad_input_support import (
+from tests.support import (
     PREDICTION_COLUMNS,
     assert_run_complete,
     bytes_name,
@@ -19,51 +18,10 @@ from tests.bad_input_support import (
     digit_files,
     query,
     run_row,
-    store_model,
+    save_model,
     submit,
+    write_named,
 )
-
-# Names that are valid UTF-8: each must be stored exactly as the file system spells it.
-STRANGE = [
-    "with space.png",
-    "ünïcødé 数字 ٣.png",
-    "new\nline.png",
-    "tab\there.png",
-    "quote'single\"double.png",
-    "<script>alert(1)</script>.png",  # a folder "<script>alert(1)<" and a file "script>.png"
-    "<img src=x onerror=alert(2)>.png",
-    "esc\x1b[31mred\x1b[0m.png",
-    "x'); DROP TABLE runs; --.png",
-    "right-to-left \u202egnp.exe.png",
-    "back\\slash.png",
-]
-# Names that are not UTF-8 (written with os.fsencode-level bytes) and how they are stored.
-UNDECODABLE = {b"caf\xe9.png": "caf\\xe9.png", b"\xff\xfe.png": "\\xff\\xfe.png"}
-# A file really named like the escape of another file's undecodable name.
-COLLIDING = (b"dup\xff.png", "dup\\xff.png")
-
-
-
-def write_named(folder: Path, data: bytes, seven: bytes) -> dict[str, bytes]:
-    """Every strange name in folder, holding data (the colliding pair's real-name twin holds
-    seven instead, to tell the two apart); returns stored name -> the bytes it must hold."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stored: dict[str, bytes] = {}
-    for name in STRANGE:
-        (folder / name).parent.mkdir(exist_ok=True)
-        (folder / name).write_bytes(data)
-        stored[name] = data
-    for raw, escaped in UNDECODABLE.items():
-        with open(bytes_name(folder, raw), "wb") as f:
-            f.write(data)
-        stored[escaped] = data
-    raw, literal = COLLIDING
-    with open(bytes_name(folder, raw), "wb") as f:
-        f.write(data)
-    (folder / literal).write_bytes(seven)
-    stored[literal] = seven  # the real name keeps its spelling ...
-    stored[literal + " (name not UTF-8)"] = data  # ... the undecodable one is marked
-    return stored
 
 
 def assert_terminal_safe(text: str) -> None:
@@ -170,7 +128,7 @@ def test_resume_rereads_files_with_strange_and_undecodable_names(
 ):
     """The broker loses the queue before any worker runs (no worker here): `producer resume`,
     in this process, must find every file again from the name stored in its batch."""
-    store_model(sqlite_url, classifier)
+    save_model(sqlite_url, classifier)
     three, seven = digit_files(sample_dir, "3", 1)[0], digit_files(sample_dir, "7", 1)[0]
     src = tmp_path / "images"
     expected = write_named(src / "3", three.read_bytes(), seven.read_bytes())

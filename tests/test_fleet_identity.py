@@ -10,8 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from db.session import get_engine
-from tests.conftest import wait_for_log
-from tests.test_distributed import train
+from tests.support import save_model, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +21,7 @@ def dump(url: str, table: str) -> list[tuple]:
 
 
 def test_a_worker_on_another_database_changes_nothing_in_it(
-    run_cli, sample_dir, tmp_path, broker_env, start_worker
+    run_cli, classifier, sample_dir, tmp_path, broker_env, start_worker
 ):
     """The producer on database A, the worker on database B, which has a run with the same id:
     B's runs and batches stay byte for byte as they were, the worker says why, names its own
@@ -32,7 +31,7 @@ def test_a_worker_on_another_database_changes_nothing_in_it(
     producer_db = f"sqlite:///{tmp_path / 'producer.db'}"
     worker_db = f"sqlite:///{tmp_path / 'worker.db'}"
     for url in (producer_db, worker_db):
-        train(run_cli, sample_dir, url)
+        save_model(url, classifier)
     # database B already holds a run 1 of its own
     r = run_cli("submit", str(sample_dir / "valid" / "3"), "--database-url", worker_db,
                 env={"DIGITSCORE_BROKER_URL": None})  # scored in this process
@@ -56,9 +55,9 @@ def test_a_worker_on_another_database_changes_nothing_in_it(
 
 
 def test_live_workers_are_listed_with_their_device_and_counts(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     r = run_cli("workers", "--database-url", sqlite_url)
     assert r.exit_code == 0 and "no live worker writes to this database" in r.output
     worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url},

@@ -21,8 +21,16 @@ from core import defaults, wire
 from core.files import FileBatch
 from core.settings import Settings
 from producer.queue import CelerySender, default_bound, is_out_of_memory
-from tests.conftest import ROOT, service_missing, wait_for_log
-from tests.test_faults import RedisServer, assert_exactly_once, run_row, train, wait_done
+from tests.support import (
+    ROOT,
+    RedisServer,
+    assert_exactly_once,
+    run_row,
+    save_model,
+    service_missing,
+    wait_done,
+    wait_for_log,
+)
 
 MAXMEMORY = 8 * 1024 * 1024
 
@@ -115,9 +123,9 @@ def test_out_of_memory_is_told_from_other_redis_errors():
 
 @pytest.mark.integration
 def test_producer_waits_for_workers_and_redis_stays_under_its_cap(
-    run_cli, sample_dir, sqlite_url, small_redis, start_worker, tmp_path
+    run_cli, classifier, sample_dir, sqlite_url, small_redis, start_worker, tmp_path
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     source = tmp_path / "fat"
     n_files = fat_digits(sample_dir, source, copies=2)  # 400 files, about 6.6 MB
     env = {"DIGITSCORE_BROKER_URL": small_redis.url, "DIGITSCORE_QUEUE": "flow"}
@@ -157,9 +165,9 @@ def test_producer_waits_for_workers_and_redis_stays_under_its_cap(
 
 @pytest.mark.integration
 def test_a_full_redis_stops_the_producer_with_resume_advice_and_resume_completes(
-    run_cli, sample_dir, sqlite_url, small_redis, start_worker, tmp_path
+    run_cli, classifier, sample_dir, sqlite_url, small_redis, start_worker, tmp_path
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     source = tmp_path / "fat"
     n_files = fat_digits(sample_dir, source, copies=3)  # about 10 MB: more than Redis holds
     env = {"DIGITSCORE_BROKER_URL": small_redis.url, "DIGITSCORE_QUEUE": "flow",

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from core import wire
 from db.session import get_engine
-from tests.conftest import wait_for_log
+from tests.support import wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -341,10 +341,10 @@ def test_no_secret_is_printed_by_a_real_worker_or_the_producer(
     """A database password in ``?password=``, a Redis password with ``#``, ``/`` and ``@``
     (escaped, so it works; then unescaped, so no parser can take it apart): the worker's
     banner and log, the producer's output and its errors show none of it."""
-    from tests.bad_input_support import store_model
+    from tests.support import save_model
 
     db_url = f"{postgres_url}?password={PG_PW}"
-    store_model(db_url, classifier)
+    save_model(db_url, classifier)
     queue = f"digitscore-test-{uuid.uuid4().hex[:10]}"
     env = {"DIGITSCORE_BROKER_URL": redis_with_reserved_password,
            "DIGITSCORE_DATABASE_URL": db_url, "DIGITSCORE_QUEUE": queue}

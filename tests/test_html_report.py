@@ -17,15 +17,15 @@ from sqlalchemy import text
 from db.mistakes import confident_mistakes
 from db.session import get_engine
 from producer.pictures import load_thumbnail
-from tests.conftest import service_missing
-from tests.populate import (
+from tests.support import (
     GONE_NAME,
     IMG_NAME,
     SCRIPT_NAME,
     odd_source_dir,
     prediction_rows,
     save_model,
-    submit,
+    service_missing,
+    submit_embedded,
 )
 
 CHROMIUM = os.environ.get("DIGITSCORE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -58,7 +58,7 @@ def html_run(sqlite_url, sample_dir, classifier, tmp_path, run_cli):
     """A scored run whose page is written after one misclassified file was deleted."""
     engine = get_engine(sqlite_url)
     root = odd_source_dir(sample_dir, tmp_path / "odd")
-    run_id = submit(engine, classifier, save_model(engine, classifier), root)
+    run_id = submit_embedded(engine, classifier, save_model(engine, classifier), root)
     (root / "3" / GONE_NAME).unlink()
     page = tmp_path / "report.html"
     r = run_cli("report", str(run_id), "--html", str(page), "--database-url", sqlite_url)

@@ -18,8 +18,7 @@ from core.files import FileBatch
 from core.settings import Settings
 from db.session import get_engine
 from producer.queue import CelerySender
-from tests.conftest import wait_for_log
-from tests.test_faults import assert_exactly_once, run_row, train, wait_done
+from tests.support import assert_exactly_once, run_row, save_model, wait_done, wait_for_log
 
 
 @pytest.mark.integration
@@ -50,9 +49,9 @@ def test_on_redis_the_message_names_a_payload_key_holding_the_bytes(broker_env, 
 
 @pytest.mark.integration
 def test_payloads_are_deleted_once_stored_and_a_lost_one_is_resumed(
-    run_cli, sample_dir, sqlite_url, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
     pattern = "digitscore:payload:*"
     # no worker yet: the batches wait, each payload under its key

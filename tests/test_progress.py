@@ -1,26 +1,33 @@
-"""How ``--wait`` paces its polls of the database."""
+"""How ``--wait`` paces its polls of the database, and draws its bar."""
 
 from __future__ import annotations
 
-import pytest
+from sqlalchemy import text
 
 from core import defaults
-from producer.progress import bar, next_poll
+from db import queries
+from producer import progress
+from producer.progress import bar, wait_for_run
+from tests.support import save_model
 
 
-def test_the_next_poll_comes_when_the_run_should_end_if_that_is_sooner():
-    # 4,000 images left at 10,000 a second: the end is due in 0.4 s, after a 0.25 s delay
-    assert next_poll(0.25, 6_000, 10_000, 10_000.0) == 0.25
-    # 1,000 left: due in 0.1 s, sooner than the delay
-    assert next_poll(0.25, 9_000, 10_000, 10_000.0) == pytest.approx(0.1)
-    # overdue (the rate so far promised the end already): as soon as the first poll's delay
-    assert next_poll(0.25, 9_999, 10_000, 1e9) == defaults.POLL_FIRST
-    assert next_poll(0.25, 10_000, 10_000, 10_000.0) == defaults.POLL_FIRST
+def test_wait_polls_every_interval_and_sees_the_end_at_the_next_poll(
+    memory_engine, classifier, monkeypatch
+):
+    model_id = save_model(memory_engine, classifier)
+    with memory_engine.begin() as conn:
+        run_id, _token = queries.create_run(conn, model_id, "/images", "embedded")
+    sleeps: list[float] = []
 
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:  # the run ends while --wait sleeps for the third time
+            with memory_engine.begin() as conn:
+                conn.execute(text("UPDATE runs SET status = 'done' WHERE id = :r"), {"r": run_id})
 
-def test_with_no_rate_or_no_total_the_delay_stands():
-    assert next_poll(0.25, 0, 10_000, 0.0) == 0.25
-    assert next_poll(0.25, 5_000, None, 10_000.0) == 0.25
+    monkeypatch.setattr(progress.time, "sleep", sleep)
+    assert wait_for_run(memory_engine, run_id, explain=None) == "done"
+    assert sleeps == [defaults.PROGRESS_POLL_INTERVAL] * 3  # one rule, and the end seen at once
 
 
 def test_the_bar_fills_with_the_images_done():

@@ -14,7 +14,13 @@ from PIL import Image
 from db.model_store import load_classifier
 from db.session import get_engine
 from producer.pictures import CURVE_CHART_SIZE
-from tests.populate import odd_source_dir, prediction_rows, save_model, scored_labelled, submit
+from tests.support import (
+    odd_source_dir,
+    prediction_rows,
+    save_model,
+    scored_labelled,
+    submit_embedded,
+)
 
 
 @pytest.fixture
@@ -22,7 +28,7 @@ def odd_run(any_db_url, sample_dir, classifier, tmp_path):
     engine = get_engine(any_db_url)
     model_id = save_model(engine, classifier)
     root = odd_source_dir(sample_dir, tmp_path / "odd")
-    run_id = submit(engine, classifier, model_id, root)
+    run_id = submit_embedded(engine, classifier, model_id, root)
     return any_db_url, engine, run_id
 
 
@@ -74,7 +80,7 @@ def test_report_text_shows_confusion_matrices_and_escapes_file_names(
 
     root = odd_source_dir(sample_dir, tmp_path / "odd")
     (root / "3" / "red\x1b[31mname.png").write_bytes(b"")  # an empty file: a failure row
-    run_id = submit(memory_engine, classifier, save_model(memory_engine, classifier), root)
+    run_id = submit_embedded(memory_engine, classifier, save_model(memory_engine, classifier), root)
     with memory_engine.connect() as conn:
         text = format_report(build_report(conn, run_id))
     assert "\x1b" not in text
@@ -195,7 +201,7 @@ def test_reports_and_model_pictures_never_import_torch():
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     code = (
         "import sys\n"

@@ -6,39 +6,15 @@ from sqlalchemy import text
 
 from core.rows import label_for
 from db import batch_life, queries
-from db.model_store import TrainingRecord, load_classifier, save_classifier
+from db.model_store import load_classifier
 from db.session import get_engine
 from producer.submit import EmbeddedSender, submit_directory
-from tests.conftest import score_and_store
-
-
-def save(engine, classifier) -> int:
-    record = TrainingRecord("train", 800, 200, 20, 0.5, 256, 42, 0.9, 0.9, 0.9)
-    with engine.begin() as conn:
-        return save_classifier(conn, classifier, record)
-
-
-RECOMPUTE = """
-SELECT
-  COUNT(*) FILTER (WHERE error IS NULL)                         AS n_scored,
-  COUNT(*) FILTER (WHERE error IS NOT NULL)                     AS n_failed,
-  COUNT(*) FILTER (WHERE error IS NULL AND label IS NOT NULL)   AS n_labelled,
-  COUNT(*) FILTER (WHERE error IS NULL AND pred_l1 = label)     AS n_correct_l1,
-  COUNT(*) FILTER (WHERE error IS NULL AND pred_l2 = label)     AS n_correct_l2,
-  COUNT(*) FILTER (WHERE error IS NULL AND pred_sgd = label)    AS n_correct_sgd,
-  AVG(CASE WHEN pred_l1 = label THEN 1.0 ELSE 0.0 END)
-      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_l1,
-  AVG(CASE WHEN pred_l2 = label THEN 1.0 ELSE 0.0 END)
-      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_l2,
-  AVG(CASE WHEN pred_sgd = label THEN 1.0 ELSE 0.0 END)
-      FILTER (WHERE error IS NULL AND label IS NOT NULL)        AS accuracy_sgd
-FROM predictions WHERE run_id = :run
-"""
+from tests.support import RECOMPUTE, save_model, score_and_store
 
 
 def test_run_accuracy_columns_equal_sql_recomputation(any_db_url, sample_dir, classifier):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     (sample_dir / "valid" / "3" / "broken.png").write_bytes(b"not a png")
     try:
         sub = submit_directory(
@@ -68,7 +44,7 @@ def test_run_accuracy_columns_equal_sql_recomputation(any_db_url, sample_dir, cl
 
 def test_redelivered_batch_duplicates_nothing(memory_engine, classifier, sample_dir):
     engine = memory_engine
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     files = sorted((sample_dir / "valid" / "7").glob("*.png"))[:10]
     paths = [f"7/{f.name}" for f in files]
     blobs = [f.read_bytes() for f in files]
@@ -86,7 +62,7 @@ def test_redelivered_batch_duplicates_nothing(memory_engine, classifier, sample_
 
 
 def test_model_round_trips_through_the_database(memory_engine, classifier):
-    model_id = save(memory_engine, classifier)
+    model_id = save_model(memory_engine, classifier)
     with memory_engine.connect() as conn:
         loaded = load_classifier(conn, model_id)
     assert loaded.classes == classifier.classes

@@ -19,7 +19,7 @@ from db.batch_life import poison_rows
 from db.counts import PAIRS, PROB_BINS
 from db.session import get_engine
 from producer.report import build_report
-from tests.conftest import score_and_store
+from tests.support import score_and_store
 
 CLASSES = ["0", "1", "2"]
 FOLDERS = [*CLASSES, "unlabelled"]

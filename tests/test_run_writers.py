@@ -14,7 +14,7 @@ from bench.run_writers import batch_rows
 from db.batch_life import record_batch, store_batch, write_batch
 from db.queries import create_run, finish_submission
 from db.session import get_engine, normalize_url
-from tests.test_results import save
+from tests.support import save_model
 
 pytestmark = pytest.mark.integration
 SIZE = 50
@@ -23,7 +23,7 @@ SIZE = 50
 @pytest.fixture
 def run_of_two_batches(postgres_url, classifier) -> int:
     engine = get_engine(postgres_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     with engine.begin() as conn:
         run_id, _token = create_run(conn, model_id, "/images", "celery")
         for seq in (0, 1):

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from db.session import get_engine
-from tests.conftest import wait_for_log
+from tests.support import wait_for_log
 from tests.tcp_proxy import _free_port
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,16 @@ from core import defaults
 from core.files import OUTSIDE_ROOT, map_prefix, read_batch_below, read_below, read_file
 from core.settings import SettingError, Settings
 from db.session import get_engine
-from tests.bad_input_support import copy_digits, digit_files, predictions, query, submit
-from tests.conftest import wait_for_log
-from tests.test_faults import wait_done
-from tests.test_file_names import write_named
+from tests.support import (
+    copy_digits,
+    digit_files,
+    predictions,
+    query,
+    submit,
+    wait_done,
+    wait_for_log,
+    write_named,
+)
 
 COMPARED = ("label", "pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd", "error")
 

@@ -1,9 +1,9 @@
-"""Every SQL recipe of README.md's "Querying results with SQL" runs, as written, on a
+"""Every SQL recipe of docs/usage.md's "Querying results with SQL" runs, as written, on a
 populated SQLite and a populated PostgreSQL database; both give the same rows, and those rows
 equal what Python computes from the ``predictions`` rows.
 
 Each recipe is known by its comment line; a recipe without a check here fails the test, so a
-new recipe cannot go into the README unchecked.
+new recipe cannot go into the docs unchecked.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from sqlalchemy import text
 
 from core.training import fit
 from db.session import dispose_engines, get_engine
-from tests.populate import prediction_rows, save_model, submit
+from tests.support import prediction_rows, save_model, submit_embedded
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+USAGE = Path(__file__).resolve().parent.parent / "docs" / "usage.md"
 SECTION = "## Querying results with SQL"
 PREDICTORS = ("l1", "l2", "sgd")
 
 
-def readme_recipes() -> list[tuple[str, str]]:
+def usage_recipes() -> list[tuple[str, str]]:
     """``(comment, statement)`` for every statement of every ```sql block in the section."""
-    doc = README.read_text("utf-8")
+    doc = USAGE.read_text("utf-8")
     start = doc.index(SECTION)
     end = doc.find("\n## ", start + len(SECTION))
     section = doc[start : end if end >= 0 else len(doc)]
@@ -48,14 +48,14 @@ def readme_recipes() -> list[tuple[str, str]]:
             if stripped.endswith(";"):
                 recipes.append((comment, "\n".join(lines).rstrip(";").strip()))
                 comment, lines = "", []
-        assert not lines, f"statement without ';' in the README: {lines}"
+        assert not lines, f"statement without ';' in docs/usage.md: {lines}"
     return recipes
 
 
-RECIPES = readme_recipes()
+RECIPES = usage_recipes()
 
 
-def test_the_readme_has_recipes_over_every_view():
+def test_the_docs_have_recipes_over_every_view():
     sql = "\n".join(statement for _, statement in RECIPES)
     assert len(RECIPES) >= 8
     for view in ("run_accuracy", "run_class_accuracy", "run_confusion", "prediction_outcomes"):
@@ -75,7 +75,7 @@ def _populate(url: str, root: Path, classifier: Any, weak: Any) -> dict[int, lis
     engine = get_engine(url)
     runs = {}
     for clf in (classifier, weak):
-        run_id = submit(engine, clf, save_model(engine, clf), root)
+        run_id = submit_embedded(engine, clf, save_model(engine, clf), root)
         runs[run_id] = prediction_rows(engine, run_id)
     assert sorted(runs) == [1, 2]
     return runs
@@ -266,8 +266,8 @@ def _run(url: str, statement: str) -> Rows:
 
 
 @pytest.mark.parametrize(("comment", "statement"), RECIPES, ids=[c for c, _ in RECIPES])
-def test_readme_recipe_runs_on_both_databases_and_is_right(comment, statement, databases):
-    assert comment in CHECKS, f"README recipe {comment!r} has no check in {__file__}"
+def test_sql_recipe_runs_on_both_databases_and_is_right(comment, statement, databases):
+    assert comment in CHECKS, f"docs/usage.md recipe {comment!r} has no check in {__file__}"
     urls, runs = databases
     results = {name: _run(url, statement) for name, url in urls.items()}
     assert results["sqlite"], f"{comment!r} returned no rows"

@@ -16,8 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from db.session import get_engine
-from tests.conftest import ROOT, wait_for_log
-from tests.test_faults import RedisServer, assert_exactly_once, train
+from tests.support import ROOT, RedisServer, assert_exactly_once, save_model, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -124,10 +123,10 @@ def small_disk(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def test_sqlite_disk_full_mid_submit_one_line_then_resume_completes(
-    run_cli, sample_dir, small_disk
+    run_cli, classifier, sample_dir, small_disk
 ):
     db_url = f"sqlite:///{small_disk.path / 'digitscore.db'}"
-    train(run_cli, sample_dir, db_url)
+    save_model(db_url, classifier)
     producer = start_producer(
         "submit", str(sample_dir), "--batch-size", "10", "--database-url", db_url,
         preexec_fn=small_disk.limit_producer,
@@ -150,11 +149,11 @@ def test_sqlite_disk_full_mid_submit_one_line_then_resume_completes(
 
 
 def test_postgres_cut_off_mid_submit_one_line_then_resume_completes(
-    run_cli, sample_dir, postgres_url
+    run_cli, classifier, sample_dir, postgres_url
 ):
     from tests.tcp_proxy import TcpProxy
 
-    train(run_cli, sample_dir, postgres_url)
+    save_model(postgres_url, classifier)
     proxy = TcpProxy("127.0.0.1", 5432)
     name = postgres_url.rpartition("/")[2]
     via_proxy = f"postgresql://postgres:s3cret-pw@127.0.0.1:{proxy.port}/{name}"
@@ -183,7 +182,7 @@ def private_redis(tmp_path: Path, redis_server: str):
     import shutil
 
     if shutil.which("redis-server") is None:
-        from tests.conftest import service_missing
+        from tests.support import service_missing
 
         service_missing("redis-server binary")
     server = RedisServer(tmp_path)
@@ -192,9 +191,9 @@ def private_redis(tmp_path: Path, redis_server: str):
 
 
 def test_redis_stopped_mid_submit_one_line_then_resume_completes(
-    run_cli, sample_dir, sqlite_url, private_redis, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, private_redis, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     broker = {"DIGITSCORE_BROKER_URL": private_redis.url}
     producer = start_producer(
         "submit", str(sample_dir), "--batch-size", "1", "--database-url", sqlite_url, env=broker
@@ -214,11 +213,11 @@ def test_redis_stopped_mid_submit_one_line_then_resume_completes(
 
 
 def test_redis_out_of_memory_mid_submit_one_line_then_resume_completes(
-    run_cli, sample_dir, sqlite_url, private_redis, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, private_redis, start_worker
 ):
     import redis
 
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     client = redis.Redis.from_url(private_redis.url)
     # room for about a third of the sample's bytes, then every write is refused
     client.config_set("maxmemory", client.info("memory")["used_memory"] + 150_000)
@@ -243,9 +242,9 @@ def test_redis_out_of_memory_mid_submit_one_line_then_resume_completes(
 
 
 def test_ctrl_c_mid_submit_exits_130_naming_resume_then_resume_completes(
-    run_cli, sample_dir, sqlite_url
+    run_cli, classifier, sample_dir, sqlite_url
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     producer = start_producer(
         "submit", str(sample_dir), "--batch-size", "1", "--database-url", sqlite_url,
         # SIGINT as a terminal's Ctrl-C delivers it, even if this test runs with it ignored

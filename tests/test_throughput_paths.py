@@ -26,8 +26,7 @@ from db.bulk import write_predictions
 from db.models import predictions
 from db.session import get_engine
 from producer.sample_data import load_digits
-from tests.conftest import score_and_store
-from tests.test_results import RECOMPUTE, save
+from tests.support import RECOMPUTE, save_model, score_and_store
 
 FIELDS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
@@ -180,7 +179,7 @@ def test_counts_and_accuracies_agree_with_the_rows_after_every_batch(
     any_db_url, classifier, sample_dir
 ):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     files = sorted((sample_dir / "valid").rglob("*.png"))[:130]
     paths = [f"{f.parent.name}/{f.name}" for f in files] + ["3/bad.png", "other/x.png"]
     blobs = [f.read_bytes() for f in files] + [b"not a png", files[0].read_bytes()]
@@ -209,7 +208,7 @@ def test_a_commit_reads_no_other_rows_of_the_run(memory_engine, classifier):
     """100 batches of 10 rows: no statement aggregates the run's rows, and the last batch
     completes the run with the accuracies of all 1,000."""
     engine = memory_engine
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     batches = [[f"7/{b}-{i}.png" for i in range(10)] for b in range(100)]
     run_id = new_run(engine, model_id, batches)
     queries.finish_submission(engine, run_id, 1000, 0)
@@ -234,7 +233,7 @@ def row(path: str, error: str | None = None) -> dict:
 
 def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png", "3/b.png"], ["3/b.png", "3/c.png"]])
     first = [row("3/a.png"), row("3/b.png", "empty file (0 bytes)")]
     assert batch_life.store_batch(engine, run_id, 0, first) == 2
@@ -263,7 +262,7 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
 
 def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png"]])
     at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     with engine.begin() as conn:
@@ -287,7 +286,7 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
 
 def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png"]])
     broken = {**row("3/a.png"), "path": None}  # predictions.path is NOT NULL
     with pytest.raises(IntegrityError):
@@ -299,7 +298,7 @@ def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_u
     """A delivery that ends adds 1 (+ its retries) in the transaction that stores its rows; a
     worker's death adds 1 at once, only to an unfinished batch of a run with that token."""
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     run_id = new_run(engine, model_id, [["3/a.png"], ["3/b.png"], ["3/c.png"]])
     with engine.connect() as conn:
         token = conn.execute(text("SELECT token FROM runs WHERE id = :r"), {"r": run_id}).scalar()
@@ -332,7 +331,7 @@ def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_d
     second batch of the same paths after two rows went missing writes only the missing ones
     (the unique index refuses the batch, which is then written without the paths held)."""
     engine = get_engine(any_db_url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     paths = [f"{i % 10}/{i:04d}.png" for i in range(600)]
     run_id = new_run(engine, model_id, [paths, paths])
     rows = [{**row(p, None if i % 7 else f"bad {i}"), "dist_l1": i / 1000} for i, p in

@@ -33,7 +33,7 @@ from db.models import models
 from db.session import MIGRATIONS, get_engine, make_engine
 from producer.pictures import ACCURACY_INK, model_sheet
 from producer.sample_data import write_sample
-from tests.populate import save_model
+from tests.support import save_model
 
 #: The grid of inverse penalties the reference chooses from on validation.
 REFERENCE_C = (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, wait_for_log
-from tests.test_faults import train
+from tests.support import ROOT, save_model, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +45,9 @@ def submit_and_watch(source, db_url: str, env: dict[str, str], *args: str):
 
 
 def test_no_worker_hint_within_30_s_progress_every_10_s_and_timeout_exits_1(
-    run_cli, sample_dir, sqlite_url, broker_env
+    run_cli, classifier, sample_dir, sqlite_url, broker_env
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     status, out, lines = submit_and_watch(
         sample_dir / "valid", sqlite_url, broker_env, "--timeout", "36"
     )
@@ -76,9 +75,9 @@ def test_no_worker_hint_within_30_s_progress_every_10_s_and_timeout_exits_1(
 
 
 def test_workers_on_the_queue_but_none_storing_are_named(
-    run_cli, sample_dir, sqlite_url, tmp_path, broker_env, start_worker
+    run_cli, classifier, sample_dir, sqlite_url, tmp_path, broker_env, start_worker
 ):
-    train(run_cli, sample_dir, sqlite_url)
+    save_model(sqlite_url, classifier)
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
     worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": elsewhere}, "--device", "cpu")
     wait_for_log(worker, "ready.")

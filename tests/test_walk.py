@@ -16,7 +16,7 @@ import pytest
 
 from core import defaults
 from core.files import DirectoryWalk, batches
-from tests.bad_input_support import (
+from tests.support import (
     assert_run_complete,
     cli_command,
     copy_digits,

@@ -15,7 +15,7 @@ from core.errors import BrokerURLError, MessageError
 from core.settings import SettingError, Settings
 from db import batch_life, queries
 from db.session import get_engine
-from tests.test_results import save
+from tests.support import save_model
 
 TOKEN = "0123456789abcdef" * 2
 
@@ -193,7 +193,7 @@ def test_the_task_scores_what_the_database_recorded_and_nothing_else(
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, database_url=url))
     engine = get_engine(url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:6]
     paths = [f"3/{f.name}" for f in files]
     blobs: list[bytes | None] = [f.read_bytes() for f in files]
@@ -245,7 +245,7 @@ def test_only_counted_deaths_make_a_batch_poison_and_a_batch_too_large_is_droppe
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, database_url=url))
     engine = get_engine(url)
-    model_id = save(engine, classifier)
+    model_id = save_model(engine, classifier)
     files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:9]
     paths = [f"3/{f.name}" for f in files]
     with engine.begin() as conn:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import wait_for_log
+from tests.support import wait_for_log
 from worker.cli import exit_status, gpu_problem, main
 from worker.devices import TorchGpus, nvidia_on_host
 

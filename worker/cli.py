@@ -328,7 +328,7 @@ def main(
     if settings.require_gpu and not any(spec.kind == "cuda" for spec in specs):
         raise click.UsageError(
             "--require-gpu: torch sees no GPU on this host; check `nvidia-smi`, the torch "
-            "build (README, Run on a GPU cluster) and the container's NVIDIA runtime"
+            "build (docs/deployment.md, Run on a GPU cluster) and the container's NVIDIA runtime"
         )
     _echo(settings.describe())
     per_device = settings.concurrency or default_concurrency(len(specs))

@@ -222,15 +222,16 @@ def no_gpu_reason(torch_gpus: TorchGpus, evidence: str | None) -> str | None:
         return (
             f"torch {torch_gpus.torch_version} (CUDA {torch_gpus.cuda_version}) counts "
             f"{torch_gpus.count} GPU(s) but cannot initialise CUDA: {torch_gpus.error}. The "
-            f"NVIDIA driver is likely too old for CUDA {torch_gpus.cuda_version} (see README, "
-            "Run on a GPU cluster: install a torch build for your driver)"
+            f"NVIDIA driver is likely too old for CUDA {torch_gpus.cuda_version} (see "
+            "docs/deployment.md, Run on a GPU cluster: install a torch build for your driver)"
         )
     if evidence is None:
         return None
     if torch_gpus.cuda_version is None:
         return (
             f"this host shows NVIDIA GPUs ({evidence}) but torch {torch_gpus.torch_version} is "
-            "a CPU-only build: install a CUDA build of torch (README, Run on a GPU cluster)"
+            "a CPU-only build: install a CUDA build of torch (docs/deployment.md, Run on a GPU "
+            "cluster)"
         )
     said = f" (torch said: {torch_gpus.warning})" if torch_gpus.warning else ""
     return (
