@@ -62,7 +62,7 @@ def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
                     "--timeout", "150")
     submit.start()
     wait_for_log(wrong, "is not in this database", count=8)  # each batch dropped, re-sent
-    os.killpg(wrong.pid, signal.SIGTERM)
+    os.killpg(wrong.pid, signal.SIGKILL)  # the user stops it (a warm stop can take long)
     wrong.wait(30)
     right = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu",
                          name="right")
