@@ -134,6 +134,19 @@ BROKER_CONNECT_TIMEOUT = 3.0
 #: seen for three of them is taken to be gone.
 HEARTBEAT_SECONDS = 10
 
+#: Seconds between two sweeps for lost batches while ``--wait`` waits (env
+#: ``DIGITSCORE_HEAL_EVERY``; 0: no healing, `producer resume RUN` by hand). A batch is
+#: suspected lost once it has waited two sweeps since it was last sent (doubling with each
+#: re-send, up to six), and re-sent when the next sweep confirms it (producer/heal.py).
+HEAL_EVERY = 5.0
+HEAL_EVERY_ENV = "DIGITSCORE_HEAL_EVERY"
+
+#: Seconds a ``submit`` or ``resume`` holds its run's lease (``runs.lease_until``) past its
+#: last renewal, and seconds between renewals: a sender killed outright is taken to be gone
+#: this soon.
+LEASE_SECONDS = 20
+LEASE_RENEW_EVERY = 5
+
 #: Failed deliveries of one batch (its worker process died, or its model or its scoring
 #: failed) after which it is poison: its images get error rows and the batch is ``failed``.
 MAX_DELIVERIES = 3

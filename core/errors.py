@@ -10,6 +10,7 @@ from __future__ import annotations
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2  # the status Click uses for usage errors
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a process ended by SIGINT
 
 
 class DigitscoreError(Exception):
@@ -81,3 +82,8 @@ class ImageError(DigitscoreError, ValueError):
 
 class MessageError(DigitscoreError, ValueError):
     """A queue message or payload that is not what a producer sends; it is dropped, logged."""
+
+
+class RunBeingSent(DigitscoreError):
+    """A live ``submit`` or ``resume`` holds the run's lease: a second sender would record
+    the batches it records."""

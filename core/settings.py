@@ -85,6 +85,17 @@ def _processes(name: str, raw: str) -> int:
     return positive_whole(name, raw, "processes")
 
 
+def _seconds_or_off(name: str, raw: str) -> float:
+    """A number of seconds, 0 meaning off."""
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise SettingError(f"{name}={raw!r} is not a number of seconds") from e
+    if not value >= 0:
+        raise SettingError(f"{name} must be 0 (off) or a number of seconds")
+    return value
+
+
 def _env(name: str, parse: Any, flag: str = "") -> dict[str, Any]:
     """A field's metadata: its env var (``defaults.<name>_ENV``), how its text is parsed
     (``None``: kept as text), and its flag, if any."""
@@ -113,6 +124,8 @@ class Settings:
         default=defaults.TASK_EVENTS, metadata=_env("TASK_EVENTS", yes_or_no))
     stall_hint_after: int = field(
         default=defaults.STALL_HINT_AFTER, metadata=_env("STALL_HINT_AFTER", _seconds))
+    heal_every: float = field(
+        default=defaults.HEAL_EVERY, metadata=_env("HEAL_EVERY", _seconds_or_off))
     debug: bool = field(default=False, metadata=_env("DEBUG", yes_or_no, "--debug"))
     send: str = field(default=defaults.SEND, metadata=_env("SEND", parse_send, "--send"))
     #: ``None``: the smaller of :data:`defaults.MAX_QUEUED_BYTES` and half Redis's maxmemory.
@@ -158,6 +171,12 @@ class Settings:
         visibility timeout, at most :data:`defaults.DB_RETRY_MAX`; a retry waits in its
         worker unacknowledged, so it must end before Redis hands the message out again."""
         return max(1, min(defaults.DB_RETRY_MAX, self.visibility_timeout // 2))
+
+    @property
+    def heal_after(self) -> float:
+        """Seconds a batch waits after it was last sent before it can be suspected lost: two
+        sweeps (a second when healing is off: ``producer heal`` by hand)."""
+        return 2 * (self.heal_every or 0.5)
 
     def __post_init__(self) -> None:
         """:class:`SettingError` unless the settings agree with each other: checked once, as

@@ -1,6 +1,7 @@
 """A batch's life in the database, in one vocabulary:
 
 - **recorded** by its producer before it is sent (:func:`record_batch`): its paths, in order;
+- **re-sent** by a healer that found it lost, its re-send taken first (db/healing.py);
 - **claimed** by a worker that got its message (:func:`claim_batch`): skip it, give it up as
   poison, or score it, decided from the database alone and before any model is loaded;
 - **stored** once scored (:func:`store_batch`): the batch claimed ``done`` first (its row

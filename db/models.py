@@ -100,6 +100,10 @@ runs = Table(
     # 'bytes' (the producer sent each batch's image bytes through Redis) or 'paths' (workers
     # read the files from source_dir themselves); migration 0007
     Column("send_mode", String(10), nullable=False, default="bytes", server_default="bytes"),
+    # the process sending the run now ('pid@host') and until when its lease holds unless
+    # renewed; NULL when nothing sends it (migration 0012)
+    Column("lease_holder", String(300)),
+    Column("lease_until", DateTime(timezone=True)),
 )
 
 #: A batch of images as the producer sent it; what ``producer resume`` re-sends.
@@ -126,6 +130,8 @@ batches = Table(
         "n_agree", "n_agree_l1_l2", "n_agree_l1_sgd", "n_agree_l2_sgd",
     )],
     Column("prob_sgd_bins", JSON),  # scored rows per tenth of prob_sgd; NULL while queued
+    # times a healer found it lost and sent it again (migration 0012)
+    Column("resends", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("run_id", "seq", name="uq_batches_run_seq"),
 )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, func, insert, select, text, update
@@ -23,10 +23,19 @@ from db.models import batches, predictions, runs, utcnow
 
 
 def create_run(
-    conn: Connection, model_id: int, source_dir: str, backend: str, send_mode: str = "bytes"
+    conn: Connection,
+    model_id: int,
+    source_dir: str,
+    backend: str,
+    send_mode: str = "bytes",
+    lease: tuple[str, float] | None = None,
 ) -> tuple[int, str]:
-    """A new run's id and token."""
+    """A new run's id and token; ``lease``, ``(holder, seconds)``, gives its sender's lease
+    (db/leases.py) to the process creating it."""
     token = uuid.uuid4().hex
+    now = utcnow()
+    held = {} if lease is None else {
+        "lease_holder": lease[0], "lease_until": now + timedelta(seconds=lease[1])}
     run_id = conn.execute(
         insert(runs)
         .values(
@@ -39,7 +48,8 @@ def create_run(
             n_skipped=0,
             n_scored=0,
             n_failed=0,
-            created_at=utcnow(),
+            created_at=now,
+            **held,
         )
         .returning(runs.c.id)
     ).scalar_one()
@@ -102,10 +112,14 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     """The producer has sent every batch: fix the run's size and settle it."""
     with engine.begin() as conn:
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
+        # a resume of a run whose walk was complete re-sends batches: it was sent already
+        sent = conn.execute(
+            select(runs.c.submitted_at).where(runs.c.id == run_id)
+        ).scalar_one_or_none() or now
         conn.execute(
             update(runs)
             .where(runs.c.id == run_id)
-            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=now)
+            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=sent)
         )
         settle_run(conn, run_id)
         return str(conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one())

@@ -43,6 +43,17 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
+def url_for_workers(url: URL | str) -> str:
+    """The database URL as a worker elsewhere must be given it, password masked: a SQLite
+    file's relative path made absolute (a worker resolves it from its own directory)."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(str(parsed.database))
+        if not path.is_absolute():
+            parsed = parsed.set(database=str(path.resolve()))
+    return mask_url(parsed)
+
+
 def make_engine(url: str) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":

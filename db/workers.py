@@ -74,3 +74,22 @@ def live_workers(
 def _aware(value: datetime) -> datetime:
     """SQLite gives back naive timestamps of what was stored in UTC."""
     return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
+
+
+def vanished_workers(
+    conn: Connection, within: float, since: float = 3600.0, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Workers that stopped heartbeating (not seen for ``within`` seconds, but in the last
+    ``since``) without being marked stopped: killed, or their host lost."""
+    now = now or utcnow()
+    rows = conn.execute(
+        select(workers.c.name, workers.c.last_seen)
+        .where(
+            workers.c.stopped_at.is_(None),
+            workers.c.last_seen < now - timedelta(seconds=within),
+            workers.c.last_seen >= now - timedelta(seconds=since),
+        )
+        .order_by(workers.c.name)
+    ).mappings()
+    return [{"name": r["name"], "seconds": (now - _aware(r["last_seen"])).total_seconds()}
+            for r in rows]

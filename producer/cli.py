@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from core import defaults
-from core.errors import EXIT_FAILURE, DigitscoreError
+from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DigitscoreError
 from core.text import first_line
 from producer.options import HELP, database_option, echo_err
 
@@ -32,6 +33,10 @@ class ProducerGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:  # a command that has more to say about it catches it first
+            command = self.commands.get(ctx.invoked_subcommand or "")
+            echo_err("\n" + getattr(command, "interrupted_early", "stopped (Ctrl-C)"))
+            ctx.exit(EXIT_INTERRUPTED)
         except DigitscoreError as e:
             if debug_enabled(ctx):
                 raise
@@ -58,7 +63,7 @@ def describe_unexpected(e: BaseException) -> str:
     cls=ProducerGroup,
     context_settings=HELP,
     epilog="Run `producer COMMAND --help` for examples. Exit status: 0 success, 1 failure at "
-    "run time, 2 bad usage or input.",
+    "run time, 2 bad usage or input, 130 stopped by Ctrl-C.",
 )
 @click.option(
     "--debug",
@@ -252,6 +257,7 @@ def train_cmd(
     train_and_store(engine.open(), directory, valid_dir, holdout, sgd)
 
 
+from producer.heal_command import heal_cmd  # noqa: E402
 from producer.report_commands import (  # noqa: E402
     compare_cmd,
     models_cmd,
@@ -265,6 +271,7 @@ from producer.run_commands import resume_cmd, status_cmd, submit_cmd, wait_cmd  
 for _command in (
     submit_cmd,
     resume_cmd,
+    heal_cmd,
     wait_cmd,
     status_cmd,
     runs_cmd,
@@ -279,6 +286,7 @@ for _command in (
 
 def main(argv: list[str] | None = None) -> None:
     """The ``producer`` console script (``argv``: its arguments, default ``sys.argv[1:]``)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # see producer/__init__.py
     # At exit the interpreter's last garbage collections walk every object the imported
     # libraries made (SQLAlchemy, Celery, kombu, redis), which live until the process ends
     # anyway: frozen as the last thing before exit (atexit runs handlers in reverse order),

@@ -61,6 +61,7 @@ img.bar { width: 252px; height: 14px; border: 1px solid #999; vertical-align: mi
 .path { word-break: break-all; color: #333; }
 .wrong { color: #b2182b; font-weight: bold; } .right { color: #1b7837; }
 .note { color: #666; font-size: 12px; }
+.partial { background: #fff3cd; border: 1px solid #e0b000; padding: 8px 12px; }
 """
 
 
@@ -105,6 +106,19 @@ def _summary(report: dict[str, Any]) -> str:
     ]
     rows = (f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
     return f'<table class="summary"><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _partial(report: dict[str, Any]) -> str:
+    """For a run not finished: a banner saying the page shows part of it."""
+    run, c = report["run"], report["counts"]
+    if run["status"] not in ("queued", "running"):
+        return ""
+    total = "?" if c["images"] is None else f"{c['images']:,}"
+    return (
+        f'<p class="partial"><strong>Partial results:</strong> run {esc(run["id"])} is still '
+        f"{esc(run['status'])}: {c['scored'] + c['failed']:,} of {total} images have rows so "
+        f"far; write the report again once it is done (`producer wait {esc(run['id'])}`).</p>"
+    )
 
 
 def _accuracy(report: dict[str, Any]) -> str:
@@ -253,7 +267,8 @@ def render_html(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-        f'<h1>{esc(title)}</h1><div class="row"><div><h2>Run</h2>{_summary(report)}</div>'
+        f'<h1>{esc(title)}</h1>{_partial(report)}'
+        f'<div class="row"><div><h2>Run</h2>{_summary(report)}</div>'
         f"<div><h2>Accuracy</h2>{_accuracy(report)}</div></div>"
         f'<h2>Confusion matrices</h2><div class="row">{confusions}</div>'
         f"{_model(classifier, run['model_id'])}"

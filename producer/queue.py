@@ -123,14 +123,7 @@ class CelerySender:
                 store.set(key, payload, ex=self.ttl)
                 self._sent.append((key, cost))
                 self.queued_bytes += cost
-            headers = (
-                wire.signature_headers(self.secret, message, payload or b"")
-                if self.secret else None
-            )
-            self.app.send_task(
-                wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
-                headers=headers,
-            )
+            self._send_message(message, payload)
         except Exception as e:
             if is_out_of_memory(e):
                 self._leave_room(key if batch is not None else None)
@@ -146,6 +139,36 @@ class CelerySender:
                     f"{first_line(e)}"
                 ) from e
             raise
+
+    def _send_message(self, message: wire.BatchMessage, payload: bytes | None) -> None:
+        headers = (
+            wire.signature_headers(self.secret, message, payload or b"")
+            if self.secret else None
+        )
+        self.app.send_task(
+            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
+            headers=headers,
+        )
+
+    def resend(
+        self, message: wire.BatchMessage, read: Callable[[], FileBatch] | None
+    ) -> None:
+        """Send the batch ``message`` names again: its payload, when still in Redis, as it
+        is; otherwise ``read()`` reads its files again (``read`` ``None``: a ``--send
+        paths`` batch, the message alone)."""
+        if read is None:
+            self.send(message, None)
+            return
+        payload = self._payload_store().get(wire.payload_key(message))
+        if payload is None:
+            self.send(message, read())
+            return
+        try:
+            self._send_message(message, payload)
+        except Exception as e:
+            raise BrokerUnavailable(
+                f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"
+            ) from e
 
     def _leave_room(self, key: str | None) -> None:
         """After Redis refused a write: delete ``key`` (a payload no message may name) and
@@ -211,35 +234,46 @@ def consumers(settings: Settings, timeout: float = defaults.INSPECT_TIMEOUT) -> 
     )
 
 
-def why_idle(settings: Settings, engine: Any) -> str:
+def why_idle(settings: Settings, engine: Any, run_id: int, healing: bool) -> str:
     """The likely reason no batch of a run is being stored, found by asking the broker which
     workers consume the queue and the run's database which workers write to it (its
-    ``workers`` registry)."""
-    from db.workers import live_workers
+    ``workers`` registry), with the command that fixes it, the URLs as the workers must be
+    given them (passwords masked). ``healing``: this process re-sends lost batches."""
+    from db.session import url_for_workers
+    from db.workers import live_workers, vanished_workers
 
-    queue, broker, database = settings.queue, mask_url(settings.broker_url), mask_url(engine.url)
+    queue, broker = settings.queue, mask_url(settings.broker_url)
+    database = url_for_workers(engine.url)
+    needed = (f"{defaults.BROKER_URL_ENV}={broker} {defaults.QUEUE_ENV}={queue} "
+              f"{defaults.DATABASE_URL_ENV}={database}")
     try:
         nodes = consumers(settings)
     except Exception as e:
         reason = first_line(e)
         return f"cannot ask the broker {broker} which workers consume queue {queue}: {reason}"
-    if not nodes:
-        return (
-            f"no worker consumes queue {queue} on broker {broker}: start `worker` with "
-            f"{defaults.BROKER_URL_ENV} set to that broker and {defaults.DATABASE_URL_ENV} to "
-            f"{database}"
-        )
     with engine.connect() as conn:
         writers = {w["name"] for w in live_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)}
+        gone = vanished_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)
+    if not nodes:
+        killed = ""
+        if gone:
+            names = ", ".join(f"{w['name']} {w['seconds']:,.0f} s ago" for w in gone)
+            killed = f" (stopped heartbeating without stopping: killed? {names})"
+        return (f"no worker consumes queue {queue} on broker {broker}{killed}: start one: "
+                f"{needed} worker")
     elsewhere = [n for n in nodes if n not in writers]
     if elsewhere:
+        then = ("they are being re-sent" if healing
+                else f"then run `producer resume {run_id}`")
         return (
             f"worker(s) {', '.join(elsewhere)} consume queue {queue} on broker {broker} but "
-            f"none of them writes to this database, {database}: set their "
-            f"{defaults.DATABASE_URL_ENV} to it (or this producer's to theirs)"
+            f"write to another database than this one, {database}: its batches were dropped "
+            f"by a worker on another database: {then}; restart those workers with {needed}"
         )
     return (
         f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} and write to "
-        f"{database} ({', '.join(nodes)}) but stored none of this run's batches: they may be "
-        "busy with other runs"
+        f"{database} ({', '.join(nodes)}) but stored none of this run's batches for a while: "
+        "they may be busy with other runs"
+        + ("; lost batches are being looked for and re-sent" if healing
+           else f"; if the broker lost them, run `producer resume {run_id}`")
     )

@@ -76,14 +76,15 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     """
     from core.settings import Settings
     from db.queries import list_runs, stall
-    from producer.run_commands import stall_hint
+    from producer.run_commands import sending_note, stall_hint
     from producer.tables import format_table, pct
 
-    timeout = Settings.from_env().visibility_timeout
+    settings = Settings.from_env()
     with engine.connect() as conn:
         rows = list_runs(conn, limit)
         for r in rows:
-            r["stall_hint"] = stall_hint(r["id"], stall(conn, r), timeout)
+            r["stall_hint"] = stall_hint(r, stall(conn, r), settings.stall_hint_after)
+            r["sending"] = sending_note(r)
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
@@ -107,8 +108,9 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     headers = ["id", "status", "model", "images", "failed", "L1", "L2", "SGD", "source"]
     click.echo(format_table(headers, table, "rlrrrrrrl"))
     for r in rows:
-        if r["stall_hint"]:
-            click.echo(f"run {r['id']} {r['stall_hint']}")
+        for note in (r["sending"], r["stall_hint"]):
+            if note:
+                click.echo(f"run {r['id']} {note}")
 
 
 @click.command("workers", context_settings=HELP)

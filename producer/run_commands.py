@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from core import defaults
-from core.errors import BadInput
+from core.errors import EXIT_INTERRUPTED, BadInput
 from core.settings import Settings
 from producer.options import (
     HELP,
@@ -159,10 +159,12 @@ def submit_cmd(
     (or mapped by the workers' DIGITSCORE_PATH_MAP=/here=/there).
 
     \b
-    If it stops part way (the database or the broker failed), it says why and exits 1;
-    `producer resume RUN` then sends the rest. With --wait, when no batch is stored for 30 s
-    (DIGITSCORE_STALL_HINT_AFTER), it asks the broker whether any worker consumes the queue
-    and says what it finds.
+    If it stops part way (the database or the broker failed, or Ctrl-C: exit 130), it says
+    why; `producer resume RUN` then sends the rest. While it sends, `status` shows the run as
+    still being sent. With --wait it shows the rate over the last 20 s, or `stalled for N s`
+    and why; every DIGITSCORE_HEAL_EVERY s (5; 0: off) it re-sends lost batches (see
+    `producer heal`); when no batch is stored for 30 s (DIGITSCORE_STALL_HINT_AFTER), it
+    asks the broker which workers consume the queue and says what to do.
 
     \b
     Examples:
@@ -171,13 +173,47 @@ def submit_cmd(
       producer submit ./images --wait --timeout 600
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit /nfs/images --send paths
     """
+    settings = Settings.from_env(broker_url=broker_url, send=send_mode)
+    check_timeout(wait, timeout)
+    check_batch_size(settings, batch_size)
+    created: list[int] = []
+    try:
+        sub = _submit(directory, model_id, settings, batch_size, batch_bytes, engine, created)
+    except KeyboardInterrupt:
+        if not created:
+            echo_err("\nstopped before the run was created: nothing was submitted")
+        else:
+            run_id = created[0]
+            echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(
+        f"run {sub.run_id}: {sub.n_images} images in {sub.n_batches} batches "
+        f"({sub.n_skipped} other files skipped), status {sub.status}"
+    )
+    if wait:
+        _wait_and_report(engine, sub.run_id, settings, timeout)
+
+
+#: What a Ctrl-C before ``submit``'s body runs (its options open the database) has left.
+setattr(submit_cmd, "interrupted_early",  # noqa: B010 - read by ProducerGroup
+        "stopped before the run was created: nothing was submitted")
+
+
+def _submit(
+    directory: Path,
+    model_id: int | None,
+    settings: Settings,
+    batch_size: int,
+    batch_bytes: int,
+    engine: Any,
+    created: list[int],
+) -> Any:
+    """``submit``'s work up to the last batch sent; ``created`` gets the run's id as soon as
+    the run exists."""
     from core.files import check_directory
     from db.model_store import resolve_model_id
     from producer.submit import submit_directory
 
-    settings = Settings.from_env(broker_url=broker_url, send=send_mode)
-    check_timeout(wait, timeout)
-    check_batch_size(settings, batch_size)
     check_directory(directory)
     with engine.connect() as conn:
         model_id = resolve_model_id(conn, model_id)
@@ -188,14 +224,13 @@ def submit_cmd(
     if sender.backend == "celery":
         batch_bytes = sender.batch_bytes(batch_bytes)
     counter = Counter("sent" if sender.backend == "celery" else "scored")
-    created: list[int] = []
 
     def on_run(run_id: int) -> None:
         created.append(run_id)
         echo_err(f"run {run_id} created")
 
     try:
-        sub = submit_directory(
+        return submit_directory(
             engine,
             directory,
             model_id,
@@ -206,21 +241,8 @@ def submit_cmd(
             on_run=on_run,
             on_batch=counter,
         )
-    except KeyboardInterrupt:
-        if not created:
-            raise
-        counter.close()
-        run_id = created[0]
-        echo_err(f"stopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
-        sys.exit(130)
     finally:
         counter.close()
-    click.echo(
-        f"run {sub.run_id}: {sub.n_images} images in {sub.n_batches} batches "
-        f"({sub.n_skipped} other files skipped), status {sub.status}"
-    )
-    if wait:
-        _wait_and_report(engine, sub.run_id, settings, timeout)
 
 
 def _wait_and_report(
@@ -234,17 +256,20 @@ def _wait_and_report(
     from producer.report import build_report, format_report
     from producer.submit import failure_cause
 
-    explain = None
+    heal = None
+    every = settings.heal_every
+    explain = functools.partial(why_stalled, engine, run_id, settings, every > 0)
     if settings.broker_url:
-        from producer.queue import why_idle
+        from producer.heal import Healer, sweep_and_say
 
-        explain = functools.partial(why_idle, settings, engine)
+        if every > 0:
+            heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
     try:
         wait_for_run(engine, run_id, timeout=timeout, explain=explain,
-                     stall_after=settings.stall_hint_after)
+                     stall_after=settings.stall_hint_after, heal=heal, heal_every=every)
     except KeyboardInterrupt:
         echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SQLAlchemyError as e:
         raise DatabaseUnavailable(
             f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes on "
@@ -252,6 +277,23 @@ def _wait_and_report(
         ) from e
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
+
+
+def why_stalled(engine: Any, run_id: int, settings: Settings, healing: bool) -> str:
+    """Why a run stores nothing: its sender interrupted or still sending, else what the
+    broker and the workers registry say (producer/queue.why_idle)."""
+    from db.queries import get_run
+
+    with engine.connect() as conn:
+        note = sending_note(get_run(conn, run_id))
+    if note is not None and not note.startswith("still"):
+        return note
+    if not settings.broker_url:
+        return note or "no broker set: its batches are scored by the process that sends them"
+    from producer.queue import why_idle
+
+    idle = why_idle(settings, engine, run_id, healing)
+    return f"{idle} (the run is {note})" if note else idle
 
 
 @click.command("resume", context_settings=HELP)
@@ -274,7 +316,8 @@ def resume_cmd(
     """Re-send the batches of RUN that have no results yet, and finish an interrupted walk.
 
     Use it when the broker lost its queue (Redis restarted, or was full) or the producer
-    died mid-submit. Files are re-read from the run's source directory (by the workers, in
+    died mid-submit. It refuses while a live `submit` or `resume` sends the run, and leaves
+    a done run as it is. Files are re-read from the run's source directory (by the workers, in
     a --send paths run); nothing is scored twice into the results. --send switches the run
     to that mode for what is left.
 
@@ -291,14 +334,23 @@ def resume_cmd(
     check_batch_size(settings, batch_size)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
-        model_id = get_run(conn, run_id)["model_id"]
-    sender = _sender(engine, settings, model_id)
+        found = get_run(conn, run_id)
+    if found["status"] == "done":
+        click.echo(f"run {run_id} is done: nothing to re-send, nothing changed")
+        if wait:
+            _wait_and_report(engine, run_id, settings, timeout)
+        return
+    sender = _sender(engine, settings, found["model_id"])
     if sender.backend == "celery":
         batch_bytes = sender.batch_bytes(batch_bytes)
-    resent, sub = resume_run(
-        engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
-        send_mode=_mode_for(sender, send_mode),
-    )
+    try:
+        resent, sub = resume_run(
+            engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
+            send_mode=_mode_for(sender, send_mode),
+        )
+    except KeyboardInterrupt:
+        echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(
         f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
     )
@@ -321,8 +373,9 @@ def resume_cmd(
 def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engine: Any) -> None:
     """Wait for RUN, submitted earlier, showing its progress; then print its report.
 
-    Exits 1 if --timeout passed. With a broker set, says why when no batch
-    is stored for 30 s (DIGITSCORE_STALL_HINT_AFTER).
+    Exits 1 if --timeout passed. With a broker set, re-sends lost batches every
+    DIGITSCORE_HEAL_EVERY s (see `producer heal`) and says why when no batch is stored for
+    30 s (DIGITSCORE_STALL_HINT_AFTER).
 
     \b
     Example:
@@ -351,36 +404,56 @@ def status_cmd(run: int | str, engine: Any) -> None:
         r = get_run(conn, resolve_run(conn, run))
         stalled = stall(conn, r)
     line = status_line(r)
-    hint = stall_hint(r["id"], stalled, settings.visibility_timeout)
+    hint = stall_hint(r, stalled, settings.stall_hint_after)
     click.echo(f"{line}; {hint}" if hint else line)
 
 
-def stall_hint(run_id: int, stalled: Any, visibility_timeout: int) -> str | None:
-    """For a run that stored nothing for longer than the visibility timeout while batches of
-    it wait: what to look at."""
-    if stalled is None or stalled.seconds <= visibility_timeout:
+def stall_hint(run: dict[str, Any], stalled: Any, stall_after: float) -> str | None:
+    """For a run that stored nothing for longer than ``stall_after`` seconds
+    (``Settings.stall_hint_after``) while batches of it wait: what to run. Batches for
+    workers may be lost on the broker (``producer heal`` finds and re-sends them), or held by
+    workers of another database; a batch of a run scored in its producer's process waits
+    only when that process stopped."""
+    if stalled is None or stalled.seconds <= stall_after:
         return None
+    run_id = run["id"]
+    head = (f"stalled: no batch stored for {stalled.seconds:,.0f} s while "
+            f"{stalled.queued_batches} wait")
+    if run["backend"] != "celery":
+        return f"{head}: its producer stopped: run `producer resume {run_id}`"
     return (
-        f"stalled: no batch stored for {stalled.seconds:,.0f} s while {stalled.queued_batches} "
-        f"wait: see `producer workers` (no live worker writes to this database?), then "
-        f"`producer resume {run_id}` if the broker lost them"
+        f"{head}: `producer heal {run_id}` re-sends lost ones (`producer wait {run_id}` heals "
+        f"as it waits, `producer resume {run_id}` re-sends them all); see `producer workers` "
+        "for the workers writing to this database"
     )
 
 
 def status_line(r: dict[str, Any]) -> str:
-    """A run's status and counts; for a run whose submission has not finished, how to finish it.
-
-    ``submitted_at`` is set when the producer has sent every batch. While it is unset, either
-    a producer is still sending or it stopped part way; the database cannot tell which, so the
-    hint says both."""
+    """A run's status and counts; for a run whose submission has not finished, whether a
+    live process is still sending it or how to finish it (:func:`sending_note`)."""
     total = "?" if r["n_images"] is None else r["n_images"]
     line = (
         f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
         f"({r['n_scored']} scored, {r['n_failed']} failed)"
     )
-    if r["submitted_at"] is None and r["status"] in ("queued", "running"):
-        line += (
-            f"; not all sent yet: if its `producer submit` was interrupted (nothing is sending "
-            f"it now), run `producer resume {r['id']}` to send the rest"
-        )
-    return line
+    note = sending_note(r)
+    return f"{line}; {note}" if note else line
+
+
+def sending_note(r: dict[str, Any]) -> str | None:
+    """For a run not wholly sent (``submitted_at`` unset): ``still being sent (pid, host)``
+    while its sender's lease is renewed (db/leases.py), else that it was interrupted and
+    ``producer resume RUN`` sends the rest; ``None`` for a run wholly sent."""
+    from db.leases import holder_of
+    from producer.lease import is_alive
+
+    if r["submitted_at"] is not None or r["status"] not in ("queued", "running"):
+        return None
+    sender = holder_of(r)
+    if sender is not None and is_alive(sender):
+        return f"still being sent ({sender.describe()})"
+    who = f" ({sender.describe()} stopped)" if sender is not None else ""
+    return (
+        f"interrupted before all was sent{who}: run `producer resume {r['id']}` to send "
+        f"the rest"
+    )

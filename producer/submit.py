@@ -49,7 +49,9 @@ from core.files import (
 from core.text import first_line, mask_url
 from core.wire import BatchMessage
 from db import batch_life, queries
+from db.healing import mark_sent
 from db.session import driver_reason, read_then_write
+from producer.lease import holding, this_process
 
 
 class Sender(Protocol):
@@ -118,15 +120,16 @@ def submit_directory(
     try:
         with engine.begin() as conn:
             run_id, token = queries.create_run(
-                conn, model_id, str(root), sender.backend, send_mode
+                conn, model_id, str(root), sender.backend, send_mode,
+                lease=(this_process(), defaults.LEASE_SECONDS),
             )
     except SQLAlchemyError as e:
         raise DatabaseUnavailable(
             f"cannot create a run: {failure_cause(engine, e)}; nothing was submitted"
         ) from e
-    if on_run is not None:
-        on_run(run_id)
-    with kept_for_resume(engine, run_id, "submit"):
+    with holding(engine, run_id, taken=True), kept_for_resume(engine, run_id, "submit"):
+        if on_run is not None:
+            on_run(run_id)
         n_batches = _send_all(
             engine, run_id, token, chain([first], stream), 0, sender, send_mode, on_batch
         )
@@ -230,9 +233,23 @@ def resume_run(
     """Re-send every batch of a run that has no results yet, re-reading its files from the
     run's source directory; if the producer died mid-walk, walk again and send the rest.
     ``send_mode`` other than the run's own switches the run to it first (``None``: keep it).
-    Returns the number of batches re-sent and the submission as it now stands."""
-    with kept_for_resume(engine, run_id, "resume"):
+    Returns the number of batches re-sent and the submission as it now stands.
+
+    A run that is done is left as it is (0 batches); a run another live process sends is
+    refused with :class:`RunBeingSent`, and left as it is too."""
+    with engine.connect() as conn:
+        run = queries.get_run(conn, run_id)
+    if run["status"] == "done":
+        sub = Submission(run_id, run["n_images"] or 0, run["n_skipped"],
+                         _batch_count(engine, run_id), "done")
+        return 0, sub
+    with holding(engine, run_id), kept_for_resume(engine, run_id, "resume"):
         return _resume(engine, run_id, sender, batch_size, batch_bytes, send_mode, on_batch)
+
+
+def _batch_count(engine: Engine, run_id: int) -> int:
+    with engine.connect() as conn:
+        return queries.next_batch_seq(conn, run_id)
 
 
 def _resume(
@@ -262,6 +279,8 @@ def _resume(
         if mode == "bytes":
             batch = (read_batch(str(root), paths) if members is None
                      else read_recorded(str(root), paths, members))
+        with engine.begin() as conn:
+            mark_sent(conn, run_id, seq)
         sender.send(BatchMessage(run_id, seq, run["token"]), batch)
         if on_batch is not None:
             on_batch(len(paths))

@@ -242,3 +242,38 @@ def test_html_report_renders_in_headless_chromium(html_run, classifier, tmp_path
     assert len(page.classed("confusion")) == 3
     text = "".join(page.text)
     assert SCRIPT_NAME in text and f"3/{IMG_NAME}" in text
+
+
+def test_a_running_runs_page_says_its_results_are_partial(
+    model_db, sample_dir, classifier, tmp_path, run_cli
+):
+    from db import batch_life, queries
+    from tests.conftest import score_and_store
+
+    engine = get_engine(model_db)
+    root = sample_dir / "valid"
+    names = [str(p.relative_to(root)) for p in sorted(root.rglob("*.png"))[:4]]
+    with engine.begin() as conn:
+        run_id, _ = queries.create_run(conn, 1, str(root), "celery")
+        for seq in (0, 1):
+            batch_life.record_batch(conn, run_id, seq, names[2 * seq:2 * seq + 2], 10)
+    queries.finish_submission(engine, run_id, 4, 0)
+    page = tmp_path / "report.html"
+
+    def banner() -> list[str]:
+        r = run_cli("report", str(run_id), "--html", str(page), "--database-url", model_db)
+        assert r.exit_code == 0, r.output
+        parsed = Page(page.read_text())
+        return [a.get("class") or "" for a in parsed.classed("partial")] and [
+            t for t in parsed.text if "of 4 images have rows" in t]
+
+    def store(seq: int) -> None:
+        paths = names[2 * seq:2 * seq + 2]
+        score_and_store(engine, classifier, run_id, seq, paths,
+                        [(root / p).read_bytes() for p in paths])
+
+    store(0)
+    assert banner() == [" run 1 is still running: 2 of 4 images have rows so far; write the "
+                        "report again once it is done (`producer wait 1`)."]
+    store(1)
+    assert banner() == []

@@ -1,5 +1,5 @@
-"""A run that stores nothing for longer than the visibility timeout while batches of it wait
-shows as stalled in `status` and `runs`, with what to look at."""
+"""A run that stores nothing for longer than DIGITSCORE_STALL_HINT_AFTER while batches of it
+wait shows as stalled in `status` and `runs`, with what to run."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from db.models import runs, utcnow
 from db.session import get_engine
 
 
-def test_a_run_waiting_past_the_visibility_timeout_is_called_stalled(run_cli, model_db):
+def test_a_run_waiting_past_the_stall_hint_time_is_called_stalled(run_cli, model_db):
     engine = get_engine(model_db)
     with engine.begin() as conn:
         run_id, _token = queries.create_run(conn, 1, "/data", "celery")
         batch_life.record_batch(conn, run_id, 0, ["3/a.png"], 10)
         batch_life.record_batch(conn, run_id, 1, ["3/b.png"], 10)
-    env = {"DIGITSCORE_VISIBILITY_TIMEOUT": "60"}
+    env = {"DIGITSCORE_STALL_HINT_AFTER": "60"}
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert r.exit_code == 0 and "stalled" not in r.output  # just created
     with engine.begin() as conn:
@@ -26,6 +26,7 @@ def test_a_run_waiting_past_the_visibility_timeout_is_called_stalled(run_cli, mo
             created_at=utcnow() - timedelta(seconds=90)))
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert "stalled: no batch stored for 90 s while 2 wait" in r.output, r.output
+    assert f"`producer heal {run_id}` re-sends lost ones" in r.output, r.output
     assert f"producer resume {run_id}" in r.output and "producer workers" in r.output
     r = run_cli("runs", "--database-url", model_db, env=env)
     assert f"run {run_id} stalled: no batch stored for 90 s" in r.output, r.output

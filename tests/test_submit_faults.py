@@ -136,7 +136,7 @@ def test_sqlite_disk_full_mid_submit_one_line_then_resume_completes(
     assert 0 < batches_recorded(db_url) < FILES // 10  # it stopped part way
     small_disk.enlarge()
     r = run_cli("status", "1", "--database-url", db_url)
-    assert "not all sent yet" in r.stdout and "run `producer resume 1`" in r.stdout
+    assert "interrupted before all was sent" in r.stdout and "run `producer resume 1`" in r.stdout
     r = run_cli("resume", "1", "--database-url", db_url)
     assert r.exit_code == 0, r.output
     assert "status done" in r.stdout

@@ -63,11 +63,17 @@ def test_no_worker_hint_within_30_s_progress_every_10_s_and_timeout_exits_1(
     # the default: 30 s without a stored batch, then a second to ask the workers
     assert 30 <= at - waiting <= 35, text
     queue, broker = broker_env["DIGITSCORE_QUEUE"], broker_env["DIGITSCORE_BROKER_URL"]
-    assert f"no worker consumes queue {queue} on broker {broker}" in hint
-    assert f"DIGITSCORE_DATABASE_URL to {sqlite_url}" in hint
-    progress = [t - waiting for t, line in lines if line.startswith("run 1: [")]
+    assert hint.endswith(
+        f"no worker consumes queue {queue} on broker {broker}: start one: "
+        f"DIGITSCORE_BROKER_URL={broker} DIGITSCORE_QUEUE={queue} "
+        f"DIGITSCORE_DATABASE_URL={sqlite_url} worker"), hint
+    progress = [(t - waiting, line) for t, line in lines if line.startswith("run 1: [")]
     assert len(progress) == 3, text  # every 10 s: at 10, 20 and 30 s
-    assert all(10 * (i + 1) <= t <= 10 * (i + 1) + 4 for i, t in enumerate(progress)), progress
+    assert all(10 * (i + 1) <= t <= 10 * (i + 1) + 4 for i, (t, _) in enumerate(progress)), text
+    # nothing stored since the wait began: stalled, with the cause, and no ETA, from 10 s on
+    for _, line in progress:
+        assert "0/200 images  stalled for " in line and "ETA" not in line, line
+        assert f"no worker consumes queue {queue}" in line, line
     assert lines[-1][1] == (
         "Error: run 1 not done after --timeout 36 s (0/200 images); it goes on: see "
         "`producer status 1`"
@@ -91,5 +97,6 @@ def test_workers_on_the_queue_but_none_storing_are_named(
     queue = broker_env["DIGITSCORE_QUEUE"]
     assert f"worker(s) digitscore-cpu-{worker.pid}@" in hint, hint
     assert f"consume queue {queue} on broker" in hint, hint
-    assert f"none of them writes to this database, {sqlite_url}" in hint, hint
+    assert f"write to another database than this one, {sqlite_url}" in hint, hint
+    assert "its batches were dropped by a worker on another database" in hint, hint
     assert "--timeout 8 s" in lines[-1][1]

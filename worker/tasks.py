@@ -222,7 +222,9 @@ def log_skip(claim: Claim) -> None:
     if claim.batch is None:  # the database does not hold the batch as the message names it
         log.error(
             "%s: nothing written, its payload deleted. Is the producer on another database? "
-            "This worker's database is %s", claim.why, mask_url(SETTINGS.database_url),
+            "This worker's database is %s: give this worker the producer's %s; the producer's "
+            "--wait (or `producer heal`) sends the batch again", claim.why,
+            mask_url(SETTINGS.database_url), defaults.DATABASE_URL_ENV,
         )
     elif claim.why:
         log.error(

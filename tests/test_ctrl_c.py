@@ -1,0 +1,80 @@
+"""Ctrl-C at any moment of ``producer submit`` (the console script, a real process): exit 130
+and no traceback, with the run's id and `producer resume` once the run exists, or "nothing
+was submitted" before it does. The moments count from when Python has started (its site
+packages imported): a Ctrl-C before that, while no digitscore code runs, is Python's own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_submit_faults import batches_recorded
+
+pytestmark = pytest.mark.integration
+
+
+def console_script() -> str:
+    script = Path(sys.executable).parent / "producer"
+    found = str(script) if script.exists() else shutil.which("producer")
+    if found is None:
+        pytest.skip("the producer console script is not installed")
+    return found
+
+
+def interrupt(args: list[str], when) -> tuple[int, str]:
+    """Start ``producer ARGS``, send SIGINT once ``when()`` is true; its status and output."""
+    proc = subprocess.Popen(
+        [sys.executable, console_script(), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    start = time.monotonic()
+    while not when(time.monotonic() - start):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+def interpreter_start() -> float:
+    """Seconds this host takes now to start Python with its site packages, before any of
+    digitscore runs: a Ctrl-C in them is Python's own (its traceback), not the command's."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "pass"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("seconds", [0.2, 1.0])
+def test_early_ctrl_c_exits_130_saying_nothing_was_submitted(sample_dir, model_db, seconds):
+    args = ["submit", str(sample_dir), "--batch-size", "1", "--database-url", model_db]
+    after = interpreter_start() + seconds  # 0.2 s and 1 s into the command itself
+    status, out = interrupt(args, lambda t: t >= after)
+    assert status == 130, out
+    assert "Traceback" not in out and "Aborted!" not in out, out
+    last = out.strip().splitlines()[-1]
+    # a slow start may not have created the run by then, a fast one may have
+    assert last in (
+        "stopped before the command began: nothing was submitted or changed",
+        "stopped before the run was created: nothing was submitted",
+        "stopped; run 1 is kept: `producer resume 1` sends the rest",
+    ), out
+
+
+def test_ctrl_c_mid_run_exits_130_naming_the_run(sample_dir, model_db):
+    args = ["submit", str(sample_dir), "--batch-size", "1", "--database-url", model_db]
+    status, out = interrupt(args, lambda _t: batches_recorded(model_db) >= 5)
+    assert status == 130, out
+    assert "Traceback" not in out, out
+    assert out.strip().splitlines()[-1] == (
+        "stopped; run 1 is kept: `producer resume 1` sends the rest")
