@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -389,3 +391,66 @@ def write_named(folder: Path, data: bytes, seven: bytes) -> dict[str, bytes]:
     stored[literal] = seven  # the real name keeps its spelling ...
     stored[literal + " (name not UTF-8)"] = data  # ... the undecodable one is marked
     return stored
+
+
+def start_producer(*args: str, env: dict[str, str] | None = None, preexec_fn=None):
+    return subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import cli; cli()", *args],
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
+def batches_recorded(db_url: str) -> int:
+    with get_engine(db_url).connect() as conn:
+        return int(conn.execute(text("SELECT COUNT(*) FROM batches")).scalar() or 0)
+
+
+def pause_mid_submit(db_url: str, n: int, producer: subprocess.Popen, timeout: float = 60):
+    """Once the producer has recorded ``n`` batches, stop it (SIGSTOP) so that the fault the
+    test then injects strikes mid-submit however fast the submit runs; ``resume_producer``
+    lets it go on into the fault."""
+    deadline = time.monotonic() + timeout
+    while batches_recorded(db_url) < n:
+        if producer.poll() is not None:
+            pytest.fail(f"the producer ended before {n} batches: {producer.communicate()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {n} batches after {timeout} s")
+        time.sleep(0.01)
+    producer.send_signal(signal.SIGSTOP)
+    assert producer.poll() is None, "the producer finished before the fault"
+
+
+def resume_producer(producer: subprocess.Popen) -> None:
+    producer.send_signal(signal.SIGCONT)
+
+
+def submit_and_watch(source, db_url: str, env: dict[str, str], *args: str):
+    """Run ``producer submit SOURCE --wait ARGS`` with its output piped (not a terminal);
+    return its exit status and each line of stdout and of stderr with the seconds since the
+    start."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
+         "--wait", "--database-url", db_url, *args],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    out: list[tuple[float, str]] = []
+    err: list[tuple[float, str]] = []
+
+    def read(stream, lines: list[tuple[float, str]]) -> None:
+        for line in stream:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+
+    readers = [threading.Thread(target=read, args=pair) for pair in
+               ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout=120)
+    for reader in readers:
+        reader.join()
+    return proc.returncode, out, err

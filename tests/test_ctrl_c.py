@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_submit_faults import batches_recorded
+from tests.support import ROOT, batches_recorded
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,14 @@ import pytest
 from sqlalchemy import text
 
 from db.session import get_engine
-from tests.conftest import wait_for_log
-from tests.test_faults import FAULTS, assert_exactly_once
-from tests.test_wait_hints import submit_and_watch
+from tests.support import (
+    FAULTS,
+    assert_exactly_once,
+    save_model,
+    start_producer,
+    submit_and_watch,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,9 +97,7 @@ def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
 def test_a_batch_held_by_a_killed_celery_main_process_is_re_sent(
     sample_dir, postgres_url, classifier, broker_env, start_worker
 ):
-    from tests.bad_input_support import store_model
-
-    store_model(postgres_url, classifier)
+    save_model(postgres_url, classifier)
     slow = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url,
                          "DIGITSCORE_TEST_TASK_DELAY": "20"}, "--device", "cpu", *FAULTS,
                         name="slow")
@@ -125,7 +128,6 @@ def test_producer_heal_re_sends_lost_batches_once_however_many_heal_at_once(
     import redis
 
     from core.queued import read_broker_batches
-    from tests.test_submit_faults import start_producer
 
     r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "50",
                 "--database-url", model_db)

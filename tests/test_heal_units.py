@@ -20,7 +20,7 @@ from db.healing import take_resend, waiting_batches
 from db.leases import release_lease
 from db.models import batches, utcnow
 from db.session import get_engine
-from tests.conftest import score_and_store
+from tests.support import score_and_store
 
 TOKEN = "ab" * 16
 

@@ -4,59 +4,28 @@ the database's disk filled, PostgreSQL cut off and Redis stopped, for real, unde
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
-from db.session import get_engine
-from tests.support import ROOT, RedisServer, assert_exactly_once, save_model, wait_for_log
+from tests.support import (
+    RedisServer,
+    assert_exactly_once,
+    batches_recorded,
+    pause_mid_submit,
+    resume_producer,
+    save_model,
+    start_producer,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.integration
 
 FILES = 1000  # the sample's train and valid digits
 NO_BROKER = "no broker set (DIGITSCORE_BROKER_URL): scoring in this process"
-
-
-def start_producer(*args: str, env: dict[str, str] | None = None, preexec_fn=None):
-    return subprocess.Popen(
-        [sys.executable, "-c", "from producer.cli import cli; cli()", *args],
-        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=preexec_fn,
-    )
-
-
-def batches_recorded(db_url: str) -> int:
-    with get_engine(db_url).connect() as conn:
-        return int(conn.execute(text("SELECT COUNT(*) FROM batches")).scalar() or 0)
-
-
-def pause_mid_submit(db_url: str, n: int, producer: subprocess.Popen, timeout: float = 60):
-    """Once the producer has recorded ``n`` batches, stop it (SIGSTOP) so that the fault the
-    test then injects strikes mid-submit however fast the submit runs; ``resume_producer``
-    lets it go on into the fault."""
-    deadline = time.monotonic() + timeout
-    while batches_recorded(db_url) < n:
-        if producer.poll() is not None:
-            pytest.fail(f"the producer ended before {n} batches: {producer.communicate()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"fewer than {n} batches after {timeout} s")
-        time.sleep(0.01)
-    producer.send_signal(signal.SIGSTOP)
-    assert producer.poll() is None, "the producer finished before the fault"
-
-
-def resume_producer(producer: subprocess.Popen) -> None:
-    producer.send_signal(signal.SIGCONT)
 
 
 def assert_one_clear_line(producer: subprocess.Popen, cause: str, *before: str) -> str:

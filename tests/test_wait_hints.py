@@ -3,45 +3,11 @@ it with exit 1: a real ``producer submit`` process, real Redis, with and without
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
-
 import pytest
 
-from tests.support import ROOT, save_model, wait_for_log
+from tests.support import save_model, submit_and_watch, wait_for_log
 
 pytestmark = pytest.mark.integration
-
-
-def submit_and_watch(source, db_url: str, env: dict[str, str], *args: str):
-    """Run ``producer submit SOURCE --wait ARGS`` with its output piped (not a terminal);
-    return its exit status and each line of stdout and of stderr with the seconds since the
-    start."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from producer.cli import cli; cli()", "submit", str(source),
-         "--wait", "--database-url", db_url, *args],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    out: list[tuple[float, str]] = []
-    err: list[tuple[float, str]] = []
-
-    def read(stream, lines: list[tuple[float, str]]) -> None:
-        for line in stream:
-            lines.append((time.monotonic() - start, line.rstrip("\n")))
-
-    readers = [threading.Thread(target=read, args=pair) for pair in
-               ((proc.stdout, out), (proc.stderr, err))]
-    for reader in readers:
-        reader.start()
-    proc.wait(timeout=120)
-    for reader in readers:
-        reader.join()
-    return proc.returncode, out, err
 
 
 def test_no_worker_hint_within_30_s_progress_every_10_s_and_timeout_exits_1(
