@@ -112,14 +112,14 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
     """The producer has sent every batch: fix the run's size and settle it."""
     with engine.begin() as conn:
         now = utcnow()  # sent, and done if the last rows are in: finished_at >= submitted_at
-        # a resume of a run whose walk was complete re-sends batches: it was sent already
-        sent = conn.execute(
-            select(runs.c.submitted_at).where(runs.c.id == run_id)
-        ).scalar_one_or_none() or now
+        # a resume of a run whose walk was complete re-sends batches: it was sent already.
+        # One UPDATE, no read first: on SQLite a deferred transaction that reads and then
+        # writes fails at once ("database is locked") if a worker committed in between.
         conn.execute(
             update(runs)
             .where(runs.c.id == run_id)
-            .values(n_images=n_images, n_skipped=n_skipped, submitted_at=sent)
+            .values(n_images=n_images, n_skipped=n_skipped,
+                    submitted_at=func.coalesce(runs.c.submitted_at, now))
         )
         settle_run(conn, run_id)
         return str(conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one())
