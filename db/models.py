@@ -104,6 +104,8 @@ runs = Table(
     # renewed; NULL when nothing sends it (migration 0012)
     Column("lease_holder", String(300)),
     Column("lease_until", DateTime(timezone=True)),
+    # an id is never handed out twice, even after a run's row is deleted (migration 0015)
+    sqlite_autoincrement=True,
 )
 
 #: A batch of images as the producer sent it; what ``producer resume`` re-sends.
