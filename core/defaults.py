@@ -187,6 +187,9 @@ QUEUE_WAIT_REPORT_EVERY = 5.0
 CPU_DIFFERENCE_ELEMENTS = 2**19
 #: The same on a GPU (elements), which wants few large kernels: 64 MiB of floats.
 GPU_DIFFERENCE_ELEMENTS = 2**24
+#: Validation images per class below which ``producer train`` warns that the validation
+#: accuracy, and so the epoch and weight decay it keeps, rest on too few images to trust.
+MIN_VALID_PER_CLASS = 10
 #: Mistakes kept per run and predictor (rows of ``run_mistakes``); a longer list is read from
 #: ``predictions`` directly.
 MISTAKES_KEPT = 100

@@ -13,6 +13,7 @@ import torch
 from core.errors import DirectoryError
 from core.files import DirectoryWalk, check_directory, read_file
 from core.images import ImageError, decode_gray, image_size
+from core.text import plural
 
 
 @dataclass
@@ -130,10 +131,35 @@ def require_every_class(data: LabelledImages, root: Path) -> None:
         )
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_valid = max(1, int(round(n * fraction)))
-    return order[n_valid:], order[:n_valid]
+def holdout_split(
+    data: LabelledImages, fraction: float, seed: int, root: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation indices: ``fraction`` of each class (at least one image) held
+    out, so that every class is both trained on and validated on. A class of one image
+    cannot be both: the error names it and says to validate on other images."""
+    generator = torch.Generator().manual_seed(seed)
+    train: list[torch.Tensor] = []
+    valid: list[torch.Tensor] = []
+    for k, name in enumerate(data.classes):
+        members = torch.nonzero(data.labels == k).flatten()
+        n = len(members)
+        n_valid = max(1, int(round(n * fraction)))
+        if n - n_valid < 1:
+            raise DirectoryError(
+                f"class {name!r} of {str(root)!r} has {plural(n, 'image')}: too few to hold "
+                f"some out for validation and train on the rest; add images to it, or "
+                f"validate on images of your own with --valid DIR"
+            )
+        members = members[torch.randperm(n, generator=generator)]
+        valid.append(members[:n_valid])
+        train.append(members[n_valid:])
+    return torch.cat(train), torch.cat(valid)
+
+
+def few_validation_images(data: LabelledImages, at_least: int) -> list[tuple[str, int]]:
+    """The classes with fewer than ``at_least`` validation images, and how many each has."""
+    counts = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
+    return [(c, n) for c, n in zip(data.classes, counts, strict=True) if n < at_least]
 
 
 def subset(data: LabelledImages, idx: torch.Tensor) -> LabelledImages:

@@ -15,6 +15,11 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 image``, ``2 images``, ``1,024 images``: a count and its noun, agreeing."""
+    return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def mask_url(url: object) -> str:
     """The URL with every password replaced by ``***``: the only form ever printed or logged.
 

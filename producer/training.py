@@ -12,14 +12,16 @@ from typing import Any
 
 import click
 
+from core import defaults
 from core.curve import EpochStats, curve_to_json
 from core.labelled import (
     LabelledImages,
+    few_validation_images,
     holdout_split,
     load_labelled,
-    require_every_class,
     subset,
 )
+from core.text import plural
 from core.training import SgdSettings, accuracies, train_model
 from db.model_store import TrainingRecord, save_classifier
 from producer.options import echo_err
@@ -35,10 +37,22 @@ def split_data(
         size = (int(data.stack.shape[1]), int(data.stack.shape[2]))
         valid = load_labelled(valid_dir, data.classes, size)
         return data, valid, data.n_unreadable + valid.n_unreadable
-    train_idx, valid_idx = holdout_split(len(data.labels), holdout, seed)
-    train = subset(data, train_idx)
-    require_every_class(train, directory)
-    return train, subset(data, valid_idx), data.n_unreadable
+    train_idx, valid_idx = holdout_split(data, holdout, seed, directory)
+    return subset(data, train_idx), subset(data, valid_idx), data.n_unreadable
+
+
+def few_images_warning(valid: LabelledImages) -> str | None:
+    """A warning line when some class has too few validation images for its accuracy (and
+    so the epoch and weight decay kept) to mean much; ``None`` when every class has enough."""
+    few = few_validation_images(valid, defaults.MIN_VALID_PER_CLASS)
+    if not few:
+        return None
+    counts = ", ".join(f"{plural(n, 'image')} of class {c!r}" for c, n in few)
+    return (
+        f"warning: only {counts} to validate on (fewer than {defaults.MIN_VALID_PER_CLASS} "
+        "per class): the validation accuracy, and the epoch and weight decay it picks, rest "
+        "on too few images; add images, or validate on more with --valid DIR"
+    )
 
 
 def epoch_line(stats: EpochStats, epochs: int, best: bool) -> str:
@@ -63,16 +77,23 @@ def train_and_store(
     settings.check()
     train, valid, n_unreadable = split_data(directory, valid_dir, holdout, settings.seed)
     if n_unreadable:
-        echo_err(f"warning: {n_unreadable} file(s) could not be read or decoded and were left out")
+        echo_err(
+            f"warning: {plural(n_unreadable, 'file')} could not be read or decoded and "
+            f"{'was' if n_unreadable == 1 else 'were'} left out"
+        )
+    n_valid = plural(len(valid.labels), "image")
     source = (
-        f"{len(valid.labels)} images of {valid_dir}"
+        f"{n_valid} of {valid_dir}"
         if valid_dir is not None
-        else f"{len(valid.labels)} images held out of {directory} (--holdout {holdout})"
+        else f"{n_valid} held out of {directory} (--holdout {holdout})"
     )
     echo_err(
-        f"training on {len(train.labels)} images of classes {', '.join(train.classes)}; "
-        f"validating on {source}"
+        f"training on {plural(len(train.labels), 'image')} of classes "
+        f"{', '.join(train.classes)}; validating on {source}"
     )
+    warning = few_images_warning(valid)
+    if warning:
+        echo_err(warning)
     best: list[EpochStats] = []
 
     def on_epoch(stats: EpochStats) -> None:
@@ -108,7 +129,7 @@ def train_and_store(
     )
     click.echo(f"model {model_id}")
     click.echo(
-        f"validation accuracy on {len(valid.labels)} images:  "
+        f"validation accuracy on {plural(len(valid.labels), 'image')}:  "
         f"L1 {acc['l1']:.4f}  L2 {acc['l2']:.4f}  SGD {acc['sgd']:.4f}"
     )
     return model_id

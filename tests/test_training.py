@@ -118,7 +118,7 @@ def test_defaults_match_tuned_lbfgs_on_8x8_digits():
     digits = load_digits()
     stack = torch.from_numpy(np.rint(digits.images * 255 / 16).astype(np.uint8))
     data = LabelledImages(stack, torch.from_numpy(digits.target), tuple("0123456789"), 0)
-    train_idx, valid_idx = holdout_split(len(data.labels), 0.2, 42)
+    train_idx, valid_idx = holdout_split(data, 0.2, 42, Path("digits"))
     train, valid = subset(data, train_idx), subset(data, valid_idx)
     trained = train_model(train, SgdSettings(), valid=valid)
     ours = accuracies(trained.classifier, valid)["sgd"]
@@ -312,3 +312,48 @@ def test_each_epoch_line_shows_a_bar_of_the_epochs_loss_and_validation_accuracy(
     assert "loss 0.2500" in line and "valid accuracy 0.8750" in line and line.endswith("*")
     assert epoch_line(EpochStats(20, 0.1, 1.0, None, None, 1.0, 0.0), 20, best=False).startswith(
         "[" + "#" * 20 + "]")
+
+
+def test_a_class_too_small_to_hold_out_is_named_with_its_count(run_cli, tmp_path, sqlite_url):
+    """One image in a class: it cannot be held out and trained on; the error says which
+    class, how many images it has, and that --valid is the way out."""
+    write_pngs(tmp_path / "train" / "a", 1)
+    write_pngs(tmp_path / "train" / "b", 1, start=5)
+    r = run_cli("train", str(tmp_path / "train"), "--database-url", sqlite_url)
+    assert r.exit_code == 2, r.output
+    assert "class 'a'" in r.output and "has 1 image:" in r.output and "--valid" in r.output
+    assert "hold no readable images" not in r.output
+    assert model_count(sqlite_url) == 0
+
+
+def test_few_validation_images_per_class_give_a_warning_with_the_count(
+    run_cli, tmp_path, sqlite_url
+):
+    """Two images per class: one is held out of each, training goes on, and a warning
+    counts the validation images of each class under 10; plurals agree."""
+    write_pngs(tmp_path / "train" / "a", 2)
+    write_pngs(tmp_path / "train" / "b", 2, start=5)
+    db = ["--database-url", sqlite_url]
+    r = run_cli("train", str(tmp_path / "train"), "--epochs", "2", *db)
+    assert r.exit_code == 0, r.output
+    warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
+    assert "1 image of class 'a'" in warning and "1 image of class 'b'" in warning
+    assert f"fewer than {defaults.MIN_VALID_PER_CLASS} per class" in warning
+    assert "validation accuracy on 2 images:" in r.stdout
+    with get_engine(sqlite_url).connect() as conn:
+        assert conn.execute(select(models.c.n_train, models.c.n_valid)).one() == (2, 2)
+
+    for name, n in (("a", 12), ("b", 3)):
+        write_pngs(tmp_path / "valid" / name, n)
+    r = run_cli("train", str(tmp_path / "train"), "--valid", str(tmp_path / "valid"), *db)
+    assert r.exit_code == 0, r.output
+    assert "3 images of class 'b'" in r.stderr and "class 'a'" not in r.stderr
+
+
+def test_enough_validation_images_give_no_warning(run_cli, tmp_path, sqlite_url):
+    write_pngs(tmp_path / "train" / "a", 50)
+    write_pngs(tmp_path / "train" / "b", 50, start=3)
+    r = run_cli("train", str(tmp_path / "train"), "--epochs", "1", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.stderr
+    assert "validation accuracy on 20 images:" in r.stdout
