@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One epoch of training, for the weight decay that did best on validation in it:
+    """One epoch of training of one weight decay's copy of the SGD model:
     ``loss`` and ``train_accuracy`` over the epoch's mini-batches, the validation figures of
     the weights at its end (``None`` without validation data), and the learning rate at the
     epoch's start."""

@@ -70,7 +70,9 @@ class SgdSettings:
 @dataclass(frozen=True)
 class LinearFit:
     """The kept weights (``D x K``) and bias (``K``) for raw inputs (pixels / 255), the epoch
-    and weight decay they are from, and every epoch's figures."""
+    and weight decay they are from, and the learning curve of that weight decay's copy: its
+    figures at every epoch run, so that the curve is of one model, not stitched from the
+    copy that led each epoch."""
 
     weights: torch.Tensor
     bias: torch.Tensor
@@ -193,7 +195,8 @@ def train_sgd(
     inputs and labels), the weights kept are those of the epoch and weight decay with the
     best validation accuracy (ties: the lower validation loss, then the earlier epoch and the
     first weight decay), and training stops after ``patience`` epochs without a better one;
-    without, there must be one weight decay, and the last epoch is kept. The kept weights are
+    without, there must be one weight decay, and the last epoch is kept. ``on_epoch`` sees
+    each epoch's leading copy; the curve returned is the kept copy's, every epoch. The kept weights are
     folded back to raw inputs, so the model scores ``pixels / 255`` exactly as
     core/scoring.py does.
 
@@ -213,8 +216,10 @@ def train_sgd(
     step_scale = 1.0 / largest_variance(z)
     total_steps = settings.epochs * math.ceil(n / batch_size)
     step = 0
-    curve: list[EpochStats] = []
+    best_of_epoch: list[EpochStats] = []  # what the kept epoch is chosen among
+    by_decay: list[list[EpochStats]] = [[] for _ in settings.weight_decays]
     kept: LinearFit | None = None
+    kept_decay = 0
     for epoch in range(1, settings.epochs + 1):
         epoch_lr = cosine_lr(settings.lr, step, total_steps)
         order = torch.randperm(n, generator=generator)
@@ -228,33 +233,35 @@ def train_sgd(
             correct += batch_correct
             step += 1
         raw_weights, raw_bias = fold_scaling(models.weights, models.bias, mean, scale)
-        i, valid_loss, valid_accuracy = 0, None, None
+        i, losses, accuracy = 0, None, None
         if valid is not None:
             losses, accuracy = validation_figures(*valid, raw_weights, raw_bias, n_classes)
             i = max(range(models.g), key=lambda j: (float(accuracy[j]), -float(losses[j]), -j))
-            valid_loss, valid_accuracy = float(losses[i]), float(accuracy[i])
-        stats = EpochStats(
-            epoch,
-            float(total_loss[i]) / n,
-            int(correct[i]) / n,
-            valid_loss,
-            valid_accuracy,
-            epoch_lr,
-            settings.weight_decays[i],
-        )
-        if valid is None or kept is None or stats.rank() > curve[kept.best_epoch - 1].rank():
+        for j, decay in enumerate(settings.weight_decays):
+            by_decay[j].append(EpochStats(
+                epoch,
+                float(total_loss[j]) / n,
+                int(correct[j]) / n,
+                None if losses is None else float(losses[j]),
+                None if accuracy is None else float(accuracy[j]),
+                epoch_lr,
+                decay,
+            ))
+        stats = by_decay[i][-1]
+        if valid is None or kept is None or stats.rank() > best_of_epoch[kept.best_epoch - 1].rank():
             cols = models.columns(i)
             kept = LinearFit(
                 raw_weights[:, cols], raw_bias[cols], epoch, stats.weight_decay, batch_size, ()
             )
-        curve.append(stats)
+            kept_decay = i
+        best_of_epoch.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
         patience = settings.patience
         if valid is not None and patience is not None and epoch - kept.best_epoch >= patience:
             break
     assert kept is not None  # settings.check(): at least one epoch
-    return replace(kept, curve=tuple(curve))
+    return replace(kept, curve=tuple(by_decay[kept_decay]))
 
 
 def accuracies(clf: Classifier, data: LabelledImages) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 
 import numpy as np
@@ -131,15 +132,36 @@ GRID = (200, 200, 200)
 CURVE_CHART_SIZE = (560, 280)
 
 
+def nice_ticks(low: float, high: float, most: int = 6, cover: bool = True) -> list[float]:
+    """Round values (steps of 1, 2 or 5 times a power of ten) for an axis a reader can read
+    off, at most about ``most`` of them: from the last one at or below ``low`` to the first
+    at or above ``high`` (``cover``), or only those between the two."""
+    if not high > low:
+        return [low]
+    raw = (high - low) / max(most - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first, stop = low / step, high / step
+    if cover:
+        span = range(math.floor(first + 1e-9), math.ceil(stop - 1e-9) + 1)
+    else:
+        span = range(math.ceil(first - 1e-9), math.floor(stop + 1e-9) + 1)
+    return [round(k * step, 12) for k in span]
+
+
+def _tick_text(value: float) -> str:
+    return f"{value:.10g}"
+
+
 def curve_chart(
     curve: tuple[EpochStats, ...],
     best_epoch: int | None,
     width: int = CURVE_CHART_SIZE[0],
     height: int = CURVE_CHART_SIZE[1],
 ) -> Image.Image:
-    """The learning curve: validation accuracy (red, left axis, from its lowest to its highest
-    value) and training loss (blue, right axis, from 0 to its highest) per epoch, with a grey
-    line at the epoch kept."""
+    """The learning curve of the weight decay kept: validation accuracy (red, left axis) and
+    training loss (blue, right axis, from 0) per epoch, each axis with round ticks and the
+    accuracy's with grid lines, and a grey line at the epoch kept."""
     left, right, top, bottom = 64, 64, 34, 40
     chart = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(chart)
@@ -148,40 +170,50 @@ def curve_chart(
     epochs = [s.epoch for s in curve]
     first, last = (min(epochs), max(epochs)) if epochs else (1, 1)
 
-    def x_of(epoch: int) -> float:
+    def x_of(epoch: float) -> float:
         return left + (plot_w / 2 if last == first else (epoch - first) / (last - first) * plot_w)
 
     def y_of(value: float, low: float, high: float) -> float:
         span = high - low if high > low else 1.0
         return top + plot_h - (value - low) / span * plot_h
 
-    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=INK)
+    decay = f" (weight decay {curve[0].weight_decay:g})" if curve else ""
     draw.text((left, 8), "validation accuracy", fill=ACCURACY_INK, font=font)
     draw.text((left + plot_w - 100, 8), "training loss", fill=LOSS_INK, font=font)
-    draw.text((left + plot_w // 2 - 20, height - 20), "epoch", fill=INK, font=small)
-    draw.text((left - 6, top + plot_h + 4), str(first), fill=INK, font=small)
-    draw.text((left + plot_w - 10, top + plot_h + 4), str(last), fill=INK, font=small)
+    draw.text((left + plot_w // 2 - 60, height - 18), f"epoch{decay}", fill=INK, font=small)
+    for epoch in sorted({first, *nice_ticks(first, last, 10, cover=False)}):
+        if epoch == int(epoch):
+            x = x_of(epoch)
+            draw.line((x, top + plot_h, x, top + plot_h + 4), fill=INK)
+            draw.text((x - 6, top + plot_h + 5), str(int(epoch)), fill=INK, font=small)
     if best_epoch is not None and first <= best_epoch <= last:
         x = x_of(best_epoch)
         draw.line((x, top, x, top + plot_h), fill=GRID, width=2)
         draw.text((x + 3, top + 2), f"kept: {best_epoch}", fill=INK, font=small)
     accuracy = [(s.epoch, s.valid_accuracy) for s in curve if s.valid_accuracy is not None]
     if accuracy:
-        low, high = min(a for _, a in accuracy), max(a for _, a in accuracy)
+        ticks = nice_ticks(min(a for _, a in accuracy), max(a for _, a in accuracy), 5)
+        low, high = ticks[0], ticks[-1]
+        for tick in ticks:
+            y = y_of(tick, low, high)
+            draw.line((left, y, left + plot_w, y), fill=GRID)
+            draw.text((4, y - 7), _tick_text(tick), fill=ACCURACY_INK, font=small)
         points = [(x_of(e), y_of(a, low, high)) for e, a in accuracy]
         if len(points) > 1:
             draw.line(points, fill=ACCURACY_INK, width=2)
         for px, py in points:
             draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=ACCURACY_INK)
-        draw.text((4, top - 6), f"{high:.3f}", fill=ACCURACY_INK, font=small)
-        draw.text((4, top + plot_h - 8), f"{low:.3f}", fill=ACCURACY_INK, font=small)
     if curve:
-        high = max(s.loss for s in curve)
+        ticks = nice_ticks(0.0, max(s.loss for s in curve), 5)
+        high = ticks[-1]
+        for tick in ticks:
+            y = y_of(tick, 0.0, high)
+            draw.line((left + plot_w, y, left + plot_w + 4, y), fill=LOSS_INK)
+            draw.text((left + plot_w + 6, y - 7), _tick_text(tick), fill=LOSS_INK, font=small)
         points = [(x_of(s.epoch), y_of(s.loss, 0.0, high)) for s in curve]
         if len(points) > 1:
             draw.line(points, fill=LOSS_INK, width=2)
-        draw.text((left + plot_w + 6, top - 6), f"{high:.3g}", fill=LOSS_INK, font=small)
-        draw.text((left + plot_w + 6, top + plot_h - 8), "0", fill=LOSS_INK, font=small)
+    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=INK)
     return chart
 
 

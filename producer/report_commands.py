@@ -279,8 +279,8 @@ def sgd_settings(info: dict[str, Any], epochs_run: int) -> str:
 
 
 def format_curve(curve: tuple[EpochStats, ...], best_epoch: int | None) -> str:
-    """The learning curve as a table, one row per epoch (the weight decay that did best on
-    validation in it); ``*`` marks the epoch kept."""
+    """The learning curve of the weight decay kept, one row per epoch; ``*`` marks the
+    epoch kept."""
     from producer.tables import format_table
 
     def figure(value: float | None) -> str:

@@ -357,3 +357,25 @@ def test_enough_validation_images_give_no_warning(run_cli, tmp_path, sqlite_url)
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr
     assert "validation accuracy on 20 images:" in r.stdout
+
+
+def test_the_learning_curve_is_the_kept_weight_decays_at_every_epoch(train_data, valid_data):
+    """The curve is one copy's, the one kept: every epoch has its weight decay, and its
+    loss never jumps to another copy's."""
+    settings = SgdSettings(epochs=6, weight_decays=(0.0, 0.01, 0.03), patience=None)
+    seen: list = []
+    trained = train_model(train_data, settings, valid=valid_data, on_epoch=seen.append)
+    assert [s.epoch for s in trained.curve] == list(range(1, 7))
+    assert {s.weight_decay for s in trained.curve} == {trained.weight_decay}
+    kept = trained.curve[trained.best_epoch - 1]
+    assert kept == seen[trained.best_epoch - 1]  # the leading copy of the epoch kept
+    assert accuracies(trained.classifier, valid_data)["sgd"] == kept.valid_accuracy
+
+
+def test_chart_ticks_are_round_and_cover_the_values():
+    from producer.pictures import nice_ticks
+
+    assert nice_ticks(0.0, 0.23, 5) == [0.0, 0.1, 0.2, 0.3]
+    assert nice_ticks(0.9, 0.99, 5) == [0.9, 0.95, 1.0]
+    assert nice_ticks(1, 30, 10, cover=False) == [5, 10, 15, 20, 25, 30]
+    assert nice_ticks(0.5, 0.5) == [0.5]
