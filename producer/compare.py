@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from core.text import printable
+from core.text import plural, printable
 from db import queries, reads, views
 from producer.report import NAMES
 from producer.tables import format_table, pct
@@ -50,10 +50,14 @@ def compare_runs(conn: Connection, run_a: int, run_b: int, limit: int = 50) -> d
     """Everything ``producer compare`` shows, as one JSON-ready dict."""
     a, b = queries.get_run(conn, run_a), queries.get_run(conn, run_b)
     counts_a, counts_b = reads.confusion_counts(conn, run_a), reads.confusion_counts(conn, run_b)
+    paths = views.count_paths(conn, run_a, run_b)
     return {
         "run_a": {k: a[k] for k in RUN_FIELDS},
         "run_b": {k: b[k] for k in RUN_FIELDS},
-        "paths": views.count_paths(conn, run_a, run_b),
+        "paths": paths,
+        # no image in both: the runs scored different images, so only their accuracies
+        # stand side by side, and no prediction can have changed
+        "disjoint": paths["both"] == 0,
         "accuracy": _side_by_side(
             reads.run_accuracy(counts_a), reads.run_accuracy(counts_b), ("predictor",)
         ),
@@ -83,10 +87,12 @@ def format_comparison(c: dict[str, Any]) -> str:
     lines = [
         f"A: run {a['id']} (model {a['model_id']}, {printable(a['source_dir'])})",
         f"B: run {b['id']} (model {b['model_id']}, {printable(b['source_dir'])})",
-        f"images by path: {paths['both']} in both, {paths['only_a']} only in A, "
-        f"{paths['only_b']} only in B",
+        f"images by path: {paths['both']:,} in both, {paths['only_a']:,} only in A, "
+        f"{paths['only_b']:,} only in B",
         "",
     ]
+    if c["disjoint"]:
+        return "\n".join([*lines, _disjoint(c)])
     rows: list[list[Any]] = []
     by_predictor = {r["predictor"]: r for r in c["accuracy"]}
     for p, name in NAMES.items():
@@ -100,8 +106,8 @@ def format_comparison(c: dict[str, Any]) -> str:
     for p, name in NAMES.items():
         ch = c["changes"][p]
         lines.append(
-            f"{name}: {ch['changed']} predictions changed; {ch['fixed']} wrong in A right in B, "
-            f"{ch['broken']} right in A wrong in B"
+            f"{name}: {plural(ch['changed'], 'prediction')} changed; {ch['fixed']:,} wrong in A "
+            f"right in B, {ch['broken']:,} right in A wrong in B"
         )
     if c["changed"]:
         lines.append("")
@@ -132,3 +138,21 @@ def _accuracy_row(name: str, label: str, r: dict[str, Any]) -> list[Any]:
         pct(r["accuracy_b"]),
         _signed(r["delta"]),
     ]
+
+
+def _disjoint(c: dict[str, Any]) -> str:
+    """The text of two runs with no image in common: each run's overall accuracy, and why
+    nothing more compares (per-class deltas and changed predictions need the same images)."""
+    rows = []
+    for p, name in NAMES.items():
+        r = next((x for x in c["accuracy"] if x["predictor"] == p), None)
+        if r is not None:
+            rows.append([name, r["n_a"], r["n_b"], pct(r["accuracy_a"]), pct(r["accuracy_b"])])
+    note = (
+        "no image is in both runs (images are matched by their path in each run's "
+        "directory): they scored different images, so only their accuracies are shown"
+    )
+    if not rows:
+        return f"{note}; neither has labelled images"
+    table = format_table(["predictor", "images A", "images B", "A", "B"], rows, "lrrrr")
+    return f"{note}\n\n{table}"

@@ -120,3 +120,39 @@ def test_compare_text_lists_at_most_limit_changes(two_runs, run_cli):
     assert sgd_overall.split()[-1].startswith("-")  # delta B - A is negative
     r = run_cli("compare", str(run_a), "99", "--database-url", url)
     assert r.exit_code == 2 and "run 99 does not exist" in r.output
+
+
+def test_compare_of_runs_with_no_path_in_common_shows_only_accuracies(
+    run_cli, sqlite_url, sample_dir, classifier, tmp_path
+):
+    """Two runs of different images (3s against 7s): compare says they have no image in
+    common and shows the accuracy of each, no per-class deltas nor changed predictions."""
+    engine = get_engine(sqlite_url)
+    model = save_model(engine, classifier)
+    threes, sevens = tmp_path / "threes", tmp_path / "sevens"
+    shutil.copytree(sample_dir / "valid" / "3", threes / "3")
+    shutil.copytree(sample_dir / "valid" / "7", sevens / "7")
+    run_a = submit(engine, classifier, model, threes)
+    run_b = submit(engine, classifier, model, sevens)
+    db = ["--database-url", sqlite_url]
+    r = run_cli("compare", str(run_a), str(run_b), *db)
+    assert r.exit_code == 0, r.output
+    assert "no image is in both runs" in r.stdout
+    assert "images by path: 0 in both, 100 only in A, 100 only in B" in r.stdout
+    assert "delta" not in r.stdout and "changed" not in r.stdout
+    rows_a = prediction_rows(engine, run_a)
+    sgd_a = sum(x["pred_sgd"] == x["label"] for x in rows_a) / len(rows_a)
+    sgd_line = next(line for line in r.stdout.splitlines() if line.startswith("SGD"))
+    assert sgd_line.split()[1:3] == ["100", "100"] and f"{100 * sgd_a:.1f}%" in sgd_line
+    c = json.loads(run_cli("compare", str(run_a), str(run_b), "--json", *db).stdout)
+    assert c["disjoint"] is True and c["n_changed"] == 0
+
+
+def test_one_changed_prediction_is_singular(two_runs, run_cli):
+    url, engine, run_a, run_b = two_runs
+    c = json.loads(run_cli("compare", str(run_a), str(run_b), "--json", "--database-url", url).stdout)
+    assert c["disjoint"] is False
+    from producer.compare import format_comparison
+
+    c["changes"]["l1"]["changed"] = 1
+    assert "1 prediction changed;" in format_comparison(c)
