@@ -173,7 +173,20 @@ def latest_run_id(conn: Connection) -> int | None:
 
 
 def list_runs(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
-    rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).mappings()
+    """The newest runs, each with ``repeats_run``: the latest earlier run of the same
+    directory with the same model (``None`` if none), the twin a repeated submit leaves."""
+    earlier = runs.alias("earlier")
+    repeats = (
+        select(func.max(earlier.c.id))
+        .where(
+            earlier.c.source_dir == runs.c.source_dir,
+            earlier.c.model_id == runs.c.model_id,
+            earlier.c.id < runs.c.id,
+        )
+        .scalar_subquery()
+        .label("repeats_run")
+    )
+    rows = conn.execute(select(runs, repeats).order_by(runs.c.id.desc()).limit(limit)).mappings()
     return [_live(conn, dict(r)) for r in rows]
 
 

@@ -18,7 +18,7 @@ import click
 
 from core import defaults
 from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DigitscoreError
-from core.text import first_line
+from core.text import first_line, plural
 from producer.options import HELP, database_option, echo_err
 
 
@@ -147,8 +147,12 @@ def pack_cmd(src: Path, out: Path, images_per_shard: int) -> None:
         packed = pack_directory(src, out, images_per_shard, on_image=lambda: bar.update(1))
     for name, error in packed.unread:
         echo_err(f"left out {name}: {error}")
-    click.echo(f"wrote {packed.n_images:,} images in {len(packed.shards)} shards to {out}"
-               + (f"; {len(packed.unread)} files could not be read" if packed.unread else ""))
+    unread = len(packed.unread)
+    click.echo(
+        f"wrote {plural(packed.n_images, 'image')} in {plural(len(packed.shards), 'shard')} "
+        f"to {out}"
+        + (f"; {plural(unread, 'file')} could not be read" if unread else "")
+    )
 
 
 @cli.command("train")

@@ -64,11 +64,19 @@ def models_cmd(as_json: bool, engine: Any) -> None:
 
 
 @click.command("runs", context_settings=HELP)
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Most runs listed (the newest).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
 @database_option
 def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
-    """List runs, newest first.
+    """List runs, newest first, with when each was created. A run of the same directory
+    with the same model as an earlier run is marked with that run's id under `repeats`
+    (JSON: repeats_run): submitting again makes a new run, it does not replace the old one.
 
     \b
     Example:
@@ -94,6 +102,7 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
     table = [
         [
             r["id"],
+            f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
             r["status"],
             r["model_id"],
             "?" if r["n_images"] is None else r["n_images"],
@@ -101,12 +110,16 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
             pct(r["accuracy_l1"]),
             pct(r["accuracy_l2"]),
             pct(r["accuracy_sgd"]),
+            "" if r["repeats_run"] is None else r["repeats_run"],
             r["source_dir"],
         ]
         for r in rows
     ]
-    headers = ["id", "status", "model", "images", "failed", "L1", "L2", "SGD", "source"]
-    click.echo(format_table(headers, table, "rlrrrrrrl"))
+    headers = [
+        "id", "created", "status", "model", "images", "failed", "L1", "L2", "SGD", "repeats",
+        "source",
+    ]
+    click.echo(format_table(headers, table, "rllrrrrrrrl"))
     for r in rows:
         for note in (r["sending"], r["stall_hint"]):
             if note:

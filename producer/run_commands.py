@@ -14,6 +14,7 @@ import click
 from core import defaults
 from core.errors import EXIT_INTERRUPTED, BadInput
 from core.settings import Settings
+from core.text import plural
 from producer.options import (
     HELP,
     batch_options,
@@ -187,8 +188,9 @@ def submit_cmd(
             echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
         sys.exit(EXIT_INTERRUPTED)
     click.echo(
-        f"run {sub.run_id}: {sub.n_images} images in {sub.n_batches} batches "
-        f"({sub.n_skipped} other files skipped), status {sub.status}"
+        f"run {sub.run_id}: {plural(sub.n_images, 'image')} in "
+        f"{plural(sub.n_batches, 'batch', 'batches')} "
+        f"({plural(sub.n_skipped, 'other file')} skipped), status {sub.status}"
     )
     if wait:
         _wait_and_report(engine, sub.run_id, settings, timeout)
@@ -352,7 +354,8 @@ def resume_cmd(
         echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
         sys.exit(EXIT_INTERRUPTED)
     click.echo(
-        f"run {run_id}: re-sent {resent} batch(es); {sub.n_images} images, status {sub.status}"
+        f"run {run_id}: re-sent {plural(resent, 'batch', 'batches')}; "
+        f"{plural(sub.n_images, 'image')}, status {sub.status}"
     )
     if wait:
         _wait_and_report(engine, run_id, settings, timeout)

@@ -27,7 +27,7 @@ def test_two_workers_score_every_image_exactly_once(
     r = run_cli("submit", str(sample_dir), "--batch-size", "40", "--wait",
                 "--database-url", postgres_url)
     assert r.exit_code == 0, r.output
-    assert "run 1: 1000 images in 25 batches" in r.stdout
+    assert "run 1: 1,000 images in 25 batches" in r.stdout
     engine = get_engine(postgres_url)
     with engine.connect() as conn:
         rows = conn.execute(text(

@@ -144,7 +144,7 @@ def test_resume_rereads_files_with_strange_and_undecodable_names(
 
     r = run_cli("resume", "1", "--database-url", sqlite_url, env={"DIGITSCORE_BROKER_URL": None})
     assert r.exit_code == 0, r.output
-    assert "re-sent 5 batch(es)" in r.stdout
+    assert "re-sent 5 batches" in r.stdout
     rows = assert_run_complete(
         sqlite_url, {f"3/{n}" for n in expected} | {"3/plain.png", "3/plain7.png"}, set(), 0
     )

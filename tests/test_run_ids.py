@@ -52,6 +52,22 @@ def test_a_run_deleted_by_hand_never_lends_its_id(run_cli, any_model_db, sample_
     assert _images(any_model_db, third) == 100  # its own rows only
 
 
+def test_runs_shows_when_each_was_created_and_marks_a_repeat(run_cli, any_model_db, sample_dir, tmp_path):
+    three = tmp_path / "three"
+    shutil.copytree(sample_dir / "valid" / "3", three / "3")
+    first, second = _submit(run_cli, three, any_model_db), _submit(run_cli, three, any_model_db)
+    other = tmp_path / "other"
+    shutil.copytree(sample_dir / "valid" / "7", other / "7")
+    third = _submit(run_cli, other, any_model_db)
+    listed = json.loads(run_cli("runs", "--json", "--database-url", any_model_db).stdout)
+    assert {r["id"]: r["repeats_run"] for r in listed} == {first: None, second: first, third: None}
+    text_rows = run_cli("runs", "--database-url", any_model_db).stdout.splitlines()
+    assert text_rows[0].split()[:3] == ["id", "created", "status"] and "repeats" in text_rows[0]
+    row = next(line.split() for line in text_rows if line.split()[0] == str(second))
+    assert row[1] == listed[1]["created_at"][:10] and str(first) in row[-2:]
+    assert "Most runs listed" in run_cli("runs", "--help").stdout
+
+
 def test_the_migration_starts_past_the_ids_a_deleted_run_left(run_cli, model_db, sample_dir, tmp_path):
     """A database from before migration 0015 where a run was deleted by hand (its batches
     and rows left behind): after the upgrade the next run id is past them."""
