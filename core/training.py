@@ -196,8 +196,8 @@ def train_sgd(
     best validation accuracy (ties: the lower validation loss, then the earlier epoch and the
     first weight decay), and training stops after ``patience`` epochs without a better one;
     without, there must be one weight decay, and the last epoch is kept. ``on_epoch`` sees
-    each epoch's leading copy; the curve returned is the kept copy's, every epoch. The kept weights are
-    folded back to raw inputs, so the model scores ``pixels / 255`` exactly as
+    each epoch's leading copy; the curve returned is the kept copy's, every epoch. The kept
+    weights are folded back to raw inputs, so the model scores ``pixels / 255`` exactly as
     core/scoring.py does.
 
     The same seed and data give the same parameters bit for bit: initialisation and shuffling
@@ -248,7 +248,8 @@ def train_sgd(
                 decay,
             ))
         stats = by_decay[i][-1]
-        if valid is None or kept is None or stats.rank() > best_of_epoch[kept.best_epoch - 1].rank():
+        best_so_far = None if kept is None else best_of_epoch[kept.best_epoch - 1]
+        if valid is None or best_so_far is None or stats.rank() > best_so_far.rank():
             cols = models.columns(i)
             kept = LinearFit(
                 raw_weights[:, cols], raw_bias[cols], epoch, stats.weight_decay, batch_size, ()

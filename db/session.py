@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from core import defaults
 from core.errors import DatabaseUnavailable, DatabaseURLError
 from core.text import first_line, mask_url
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any 64-bit number of our own: serialises schema upgrades of processes starting at once.
 _PG_MIGRATION_LOCK = 7_300_173_020_001
@@ -141,11 +143,14 @@ def upgrade_schema(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    # Alembic logs each migration it runs with its docstring, at INFO: not for a worker's log
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with read_then_write(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    log.info("database schema %s is at revision %s", mask_url(engine.url), head_revision())
 
 
 @contextmanager

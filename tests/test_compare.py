@@ -150,7 +150,8 @@ def test_compare_of_runs_with_no_path_in_common_shows_only_accuracies(
 
 def test_one_changed_prediction_is_singular(two_runs, run_cli):
     url, engine, run_a, run_b = two_runs
-    c = json.loads(run_cli("compare", str(run_a), str(run_b), "--json", "--database-url", url).stdout)
+    r = run_cli("compare", str(run_a), str(run_b), "--json", "--database-url", url)
+    c = json.loads(r.stdout)
     assert c["disjoint"] is False
     from producer.compare import format_comparison
 

@@ -28,7 +28,9 @@ def _delete_run_by_hand(db_url: str, run_id: int) -> None:
         return
     with get_engine(db_url).begin() as conn:
         names = inspect(conn).get_table_names()
-        children = [t for t in names if "run_id" in {c["name"] for c in inspect(conn).get_columns(t)}]
+        children = [
+            t for t in names if "run_id" in {c["name"] for c in inspect(conn).get_columns(t)}
+        ]
         for table in sorted(children, key=lambda t: t == "batches"):  # batches last
             conn.execute(text(f'DELETE FROM "{table}" WHERE run_id = :r'), {"r": run_id})
         conn.execute(text("DELETE FROM runs WHERE id = :r"), {"r": run_id})
@@ -52,7 +54,9 @@ def test_a_run_deleted_by_hand_never_lends_its_id(run_cli, any_model_db, sample_
     assert _images(any_model_db, third) == 100  # its own rows only
 
 
-def test_runs_shows_when_each_was_created_and_marks_a_repeat(run_cli, any_model_db, sample_dir, tmp_path):
+def test_runs_shows_when_each_was_created_and_marks_a_repeat(
+    run_cli, any_model_db, sample_dir, tmp_path
+):
     three = tmp_path / "three"
     shutil.copytree(sample_dir / "valid" / "3", three / "3")
     first, second = _submit(run_cli, three, any_model_db), _submit(run_cli, three, any_model_db)
@@ -68,7 +72,9 @@ def test_runs_shows_when_each_was_created_and_marks_a_repeat(run_cli, any_model_
     assert "Most runs listed" in run_cli("runs", "--help").stdout
 
 
-def test_the_migration_starts_past_the_ids_a_deleted_run_left(run_cli, model_db, sample_dir, tmp_path):
+def test_the_migration_starts_past_the_ids_a_deleted_run_left(
+    run_cli, model_db, sample_dir, tmp_path
+):
     """A database from before migration 0015 where a run was deleted by hand (its batches
     and rows left behind): after the upgrade the next run id is past them."""
     from alembic import command
@@ -89,12 +95,18 @@ def test_the_migration_starts_past_the_ids_a_deleted_run_left(run_cli, model_db,
     engine.dispose()
     _delete_run_by_hand(model_db, second)
     with sqlite3.connect(model_db.removeprefix("sqlite:///")) as conn:
-        assert "AUTOINCREMENT" not in conn.execute(
-            "SELECT sql FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
-        assert conn.execute("SELECT COUNT(*) FROM batches WHERE run_id = ?", (second,)).fetchone()[0]
+        assert (
+            "AUTOINCREMENT"
+            not in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+        )
+        assert conn.execute("SELECT COUNT(*) FROM batches WHERE run_id = ?", (second,)).fetchone()[
+            0
+        ]
     third = _submit(run_cli, three, model_db)  # upgrades to head first
     assert third > second
     assert _images(model_db, third) == 100
     with get_engine(model_db).connect() as conn:
-        views = conn.execute(text("SELECT COUNT(*) FROM run_accuracy WHERE run_id = :r"), {"r": third})
+        views = conn.execute(
+            text("SELECT COUNT(*) FROM run_accuracy WHERE run_id = :r"), {"r": third}
+        )
         assert views.scalar() == 3  # the views over the runs' rows are back

@@ -150,3 +150,20 @@ def test_a_forked_child_forgets_the_parents_connections_without_closing_them(pos
     assert os.waitpid(child, 0)[1] == 0
     with engine.connect() as conn:
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == pid
+
+
+def test_migrating_logs_one_line_and_no_migration_docstrings(sqlite_url, caplog):
+    """A worker's first start migrates the database: its log gets one line saying so, not
+    Alembic's line per migration with the migration's docstring."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.INFO)  # as a logging setup may leave it
+    get_engine(sqlite_url)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Running upgrade" in m or "Initial schema" in m]
+    from db.session import head_revision
+
+    assert [m for m in messages if "is at revision" in m] == [
+        f"database schema {sqlite_url} is at revision {head_revision()}"
+    ]

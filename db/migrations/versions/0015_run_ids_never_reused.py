@@ -4,9 +4,10 @@ and rows it left behind, to the next submit. PostgreSQL's sequence never hands a
 twice already, so there nothing changes.
 
 SQLite cannot add AUTOINCREMENT to a table: ``runs`` is rebuilt: a new empty table, the old
-one's rows kept aside, the old table dropped, the new one renamed and filled. Its columns are read from the database, so the
-rebuild keeps whatever earlier migrations gave it; the views (which SQLite checks when a
-table is renamed) and the indexes of ``runs`` are dropped and created again as they were.
+one's rows kept aside, the old table dropped, the new one renamed and filled. Its columns are
+read from the database, so the rebuild keeps whatever earlier migrations gave it; the views
+(which SQLite checks when a table is renamed) and the indexes of ``runs`` are dropped and
+created again as they were.
 The foreign keys into ``runs`` are checked at commit (``defer_foreign_keys``): dropping
 ``runs`` counts every row that refers to a run as broken, and putting the run back mends
 it, so the rows a hand-deleted run left behind are neither counted nor removed.
@@ -43,9 +44,10 @@ def _rebuild_runs(conn, autoincrement: bool) -> None:
         "runs_rebuilt",
         metadata,
         *[c._copy() for c in old.columns],
-        *[sa.ForeignKeyConstraint(
-            list(fk.column_keys), [e.target_fullname for e in fk.elements]
-        ) for fk in old.foreign_key_constraints],
+        *[
+            sa.ForeignKeyConstraint(list(fk.column_keys), [e.target_fullname for e in fk.elements])
+            for fk in old.foreign_key_constraints
+        ],
         sqlite_autoincrement=autoincrement,
     )
     for column in new.columns:
@@ -69,8 +71,11 @@ def _skip_used_ids(conn) -> None:
     """Start the next run id past every run id any table holds, so a run deleted by hand
     before this migration cannot lend its id to the next submit either."""
     inspector = sa.inspect(conn)
-    tables = [t for t in inspector.get_table_names() if t != "runs" and "run_id" in {
-        c["name"] for c in inspector.get_columns(t)}]
+    tables = [
+        t
+        for t in inspector.get_table_names()
+        if t != "runs" and "run_id" in {c["name"] for c in inspector.get_columns(t)}
+    ]
     used = " UNION ALL ".join(
         ["SELECT MAX(id) AS n FROM runs", *[f'SELECT MAX(run_id) FROM "{t}"' for t in tables]]
     )
