@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from core.curve import EpochStats
 from core.rows import PREDICTORS
 from core.text import printable
-from db.mistakes import confident_mistakes
+from db.mistakes import confident_mistakes, least_confident
 from db.model_store import load_learning_curve
 from db.reads import ModelArrays, model_arrays
 from producer.pictures import (
@@ -62,6 +62,7 @@ img.bar { width: 252px; height: 14px; border: 1px solid #999; vertical-align: mi
 .wrong { color: #b2182b; font-weight: bold; } .right { color: #1b7837; }
 .note { color: #666; font-size: 12px; }
 .partial { background: #fff3cd; border: 1px solid #e0b000; padding: 8px 12px; }
+.hist td.barcell { width: 320px; } .hist div { background: #2166ac; height: 12px; }
 """
 
 
@@ -185,7 +186,10 @@ def _thumbnail(report: dict[str, Any], classifier: ModelArrays, path: str, cache
 
 def _card(row: dict[str, Any], thumb: str) -> str:
     def pred(p: str, extra: str) -> str:
-        cls = "right" if row[f"pred_{p}"] == row["label"] else "wrong"
+        if row["label"] is None:
+            cls = ""
+        else:
+            cls = "right" if row[f"pred_{p}"] == row["label"] else "wrong"
         return f'<div>{NAMES[p]} <span class="{cls}">{esc(row[f"pred_{p}"])}</span> {extra}</div>'
 
     def num(value: float | None, digits: str) -> str:
@@ -193,7 +197,7 @@ def _card(row: dict[str, Any], thumb: str) -> str:
 
     return (
         f'<div class="card">{thumb}<div class="path">{esc(row["path"])}</div>'
-        f"<div>label <b>{esc(row['label'])}</b></div>"
+        f"<div>label <b>{esc(row['label'] or 'none')}</b></div>"
         + pred("l1", f"(dist {num(row['dist_l1'], '.3f')})")
         + pred("l2", f"(dist {num(row['dist_l2'], '.3f')})")
         + pred("sgd", f"(p {num(row['prob_sgd'], '.3f')})")
@@ -221,6 +225,52 @@ def _mistakes(
         cards = "".join(_card(r, _thumbnail(report, classifier, r["path"], cache)) for r in rows)
         parts.append(f'<div class="grid">{cards}</div>' if rows else "<p>none</p>")
     return "".join(parts)
+
+
+def _predictions(report: dict[str, Any]) -> str:
+    """What the run predicted: classes per predictor, agreement, the SGD probability's
+    histogram (one bar per tenth)."""
+    s = report["predictions"]
+    if not s["scored"]:
+        return ""
+    predicted = s["predicted"]
+    rows = [
+        f"<tr><td>{esc(c)}</td>" + "".join(_num(f"{predicted[p][c]:,}") for p in PREDICTORS)
+        + "</tr>"
+        for c in predicted["sgd"]
+    ]
+    names = {"all": "all three", **{f"{a}_{b}": f"{NAMES[a]} and {NAMES[b]}" for a, b in (
+        ("l1", "l2"), ("l1", "sgd"), ("l2", "sgd"))}}
+    agree = [
+        f"<tr><td>{esc(names[k])}</td>{_num(format(v['n'], ','))}{_num(pct(v['fraction']))}</tr>"
+        for k, v in s["agreement"].items()
+    ]
+    most = max(b["n"] for b in s["prob_sgd"]) or 1
+    bars = [
+        f"<tr><td>{b['low']:.1f} to {b['high']:.1f}</td>{_num(format(b['n'], ','))}"
+        f'<td class="barcell"><div style="width: {100 * b["n"] / most:.1f}%"></div></td></tr>'
+        for b in s["prob_sgd"]
+    ]
+    return (
+        f"<h2>Predictions of the {esc(s['scored'])} scored images</h2>"
+        + '<div class="row"><div><h3>Predicted classes</h3>'
+        + _table(["class", *NAMES.values()], rows, "predicted")
+        + "</div><div><h3>Agreement</h3>"
+        + _table(["predictors", "images", "share"], agree, "agreement")
+        + "</div><div><h3>SGD probability of the class predicted</h3>"
+        + _table(["probability", "images", ""], bars, "hist")
+        + "</div></div>"
+    )
+
+
+def _unsure(report: dict[str, Any], classifier: ModelArrays, rows: list[dict[str, Any]]) -> str:
+    cache: dict[str, str | None] = {}
+    cards = "".join(_card(r, _thumbnail(report, classifier, r["path"], cache)) for r in rows)
+    return (
+        f'<h2>Least confident <span class="note">(smallest SGD probability first, '
+        f"labelled or not)</span></h2>"
+        + (f'<div class="grid unsure">{cards}</div>' if rows else "<p>none</p>")
+    )
 
 
 def _failures(report: dict[str, Any]) -> str:
@@ -256,6 +306,7 @@ def render_html(
     mistakes: dict[str, list[dict[str, Any]]],
     curve: tuple[EpochStats, ...] = (),
     best_epoch: int | None = None,
+    unsure: list[dict[str, Any]] | None = None,
 ) -> str:
     run = report["run"]
     title = f"digitscore run {run['id']}"
@@ -263,17 +314,25 @@ def render_html(
         _confusion(name, report["classes"], report["predictors"][p]["confusion"])
         for p, name in NAMES.items()
     )
+    unlabelled = report["predictions"]["unlabelled"]
+    accuracy = f"<p>{esc(unlabelled)}</p>" if unlabelled else _accuracy(report)
+    confusion_section = (
+        f'<h2>Confusion matrices</h2><div class="row">{confusions}</div>'
+        if report["counts"]["labelled"] else ""
+    )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
         f'<h1>{esc(title)}</h1>{_partial(report)}'
         f'<div class="row"><div><h2>Run</h2>{_summary(report)}</div>'
-        f"<div><h2>Accuracy</h2>{_accuracy(report)}</div></div>"
-        f'<h2>Confusion matrices</h2><div class="row">{confusions}</div>'
+        f"<div><h2>Accuracy</h2>{accuracy}</div></div>"
+        f"{_predictions(report)}"
+        f"{confusion_section}"
         f"{_model(classifier, run['model_id'])}"
         f"{_curve(curve, best_epoch)}"
-        f"{_mistakes(report, classifier, mistakes)}"
+        f"{_mistakes(report, classifier, mistakes) if report['counts']['labelled'] else ''}"
+        f"{_unsure(report, classifier, unsure or [])}"
         f"{_failures(report)}"
         "</body></html>\n"
     )
@@ -282,11 +341,13 @@ def render_html(
 def build_html(
     conn: Connection, run_id: int, mistakes_per_predictor: int = 24, max_failures: int = 200
 ) -> str:
-    """The whole page for ``run_id``: report, model pictures, thumbnails, failures."""
+    """The whole page for ``run_id``: report, what was predicted, model pictures, thumbnails
+    of the surest mistakes and of the least confident images, failures."""
     report = build_report(conn, run_id, max_failures)
     classifier = model_arrays(conn, report["run"]["model_id"])
     mistakes = {
         p: confident_mistakes(conn, run_id, p, mistakes_per_predictor) for p in PREDICTORS
     }
     curve, best_epoch = load_learning_curve(conn, report["run"]["model_id"])
-    return render_html(report, classifier, mistakes, curve, best_epoch)
+    unsure = least_confident(conn, run_id, mistakes_per_predictor)
+    return render_html(report, classifier, mistakes, curve, best_epoch, unsure)

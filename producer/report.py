@@ -18,9 +18,8 @@ from sqlalchemy import Connection
 from core.rows import PREDICTORS
 from core.text import printable
 from db import queries, reads
+from producer.predictions import NAMES, build_predictions, format_predictions
 from producer.tables import format_table, pct
-
-NAMES = {"l1": "L1", "l2": "L2", "sgd": "SGD"}
 
 
 def _iso(value: Any) -> Any:
@@ -92,6 +91,7 @@ def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[
     timings = _timings(run)
     n_labelled = predictors["sgd"]["n_images"]
     return {
+        "predictions": build_predictions(conn, run_id, classes, n_labelled),
         "run": {k: _iso(v) for k, v in run.items()},
         "classes": classes,
         "accuracy": {p: run[f"accuracy_{p}"] for p in PREDICTORS},
@@ -156,14 +156,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"batches    {b['n_batches']} ({b['n_done']} done, {b['n_redelivered']} redelivered); "
         f"sent to stored: median {_secs(b['median_seconds'])}, max {_secs(b['max_seconds'])}"
     )
+    predicted = format_predictions(report["predictions"])
+    if predicted:
+        lines += ["", *predicted]
     lines.append("")
-    rows: list[list[Any]] = [
-        [row["label"], row["n"], *(pct(row.get(f"accuracy_{p}")) for p in NAMES)]
-        for row in report["per_class"]
-    ]
-    acc = report["accuracy"]
-    rows.append(["overall", counts["labelled"], *(pct(acc[p]) for p in NAMES)])
-    lines.append(format_table(["class", "images", *NAMES.values()], rows, "lrrrr"))
+    if report["predictions"]["unlabelled"]:
+        lines.append(report["predictions"]["unlabelled"])
+    else:
+        lines.append(_accuracy_table(report))
     if counts["labelled"]:
         for p, name in NAMES.items():
             lines.append("")
@@ -178,3 +178,13 @@ def format_report(report: dict[str, Any]) -> str:
         reasons = [[r["n"], r["error"]] for r in report["failure_reasons"]]
         lines.append(format_table(["n", "error"], reasons, "rl"))
     return "\n".join(lines)
+
+
+def _accuracy_table(report: dict[str, Any]) -> str:
+    rows: list[list[Any]] = [
+        [row["label"], row["n"], *(pct(row.get(f"accuracy_{p}")) for p in NAMES)]
+        for row in report["per_class"]
+    ]
+    acc = report["accuracy"]
+    rows.append(["overall", report["counts"]["labelled"], *(pct(acc[p]) for p in NAMES)])
+    return format_table(["class", "images", *NAMES.values()], rows, "lrrrr")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from db.mistakes import confident_mistakes
+from db.mistakes import confident_mistakes, least_confident
 from db.session import get_engine
 from producer.pictures import load_thumbnail
 from tests.support import (
@@ -65,12 +65,13 @@ def html_run(sqlite_url, sample_dir, classifier, tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     with engine.connect() as conn:
         mistakes = {p: confident_mistakes(conn, run_id, p, 24) for p in ("l1", "l2", "sgd")}
+        mistakes["unsure"] = least_confident(conn, run_id, 24)  # their grid is drawn alike
     return page, mistakes, prediction_rows(engine, run_id)
 
 
 def expected_images(classifier, mistakes) -> tuple[int, int]:
     """(img elements, placeholders): 2 pictures per class, 1 colour bar, 1 per shown mistake
-    whose file still exists."""
+    or least confident image whose file still exists."""
     cards = [r["path"] for rows in mistakes.values() for r in rows]
     gone = sum(p == f"3/{GONE_NAME}" for p in cards)
     return 2 * len(classifier.classes) + 1 + len(cards) - gone, gone
@@ -175,7 +176,7 @@ def test_html_report_survives_hostile_stored_paths(html_run, sqlite_url, tmp_pat
                f"3/{names[3]}\0.png"]
     with engine.begin() as conn:
         for old, new in zip(victims, hostile, strict=True):
-            for table in ("predictions", "run_mistakes"):  # a row and its kept mistake
+            for table in ("predictions", "run_mistakes", "run_unsure"):  # a row, as kept
                 conn.execute(text(f"UPDATE {table} SET path = :new WHERE run_id = :r AND "
                                   "path = :old"), {"new": new, "old": old, "r": run_id})
     page = tmp_path / "hostile.html"
@@ -237,8 +238,9 @@ def test_html_report_renders_in_headless_chromium(html_run, classifier, tmp_path
     n_img, n_gone = expected_images(classifier, mistakes)
     assert len(page.all("img")) == n_img
     assert len(page.classed("missing")) == n_gone
-    # run summary, accuracy, three confusion matrices, failure reasons, failures
-    assert len(page.all("table")) == 7
+    # run summary, accuracy, predicted classes, agreement, SGD probability, three confusion
+    # matrices, failure reasons, failures
+    assert len(page.all("table")) == 10
     assert len(page.classed("confusion")) == 3
     text = "".join(page.text)
     assert SCRIPT_NAME in text and f"3/{IMG_NAME}" in text
