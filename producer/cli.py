@@ -214,7 +214,7 @@ def pack_cmd(src: Path, out: Path, images_per_shard: int) -> None:
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=defaults.HOLDOUT_FRACTION,
     show_default=True,
-    help="Fraction held out for validation when --valid is not given.",
+    help="Fraction of each class held out for validation when --valid is not given.",
 )
 @database_option
 def train_cmd(
