@@ -111,7 +111,7 @@ def copy_run(engine: Engine, seed: int, copies: int, source_dir: Path) -> int:
                            ("batch_failures", "error")):
             conn.execute(text(
                 _COPIES + f"INSERT INTO {table} (run_id, batch_seq, {key}, n) SELECT :run, "
-                f"batch_seq + k.n * :n_seq, {key}, n FROM {table}, k WHERE run_id = :seed"
+                f"batch_seq + k.n * :n_seq, {key}, {table}.n FROM {table}, k WHERE run_id = :seed"
             ), {**k, "n_seq": n_seq})
         kept = defaults.MISTAKES_KEPT
         for r in conn.execute(mistakes.unsure_scan_query(run_id, kept)).mappings():

@@ -267,8 +267,8 @@ def _unsure(report: dict[str, Any], classifier: ModelArrays, rows: list[dict[str
     cache: dict[str, str | None] = {}
     cards = "".join(_card(r, _thumbnail(report, classifier, r["path"], cache)) for r in rows)
     return (
-        f'<h2>Least confident <span class="note">(smallest SGD probability first, '
-        f"labelled or not)</span></h2>"
+        '<h2>Least confident <span class="note">(smallest SGD probability first, '
+        "labelled or not)</span></h2>"
         + (f'<div class="grid unsure">{cards}</div>' if rows else "<p>none</p>")
     )
 
