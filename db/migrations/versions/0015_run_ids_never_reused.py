@@ -13,7 +13,7 @@ The foreign keys into ``runs`` are checked at commit (``defer_foreign_keys``): d
 it, so the rows a hand-deleted run left behind are neither counted nor removed.
 
 Revision ID: 0015
-Revises: 0010
+Revises: 0012
 Create Date: 2026-12-02
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0015"
-down_revision = "0010"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
