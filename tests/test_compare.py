@@ -132,8 +132,8 @@ def test_compare_of_runs_with_no_path_in_common_shows_only_accuracies(
     threes, sevens = tmp_path / "threes", tmp_path / "sevens"
     shutil.copytree(sample_dir / "valid" / "3", threes / "3")
     shutil.copytree(sample_dir / "valid" / "7", sevens / "7")
-    run_a = submit(engine, classifier, model, threes)
-    run_b = submit(engine, classifier, model, sevens)
+    run_a = submit_embedded(engine, classifier, model, threes)
+    run_b = submit_embedded(engine, classifier, model, sevens)
     db = ["--database-url", sqlite_url]
     r = run_cli("compare", str(run_a), str(run_b), *db)
     assert r.exit_code == 0, r.output

@@ -250,7 +250,7 @@ def test_a_running_runs_page_says_its_results_are_partial(
     model_db, sample_dir, classifier, tmp_path, run_cli
 ):
     from db import batch_life, queries
-    from tests.conftest import score_and_store
+    from tests.support import score_and_store
 
     engine = get_engine(model_db)
     root = sample_dir / "valid"

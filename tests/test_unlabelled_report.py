@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from db.session import get_engine
 from tests.conftest import service_missing
-from tests.populate import save_model, submit
+from tests.support import save_model, submit_embedded
 from tests.test_html_report import CHROMIUM, Page
 
 REASON = "no folder name is one of the model's classes 3, 7: accuracy needs labelled images"
@@ -25,7 +25,7 @@ def unlabelled_run(any_db_url, sample_dir, classifier, tmp_path):
     shutil.copytree(sample_dir / "valid" / "3", root / "cats")
     shutil.copytree(sample_dir / "valid" / "7", root / "dogs")
     engine = get_engine(any_db_url)
-    run_id = submit(engine, classifier, save_model(engine, classifier), root)
+    run_id = submit_embedded(engine, classifier, save_model(engine, classifier), root)
     return any_db_url, engine, run_id
 
 
