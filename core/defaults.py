@@ -31,7 +31,7 @@ VISIBILITY_TIMEOUT_ENV = "DIGITSCORE_VISIBILITY_TIMEOUT"
 #: GPU gives its batch back to the queue this soon rather than after the visibility timeout.
 #: The limit is this or 4/5 of the visibility timeout, whichever is less
 #: (``Settings.task_time_limit``); the batch counts as a failed delivery
-#: (:data:`MAX_DELIVERIES`).
+#: (:data:`MAX_DELIVERIES`), and its next delivery splits it in two (worker/splitting.py).
 TASK_TIME_LIMIT = 300
 #: Seconds a worker's new pool process may take to start, CUDA initialised, before Celery
 #: kills it (Celery's own default, 4 s, is short for a GPU's first context).
@@ -160,6 +160,10 @@ DB_RETRY_MAX = 60
 #: worker refuses a message without a valid signature; unset (the default), nothing is signed.
 SECRET_ENV = "DIGITSCORE_SECRET"
 MIN_SECRET_CHARS = 16
+#: ``DIGITSCORE_ALLOW_EVICTION=1``: use a Redis whose ``maxmemory-policy`` cannot be read
+#: (a managed service that hides ``CONFIG``) or is not ``noeviction``, at the risk of
+#: batches evicted from the queue without a trace.
+ALLOW_EVICTION_ENV = "DIGITSCORE_ALLOW_EVICTION"
 #: SQLite busy timeout (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

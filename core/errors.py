@@ -37,12 +37,20 @@ class ModelNotFound(NotFound):
     """No such model, or none trained yet; the message says to run ``producer train``."""
 
 
+class ModelDamaged(DigitscoreError):
+    """A stored model whose classes or arrays cannot be read back: it cannot score."""
+
+
 class RunNotFound(NotFound):
     """No such run."""
 
 
 class DatabaseURLError(BadInput):
     """A database URL that cannot be parsed or names an unsupported database."""
+
+
+class WrongDatabase(DatabaseURLError):
+    """A database that does not exist, or holds something other than digitscore's schema."""
 
 
 class BrokerURLError(BadInput):
@@ -55,6 +63,10 @@ class DeviceError(BadInput):
 
 class DatabaseUnavailable(DigitscoreError):
     """The database cannot be opened or written: the driver's reason, password masked."""
+
+
+class RedisPolicyError(BrokerURLError):
+    """A Redis that may evict keys under memory pressure: queued batches would vanish."""
 
 
 class BrokerUnavailable(DigitscoreError):

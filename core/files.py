@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core import defaults
+from core.below import Below, Outside
 from core.errors import DirectoryError
 from core.text import printable
 
@@ -337,66 +338,46 @@ OUTSIDE_ROOT = "path is outside the run's source directory"
 
 
 def read_below(
-    root: str,
-    rel: str,
-    max_bytes: int = defaults.MAX_FILE_BYTES,
-    folders: dict[str, str | None] | None = None,
+    root: str, rel: str, max_bytes: int = defaults.MAX_FILE_BYTES, below: Below | None = None
 ) -> tuple[bytes | None, str | None]:
     """:func:`read_file` of ``rel`` below ``root`` (a resolved directory), refusing a path
-    whose resolved location, symlinks followed, is not below ``root``: ``..``, an absolute
-    path, or a link out of the directory get the error :data:`OUTSIDE_ROOT`.
+    that, its symlinks followed, leads out of ``root``: ``..``, an absolute path, or a link
+    out of the directory get the error :data:`OUTSIDE_ROOT`.
 
-    ``folders`` keeps each folder's resolved location from call to call (the files of a
-    batch share a few folders), so that the common file costs one open more than the
-    producer's read, not a resolution of every component of its path.
+    Each component is opened from its parent's descriptor (core/below.py), so a folder
+    swapped for a link while the path is read cannot lead out, and a file that vanished
+    since the walk gets its own error. ``below`` keeps a batch's folders open from path to
+    path.
     """
-    quick = _read_in_folder(root, rel, max_bytes, {} if folders is None else folders)
-    if quick is not None:
-        return quick
-    path = os.path.join(root, rel)
-    if not os.path.lexists(path):
-        raw = on_disk_name(path)  # a stored name with \xNN escapes: the file's own bytes
-        if raw is not None and os.path.lexists(raw):
-            path = raw
-    resolved = os.path.realpath(path)
-    if not resolved.startswith(os.path.join(root, "")):
-        return None, OUTSIDE_ROOT
-    if rel.endswith("/"):  # a directory the producer's walk could not list
-        resolved = os.path.join(resolved, "")
-    return read_file(resolved, max_bytes)
-
-
-def _read_in_folder(
-    root: str, rel: str, max_bytes: int, folders: dict[str, str | None]
-) -> tuple[bytes | None, str | None] | None:
-    """The common case of :func:`read_below`: a plain name (no escapes) in a folder that
-    resolves below ``root``, which is not itself a symlink (opened with ``O_NOFOLLOW``).
-    ``None`` for anything else (a link, a missing file, a folder outside): the full
-    resolution answers those."""
-    folder, _, name = rel.rpartition("/")
-    if name in ("", ".", "..") or rel.startswith("/") or "\\x" in rel:
-        return None
-    if folder not in folders:
-        where = os.path.realpath(os.path.join(root, folder)) if folder else root
-        inside = where == root or where.startswith(os.path.join(root, ""))
-        folders[folder] = where if inside else None
-    resolved = folders[folder]
-    if resolved is None:
-        return None
+    if below is None:
+        with Below(root) as own:
+            return read_below(root, rel, max_bytes, own)
+    unlisted = rel.endswith("/")  # a directory the producer's walk could not list
+    what = "directory could not be listed" if unlisted else "file could not be read"
     try:
-        fd = os.open(os.path.join(resolved, name), _READ_FLAGS | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    return _read_open(fd, False, max_bytes)
+        try:
+            fd = below.open(rel, _READ_FLAGS)
+        except FileNotFoundError:
+            raw = on_disk_name(rel)  # a stored name with \xNN escapes: the file's own bytes
+            if raw is None:
+                raise
+            fd = below.open(raw, _READ_FLAGS)
+    except Outside:
+        return None, OUTSIDE_ROOT
+    except OSError as e:
+        return None, f"{what}: {e.strerror or type(e).__name__}"
+    except ValueError:  # a NUL byte: no file is called that
+        return None, f"{what}: the name holds a NUL byte"
+    return _read_open(fd, unlisted, max_bytes)
 
 
 def read_batch_below(root: str, paths: Iterable[str]) -> FileBatch:
     """:func:`read_below` of each recorded path: a worker reading a ``--send paths`` batch."""
     batch = FileBatch()
-    folders: dict[str, str | None] = {}
-    for rel in paths:
-        data, error = read_below(root, rel, folders=folders)
-        batch.add(rel, data, error)
+    with Below(root) as below:
+        for rel in paths:
+            data, error = read_below(root, rel, below=below)
+            batch.add(rel, data, error)
     return batch
 
 

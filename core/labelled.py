@@ -4,6 +4,8 @@ validation folders of the same classes."""
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import numpy as np
 import torch
 
 from core.errors import DirectoryError
-from core.files import DirectoryWalk, check_directory, read_file
+from core.files import DirectoryWalk, check_directory, read_file, safe_name
 from core.images import ImageError, decode_gray, image_size
-from core.text import plural
+from core.text import plural, printable
 
 
 @dataclass
@@ -42,6 +44,8 @@ def load_labelled(
     root = check_directory(root)
     folders = sorted((p.name for p in root.iterdir() if p.is_dir()), key=class_sort_key)
     if classes is None:
+        for name in folders:
+            check_class_name(root, name)
         classes = tuple(folders)
         if len(classes) < 2:
             found = f"only {classes[0]!r}" if classes else "none"
@@ -83,6 +87,57 @@ def load_labelled(
     )
     require_every_class(labelled, root)
     return labelled
+
+
+#: The longest class name: a label in every report and picture.
+MAX_CLASS_NAME = 100
+#: Unicode categories no class name may hold: controls, format marks (such as a
+#: right-to-left override), line and paragraph separators.
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a folder's name cannot be a class's name, or ``None``: a class is stored as text,
+    compared with the folders of every later validation and shown in every report."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in name):
+        return "it holds a control character"
+    if len(name) > MAX_CLASS_NAME:
+        return f"it is {len(name)} characters long, more than {MAX_CLASS_NAME}"
+    return None
+
+
+def check_class_name(root: Path, name: str) -> None:
+    """:class:`DirectoryError` naming the folder (escaped) and a command that renames it."""
+    problem = class_name_problem(name)
+    if problem is None:
+        return
+    shown = printable(safe_name(name))
+    fixed = "".join(
+        c if class_name_problem(c) is None and c not in "/" else "_" for c in name
+    )[:MAX_CLASS_NAME] or "class"
+    old, new = shell_quoted(os.path.join(str(root), name)), shell_quoted(str(root / fixed))
+    raise DirectoryError(
+        f"class folder '{shown}' of {printable(str(root))!r} cannot name a class: {problem} "
+        f"(a class name must be valid UTF-8 without control characters, at most "
+        f"{MAX_CLASS_NAME} characters); rename the folder, e.g. "
+        f"mv -- {old} {new}"
+    )
+
+
+def shell_quoted(path: str) -> str:
+    """``path`` as a shell word that gives it back byte for byte (bash and zsh ``$'...'``):
+    every character that is not printable, a quote or a backslash as ``\\xHH`` bytes."""
+    out = []
+    for c in path:
+        if c.isprintable() and c not in "'\\" and class_name_problem(c) is None:
+            out.append(c)
+        else:
+            out.extend(f"\\x{b:02x}" for b in os.fsencode(c))
+    return "$'" + "".join(out) + "'"
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:

@@ -137,6 +137,8 @@ class Settings:
         default=None, repr=False, metadata=_env("SECRET", parse_secret))
     max_batch_images: int = field(
         default=defaults.MAX_BATCH_IMAGES, metadata=_env("MAX_BATCH_IMAGES", _images))
+    allow_eviction: bool = field(
+        default=False, metadata=_env("ALLOW_EVICTION", yes_or_no))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:

@@ -5,10 +5,28 @@ that reports (class names, pictures of the model) never import torch."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from core.errors import ModelDamaged
 
 if TYPE_CHECKING:  # numpy is imported where an array is read: enqueuing needs none
     import numpy as np
+
+
+T = TypeVar("T")
+
+
+def read_stored(model_id: int, column: str, decode: Callable[[], T]) -> T:
+    """``decode()`` of one stored column of a model, or :class:`ModelDamaged` naming the
+    model, the column and what is wrong with it, in one line."""
+    try:
+        return decode()
+    except (ValueError, TypeError) as e:
+        raise ModelDamaged(
+            f"model {model_id} is damaged: its {column} cannot be read ({e}); it cannot "
+            "score: train a model again (`producer train DIR`) and submit with its id"
+        ) from None
 
 
 def classes_to_json(classes: tuple[str, ...]) -> str:

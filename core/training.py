@@ -259,7 +259,9 @@ def train_sgd(
         if on_epoch is not None:
             on_epoch(stats)
         patience = settings.patience
-        if valid is not None and patience is not None and epoch - kept.best_epoch >= patience:
+        if valid is not None and patience is not None and kept is not None and (
+            epoch - kept.best_epoch >= patience
+        ):
             break
     assert kept is not None  # settings.check(): at least one epoch
     return replace(kept, curve=tuple(by_decay[kept_decay]))

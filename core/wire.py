@@ -40,8 +40,8 @@ from urllib.parse import urlsplit
 import msgpack
 
 from core import defaults
-from core.errors import BrokerURLError, MessageError
-from core.text import mask_url
+from core.errors import BrokerURLError, MessageError, RedisPolicyError
+from core.text import first_line, mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -172,15 +172,41 @@ def signature_headers(secret: bytes, message: BatchMessage, payload: bytes) -> d
     return {SIGNATURE_HEADER: _mac(secret, message, digest), PAYLOAD_DIGEST_HEADER: digest}
 
 
+#: What becomes of a batch whose message a worker drops for its signature.
+_OWED = (f"its batch, if real, stays queued: give the producer and every worker the same "
+         f"{defaults.SECRET_ENV}, then `producer resume RUN`")
+
+
 def check_signature(secret: bytes, headers: dict[str, Any], message: BatchMessage) -> None:
     signature, digest = headers.get(SIGNATURE_HEADER), headers.get(PAYLOAD_DIGEST_HEADER)
     if signature is None:
-        raise MessageError(f"not signed, and this worker has {defaults.SECRET_ENV}")
+        raise MessageError(
+            f"not signed, and this worker has {defaults.SECRET_ENV}; {_OWED}")
     # both must be hex before compare_digest, which raises on text that is not ASCII
     if not (isinstance(signature, str) and isinstance(digest, str)
             and _HEX64.fullmatch(signature) and _HEX64.fullmatch(digest)
             and hmac.compare_digest(signature, _mac(secret, message, digest))):
-        raise MessageError(f"bad signature: not signed with this worker's {defaults.SECRET_ENV}")
+        raise MessageError(
+            f"bad signature: not signed with this worker's {defaults.SECRET_ENV}; {_OWED}")
+
+
+#: What a worker registers when it has no secret (it takes unsigned messages).
+NO_SECRET = "none"
+
+
+def secret_fingerprint(secret: bytes | None) -> str:
+    """A name of the secret that signs: an HMAC of a fixed text under it, never the secret
+    (16 hex digits), or :data:`NO_SECRET`. Workers register it, so a producer can say when
+    the workers of its queue sign with another secret."""
+    if secret is None:
+        return NO_SECRET
+    return hmac.new(secret, b"digitscore secret fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def signing_mismatch(producer: str, worker: str | None) -> bool:
+    """Whether a worker registered with fingerprint ``worker`` drops the messages of a
+    producer whose fingerprint is ``producer``: a worker without a secret takes any."""
+    return worker not in (None, NO_SECRET, producer)
 
 
 def check_payload_digest(digest: Any, payload: bytes) -> None:
@@ -250,6 +276,33 @@ def require_redis(connection: Any, broker_masked: str) -> Any:
             "while queued, so use a redis:// (or rediss://) broker"
         )
     return connection.default_channel.client
+
+
+def check_eviction_policy(client: Any, broker_masked: str, allow: bool = False) -> str | None:
+    """:class:`RedisPolicyError` unless the Redis behind ``client`` never evicts a key
+    (``maxmemory-policy noeviction``): an evicting Redis under memory pressure drops queued
+    batches, their image bytes and the queue itself, without a trace. With ``allow``
+    (``DIGITSCORE_ALLOW_EVICTION=1``) nothing is refused, and the risk is returned as a
+    warning (``None`` when there is none)."""
+    from redis.exceptions import ResponseError
+
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy") or "?")
+    except ResponseError as e:
+        problem = f"its maxmemory-policy cannot be read ({first_line(e)})"
+        fix = (f"if it never evicts keys (a managed Redis set to noeviction), set "
+               f"{defaults.ALLOW_EVICTION_ENV}=1")
+    else:
+        if policy == "noeviction":
+            return None
+        problem = f"its maxmemory-policy is {policy}"
+        fix = (f"set it with `redis-cli CONFIG SET maxmemory-policy noeviction` (and in "
+               f"redis.conf), or set {defaults.ALLOW_EVICTION_ENV}=1 to run at that risk")
+    risk = (f"the broker {broker_masked}: {problem}, so under memory pressure Redis may drop "
+            "queued batches, their image bytes and the queue itself without a trace")
+    if allow:
+        return f"{risk} ({defaults.ALLOW_EVICTION_ENV}=1)"
+    raise RedisPolicyError(f"{risk}; {fix}")
 
 
 def make_app(settings: Settings) -> Celery:

@@ -7,7 +7,9 @@
 - **stored** once scored (:func:`store_batch`): the batch claimed ``done`` first (its row
   alone locked: a second delivery storing it at the same moment waits, then writes nothing),
   its rows and its counts (on rows of its own), in one transaction; then its run settled if
-  this may be its last batch;
+  this may be its last batch; a batch stored already and requeued by ``producer resume
+  --retry-failed`` has its earlier rows and counts replaced in that transaction
+  (:func:`forget_rows`);
 - a **failed delivery** counted (:func:`count_failed_delivery`) when a worker process died
   holding it, its model could not be loaded or scoring it failed; after
   :data:`~core.defaults.MAX_DELIVERIES` of them the next claim says ``poison``, and the batch
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core import defaults
@@ -37,8 +39,18 @@ from core.rows import PredictionRow, label_for, unscored_row
 from core.storage import classes_from_json
 from db.bulk import stored_paths, write_predictions
 from db.counts import count_rows, write_counts
-from db.mistakes import keep_mistakes
-from db.models import batches, models, runs, utcnow
+from db.mistakes import keep_mistakes, refill_kept
+from db.models import (
+    batch_counts,
+    batch_failures,
+    batches,
+    models,
+    predictions,
+    run_mistakes,
+    run_unsure,
+    runs,
+    utcnow,
+)
 from db.queries import settle_run
 
 
@@ -65,7 +77,7 @@ class RecordedBatch:
     """A batch as its producer recorded it: what a worker scores, whatever a message says.
 
     ``paths`` is empty unless the batch is to be scored or given up; a batch is finished once
-    its status is ``done`` or ``failed``."""
+    its status is ``done``, ``failed`` or ``split``."""
 
     run_id: int
     seq: int
@@ -79,6 +91,8 @@ class RecordedBatch:
     last_failure: str | None = None
     #: an archive batch's record of where its members are (core/archives.py); None: loose
     members: dict[str, Any] | None = None
+    #: failed deliveries the task time limit stopped: the next one splits the batch
+    time_limited: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,7 @@ def recorded_batch(
         where = (batches.c.run_id == run_id, batches.c.seq == seq)
         row = conn.execute(
             select(batches.c.status, batches.c.n_images, batches.c.deliveries,
-                   batches.c.last_failure).where(*where)
+                   batches.c.last_failure, batches.c.time_limited).where(*where)
         ).one_or_none()
         if row is None:
             raise RunMismatch(f"run {run_id} has no recorded batch {seq}")
@@ -145,6 +159,7 @@ def recorded_batch(
     return RecordedBatch(
         run_id, seq, int(run.model_id), paths, str(row.status), n_images, failed,
         str(run.send_mode), str(run.source_dir), row.last_failure, members,
+        int(row.time_limited or 0),
     )
 
 
@@ -158,11 +173,13 @@ def model_classes(engine: Engine, model_id: int) -> tuple[str, ...]:
 
 
 def count_failed_delivery(
-    engine: Engine, run_id: int, seq: int, token: str, why: str
+    engine: Engine, run_id: int, seq: int, token: str, why: str, time_limited: bool = False
 ) -> int | None:
     """One more failed delivery of batch ``seq`` of run ``run_id``, ``why`` it failed kept as
     its last failure (committed at once), if the batch is unfinished and its run has
-    ``token``; the new count, or ``None`` when no such batch is waiting."""
+    ``token``; the new count, or ``None`` when no such batch is waiting. A delivery the task
+    time limit stopped (``time_limited``) is counted in ``time_limited`` too."""
+    more = {"time_limited": batches.c.time_limited + 1} if time_limited else {}
     with engine.begin() as conn:
         count = conn.execute(
             update(batches)
@@ -172,7 +189,7 @@ def count_failed_delivery(
                     select(runs.c.id).where(runs.c.id == run_id, runs.c.token == token)
                 ),
             )
-            .values(deliveries=batches.c.deliveries + 1, last_failure=why[:1000])
+            .values(deliveries=batches.c.deliveries + 1, last_failure=why[:1000], **more)
             .returning(batches.c.deliveries)
         ).scalar_one_or_none()
     return None if count is None else int(count)
@@ -260,15 +277,20 @@ def write_batch(
     now = utcnow()
     this = (batches.c.run_id == run_id, batches.c.seq == seq)
     counts = count_rows(rows)
-    claimed = conn.execute(  # the batch's row alone is locked, to the commit
+    claim = (  # the batch's row alone is locked, to the commit
         update(batches)
         .where(*this, batches.c.status == "queued")
         .values(status=batch_status, finished_at=now,
                 deliveries=batches.c.deliveries + deliveries, **counts.batch_values())
-    ).rowcount
-    if not claimed:
-        _check_recorded(conn, run_id, seq)
-        return None
+    )
+    # a batch never stored has no histogram; one that has (requeued by resume
+    # --retry-failed) has rows and counts, which the second claim replaces
+    if not conn.execute(claim.where(batches.c.prob_sgd_bins.is_(None))).rowcount:
+        paths = conn.execute(claim.returning(batches.c.paths)).scalar_one_or_none()
+        if paths is None:
+            _check_recorded(conn, run_id, seq)
+            return None
+        forget_rows(conn, run_id, seq, paths)
     if look_up:
         held = stored_paths(conn, run_id, [r["path"] for r in rows])
         rows = [r for r in rows if r["path"] not in held]
@@ -281,6 +303,27 @@ def write_batch(
         select(runs.c.status, runs.c.n_images).where(runs.c.id == run_id)
     ).one()
     return len(rows), str(run.status), run.n_images
+
+
+def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:
+    """Delete what an earlier store of batch ``seq`` wrote, its ``paths``' rows, its cells
+    and failure reasons, and its paths in the run's kept lists, in the caller's transaction
+    (the claim has overwritten the counts on its ``batches`` row). Its paths are the run's
+    alone: the look-ups go by the (run_id, path) keys."""
+    unkept = 0
+    for start in range(0, len(paths), 500):
+        chunk = list(paths[start:start + 500])
+        conn.execute(delete(predictions).where(
+            predictions.c.run_id == run_id, predictions.c.batch_seq == seq,
+            predictions.c.path.in_(chunk)))
+        for kept in (run_mistakes, run_unsure):
+            unkept += conn.execute(
+                delete(kept).where(kept.c.run_id == run_id, kept.c.path.in_(chunk))
+            ).rowcount
+    if unkept:  # scored rows (a failed batch's are errors, never kept)
+        refill_kept(conn, run_id)
+    for table in (batch_counts, batch_failures):
+        conn.execute(delete(table).where(table.c.run_id == run_id, table.c.batch_seq == seq))
 
 
 def _check_recorded(conn: Connection, run_id: int, seq: int) -> None:

@@ -95,6 +95,20 @@ def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) 
                 [(run_id, path, key) for key, path in _beating(unsure)], _KEEP_OLD)
 
 
+def refill_kept(conn: Connection, run_id: int) -> None:
+    """Keep again the run's first ``MISTAKES_KEPT`` per list from its rows (a sort of the
+    run's mistakes each): after entries were deleted from a list that may have been cut
+    (:func:`trim_kept`), the rows that were cut out may belong in it again. Only a batch
+    stored twice (``producer resume --retry-failed``) whose first rows had kept entries
+    needs it."""
+    kept = defaults.MISTAKES_KEPT
+    rows: list[Any] = []
+    for p in PREDICTORS:
+        rows += conn.execute(scan_query(run_id, p, kept)).mappings().all()
+    rows += conn.execute(unsure_scan_query(run_id, kept)).mappings().all()
+    keep_mistakes(conn, run_id, rows)
+
+
 _TRIM_MISTAKES = (
     "DELETE FROM run_mistakes WHERE run_id = {m} AND predictor = {m} AND (rank_key, path) > "
     "(SELECT rank_key, path FROM run_mistakes WHERE run_id = {m} AND predictor = {m} "

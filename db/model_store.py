@@ -10,7 +10,7 @@ from sqlalchemy import Connection, func, insert, select
 from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
 from core.curve import EpochStats, curve_from_json
 from core.errors import ModelNotFound
-from core.storage import classes_from_json, classes_to_json
+from core.storage import classes_from_json, classes_to_json, read_stored
 from db.models import models, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"
@@ -73,13 +73,17 @@ def load_classifier(conn: Connection, model_id: int) -> Classifier:
         raise ModelNotFound(
             f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
         )
-    classes = classes_from_json(row["classes"])
+    classes = read_stored(model_id, "classes", lambda: classes_from_json(row["classes"]))
     k, h, w = len(classes), row["height"], row["width"]
+
+    def tensor(column: str, shape: tuple[int, ...]) -> Any:
+        return read_stored(model_id, column, lambda: tensor_from_bytes(row[column], shape))
+
     return Classifier(
         classes=classes,
-        ideals=tensor_from_bytes(row["ideal_images"], (k, h, w)),
-        weights=tensor_from_bytes(row["sgd_weights"], (h * w, k)),
-        bias=tensor_from_bytes(row["sgd_bias"], (k,)),
+        ideals=tensor("ideal_images", (k, h, w)),
+        weights=tensor("sgd_weights", (h * w, k)),
+        bias=tensor("sgd_bias", (k,)),
     )
 
 

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 RUN_STATUSES = ("queued", "running", "done")
-BATCH_STATUSES = ("queued", "done", "failed")
+BATCH_STATUSES = ("queued", "done", "failed", "split")
 
 
 def utcnow() -> datetime:
@@ -121,17 +121,19 @@ batches = Table(
     Column("status", String(20), nullable=False, default="queued"),
     Column("deliveries", Integer, nullable=False, default=0),
     Column("last_failure", Text),  # why its last failed delivery failed (0009)
+    # deliveries stopped by the task time limit (migration 0011): the next one splits it
+    Column("time_limited", Integer, nullable=False, default=0, server_default="0"),
     Column("enqueued_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("finished_at", DateTime(timezone=True)),
     # a batch of one archive's members: the archive and where each member is in it
     # (core/archives.py; migration 0014); NULL for loose files
     Column("members", JSON),
-    # what the batch's rows count, written with them (migration 0010): 0 while queued
+    # what the batch's rows count, written with them (migration 0010): 0 until stored
     *[Column(name, Integer, nullable=False, default=0, server_default="0") for name in (
         "n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2", "n_correct_sgd",
         "n_agree", "n_agree_l1_l2", "n_agree_l1_sgd", "n_agree_l2_sgd",
     )],
-    Column("prob_sgd_bins", JSON),  # scored rows per tenth of prob_sgd; NULL while queued
+    Column("prob_sgd_bins", JSON),  # rows per tenth of prob_sgd; NULL until first stored
     # times a healer found it lost and sent it again (migration 0012)
     Column("resends", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("run_id", "seq", name="uq_batches_run_seq"),
@@ -180,6 +182,9 @@ workers = Table(
     Column("batches", Integer, nullable=False, default=0),
     Column("images", Integer, nullable=False, default=0),
     Column("last_batch_at", DateTime(timezone=True)),
+    # which secret the worker checks signatures with: core/wire.secret_fingerprint (16 hex
+    # digits, never the secret) or 'none'; NULL for workers registered before migration 0011
+    Column("signing", String(16)),
 )
 
 #: How many of a batch's scored rows with ``label`` (NULL: unlabelled) a predictor called

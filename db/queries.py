@@ -56,6 +56,24 @@ def create_run(
     return int(run_id), token
 
 
+def requeue_failed_batches(engine: Engine, run_id: int) -> int:
+    """Make the run's failed batches queued again, their delivery counts reset, so that a
+    re-send scores them (``producer resume --retry-failed``), and the run unfinished until
+    they are stored (then :func:`settle_run` settles it again); their rows and counts stay
+    until then, and the delivery that stores one replaces them
+    (``db.batch_life.forget_rows``). Returns how many were requeued."""
+    with engine.begin() as conn:
+        requeued = conn.execute(
+            update(batches)
+            .where(batches.c.run_id == run_id, batches.c.status == "failed")
+            .values(status="queued", deliveries=0, last_failure=None, finished_at=None)
+        ).rowcount
+        if requeued:
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "done")
+                         .values(status="running", finished_at=None))
+    return int(requeued)
+
+
 #: The counts of ``runs`` that are sums of its batches', and the accuracies that follow.
 SUMMED = ("n_scored", "n_failed", "n_labelled", "n_correct_l1", "n_correct_l2", "n_correct_sgd")
 _SUMS = ", ".join(f"COALESCE(SUM({c}), 0) AS {c}" for c in SUMMED) + ", " + ", ".join(
@@ -208,8 +226,10 @@ def batch_paths(conn: Connection, run_id: int) -> Iterable[str]:
 
 
 def images_sent(conn: Connection, run_id: int) -> int:
+    """The images of the run's batches (a split batch's are its halves')."""
     total = conn.execute(
-        select(func.sum(batches.c.n_images)).where(batches.c.run_id == run_id)
+        select(func.sum(batches.c.n_images))
+        .where(batches.c.run_id == run_id, batches.c.status != "split")
     ).scalar()
     return int(total or 0)
 

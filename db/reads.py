@@ -16,7 +16,7 @@ from sqlalchemy import Connection, func, select
 from core.classifier import ImageSize
 from core.errors import ModelNotFound
 from core.rows import PREDICTORS
-from core.storage import array_from_bytes, classes_from_json
+from core.storage import array_from_bytes, classes_from_json, read_stored
 from db.counts import PAIRS, PROB_BINS
 from db.models import batch_counts, batch_failures, batches, models
 
@@ -25,8 +25,14 @@ Confusion = dict[str, dict[str, dict[str, int]]]
 
 
 def model_classes(conn: Connection, model_id: int) -> list[str]:
-    text = conn.execute(select(models.c.classes).where(models.c.id == model_id)).scalar_one()
-    return list(classes_from_json(text))
+    """The model's class names; :class:`ModelNotFound` when its row is gone (deleted with
+    SQLite's foreign keys off), :class:`core.errors.ModelDamaged` when they cannot be read."""
+    text = conn.execute(
+        select(models.c.classes).where(models.c.id == model_id)
+    ).scalar_one_or_none()
+    if text is None:
+        raise ModelNotFound(f"model {model_id} is gone from this database (deleted)")
+    return list(read_stored(model_id, "classes", lambda: classes_from_json(text)))
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,13 @@ def model_arrays(conn: Connection, model_id: int) -> ModelArrays:
         raise ModelNotFound(
             f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
         )
-    classes = classes_from_json(row.classes)
+    classes = read_stored(model_id, "classes", lambda: classes_from_json(row.classes))
     k, h, w = len(classes), row.height, row.width
     return ModelArrays(
         classes,
-        array_from_bytes(row.ideal_images, (k, h, w)),
-        array_from_bytes(row.sgd_weights, (h * w, k)),
+        read_stored(model_id, "ideal_images",
+                    lambda: array_from_bytes(row.ideal_images, (k, h, w))),
+        read_stored(model_id, "sgd_weights", lambda: array_from_bytes(row.sgd_weights, (h * w, k))),
     )
 
 

@@ -100,6 +100,13 @@ _REVISION_LINE = re.compile(
 )
 
 
+def known_revisions() -> set[str]:
+    """Every revision this digitscore's migrations know (from their ``revision`` lines)."""
+    found = (_REVISION_LINE.findall(path.read_text())
+             for path in (MIGRATIONS / "versions").glob("*.py"))
+    return {m[1] or m[2] for lines in found for m in lines if m[0] == "revision"}
+
+
 @lru_cache(maxsize=1)
 def head_revision() -> str | None:
     """The newest migration's revision, read from the files' ``revision`` and

@@ -11,12 +11,14 @@ from db.models import utcnow, workers
 
 
 def register_worker(
-    engine: Engine, name: str, host: str, pid: int, device: str, queue: str
+    engine: Engine, name: str, host: str, pid: int, device: str, queue: str,
+    signing: str | None = None,
 ) -> None:
-    """Record a starting worker; a restarted one under the same name starts its row afresh."""
+    """Record a starting worker; a restarted one under the same name starts its row afresh.
+    ``signing`` names the secret it checks messages with (core/wire.secret_fingerprint)."""
     now = utcnow()
     values = dict(host=host, pid=pid, device=device, queue=queue, started_at=now, last_seen=now,
-                  stopped_at=None, batches=0, images=0, last_batch_at=None)
+                  stopped_at=None, batches=0, images=0, last_batch_at=None, signing=signing)
     with engine.begin() as conn:
         found = conn.execute(update(workers).where(workers.c.name == name).values(**values))
         if not found.rowcount:

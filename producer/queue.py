@@ -70,11 +70,15 @@ class CelerySender:
         self._sent: deque[tuple[str, int]] = deque()
         self.queued_bytes = 0
         self.secret = settings.secret
+        self.allow_eviction = settings.allow_eviction
         self._connection: Any = None
         self._redis: Any = None
+        #: A risk the user accepted (an evicting Redis), to be shown once.
+        self.warning: str | None = None
 
     def check(self, timeout: float = defaults.BROKER_CONNECT_TIMEOUT) -> None:
-        """Fail fast, naming the broker (password masked), when it cannot be reached."""
+        """Fail fast, naming the broker (password masked), when it cannot be reached or is
+        a Redis that may evict queued batches (core/wire.check_eviction_policy)."""
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=timeout)
@@ -94,6 +98,8 @@ class CelerySender:
         if self._connection is None:
             self._connection = self.app.connection_for_write()
             self._redis = wire.require_redis(self._connection, mask_url(self.url))
+            self.warning = wire.check_eviction_policy(
+                self._redis, mask_url(self.url), self.allow_eviction)
             if self.max_queued is None:
                 self.max_queued = default_bound(self._redis)
         return self._redis
@@ -234,6 +240,27 @@ def consumers(settings: Settings, timeout: float = defaults.INSPECT_TIMEOUT) -> 
     )
 
 
+def signing_problem(
+    queue: str, registered: list[dict[str, Any]], secret: bytes | None
+) -> str | None:
+    """A line saying that every one of ``registered`` (live workers of ``queue``, as the
+    registry holds them) drops the messages of a producer signing with ``secret``, or
+    ``None``."""
+    mine = wire.secret_fingerprint(secret)
+    if not registered or not all(
+        wire.signing_mismatch(mine, w.get("signing")) for w in registered
+    ):
+        return None
+    names = ", ".join(w["name"] for w in registered)
+    ours = " (this producer has none)" if mine == wire.NO_SECRET else ""
+    return (
+        f"the workers on queue {queue} ({names}) sign with another secret than this "
+        f"producer's {defaults.SECRET_ENV}{ours}: they drop its messages, and its batches "
+        f"stay queued; give the producer and every worker the same {defaults.SECRET_ENV}, "
+        "then `producer resume RUN`"
+    )
+
+
 def why_idle(settings: Settings, engine: Any, run_id: int, healing: bool) -> str:
     """The likely reason no batch of a run is being stored, found by asking the broker which
     workers consume the queue and the run's database which workers write to it (its
@@ -252,7 +279,7 @@ def why_idle(settings: Settings, engine: Any, run_id: int, healing: bool) -> str
         reason = first_line(e)
         return f"cannot ask the broker {broker} which workers consume queue {queue}: {reason}"
     with engine.connect() as conn:
-        writers = {w["name"] for w in live_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)}
+        writers = {w["name"]: w for w in live_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)}
         gone = vanished_workers(conn, 3 * defaults.HEARTBEAT_SECONDS)
     if not nodes:
         killed = ""
@@ -270,6 +297,9 @@ def why_idle(settings: Settings, engine: Any, run_id: int, healing: bool) -> str
             f"write to another database than this one, {database}: its batches were dropped "
             f"by a worker on another database: {then}; restart those workers with {needed}"
         )
+    problem = signing_problem(queue, [writers[n] for n in nodes], settings.secret)
+    if problem:
+        return problem
     return (
         f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} and write to "
         f"{database} ({', '.join(nodes)}) but stored none of this run's batches for a while: "

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.errors import DigitscoreError
 from core.rows import PREDICTORS
 from core.text import printable
 from db import queries, reads
@@ -66,8 +67,13 @@ def _timings(run: dict[str, Any]) -> dict[str, Any]:
 
 def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[str, Any]:
     run = queries.get_run(conn, run_id)
-    classes = reads.model_classes(conn, run["model_id"])
     confusion = reads.confusion_counts(conn, run_id)
+    model_problem = None
+    try:
+        classes = reads.model_classes(conn, run["model_id"])
+    except DigitscoreError as e:  # the run's rows still report; its classes are their labels
+        model_problem = str(e)
+        classes = sorted({label for p in confusion.values() for label in p})
     per_predictor_class = reads.class_accuracy(confusion)
     labels = sorted({r["label"] for r in per_predictor_class}, key=_class_order(classes))
     per_class = []
@@ -93,6 +99,7 @@ def build_report(conn: Connection, run_id: int, max_failures: int = 20) -> dict[
     return {
         "predictions": build_predictions(conn, run_id, classes, n_labelled),
         "run": {k: _iso(v) for k, v in run.items()},
+        "model_problem": model_problem,
         "classes": classes,
         "accuracy": {p: run[f"accuracy_{p}"] for p in PREDICTORS},
         "per_class": per_class,
@@ -140,6 +147,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"run {run['id']}  status {run['status']}  model {run['model_id']}  "
         f"backend {run['backend']}",
+        *([f"model      {report['model_problem']}"] if report.get("model_problem") else []),
         f"source     {printable(run['source_dir'])}",
         f"images     {counts['images'] if counts['images'] is not None else '?'}  "
         f"scored {counts['scored']}  failed {counts['failed']}  skipped (not images) "

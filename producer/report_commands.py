@@ -133,14 +133,17 @@ def workers_cmd(as_json: bool, engine: Any) -> None:
     """List the live workers that write to this database: device, queue, rate, last batch.
 
     A worker registers when it starts and is seen again every few seconds; one not seen for
-    three heartbeats, or stopped, is not listed.
+    three heartbeats, or stopped, is not listed. When every worker of a queue checks
+    signatures with another DIGITSCORE_SECRET than this shell's, a line says so.
 
     \b
     Example:
       producer workers --json
     """
     from core import defaults
+    from core.settings import Settings
     from db.workers import live_workers
+    from producer.queue import signing_problem
     from producer.tables import format_table
 
     with engine.connect() as conn:
@@ -164,6 +167,11 @@ def workers_cmd(as_json: bool, engine: Any) -> None:
     ]
     headers = ["name", "device", "queue", "batches", "images", "images/s", "last batch"]
     click.echo(format_table(headers, table, "lllrrrl"))
+    secret = Settings.from_env().secret
+    for queue in sorted({r["queue"] for r in rows}):
+        problem = signing_problem(queue, [r for r in rows if r["queue"] == queue], secret)
+        if problem:
+            click.echo(problem)
 
 
 @click.command("report", context_settings=HELP)

@@ -58,6 +58,8 @@ def _sender(engine: Any, settings: Settings, model_id: int) -> Any:
 
         sender = CelerySender(settings, on_wait=_report_wait)
         sender.check()
+        if sender.warning:
+            echo_err(f"warning: {sender.warning}")
         return sender
     from db.model_store import load_classifier
     from producer.submit import EmbeddedSender
@@ -300,6 +302,12 @@ def why_stalled(engine: Any, run_id: int, settings: Settings, healing: bool) -> 
 
 @click.command("resume", context_settings=HELP)
 @click.argument("run", type=RunArg())
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Also score again the batches that failed (their error rows say why: fix that "
+    "first); each one's error rows are replaced by its new rows in one transaction.",
+)
 @wait_options
 @send_option(None)
 @batch_options
@@ -307,6 +315,7 @@ def why_stalled(engine: Any, run_id: int, settings: Settings, healing: bool) -> 
 @database_option
 def resume_cmd(
     run: int | str,
+    retry_failed: bool,
     wait: bool,
     timeout: float | None,
     send_mode: str | None,
@@ -321,14 +330,16 @@ def resume_cmd(
     died mid-submit. It refuses while a live `submit` or `resume` sends the run, and leaves
     a done run as it is. Files are re-read from the run's source directory (by the workers, in
     a --send paths run); nothing is scored twice into the results. --send switches the run
-    to that mode for what is left.
+    to that mode for what is left. --retry-failed re-sends the batches that failed too,
+    once their cause is fixed (a model, a file, a worker setting).
 
     \b
     Examples:
       producer resume 12 --wait
       producer resume 12 --send paths
+      producer resume 12 --retry-failed --wait
     """
-    from db.queries import get_run
+    from db.queries import get_run, requeue_failed_batches
     from producer.submit import resume_run
 
     settings = Settings.from_env(broker_url=broker_url)
@@ -336,6 +347,10 @@ def resume_cmd(
     check_batch_size(settings, batch_size)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
+    if retry_failed:
+        echo_err(f"run {run_id}: {requeue_failed_batches(engine, run_id)} failed batch(es) "
+                 "to score again")
+    with engine.connect() as conn:
         found = get_run(conn, run_id)
     if found["status"] == "done":
         click.echo(f"run {run_id} is done: nothing to re-send, nothing changed")

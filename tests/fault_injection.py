@@ -2,8 +2,10 @@
 tests.fault_injection``. Production code knows nothing of it.
 
 - ``DIGITSCORE_TEST_TASK_DELAY=S``: every batch takes S seconds longer (so that a test can
-  kill or stop a worker mid-batch);
+  kill or stop a worker mid-batch); ``DIGITSCORE_TEST_IMAGE_DELAY=S``: S seconds longer per
+  image (a device too slow for the time limit);
 - a batch holding a path with ``poison`` in its name kills the process scoring it (SIGKILL);
+  with ``DIGITSCORE_TEST_POISON_WHILE=FILE``, only while FILE exists (the cause "fixed");
 - a batch holding a path with ``flaky-cuda`` (or ``flaky-bug``) in its name raises a CUDA
   error (or a plain bug) while scoring, once per run of the test: the first process to create
   ``<DIGITSCORE_TEST_FAULT_DIR>/flaky-cuda`` (or ``flaky-bug``) raises, later ones score;
@@ -40,12 +42,14 @@ def _first_time(kind: str) -> bool:
 
 
 def _faulty_score_images(classifier, paths, *args, **kwargs):
-    if any("poison" in p for p in paths):
+    while_file = os.environ.get("DIGITSCORE_TEST_POISON_WHILE")
+    if any("poison" in p for p in paths) and (not while_file or os.path.exists(while_file)):
         os.kill(os.getpid(), signal.SIGKILL)
     for kind, error in _FLAKY.items():
         if any(kind in p for p in paths) and _first_time(kind):
             raise error()
-    delay = float(os.environ.get("DIGITSCORE_TEST_TASK_DELAY", "0") or 0)
+    per_image = float(os.environ.get("DIGITSCORE_TEST_IMAGE_DELAY", "0") or 0)
+    delay = float(os.environ.get("DIGITSCORE_TEST_TASK_DELAY", "0") or 0) + per_image * len(paths)
     if delay:
         time.sleep(delay)
     return _real_score_images(classifier, paths, *args, **kwargs)

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, text
 from core.classifier import Classifier
 from db import queries
 from db.model_store import TrainingRecord, save_classifier
-from db.session import dispose_engines, get_engine
+from db.session import dispose_engines, get_engine, make_engine, upgrade_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
@@ -62,6 +62,15 @@ def gpu_count() -> int:
 
 
 # ---------------------------------------------------------------- models and runs
+
+
+def created(url: str) -> str:
+    """``url`` with an empty digitscore schema in it: a worker refuses a database that does
+    not exist."""
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    engine.dispose()
+    return url
 
 
 def save_model(db: Engine | str, classifier: Classifier, train_dir: str = "train") -> int:

@@ -16,9 +16,9 @@ from core import defaults
 from core.rows import PREDICTORS, PredictionRow, label_for, unscored_row
 from db import batch_life, mistakes, queries, reads, views
 from db.batch_life import poison_rows
-from db.counts import PAIRS, PROB_BINS
 from db.session import get_engine
 from producer.report import build_report
+from tests.count_checks import assert_counts_agree
 from tests.support import score_and_store
 
 CLASSES = ["0", "1", "2"]
@@ -60,63 +60,6 @@ def made_up_rows(rng: random.Random, paths: list[str]) -> list[PredictionRow]:
             row["prob_sgd"] = rng.choice([1.0, 0.9, rng.random()])
         rows.append(row)
     return rows
-
-
-def assert_counts_agree(engine: Engine, run_id: int) -> dict[str, Any]:
-    """The run's kept counts against the views and a GROUP BY over its rows."""
-    with engine.connect() as conn:
-        counts = reads.confusion_counts(conn, run_id)
-        assert counts == views.confusion(conn, run_id)
-
-        def key(r: dict[str, Any]) -> tuple[str, str]:
-            return r["predictor"], r.get("label", "")
-
-        assert sorted(reads.class_accuracy(counts), key=key) == sorted(
-            views.class_accuracy(conn, run_id), key=key
-        )
-        assert reads.run_accuracy(counts) == views.run_accuracy(conn, run_id)
-        grouped = conn.execute(text(
-            "SELECT error, COUNT(*) FROM predictions WHERE run_id = :r AND error IS NOT NULL "
-            "GROUP BY error"), {"r": run_id}).all()
-        reasons = reads.failure_reasons(conn, run_id)
-        assert {r["error"]: r["n"] for r in reasons} == {e: int(n) for e, n in grouped}
-        run = queries.get_run(conn, run_id)
-        assert sum(r["n"] for r in reasons) == run["n_failed"]
-        for p in PREDICTORS:  # the kept mistakes are the top of a sort of the run's rows
-            kept = mistakes.confident_mistakes(conn, run_id, p, defaults.MISTAKES_KEPT)
-            top = conn.execute(mistakes.scan_query(run_id, p, defaults.MISTAKES_KEPT)).mappings()
-            assert kept == [dict(r) for r in top]
-        unsure = mistakes.least_confident(conn, run_id, defaults.MISTAKES_KEPT)
-        top = conn.execute(mistakes.unsure_scan_query(run_id, defaults.MISTAKES_KEPT)).mappings()
-        assert unsure == [dict(r) for r in top]
-        assert_summary_is_the_rows(conn, run_id)
-        return counts
-
-
-def assert_summary_is_the_rows(conn: Any, run_id: int) -> None:
-    """The run's predicted classes, agreement and histogram summed over its batches
-    (db.reads.run_summary) against SQL over its rows."""
-    summary = reads.run_summary(conn, run_id)
-    scored = "FROM predictions WHERE run_id = :r AND error IS NULL"
-    for p in PREDICTORS:
-        grouped = conn.execute(text(
-            f"SELECT pred_{p}, COUNT(*) {scored} GROUP BY pred_{p}"), {"r": run_id}).all()
-        assert summary.predicted[p] == {pred: int(n) for pred, n in grouped}
-    same = {"agree": "pred_l1 = pred_l2 AND pred_l2 = pred_sgd",
-            **{f"{a}_{b}": f"pred_{a} = pred_{b}" for a, b in PAIRS}}
-    row = conn.execute(text(
-        "SELECT COUNT(*), " + ", ".join(f"SUM(CASE WHEN {w} THEN 1 ELSE 0 END)"
-                                        for w in same.values()) + f" {scored}"),
-        {"r": run_id}).one()
-    assert summary.scored == row[0]
-    assert [summary.agree, *summary.agree_pairs.values()] == [int(n or 0) for n in row[1:]]
-    assert list(summary.agree_pairs) == list(PAIRS)
-    bins = conn.execute(text(
-        "SELECT " + ", ".join(
-            f"SUM(CASE WHEN prob_sgd * 10 >= {i} AND (prob_sgd * 10 < {i + 1} OR {i} = 9) "
-            "THEN 1 ELSE 0 END)" for i in range(PROB_BINS)) + f" {scored}"),
-        {"r": run_id}).one()
-    assert summary.prob_bins == [int(n or 0) for n in bins]
 
 
 @pytest.mark.integration
@@ -398,3 +341,41 @@ def test_confident_mistakes_failures_and_compare_read_an_index_not_the_run(mista
     else:
         assert "Index Scan using uq_predictions_run_path on predictions a" in got, got
         assert "Sort" not in got and "Seq Scan" not in got, got
+
+
+@pytest.mark.integration
+def test_a_failed_batch_retried_has_its_rows_and_counts_replaced_exactly(any_db_url, seed=4):
+    """`resume --retry-failed` requeues a failed batch; the delivery that stores it replaces
+    its error rows (and what they counted) by its new rows in one transaction, and the run is
+    done only then. A batch of mistakes, failed by hand, is replaced too: its kept mistakes
+    go with its rows."""
+    rng = random.Random(seed)
+    engine = get_engine(any_db_url)
+    run_id = new_run(engine, add_model(engine, CLASSES))
+    batches = [[f"{rng.choice(FOLDERS)}/{i}-{j}.png" for j in range(30)] for i in range(3)]
+    with engine.begin() as conn:
+        for seq, paths in enumerate(batches):
+            batch_life.record_batch(conn, run_id, seq, paths, 0)
+    batch_life.store_batch(engine, run_id, 0, made_up_rows(rng, batches[0]))
+    batch_life.store_batch(engine, run_id, 1, poison_rows(batches[1], CLASSES, 3), "failed")
+    batch_life.store_batch(engine, run_id, 2, made_up_rows(rng, batches[2]))
+    queries.finish_submission(engine, run_id, 90, 0)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE batches SET status = 'failed' WHERE seq = 2"))
+    assert queries.requeue_failed_batches(engine, run_id) == 2
+    with engine.connect() as conn:
+        run = queries.get_run(conn, run_id)
+    assert (run["status"], run["finished_at"]) == ("running", None) and run["n_failed"] >= 30
+    for seq in (1, 2):
+        assert batch_life.store_batch(engine, run_id, seq,
+                                           made_up_rows(rng, batches[seq])) == 30
+        assert_counts_agree(engine, run_id)
+        with engine.connect() as conn:
+            run = queries.get_run(conn, run_id)
+        assert run["status"] == ("running" if seq == 1 else "done"), seq
+    assert run["n_scored"] + run["n_failed"] == 90
+    with engine.connect() as conn:
+        reasons = [r["error"] for r in reads.failure_reasons(conn, run_id)]
+    assert not any("poison batch" in e for e in reasons), reasons
+    assert batch_life.store_batch(engine, run_id, 1, made_up_rows(rng, batches[1])) == 0
+    assert_counts_agree(engine, run_id)

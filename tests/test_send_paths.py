@@ -7,12 +7,16 @@ import json
 import os
 import shutil
 import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy import text
 
 from core import defaults
+from core.batch import score_images
 from core.files import OUTSIDE_ROOT, map_prefix, read_batch_below, read_below, read_file
 from core.settings import SettingError, Settings
 from db.session import get_engine
@@ -84,6 +88,30 @@ def test_a_batch_read_below_the_root_answers_as_each_path_resolved_in_full(tmp_p
     assert list(zip(batch.blobs, batch.errors, strict=True)) == [resolved_in_full(r) for r in rels]
     # out/../3/a.png leads out: "out" is resolved (a link out) before ".." applies
     assert batch.blobs.count(digit) == 6 and batch.errors.count(OUTSIDE_ROOT) == 6
+
+
+def test_read_below_names_loops_nul_bytes_and_folders_that_are_files(tmp_path, sample_dir):
+    digit = digit_files(sample_dir, "3", 1)[0].read_bytes()
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(digit)
+    (root / "loop1").symlink_to("loop2")
+    (root / "loop2").symlink_to("loop1")
+    (root / "rel").symlink_to("sub")  # relative links, to a folder and through one
+    (root / "sub" / "via.png").symlink_to("../rel/a.png")
+    (root / "up").symlink_to("../root/sub")  # climbs above the root: refused, never looser
+    real = str(root.resolve())
+    assert read_below(real, "loop1/a.png") == (
+        None, "file could not be read: Too many levels of symbolic links")
+    assert read_below(real, "sub/a.png\0") == (
+        None, "file could not be read: the name holds a NUL byte")
+    assert read_below(real, "sub/a.png/b.png") == (None, "file could not be read: Not a directory")
+    assert read_below(real, "rel/via.png") == (digit, None)
+    assert read_below(real, real + "/rel/a.png") == (digit, None)
+    assert read_below(real, "up/a.png") == (None, OUTSIDE_ROOT)
+    assert read_below(real, "sub/") == (None, "directory could not be listed")
+    assert read_below(real, "missing/") == (
+        None, "directory could not be listed: No such file or directory")
 
 
 def test_path_map_setting_and_prefix():
@@ -203,3 +231,68 @@ def test_with_no_broker_send_paths_reads_the_files_here(run_cli, sample_dir, mod
     assert "--send paths needs workers: reading the files in this process" in r.stderr
     (run,) = query(model_db, "SELECT send_mode, status, n_scored FROM runs")
     assert (run["send_mode"], run["status"], run["n_scored"]) == ("bytes", "done", 200)
+
+
+class FolderSwapper(threading.Thread):
+    """Swaps ``folder`` for a symlink to ``outside`` and back, as fast as it can, until
+    stopped or ``seconds`` have passed; counts its swaps."""
+
+    def __init__(self, folder: Path, outside: Path, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.folder, self.outside, self.seconds = folder, outside, seconds
+        self.swaps = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        real, link = self.folder.with_name("real"), self.folder.with_name("link")
+        link.symlink_to(self.outside, target_is_directory=True)
+        deadline = time.monotonic() + self.seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            os.rename(self.folder, real)
+            os.rename(link, self.folder)  # the folder is now a link out
+            time.sleep(0.0005)  # for a while (and the worker gets a core)
+            os.rename(self.folder, link)
+            os.rename(real, self.folder)  # and the real folder again
+            time.sleep(0.0005)
+            self.swaps += 1
+
+
+@pytest.mark.integration
+def test_a_folder_swapped_for_a_link_out_mid_read_never_yields_an_outside_row(
+    run_cli, sample_dir, model_db, broker_env, start_worker, tmp_path, classifier
+):
+    """A worker reads a ``--send paths`` run while a folder of it is swapped, again and again,
+    for a symlink to a folder outside holding a 7 under every name of the 3s: each row is the
+    3 it names, or an error (the file was not there when read); none is the outside 7."""
+    src, outside = tmp_path / "images", tmp_path / "outside"
+    threes = digit_files(sample_dir, "3", 1)[0].read_bytes()
+    seven = digit_files(sample_dir, "7", 1)[0].read_bytes()
+    (src / "3").mkdir(parents=True)
+    outside.mkdir()
+    names = [f"{i}.png" for i in range(2000)]
+    for name in names:
+        (src / "3" / name).write_bytes(threes)
+        (outside / name).write_bytes(seven)
+    r = submit(run_cli, src, model_db, "--send", "paths", "--batch-size", "250")
+    assert r.exit_code == 0, r.output
+    # the distances each image scores (floats as the database gives them back)
+    (three_row, seven_row) = score_images(classifier, ["3/a.png", "3/b.png"], [threes, seven])
+    three_l1, seven_l1 = float(three_row["dist_l1"]), float(seven_row["dist_l1"])
+    assert three_l1 != seven_l1
+
+    swapper = FolderSwapper(src / "3", outside, seconds=30)
+    swapper.start()
+    start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
+    try:
+        wait_done(model_db, timeout=60)
+    finally:
+        swapper.stop.set()
+        swapper.join()
+    rows = predictions(model_db)
+    assert set(rows) == {f"3/{name}" for name in names}
+    scored = [row for row in rows.values() if row["error"] is None]
+    outside_rows = [row for row in scored if row["dist_l1"] == pytest.approx(seven_l1)]
+    assert swapper.swaps > 100 and outside_rows == []
+    assert scored and all(row["dist_l1"] == pytest.approx(three_l1) for row in scored)
+    errors = {row["error"] for row in rows.values()} - {None}
+    assert errors <= {OUTSIDE_ROOT, "file could not be read: No such file or directory"}

@@ -5,6 +5,8 @@ and bad training input is refused before anything is stored."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -240,6 +242,38 @@ def test_validation_classes_must_be_the_training_classes(run_cli, tmp_path, sqli
     assert "differ from the training classes" in r.output
     assert "missing 'c'" in r.output and "not trained on 'd'" in r.output
     assert model_count(sqlite_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "problem"),
+    [
+        (b"caf\xe9", "caf\\xe9", "it is not valid UTF-8"),
+        (b"new\nline", "new\\nline", "it holds a control character"),
+        ("\u202eevil".encode(), "\\u202eevil", "it holds a control character"),
+        (b"x" * 101, "x" * 101, "it is 101 characters long, more than 100"),
+    ],
+)
+def test_class_folders_that_cannot_name_a_class_are_refused_with_a_rename(
+    run_cli, tmp_path, sqlite_url, name, shown, problem
+):
+    """A class name is stored as text and shown in every report: a folder whose name is not
+    UTF-8, holds a control character or is too long is refused (exit 2) before training,
+    named escaped, with a command that renames it; after it, training succeeds."""
+    train_dir = tmp_path / "train"
+    write_pngs(train_dir / "a", 4)
+    bad = os.path.join(os.fsencode(train_dir), name)
+    write_pngs(Path(os.fsdecode(bad)), 4, start=5)
+    r = run_cli("train", str(train_dir), "--database-url", sqlite_url)
+    assert r.exit_code == 2, r.output
+    (line,) = [x for x in r.output.splitlines() if "cannot name a class" in x]
+    assert f"class folder '{shown}' of '{train_dir}' cannot name a class: {problem}" in line
+    assert model_count(sqlite_url) == 0
+    rename = line[line.index("mv -- "):]
+    subprocess.run(["bash", "-c", rename], check=True)
+    assert [p.name for p in train_dir.iterdir()].count("a") == 1 and not os.path.exists(bad)
+    r = run_cli("train", str(train_dir), "--epochs", "1", "--database-url", sqlite_url)
+    assert r.exit_code == 0, r.output
+    assert model_count(sqlite_url) == 1
 
 
 def test_png_and_html_report_draw_the_learning_curve(run_cli, sample_dir, sqlite_url, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import save_model, submit_and_watch, wait_for_log
+from tests.support import created, save_model, submit_and_watch, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_workers_on_the_queue_but_none_storing_are_named(
     run_cli, classifier, sample_dir, sqlite_url, tmp_path, broker_env, start_worker
 ):
     save_model(sqlite_url, classifier)
-    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    elsewhere = created(f"sqlite:///{tmp_path / 'other.db'}")
     worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": elsewhere}, "--device", "cpu")
     wait_for_log(worker, "ready.")
     env = {**broker_env, "DIGITSCORE_STALL_HINT_AFTER": "3"}

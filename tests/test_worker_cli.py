@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.support import wait_for_log
+from tests.support import created, wait_for_log
 from worker.cli import exit_status, gpu_problem, main
 from worker.devices import TorchGpus, nvidia_on_host
 
@@ -142,6 +142,8 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
     (fakes / "torch" / "__init__.py").write_text(FAKE_TORCH)
     started: list[Launched] = []
 
+    database = created(f"sqlite:///{tmp_path / 'launched.db'}")
+
     def start(*args: str, gpus: int = 0, **env: str) -> Launched:
         out = tmp_path / f"run{len(started)}"
         out.mkdir()
@@ -152,6 +154,8 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
             "FAKE_GPUS": str(gpus),
             "FAKE_CELERY_DIR": str(out),
             "DIGITSCORE_BROKER_URL": "redis://127.0.0.1:6379/0",  # the fake celery reads none
+            # the launcher refuses a database that does not exist
+            "DIGITSCORE_DATABASE_URL": database,
             **env,
         }
         log = out / "launcher.log"
@@ -437,7 +441,8 @@ def _pool_pids(pid: int) -> list[int]:
 
 @pytest.mark.integration
 def test_ctrl_c_stops_a_real_worker_warmly_once(broker_env, sqlite_url, start_worker):
-    proc = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url}, "--device", "cpu")
+    proc = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": created(sqlite_url)},
+                        "--device", "cpu")
     celery = _celery_pid(proc)
     os.killpg(proc.pid, signal.SIGINT)  # the launcher's whole process group, as a terminal does
     assert proc.wait(60) == 0  # celery exits 1 on SIGINT, 0 on the SIGTERM the launcher sends
@@ -449,7 +454,7 @@ def test_ctrl_c_stops_a_real_worker_warmly_once(broker_env, sqlite_url, start_wo
 @pytest.mark.integration
 def test_a_killed_real_worker_makes_the_launcher_exit_137(broker_env, sqlite_url, start_worker):
     proc = start_worker(
-        {**broker_env, "DIGITSCORE_DATABASE_URL": sqlite_url},
+        {**broker_env, "DIGITSCORE_DATABASE_URL": created(sqlite_url)},
         "--device",
         "cpu",
         "--concurrency",

@@ -36,6 +36,7 @@ from worker.devices import (
     probe_torch,
     resolve_devices,
 )
+from worker.preflight import check_broker, check_database
 
 #: Signals that stop the workers: the first one warmly (SIGTERM: running batches finish),
 #: any further one coldly (SIGQUIT). SIGQUIT is always cold.
@@ -290,8 +291,9 @@ def main(
     Reads DIGITSCORE_BROKER_URL, DIGITSCORE_DATABASE_URL, DIGITSCORE_QUEUE,
     DIGITSCORE_VISIBILITY_TIMEOUT (the task time limit, 4/5 of it up to 300 s, and the
     longest wait between database retries, half of it up to 60 s, follow from it),
-    DIGITSCORE_MAX_BATCH_IMAGES and DIGITSCORE_SECRET (set: only messages signed with it
-    are scored); and
+    DIGITSCORE_MAX_BATCH_IMAGES, DIGITSCORE_SECRET (set: only messages signed with it
+    are scored) and DIGITSCORE_ALLOW_EVICTION (1: accept a Redis whose maxmemory-policy is
+    not noeviction, or cannot be read); and
     DIGITSCORE_PATH_MAP=/producer/prefix=/worker/prefix where this host sees the
     directories of `submit --send paths` runs elsewhere than the producer did. Arguments
     after `--` go to `celery worker` as they are.
@@ -330,7 +332,16 @@ def main(
             "--require-gpu: torch sees no GPU on this host; check `nvidia-smi`, the torch "
             "build (docs/deployment.md, Run on a GPU cluster) and the container's NVIDIA runtime"
         )
+    try:
+        notes = [
+            check_broker(settings.broker_url or "", settings.allow_eviction),
+            check_database(settings.database_url),
+        ]
+    except DigitscoreError as e:
+        raise click.UsageError(str(e)) from None
     _echo(settings.describe())
+    for note in filter(None, notes):
+        _echo(f"warning: {note}")
     per_device = settings.concurrency or default_concurrency(len(specs))
     _echo(f"{per_device} pool process(es) per device")
     group = WorkerGroup(_echo)

@@ -167,14 +167,16 @@ def died_holding(request: Any, exc: BaseException) -> bool:
     )
 
 
-def record_death(args: Any, why: str) -> None:
+def record_death(args: Any, why: str, time_limited: bool = False) -> None:
     """Count a pool process's death as a failed delivery of the batch it held, in the
     database, before the batch goes back to the queue; a failure to count only means one
-    death goes uncounted."""
+    death goes uncounted. A death by the time limit is marked so: the next delivery splits
+    the batch (worker/splitting.py)."""
     try:
         message = wire.BatchMessage(*args)  # checked by CheckedConsumer
         failed = count_failed_delivery(
-            get_engine(SETTINGS.database_url), message.run_id, message.seq, message.token, why
+            get_engine(SETTINGS.database_url), message.run_id, message.seq, message.token, why,
+            time_limited,
         )
     except Exception as e:  # noqa: BLE001 - the requeue below must happen whatever this does
         log.error("a worker process died; its death could not be counted: %s",
@@ -200,5 +202,5 @@ class DeathCountingRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # past the hard time limit Celery kills the process and requeues the batch: a death
         if not soft and not worker_state.should_terminate:
-            record_death(self.args, f"it ran past the task time limit ({timeout:g} s)")
+            record_death(self.args, f"it ran past the task time limit ({timeout:g} s)", True)
         super().on_timeout(soft, timeout)

@@ -33,10 +33,10 @@ from core import defaults, wire
 from core.archive_batches import labels_of, read_recorded
 from core.batch import score_images
 from core.classifier import Classifier
-from core.errors import MessageError
+from core.errors import DatabaseUnavailable, MessageError
 from core.files import map_prefix, read_batch_below
 from core.settings import Settings
-from core.text import mask_url, mask_urls_in
+from core.text import first_line, mask_url, mask_urls_in
 from db.batch_life import (
     Claim,
     RecordedBatch,
@@ -49,7 +49,9 @@ from db.model_store import load_classifier
 from db.session import dispose_engines, get_engine
 from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker import device_health
+from worker.batch_timing import seconds_per_image, time_limit_warning
 from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_device
+from worker.splitting import should_split, split_and_resend
 
 T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
@@ -100,6 +102,20 @@ def _on_process_start(**_kwargs) -> None:
         device_health.stop_this_worker()
         return
     log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
+    warn_of_slow_batches(device)
+
+
+def warn_of_slow_batches(device: str) -> None:
+    """Warn when a batch of the default size would outlast the task time limit here."""
+    try:
+        per_image = seconds_per_image(lambda *a: score_images(*a), device)
+    except Exception as e:  # noqa: BLE001 - a measurement must not stop the process
+        log.warning("could not time a sample batch: %s", first_line(e))
+        return
+    warning = time_limit_warning(per_image, defaults.BATCH_SIZE, SETTINGS.task_time_limit,
+                                 SETTINGS.visibility_timeout)
+    if warning:
+        log.warning("%s", warning)
 
 
 @worker_init.connect
@@ -124,7 +140,7 @@ def count_failure_on_error(
         raise Reject("this process's device failed: the batch goes back", requeue=True)
     try:
         return work()
-    except OperationalError:
+    except (OperationalError, DatabaseUnavailable):
         raise
     except Exception as e:
         if device_health.is_device_error(e):
@@ -148,22 +164,34 @@ _registered: list[str] = []
 @worker_ready.connect
 def _register(sender: Any = None, **_kwargs) -> None:
     """Enter this worker in its database's registry and keep it seen there, from the main
-    process, so that a producer can tell which workers write where (``producer workers``)."""
+    process, so that a producer can tell which workers write where (``producer workers``).
+    A database that is away when the worker starts is tried again at each heartbeat."""
     name = str(sender.hostname)
     _registered.append(name)
-    engine = get_engine(SETTINGS.database_url)
-    register_worker(engine, name, socket.gethostname(), os.getpid(),
-                    describe_current_device(), SETTINGS.queue)
+    threading.Thread(
+        target=keep_registered, args=(name,), name="digitscore-heartbeat", daemon=True
+    ).start()
 
-    def beat() -> None:
-        while True:
-            time.sleep(defaults.HEARTBEAT_SECONDS)
-            try:
+
+def keep_registered(name: str, beat: float = defaults.HEARTBEAT_SECONDS) -> None:
+    """Register ``name``, then heartbeat every ``beat`` seconds; a failed registration is
+    tried again at the next beat, a failed heartbeat too."""
+    registered = False
+    while True:
+        try:
+            engine = get_engine(SETTINGS.database_url)
+            if registered:
                 heartbeat(engine, name)
-            except Exception as e:  # the database is away: the next beat tries again
-                log.warning("heartbeat failed: %s", type(e).__name__)
-
-    threading.Thread(target=beat, name="digitscore-heartbeat", daemon=True).start()
+            else:
+                register_worker(engine, name, socket.gethostname(), os.getpid(),
+                                describe_current_device(), SETTINGS.queue,
+                                wire.secret_fingerprint(SETTINGS.secret))
+                registered = True
+                log.info("registered as %s in %s", name, mask_url(SETTINGS.database_url))
+        except Exception as e:  # the database is away: the next beat tries again
+            what = "heartbeat" if registered else "registration"
+            log.warning("%s failed (tried again in %s s): %s", what, beat, first_line(e))
+        time.sleep(beat)
 
 
 @worker_shutdown.connect
@@ -206,7 +234,11 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     engine = get_engine(SETTINGS.database_url)
     claim = claim_batch(engine, message.run_id, message.seq, message.token,
                         SETTINGS.max_batch_images)
-    if claim.action == "score":
+    if claim.action == "score" and claim.batch is not None and should_split(claim.batch):
+        # the time limit stopped its last delivery: score it in halves
+        split_and_resend(engine, payload_store(), app, SETTINGS, claim.batch, message)
+        n_new = 0
+    elif claim.action == "score":
         assert claim.batch is not None
         n_new = score_and_store(task, engine, message, claim.batch)
     elif claim.action == "poison":
@@ -299,7 +331,8 @@ def read_images(
 @app.task(
     bind=True,
     name=wire.TASK_NAME,
-    autoretry_for=(OperationalError,),  # the database is away: back off and try again
+    # the database is away (at connect time, or later): back off and try again
+    autoretry_for=(OperationalError, DatabaseUnavailable),
     Request="worker.intake:DeathCountingRequest",
     retry_backoff=True,
     retry_backoff_max=SETTINGS.db_retry_max,  # below the visibility timeout

@@ -1,0 +1,36 @@
+"""Splitting a batch that the task time limit stopped: its next delivery records its two
+halves as new batches of the run and the batch itself as ``split`` (finished, no rows of its
+own), in one transaction, so that each half is owed (queued) before any message for it is
+sent, and ``producer resume`` re-sends them should the messages be lost."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from db.models import batches, runs, utcnow
+
+
+def split_batch(engine: Engine, run_id: int, seq: int) -> list[tuple[int, list[str]]]:
+    """Record the halves of queued batch ``seq`` as new queued batches (the next numbers of
+    the run) and mark it ``split``; returns each half's number and paths, or ``[]`` when
+    the batch is no longer queued (another delivery split or stored it)."""
+    with engine.begin() as conn:
+        # the run's lock: two batches split at once take distinct numbers
+        conn.execute(select(runs.c.id).where(runs.c.id == run_id).with_for_update())
+        where = (batches.c.run_id == run_id, batches.c.seq == seq, batches.c.status == "queued")
+        paths = conn.execute(select(batches.c.paths).where(*where)).scalar_one_or_none()
+        if paths is None or len(paths) < 2:
+            return []
+        top = conn.execute(
+            select(func.max(batches.c.seq)).where(batches.c.run_id == run_id)
+        ).scalar_one()
+        middle = len(paths) // 2
+        halves = [(int(top) + 1, list(paths[:middle])), (int(top) + 2, list(paths[middle:]))]
+        now = utcnow()
+        for half_seq, half in halves:
+            conn.execute(insert(batches).values(
+                run_id=run_id, seq=half_seq, paths=half, n_images=len(half), n_bytes=0,
+                status="queued", deliveries=0, time_limited=0, enqueued_at=now,
+            ))
+        conn.execute(update(batches).where(*where).values(status="split", finished_at=now))
+    return halves

@@ -1,0 +1,67 @@
+"""A batch the task time limit stopped comes back whole; its next delivery splits it in two
+(db/splits.py) instead of scoring it again, down to :data:`SPLIT_FLOOR` images, so a batch too
+large for this device's time limit is scored in halves rather than failed whole as poison.
+
+Each half is recorded (owed) before its message goes; in a ``--send bytes`` run its image
+bytes are cut from the batch's payload and written under the half's own payload key first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from core import wire
+from core.errors import MessageError
+from core.settings import Settings
+from db.batch_life import RecordedBatch
+from db.splits import split_batch
+
+log = logging.getLogger("digitscore.worker")
+
+#: A batch of this many images is not split: stopped by the time limit, it counts a death
+#: (three fail it as poison, naming the limit).
+SPLIT_FLOOR = 1
+
+
+def should_split(batch: RecordedBatch) -> bool:
+    return batch.time_limited > 0 and len(batch.paths) > SPLIT_FLOOR
+
+
+def split_and_resend(
+    engine: Any, store: Any, app: Any, settings: Settings, batch: RecordedBatch,
+    message: wire.BatchMessage,
+) -> list[int]:
+    """Split ``batch`` (its message ``message``) and queue its halves; their numbers."""
+    key = wire.payload_key(message)
+    payload = None
+    if batch.send_mode != "paths":
+        payload = store.get(key)
+        if payload is None:
+            raise MessageError(
+                f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis; "
+                f"the batch stays unfinished: run `producer resume {batch.run_id}`"
+            )
+        blobs, errors = wire.unpack_payload(payload, len(batch.paths))
+    halves = split_batch(engine, batch.run_id, batch.seq)
+    start = 0
+    for seq, paths in halves:
+        half = wire.BatchMessage(batch.run_id, seq, message.token)
+        data = b""
+        if payload is not None:
+            part = slice(start, start + len(paths))
+            data = wire.pack_payload(blobs[part], errors[part])
+            store.set(wire.payload_key(half), data, ex=settings.payload_ttl)
+        start += len(paths)
+        headers = (wire.signature_headers(settings.secret, half, data) if settings.secret
+                   else None)
+        app.send_task(wire.TASK_NAME, args=half.args(), queue=settings.queue,
+                      serializer="msgpack", headers=headers)
+    if halves:
+        store.delete(key)
+        log.warning(
+            "run %s batch %s (%s images) was stopped by the task time limit (%s s): split into "
+            "batches %s", batch.run_id, batch.seq, len(batch.paths), settings.task_time_limit,
+            " and ".join(f"{seq} ({len(paths)} images)" for seq, paths in halves),
+        )
+    return [seq for seq, _ in halves]
