@@ -104,9 +104,8 @@ def train_and_store(
 
     trained = train_model(train, settings, valid=valid, on_epoch=on_epoch)
     if len(trained.curve) < settings.epochs:
-        echo_err(
-            f"stopped early: no better validation accuracy in {plural(settings.patience or 0, 'epoch')}"
-        )
+        epochs = plural(settings.patience or 0, "epoch")
+        echo_err(f"stopped early: no better validation accuracy in {epochs}")
     acc = accuracies(trained.classifier, valid)
     record = TrainingRecord(
         train_dir=str(directory.resolve()),
