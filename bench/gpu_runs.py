@@ -1,0 +1,118 @@
+"""The two measuring steps of bench/gpu_check.sh, each one line of figures.
+
+    python -m bench.gpu_runs split --device cuda:0 [--images N]
+    python -m bench.gpu_runs worker --device cuda:0 --images N --broker-url URL --work-dir DIR
+
+``split``: what one worker process spends on an image, decoding (libspng, on the CPU) and
+scoring (on the device), microseconds an image, timed apart after a warm-up batch (the first
+batch on a GPU pays for CUDA's lazy start and the kernels' first load), with one torch thread
+as in a pool process.
+
+``worker``: one ``worker --device DEVICE`` with its default pool (every core shared by the
+devices), a SQLite database, and a full queue: ``producer submit --send paths --wait`` of N
+images; images/s from the walk's first file to the run's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import common, dataset, system
+from core import defaults, fast_decode
+from core.scoring import score_stack
+
+
+def split(device: str, n_images: int, batch: int = defaults.BATCH_SIZE) -> dict[str, float]:
+    """Microseconds an image to decode and to score, in batches of ``batch``, one process."""
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+    clf = common.train_classifier().to(dev)
+    blobs, _labels = dataset.encoded_digits()
+    blobs = [blobs[i % len(blobs)] for i in range(n_images)]
+    chunks = [blobs[i : i + batch] for i in range(0, len(blobs), batch)]
+    warm, _, _ = fast_decode.decode_images(chunks[0], clf.height, clf.width)
+    score_stack(clf, warm, dev)  # the warm-up
+    decode = score = 0.0
+    for chunk in chunks:
+        start = time.perf_counter()
+        stack, ok, _ = fast_decode.decode_images(chunk, clf.height, clf.width)
+        middle = time.perf_counter()
+        result = score_stack(clf, np.ascontiguousarray(stack[ok]), dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        float(result.dist_l1[-1])  # the results are on the host, as a worker stores them
+        decode += middle - start
+        score += time.perf_counter() - middle
+    return {"images": n_images, "decode_us": 1e6 * decode / n_images,
+            "score_us": 1e6 * score / n_images}
+
+
+def start_worker(device: str, env: dict[str, str], log: Path, timeout: float) -> subprocess.Popen:
+    """One ``worker --device DEVICE`` launcher with its default pool, ready."""
+    argv = [sys.executable, "-c", "from worker.cli import main; main()", "--device", device]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while "ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            system.WorkerSet(1, device, env, log.parent, [proc], [log]).stop()
+            raise RuntimeError(f"worker on {device} not ready:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def worker_rate(device: str, n_images: int, broker_url: str, work: Path) -> dict[str, float]:
+    """Images/s of one worker on ``device`` with its whole pool and a full queue."""
+    work.mkdir(parents=True, exist_ok=True)
+    db_url = common.sqlite_url(work / f"digitscore-{device.replace(':', '')}.db")
+    common.store_model(db_url, common.train_classifier())
+    root = dataset.image_set(work / "images", n_images, min(n_images, 20_000))
+    env = system.service_env(broker_url, f"digitscore-gpu-check-{uuid.uuid4().hex[:8]}", db_url)
+    log = work / f"worker-{device.replace(':', '')}.log"
+    proc = start_worker(device, env, log, timeout=120)
+    workers = system.WorkerSet(1, device, env, work, [proc], [log])
+    try:
+        result = system.submit_and_wait(root, env, work, ("--send", "paths"), timeout=600)
+        pool = log.read_text(errors="replace").count(" scores on ")
+    finally:
+        workers.stop()
+    return {"images": result.n_images, "seconds": result.seconds, "rate": result.rate,
+            "pool": pool}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_runs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("split", "worker"))
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--images", type=int, default=50_000)
+    p.add_argument("--broker-url", help="worker: the broker (redis://...)")
+    p.add_argument("--work-dir", type=Path, help="worker: its database, images and logs")
+    args = p.parse_args(argv)
+    if args.what == "split":
+        found = split(args.device, args.images)
+        print(f"{args.device}: decode {found['decode_us']:.2f} us an image, score "
+              f"{found['score_us']:.2f} us an image, one process, {found['images']:,} images "
+              f"after a warm-up")
+        return 0
+    if not args.broker_url or not args.work_dir:
+        p.error("worker needs --broker-url and --work-dir")
+    found = worker_rate(args.device, args.images, args.broker_url, args.work_dir)
+    print(f"{args.device}: {found['rate']:,.0f} images/s, one worker, {found['pool']} pool "
+          f"processes, {found['images']:,} images in {found['seconds']:.1f} s (--send paths, "
+          f"SQLite)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
