@@ -243,7 +243,7 @@ rate_of() {  # the images/s of a worker step's last line
     local i
     for i in "${!names[@]}"; do
         [ "${names[$i]}" = "$1" ] && [ "${results[$i]}" = ok ] &&
-            sed -n 's/^[^:]*: \([0-9,]*\) images\/s.*/\1/p' <<<"${notes[$i]}" | tr -d ,
+            sed -n 's/^.*: \([0-9,]*\) images\/s.*/\1/p' <<<"${notes[$i]}" | tr -d ,
     done
 }
 failed=0 failures=""

@@ -84,10 +84,21 @@ def worker_rate(device: str, n_images: int, broker_url: str, work: Path) -> dict
     try:
         result = system.submit_and_wait(root, env, work, ("--send", "paths"), timeout=600)
         pool = log.read_text(errors="replace").count(" scores on ")
+        memory = gpu_memory_mib() if device.startswith("cuda") else []
     finally:
         workers.stop()
     return {"images": result.n_images, "seconds": result.seconds, "rate": result.rate,
-            "pool": pool}
+            "pool": pool, "gpu_mib": max(memory, default=0)}
+
+
+def gpu_memory_mib() -> list[int]:
+    """The GPU memory (MiB) of each process on a GPU now, as ``nvidia-smi`` reports it."""
+    query = ["nvidia-smi", "--query-compute-apps=used_memory", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [int(x) for x in out.split() if x.isdigit()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.broker_url or not args.work_dir:
         p.error("worker needs --broker-url and --work-dir")
     found = worker_rate(args.device, args.images, args.broker_url, args.work_dir)
+    memory = f", GPU memory up to {found['gpu_mib']} MiB a process" if found["gpu_mib"] else ""
     print(f"{args.device}: {found['rate']:,.0f} images/s, one worker, {found['pool']} pool "
           f"processes, {found['images']:,} images in {found['seconds']:.1f} s (--send paths, "
-          f"SQLite)")
+          f"SQLite){memory}")
     return 0
 
 
