@@ -23,37 +23,22 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench import common, dataset, system
+from bench import common, dataset, runners, system
 from core import defaults, fast_decode
-from core.scoring import score_stack
 
 
 def split(device: str, n_images: int, batch: int = defaults.BATCH_SIZE) -> dict[str, float]:
-    """Microseconds an image to decode and to score, in batches of ``batch``, one process."""
+    """Microseconds an image to decode and to score, in batches of ``batch``, one process,
+    after a warm-up batch."""
     torch.set_num_threads(1)
-    dev = torch.device(device)
-    clf = common.train_classifier().to(dev)
+    clf = common.train_classifier()
     blobs, _labels = dataset.encoded_digits()
     blobs = [blobs[i % len(blobs)] for i in range(n_images)]
-    chunks = [blobs[i : i + batch] for i in range(0, len(blobs), batch)]
-    warm, _, _ = fast_decode.decode_images(chunks[0], clf.height, clf.width)
-    score_stack(clf, warm, dev)  # the warm-up
-    decode = score = 0.0
-    for chunk in chunks:
-        start = time.perf_counter()
-        stack, ok, _ = fast_decode.decode_images(chunk, clf.height, clf.width)
-        middle = time.perf_counter()
-        result = score_stack(clf, np.ascontiguousarray(stack[ok]), dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        float(result.dist_l1[-1])  # the results are on the host, as a worker stores them
-        decode += middle - start
-        score += time.perf_counter() - middle
-    return {"images": n_images, "decode_us": 1e6 * decode / n_images,
-            "score_us": 1e6 * score / n_images}
+    runners.decode_score_split(blobs[:batch], clf, device, fast_decode.decode_images, batch)
+    found = runners.decode_score_split(blobs, clf, device, fast_decode.decode_images, batch)
+    return {"images": n_images, **found}
 
 
 def start_worker(device: str, env: dict[str, str], log: Path, timeout: float) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from core.settings import Settings
 from core.wire import make_app
 from db import batch_life, queries
 from db.session import get_engine
-from tests.populate import save_model
+from tests.support import save_model
 from worker import device_health
 from worker.device_health import DeviceStartError, is_device_error, prepare_device
 from worker.devices import TorchGpus, default_concurrency, no_gpu_reason, nvidia_on_host
