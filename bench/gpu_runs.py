@@ -16,10 +16,8 @@ images; images/s from the walk's first file to the run's end.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -41,21 +39,6 @@ def split(device: str, n_images: int, batch: int = defaults.BATCH_SIZE) -> dict[
     return {"images": n_images, **found}
 
 
-def start_worker(device: str, env: dict[str, str], log: Path, timeout: float) -> subprocess.Popen:
-    """One ``worker --device DEVICE`` launcher with its default pool, ready."""
-    argv = [sys.executable, "-c", "from worker.cli import main; main()", "--device", device]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while "ready." not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            system.WorkerSet(1, device, env, log.parent, [proc], [log]).stop()
-            raise RuntimeError(f"worker on {device} not ready:\n{log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    return proc
-
-
 def worker_rate(device: str, n_images: int, broker_url: str, work: Path) -> dict[str, float]:
     """Images/s of one worker on ``device`` with its whole pool and a full queue."""
     work.mkdir(parents=True, exist_ok=True)
@@ -63,9 +46,8 @@ def worker_rate(device: str, n_images: int, broker_url: str, work: Path) -> dict
     common.store_model(db_url, common.train_classifier())
     root = dataset.image_set(work / "images", n_images, min(n_images, 20_000))
     env = system.service_env(broker_url, f"digitscore-gpu-check-{uuid.uuid4().hex[:8]}", db_url)
-    log = work / f"worker-{device.replace(':', '')}.log"
-    proc = start_worker(device, env, log, timeout=120)
-    workers = system.WorkerSet(1, device, env, work, [proc], [log])
+    workers = system.WorkerSet(1, device, env, work, concurrency=None).start(ready_timeout=120)
+    log = workers.logs[0]
     try:
         result = system.submit_and_wait(root, env, work, ("--send", "paths"), timeout=600)
         pool = log.read_text(errors="replace").count(" scores on ")
