@@ -4,13 +4,20 @@ size. Unit tests on the CPU build of torch; the GPU ones need the ``cuda_gpu`` f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from celery.exceptions import Reject
 
+from core import defaults, wire
 from core.scoring import pixel_table, scaled_pixels, score_stack
 from core.settings import Settings
 from core.wire import make_app
+from db import batch_life, queries
+from db.session import get_engine
+from tests.support import save_model
 from worker import device_health
 from worker.device_health import DeviceStartError, is_device_error, prepare_device
 from worker.devices import TorchGpus, default_concurrency, no_gpu_reason, nvidia_on_host
@@ -45,7 +52,9 @@ def test_a_gpu_that_does_not_start_fails_at_start_with_the_cause(monkeypatch):
 
 
 def test_the_main_process_refuses_to_fork_with_cuda_initialised(monkeypatch):
-    device_health.check_main_process()  # the CPU build: never initialised
+    # stand-ins both ways: a GPU test earlier in this process may have started CUDA
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    device_health.check_main_process()
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(RuntimeError, match="before the fork"):
         device_health.check_main_process()
@@ -55,9 +64,14 @@ def test_the_main_process_refuses_to_fork_with_cuda_initialised(monkeypatch):
     ("error", "device"),
     [
         (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
-        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (torch.AcceleratorError("CUDA error: unspecified launch failure"), True),
         (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"), True),
         (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
+        # the batch's failures, not the device's: a bug, and a batch too large for the device
+        (RuntimeError("Expected all tensors to be on the same device, but found at least "
+                      "two devices, cuda:0 and cpu!"), False),
+        (RuntimeError("Input type (torch.cuda.FloatTensor) and weight type differ"), False),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
         (ValueError("CUDA in a message, but not a device error type"), False),
         (RuntimeError("shape '[4, 784]' is invalid for input of size 3"), False),
         (KeyError("cuda"), False),
@@ -65,6 +79,83 @@ def test_the_main_process_refuses_to_fork_with_cuda_initialised(monkeypatch):
 )
 def test_only_errors_of_the_device_stop_the_worker(error, device):
     assert is_device_error(error) is device
+
+
+class _Stops:
+    """A stand-in for :func:`device_health.stop_this_worker`: counts the stops asked for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+@pytest.fixture
+def one_batch(monkeypatch, classifier, tmp_path):
+    """worker.tasks on an SQLite database holding one queued batch of three images, the
+    worker's stop replaced by a counter: (tasks, engine, message, stops)."""
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setattr(tasks, "SETTINGS", replace(tasks.SETTINGS, database_url=url))
+    engine = get_engine(url)
+    model_id = save_model(engine, classifier)
+    with engine.begin() as conn:
+        run_id, token = queries.create_run(conn, model_id, str(tmp_path), "celery")
+        batch_life.record_batch(conn, run_id, 0, ["3/a.png", "3/b.png", "7/c.png"], 0)
+    stops = _Stops()
+    monkeypatch.setattr(device_health, "stop_this_worker", stops)
+    monkeypatch.setattr(tasks, "_device_failed", False)
+    return tasks, engine, wire.BatchMessage(run_id, 0, token), stops
+
+
+def _fail_with(error: BaseException):
+    def work() -> None:
+        raise error
+
+    return work
+
+
+def test_a_device_error_stops_the_worker_and_a_repeated_one_reaches_the_poison_limit(one_batch):
+    tasks, engine, message, stops = one_batch
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    for n in range(1, defaults.MAX_DELIVERIES + 1):
+        tasks._device_failed = False  # a restarted worker: a fresh process
+        with pytest.raises(Reject):
+            tasks.count_failure_on_error(_fail_with(error), engine, message, "scoring failed")
+        assert stops.count == n and tasks._device_failed
+    claim = batch_life.claim_batch(engine, message.run_id, message.seq, message.token)
+    assert claim.action == "poison"
+    assert claim.batch is not None and "illegal memory access" in str(claim.batch.last_failure)
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("Expected all tensors to be on the same device, cuda:0 and cpu!"),
+])
+def test_out_of_memory_or_a_bug_is_the_batchs_failure_and_the_worker_goes_on(one_batch, error):
+    tasks, engine, message, stops = one_batch
+    with pytest.raises(Reject):
+        tasks.count_failure_on_error(_fail_with(error), engine, message, "scoring failed")
+    assert stops.count == 0 and not tasks._device_failed
+    claim = batch_life.claim_batch(engine, message.run_id, message.seq, message.token)
+    assert claim.action == "score" and claim.batch is not None
+    assert claim.batch.failed_deliveries == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_every_pool_process_runs_one_torch_thread(monkeypatch, device):
+    monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")
+    from worker import tasks
+
+    threads: list[int] = []
+    monkeypatch.setattr(tasks, "current_device", lambda: device)
+    monkeypatch.setattr(device_health, "prepare_device", lambda _device: None)  # no CUDA here
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    tasks._on_process_start()
+    assert threads == [1]
 
 
 # ---------------------------------------------------------------- the same bits on every device

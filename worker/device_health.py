@@ -6,9 +6,13 @@
 - Each GPU pool process checks that it is not in a poisoned fork and initialises CUDA as it
   starts, so that a bad GPU stops the worker at start-up, naming itself, instead of failing
   its first batch.
-- A CUDA error in a batch leaves that process's CUDA context unusable: the batch goes back to
-  the queue (the task rejects it, requeued) and the whole worker stops, with
-  :data:`~worker.devices.DEVICE_FAILED_EXIT`, for its supervisor to restart it.
+- An error of the device in a batch (a CUDA runtime, cuBLAS or cuDNN error: an illegal
+  address, a lost GPU) leaves that process's CUDA context unusable: the batch goes back to the
+  queue (the task rejects it, requeued, with the failed delivery counted) and the whole worker
+  stops, with :data:`~worker.devices.DEVICE_FAILED_EXIT`, for its supervisor to restart it.
+  Errors that merely mention CUDA (tensors on two devices: a bug) and out-of-memory (a batch
+  too large for the device: the context stays usable) are the batch's failures, not the
+  device's: counted, and the worker goes on.
 
 A pool process stops its worker through the main process: it sends it :data:`STOP_SIGNAL`, whose
 handler (installed before the fork) asks Celery for a warm shutdown with that exit status:
@@ -29,8 +33,12 @@ from worker.devices import DEVICE_FAILED_EXIT, NVML_CHECK_ENV
 #: Sent by a pool process to the Celery main process: stop warmly, exit DEVICE_FAILED_EXIT.
 STOP_SIGNAL = signal.SIGUSR2
 
-#: What a CUDA error says (torch raises most as RuntimeError; newer ones as AcceleratorError).
-_CUDA_MESSAGE = re.compile(r"\bCUDA\b|\bcuda\b|CUBLAS|cuBLAS|cuDNN|CUDNN|NCCL|\bXid\b")
+#: What an error of the device says when torch raises it as a plain RuntimeError (older
+#: releases; newer ones raise the CUDA runtime's errors as ``torch.AcceleratorError``): the
+#: runtime's and the libraries' status texts, not any message that names a CUDA device.
+_DEVICE_MESSAGE = re.compile(
+    r"CUDA error|CUDA driver error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|NCCL error|\bXid\b"
+)
 
 # The Celery processes ask torch about devices through NVML even when started without the
 # launcher (which sets this in their environment): torch reads it at each query.
@@ -66,14 +74,15 @@ def prepare_device(device: str) -> None:
 
 
 def is_device_error(exc: BaseException) -> bool:
-    """An error of the device itself (CUDA out of memory, an illegal address, a lost GPU),
-    after which this process's CUDA context cannot be trusted."""
+    """An error of the device itself (an illegal address, a lost GPU, a failing cuBLAS),
+    after which this process's CUDA context cannot be trusted. Out of memory is not one: torch
+    frees what the batch held and the next batch can run."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
     accelerator = getattr(torch, "AcceleratorError", None)
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        accelerator is not None and isinstance(exc, accelerator)
-    ):
+    if accelerator is not None and isinstance(exc, accelerator):
         return True
-    return isinstance(exc, RuntimeError) and bool(_CUDA_MESSAGE.search(str(exc)))
+    return isinstance(exc, RuntimeError) and bool(_DEVICE_MESSAGE.search(str(exc)))
 
 
 def install_stop_handler() -> None:

@@ -85,8 +85,9 @@ def _on_process_start(**_kwargs) -> None:
     dispose_engines(close=False)
     payload_store.cache_clear()
     device = current_device()
-    if device == "cpu":
-        torch.set_num_threads(1)
+    # one pool process a core: torch's own threads (decoding, the CPU side of a GPU batch)
+    # would only contend with the other pool processes'
+    torch.set_num_threads(1)
     try:
         device_health.prepare_device(device)
     except Exception as e:
@@ -130,11 +131,11 @@ def count_failure_on_error(
     work: Callable[[], T], engine: Any, message: wire.BatchMessage, what: str
 ) -> T:
     """``work()`` (loading the batch's model onto the device, or scoring it); on an error the
-    batch goes back to the queue instead of being acknowledged. An error that is not the
-    device's counts as a failed delivery of the batch, ``what`` failed and why kept as its last
-    failure, so a batch that fails on every delivery is given up after ``MAX_DELIVERIES``; a
-    device error (a broken device is not the batch's fault) stops this worker instead, for its
-    supervisor to start it again. A database error is left to the task's retries."""
+    batch goes back to the queue instead of being acknowledged. Every error counts as a failed
+    delivery of the batch, ``what`` failed and why kept as its last failure, so a batch that
+    fails on every delivery is given up after ``MAX_DELIVERIES``, even one that breaks each
+    device it reaches; an error of the device also stops this worker, for its supervisor to
+    start it again on a fresh CUDA context. A database error is left to the task's retries."""
     global _device_failed
     if _device_failed:
         raise Reject("this process's device failed: the batch goes back", requeue=True)
@@ -152,8 +153,8 @@ def count_failure_on_error(
             device_health.stop_this_worker()
         else:
             log.exception("%s: the batch goes back to the queue", what)
-            why = f"{what}: {type(e).__name__}: {mask_urls_in(str(e))[:300]}"
-            count_failed_delivery(engine, message.run_id, message.seq, message.token, why)
+        why = f"{what}: {type(e).__name__}: {mask_urls_in(str(e))[:300]}"
+        count_failed_delivery(engine, message.run_id, message.seq, message.token, why)
         raise Reject(f"{what}: {e!r}", requeue=True) from e
 
 
