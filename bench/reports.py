@@ -63,6 +63,10 @@ def seed_run(engine: Engine, clf: Any, model_id: int, root: Path) -> int:
     with engine.begin() as conn:
         seq = queries.next_batch_seq(conn, sub.run_id)
         batch_life.record_batch(conn, sub.run_id, seq, paths, 0)
+        # the run is sent again (as `resume --retry-failed` does): its row settles anew below
+        conn.execute(text(
+            "UPDATE runs SET status = 'running', n_images = n_images + :n WHERE id = :r"
+        ), {"n": len(paths), "r": sub.run_id})
     batch_life.store_batch(
         engine, sub.run_id, seq, poison_rows(paths, clf.classes, 3), "failed"
     )
