@@ -18,6 +18,7 @@ from db.session import get_engine
 from tests.support import (
     FAULTS,
     assert_exactly_once,
+    created,
     save_model,
     start_producer,
     submit_and_watch,
@@ -58,7 +59,7 @@ def resends(db_url: str) -> int:
 def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
     sample_dir, model_db, tmp_path, broker_env, start_worker
 ):
-    other = f"sqlite:///{tmp_path / 'other.db'}"
+    other = created(f"sqlite:///{tmp_path / 'other.db'}")  # a worker refuses a missing one
     wrong = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": other}, "--device", "cpu",
                          name="wrong")
     wait_for_log(wrong, "ready.")
