@@ -249,9 +249,11 @@ def _number(field: bytes) -> int | None:
             return None
         return int.from_bytes(bytes([field[0] & 0x3F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
+    if not text.isdigit():  # int() would also take a sign or underscores: "-1750" walks back
+        return 0 if not text else None
     try:
-        return int(text, 8) if text else 0
-    except ValueError:
+        return int(text, 8)
+    except ValueError:  # an 8 or a 9
         return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import tarfile
 import zipfile
@@ -52,6 +53,31 @@ def test_the_scan_finds_what_tarfile_finds(tmp_path, sample_dir):
                for m in scan_tar(FileSource(fd), lambda n, s: False, CAP)]
         os.close(fd)
         assert got == want, fmt
+
+
+def test_a_header_whose_size_walks_back_ends_the_scan_instead_of_looping(tmp_path):
+    """A size field of ``-1750`` (which ``int(..., 8)`` takes) or ``1_0`` is not a size: the
+    scan names the header as not valid and stops, instead of reading the same one for ever."""
+    for field in (b"-1750", b"1_0", b"+17"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            add(tf, "3/a.png", b"x" * 10)
+            add(tf, "3/b.png", b"y" * 10)
+        raw = bytearray(buf.getvalue())
+        header = raw[1024:1536]  # the second member's header
+        header[124:136] = field.ljust(11, b" ") + b"\0"
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header)
+        raw[1024:1536] = header
+        path = tmp_path / "walks_back.tar"
+        path.write_bytes(bytes(raw))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            found = list(itertools.islice(scan_tar(FileSource(fd), lambda n, s: False, CAP), 10))
+        finally:
+            os.close(fd)
+        assert [getattr(m, "name", None) for m in found[:1]] == [b"3/a.png"], field
+        assert len(found) == 2 and "header is not valid" in found[1].reason, (field, found)
 
 
 def test_member_names_are_escaped_as_file_names_are():
