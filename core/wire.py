@@ -56,6 +56,8 @@ PAYLOAD_PREFIX = "digitscore:payload:"
 TOKEN = re.compile(r"[0-9a-f]{32}")
 #: The largest message body a worker accepts (bytes); a real one is under 200.
 MAX_BODY_BYTES = 4096
+#: The most database-error retries a message may say it had (at the longest backoff, days).
+MAX_RETRIES = 10_000
 #: The largest id or batch number in a message (a 63-bit database integer).
 MAX_ID = 2**63 - 1
 #: Headers of a signed message: the HMAC (hex) and the SHA-256 (hex) of its payload.
@@ -115,8 +117,8 @@ def check_headers(headers: Any) -> None:
         if not isinstance(headers.get(name), str):
             raise MessageError(f"header {name!r} is not a string")
     retries = headers.get("retries", 0)
-    if retries is not None and (type(retries) is not int or retries < 0):
-        raise MessageError("header 'retries' is not a whole number")
+    if retries is not None and (type(retries) is not int or not 0 <= retries <= MAX_RETRIES):
+        raise MessageError(f"header 'retries' is not a whole number from 0 to {MAX_RETRIES}")
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is None:
@@ -125,12 +127,13 @@ def check_headers(headers: Any) -> None:
             datetime.fromisoformat(value)
         except (TypeError, ValueError):
             raise MessageError(f"header {name!r} is not an ISO 8601 time") from None
+    # the worker's own time limit applies (Settings.task_time_limit): a message that sets one
+    # could have every delivery killed, split and failed
     limits = headers.get("timelimit")
-    if limits is not None and not (
-        isinstance(limits, (list, tuple)) and len(limits) == 2
-        and all(v is None or type(v) in (int, float) for v in limits)
+    if limits is not None and (
+        not isinstance(limits, (list, tuple)) or len(limits) != 2 or any(limits)
     ):
-        raise MessageError("header 'timelimit' is not [soft, hard] seconds")
+        raise MessageError("header 'timelimit' sets a time limit: the worker's own applies")
     for name in ("root_id", "parent_id", "group", "shadow", "lang", "origin"):
         if headers.get(name) is not None and not isinstance(headers[name], str):
             raise MessageError(f"header {name!r} is not a string")

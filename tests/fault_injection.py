@@ -9,7 +9,9 @@ tests.fault_injection``. Production code knows nothing of it.
 - a batch holding a path with ``flaky-cuda`` (or ``flaky-bug``) in its name raises a CUDA
   error (or a plain bug) while scoring, once per run of the test: the first process to create
   ``<DIGITSCORE_TEST_FAULT_DIR>/flaky-cuda`` (or ``flaky-bug``) raises, later ones score;
-- ``DIGITSCORE_TEST_DEVICE_START_FAULT=1``: every pool process's device fails as it starts.
+- ``DIGITSCORE_TEST_DEVICE_START_FAULT=1``: every pool process's device fails as it starts;
+- ``DIGITSCORE_TEST_STORE_FAULT=1``: no batch can be stored (a ``ValueError`` from the store,
+  as a value the database refuses every time gives).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import worker.device_health
 import worker.tasks
 
 _real_score_images = worker.tasks.score_images
+_real_store_batch = worker.tasks.store_batch
 _real_prepare_device = worker.device_health.prepare_device
 
 _FLAKY = {
@@ -61,5 +64,12 @@ def _faulty_prepare_device(device: str) -> None:
     _real_prepare_device(device)
 
 
+def _faulty_store_batch(*args, **kwargs):
+    if os.environ.get("DIGITSCORE_TEST_STORE_FAULT") == "1":
+        raise ValueError("injected: a value the database refuses")
+    return _real_store_batch(*args, **kwargs)
+
+
 worker.tasks.score_images = _faulty_score_images
+worker.tasks.store_batch = _faulty_store_batch
 worker.device_health.prepare_device = _faulty_prepare_device

@@ -334,3 +334,25 @@ def test_a_damaged_model_fails_its_batches_with_its_problem_then_retry_failed_sc
     assert_exactly_once(model_db, 200)
     assert query(model_db, "SELECT n_failed, n_scored FROM runs") == [
         {"n_failed": 0, "n_scored": 200}]
+
+
+def test_a_batch_the_database_will_not_store_fails_at_the_delivery_limit(
+    run_cli, sample_dir, model_db, broker_env, start_worker
+):
+    """A store that fails every time with an error that is not an outage (a value the
+    database refuses) counts a failed delivery each time, so the batch is failed with the
+    reason after MAX_DELIVERIES instead of going round for ever."""
+    worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db,
+                           "DIGITSCORE_TEST_STORE_FAULT": "1"}, "--device", "cpu", *FAULTS)
+    wait_for_log(worker, "ready.")
+    r = run_cli("submit", str(sample_dir / "valid" / "3"), "--batch-size", "1000",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    run = wait_done(model_db, timeout=120)
+    assert run["n_scored"] == 0 and run["n_failed"] > 0
+    (reason,) = {row["error"] for row in query(model_db, "SELECT error FROM predictions")}
+    assert reason.startswith(
+        f"batch abandoned after {defaults.MAX_DELIVERIES} failed deliveries (poison batch): "
+        "storing failed: ValueError: injected: a value the database refuses"), reason
+    assert query(model_db, "SELECT status, deliveries FROM batches") == [
+        {"status": "failed", "deliveries": defaults.MAX_DELIVERIES + 1}]

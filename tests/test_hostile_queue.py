@@ -148,13 +148,14 @@ def test_malformed_messages_are_dropped_and_the_worker_scores_on(
     not_kombu = [
         b"not json at all",
         b"\xff\xfe",
+        b"[" * 200_000,  # deeper than the JSON parser recurses
         json.dumps([1, 2]).encode(),
         json.dumps({"body": "eA==", "headers": {}}).encode(),  # no properties
         envelope([[1, 0, token], {}, {}], queue)[1].replace(b'"base64"', b'"rot13"'),
     ]
     ids = push(broker_env, *bad, *unknown, *(("-", e) for e in not_kombu))[:-len(not_kombu)]
     log = wait_for_log(worker, "dropped: ", count=len(ids) + len(not_kombu), timeout=60)
-    assert log.count("that is not JSON was dropped") == 2
+    assert log.count("that is not JSON was dropped") == 3
     assert log.count("that is not a kombu message was dropped") == 3
     for msg_id in ids[:-4]:  # the last four are dropped under their delivery tags
         assert f"message {msg_id!r} dropped: " in log

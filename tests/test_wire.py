@@ -56,12 +56,18 @@ def test_bodies_and_headers_that_do_not_fit_are_refused():
             wire.check_delivery({**headers, "task": name}, size, lambda b=body: b)
     headers = {"task": wire.TASK_NAME, "id": "x", "retries": 0, "eta": None}
     wire.check_headers(headers)
+    wire.check_headers({**headers, "retries": wire.MAX_RETRIES, "timelimit": [None, None]})
     for change, reason in [
         ({"id": 5}, "'id'"),
         ({"retries": "3"}, "retries"),
         ({"eta": "tomorrow"}, "eta"),
         ({"expires": 12}, "expires"),
+        ({"retries": 2**40}, "retries"),  # would overflow the deliveries column
+        ({"retries": -1}, "retries"),
         ({"timelimit": "x"}, "timelimit"),
+        ({"timelimit": [0.5, None]}, "timelimit"),  # would kill every delivery
+        ({"timelimit": [None, 1]}, "timelimit"),
+        ({"timelimit": [None]}, "timelimit"),
         ({"group": ["x"]}, "group"),
     ]:
         with pytest.raises(MessageError, match=reason):

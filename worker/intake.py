@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from typing import Any
 
@@ -100,9 +99,10 @@ class CheckedChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            # raised by kombu's json.loads of the entry BRPOP just took, before any delivery
-            log.error("a queue entry that is not JSON was dropped: %s", e)
+        except (ValueError, RecursionError) as e:
+            # raised by kombu's json.loads of the entry BRPOP just took, before any delivery:
+            # not JSON, not UTF-8 (both ValueErrors), or nested deeper than the parser goes
+            log.error("a queue entry that is not JSON was dropped: %s", str(e)[:200])
             return True
 
 

@@ -292,9 +292,15 @@ def score_and_store(
                              labels_of(batch.members)),
         engine, message, "scoring failed",
     )
-    # this delivery, and one per earlier try that ended in a database error (a retry)
+    # this delivery, and one per earlier try that ended in a database error (a retry; the
+    # header is bounded by core/wire.check_headers)
     deliveries = 1 + task.request.retries
-    n_new = store_batch(engine, batch.run_id, batch.seq, rows, deliveries=deliveries)
+    # an error the database keeps giving (not an outage) fails the batch at the delivery
+    # limit instead of sending it round for ever
+    n_new = count_failure_on_error(
+        lambda: store_batch(engine, batch.run_id, batch.seq, rows, deliveries=deliveries),
+        engine, message, "storing failed",
+    )
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(rows))
