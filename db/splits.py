@@ -8,14 +8,16 @@ from __future__ import annotations
 from sqlalchemy import Engine, func, insert, select, update
 
 from db.models import batches, runs, utcnow
+from db.session import read_then_write
 
 
 def split_batch(engine: Engine, run_id: int, seq: int) -> list[tuple[int, list[str]]]:
     """Record the halves of queued batch ``seq`` as new queued batches (the next numbers of
     the run) and mark it ``split``; returns each half's number and paths, or ``[]`` when
     the batch is no longer queued (another delivery split or stored it)."""
-    with engine.begin() as conn:
-        # the run's lock: two batches split at once take distinct numbers
+    with read_then_write(engine) as conn:
+        # the run's lock: two batches split at once take distinct numbers (a producer
+        # recording its next batch meanwhile takes the number after: producer/submit.py)
         conn.execute(select(runs.c.id).where(runs.c.id == run_id).with_for_update())
         where = (batches.c.run_id == run_id, batches.c.seq == seq, batches.c.status == "queued")
         paths = conn.execute(select(batches.c.paths).where(*where)).scalar_one_or_none()

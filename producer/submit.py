@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 if TYPE_CHECKING:
     from core.classifier import Classifier
@@ -196,17 +196,32 @@ def _send_all(
     send_mode: str,
     on_batch: OnBatch | None,
 ) -> int:
-    seq = first_seq
+    seq, n_batches = first_seq, 0
     for batch in stream:
-        with engine.begin() as conn:
-            batch_life.record_batch(
-                conn, run_id, seq, batch.paths, batch.n_bytes, batch.members
-            )
+        seq = record_next(engine, run_id, seq, batch)
         sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
         if on_batch is not None:
             on_batch(len(batch))
-        seq += 1
-    return seq - first_seq
+        seq, n_batches = seq + 1, n_batches + 1
+    return n_batches
+
+
+def record_next(engine: Engine, run_id: int, seq: int, batch: FileBatch) -> int:
+    """Record ``batch`` as number ``seq`` of the run, or as the next free number where a
+    worker's split of a batch (db/splits.py) has taken ``seq`` meanwhile; returns the number."""
+    while True:
+        try:
+            with engine.begin() as conn:
+                batch_life.record_batch(
+                    conn, run_id, seq, batch.paths, batch.n_bytes, batch.members
+                )
+            return seq
+        except IntegrityError:
+            with engine.connect() as conn:
+                free = queries.next_batch_seq(conn, run_id)
+            if free <= seq:  # not a number taken: some other constraint
+                raise
+            seq = free
 
 
 def _finish(engine: Engine, run_id: int, n_skipped: int, n_batches: int) -> Submission:

@@ -74,3 +74,27 @@ def test_label_is_parent_folder_only_when_it_is_a_class():
     assert label_for("valid/3/a.png", ("3", "7")) == "3"
     assert label_for("a.png", ("3", "7")) is None
     assert label_for("3/x/a.png", ("3", "7")) is None
+
+
+def test_a_batch_recorded_after_a_split_takes_the_next_free_number(any_db_url, classifier):
+    """A worker's split numbers its halves after the run's last batch; the producer's next
+    batch, which it meant to number the same, takes the number after them instead of
+    failing the submit on the unique (run_id, seq)."""
+    from core.files import FileBatch
+    from db.splits import split_batch
+    from producer.submit import record_next
+
+    engine = get_engine(any_db_url)
+    model_id = save_model(engine, classifier)
+    with engine.begin() as conn:
+        run_id, _token = queries.create_run(conn, model_id, "/data", "celery")
+        batch_life.record_batch(conn, run_id, 0, ["a.png", "b.png"], 2)
+    assert [seq for seq, _ in split_batch(engine, run_id, 0)] == [1, 2]
+    batch = FileBatch(paths=["c.png"], blobs=[b"x"], errors=[None], n_bytes=1)
+    assert record_next(engine, run_id, 1, batch) == 3
+    with engine.connect() as conn:
+        got = conn.execute(text(
+            "SELECT seq, status, n_images FROM batches WHERE run_id = :r ORDER BY seq"),
+            {"r": run_id}).all()
+    assert [tuple(r) for r in got] == [(0, "split", 2), (1, "queued", 1), (2, "queued", 1),
+                                       (3, "queued", 1)]
