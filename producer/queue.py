@@ -161,11 +161,13 @@ class CelerySender:
     ) -> None:
         """Send the batch ``message`` names again: its payload, when still in Redis, as it
         is; otherwise ``read()`` reads its files again (``read`` ``None``: a ``--send
-        paths`` batch, the message alone)."""
+        paths`` batch, the message alone). With a secret the files are always read again:
+        a payload found in Redis is not signed again, since anyone who can write to Redis
+        could have swapped it."""
         if read is None:
             self.send(message, None)
             return
-        payload = self._payload_store().get(wire.payload_key(message))
+        payload = None if self.secret else self._payload_store().get(wire.payload_key(message))
         if payload is None:
             self.send(message, read())
             return

@@ -111,3 +111,50 @@ def test_a_worker_that_stopped_heartbeating_without_stopping_is_named(engine):
     with engine.connect() as conn:
         gone = vanished_workers(conn, 30)
     assert [w["name"] for w in gone] == ["w1@h"] and 44 < gone[0]["seconds"] < 60
+
+
+def test_a_split_checks_the_signed_digest_before_signing_the_halves(engine):
+    """With a secret, a payload swapped in Redis is refused before the batch is split:
+    the halves would be signed with the secret over bytes nobody checked."""
+    from core import wire
+    from core.errors import MessageError
+    from core.settings import Settings
+    from db.batch_life import RecordedBatch
+    from worker.splitting import split_and_resend
+
+    with engine.begin() as conn:
+        run_id, _ = queries.create_run(conn, 1, "/data", "celery")
+        batch_life.record_batch(conn, run_id, 0, ["a.png", "b.png"], 2)
+    message = wire.BatchMessage(run_id, 0, TOKEN)
+    signed = wire.pack_payload([b"a", b"b"], [None, None])
+    store = fakeredis.FakeRedis()
+    store.set(wire.payload_key(message), wire.pack_payload([b"X", b"Y"], [None, None]))
+    settings = Settings(secret=b"s" * 32)
+    batch = RecordedBatch(run_id, 0, 1, ["a.png", "b.png"], "queued", 2, 1, time_limited=1)
+    digest = wire.signature_headers(settings.secret, message, signed)[wire.PAYLOAD_DIGEST_HEADER]
+    with pytest.raises(MessageError, match="not those its producer signed"):
+        split_and_resend(engine, store, None, settings, batch, message, digest)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT seq, status FROM batches")).all() == [(0, "queued")]
+
+
+def test_with_a_secret_a_re_send_reads_the_files_again_instead_of_signing_redis_bytes():
+    """A healer's re-send never signs a payload it finds in Redis (anyone who can write there
+    could have swapped it): with a secret it reads the batch's files again. The broker here
+    is unreachable, so a look at Redis would fail the test."""
+    from core import wire
+    from core.files import FileBatch
+    from core.settings import Settings
+    from producer.queue import CelerySender
+
+    sent: list = []
+
+    class Recording(CelerySender):
+        def send(self, message, batch):
+            sent.append((message, batch))
+
+    sender = Recording(Settings(broker_url="redis://127.0.0.1:1/0", secret=b"s" * 32))
+    files = FileBatch(paths=["a.png"], blobs=[b"a"], errors=[None], n_bytes=1)
+    message = wire.BatchMessage(1, 0, TOKEN)
+    sender.resend(message, lambda: files)
+    assert sent == [(message, files)]

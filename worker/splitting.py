@@ -30,9 +30,11 @@ def should_split(batch: RecordedBatch) -> bool:
 
 def split_and_resend(
     engine: Any, store: Any, app: Any, settings: Settings, batch: RecordedBatch,
-    message: wire.BatchMessage,
+    message: wire.BatchMessage, digest: str | None = None,
 ) -> list[int]:
-    """Split ``batch`` (its message ``message``) and queue its halves; their numbers."""
+    """Split ``batch`` (its message ``message``, whose payload digest header is ``digest``)
+    and queue its halves; their numbers. With a secret, the payload is checked against the
+    signed digest before its halves are signed."""
     key = wire.payload_key(message)
     payload = None
     if batch.send_mode != "paths":
@@ -42,6 +44,11 @@ def split_and_resend(
                 f"run {batch.run_id} batch {batch.seq}: its image bytes are gone from Redis; "
                 f"the batch stays unfinished: run `producer resume {batch.run_id}`"
             )
+        if settings.secret is not None:
+            try:
+                wire.check_payload_digest(digest, payload)
+            except MessageError as e:
+                raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
         blobs, errors = wire.unpack_payload(payload, len(batch.paths))
     halves = split_batch(engine, batch.run_id, batch.seq)
     start = 0

@@ -237,7 +237,8 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
                         SETTINGS.max_batch_images)
     if claim.action == "score" and claim.batch is not None and should_split(claim.batch):
         # the time limit stopped its last delivery: score it in halves
-        split_and_resend(engine, payload_store(), app, SETTINGS, claim.batch, message)
+        split_and_resend(engine, payload_store(), app, SETTINGS, claim.batch, message,
+                         payload_digest(task))
         n_new = 0
     elif claim.action == "score":
         assert claim.batch is not None
@@ -327,12 +328,18 @@ def read_images(
         )
     if SECRET is not None:
         try:
-            name = wire.PAYLOAD_DIGEST_HEADER  # a custom header: in the request's headers
-            digest = getattr(task.request, name, None) or (task.request.headers or {}).get(name)
-            wire.check_payload_digest(digest, data)
+            wire.check_payload_digest(payload_digest(task), data)
         except MessageError as e:
             raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
     return wire.unpack_payload(data, len(batch.paths))
+
+
+def payload_digest(task: Any) -> str | None:
+    """The payload digest header of the message ``task`` runs (a custom header: in the
+    request's headers)."""
+    name = wire.PAYLOAD_DIGEST_HEADER
+    digest = getattr(task.request, name, None) or (task.request.headers or {}).get(name)
+    return digest if isinstance(digest, str) else None
 
 
 @app.task(
