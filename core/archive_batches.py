@@ -8,21 +8,23 @@ recorded batch back with :func:`read_recorded`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from typing import Any
 
 from core import defaults
 from core.archives import (
+    OPEN_FLAGS,
     Archive,
     Item,
     archive_format,
+    archive_of,
     list_items,
     open_archive,
     read_dense,
     read_where,
 )
+from core.below import Below, Outside
 from core.files import OUTSIDE_ROOT, DirectoryWalk, FileBatch, on_disk_name
 
 
@@ -152,20 +154,25 @@ def read_recorded(root: str, paths: list[str], record: dict[str, Any]) -> FileBa
 
 
 def _open_below(root: str, rel: str, fmt: str) -> Archive | str:
-    """The archive ``rel`` below ``root`` (a resolved directory), or why not: one that
-    resolves outside ``root`` (a link, ``..``) gets :data:`OUTSIDE_ROOT`."""
-    path = os.path.join(root, rel)
-    if not os.path.lexists(path):
-        raw = on_disk_name(path)  # a stored name with \xNN escapes: the file's own bytes
-        if raw is not None and os.path.lexists(raw):
-            path = raw
-    resolved = os.path.realpath(path)
-    if not resolved.startswith(os.path.join(root, "")):
-        return OUTSIDE_ROOT
+    """The archive ``rel`` below ``root`` (a resolved directory), each component opened from
+    its parent's descriptor (core/below.py), or why not: one that leads outside ``root`` (a
+    link, ``..``), even by a folder swapped for a link meanwhile, gets :data:`OUTSIDE_ROOT`."""
     try:
-        return open_archive(resolved, fmt, os.O_NOFOLLOW)
+        with Below(root) as below:
+            try:
+                fd = below.open(rel, OPEN_FLAGS)
+            except FileNotFoundError:
+                raw = on_disk_name(rel)  # a stored name with \xNN escapes: the file's bytes
+                if raw is None:
+                    raise
+                fd = below.open(raw, OPEN_FLAGS)
+        return archive_of(fd, fmt)
+    except Outside:
+        return OUTSIDE_ROOT
     except OSError as e:
         return f"archive could not be read: {_why(e)}"
+    except ValueError:  # a NUL byte: no file is called that
+        return "archive could not be read: the name holds a NUL byte"
 
 
 def labels_of(record: dict[str, Any] | None) -> list[str | None] | None:

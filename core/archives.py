@@ -40,7 +40,7 @@ READ_GAP = 64 * 1024
 READ_SPAN = 16 * 1024 * 1024
 #: The most bytes of a ``.cls`` member read (a class name).
 MAX_CLASS_BYTES = 1024
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
 # WebDataset's split of a member name into its key and its extensions: the extensions start
 # at the first dot of the last component.
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$", re.DOTALL)
@@ -119,7 +119,11 @@ class Archive:
 
 def open_archive(path: str, fmt: str, flags: int = 0) -> Archive:
     """The archive at ``path``, opened (``OSError`` if it cannot be, or is not a file)."""
-    fd = os.open(path, _OPEN_FLAGS | flags)
+    return archive_of(os.open(path, OPEN_FLAGS | flags), fmt)
+
+
+def archive_of(fd: int, fmt: str) -> Archive:
+    """The archive open as ``fd`` (closed, and ``OSError``, if it is not a file)."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
