@@ -169,6 +169,17 @@ def read_then_write(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one commit, so that a report of a running run adds
+    up: ``REPEATABLE READ`` on PostgreSQL, where each statement would otherwise see the
+    newest commit; SQLite's deferred transaction reads one snapshot from its first read on."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        yield conn
+
+
 _engines: dict[str, Engine] = {}
 
 

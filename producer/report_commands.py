@@ -208,9 +208,10 @@ def report_cmd(
       producer report latest --json
       producer report latest --html run.html
     """
+    from db.session import snapshot
     from producer.report import build_report, format_report
 
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:
         run_id = resolve_run(conn, run)
         report = build_report(conn, run_id)
         if html_file is not None:

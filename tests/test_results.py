@@ -98,3 +98,20 @@ def test_a_batch_recorded_after_a_split_takes_the_next_free_number(any_db_url, c
             {"r": run_id}).all()
     assert [tuple(r) for r in got] == [(0, "split", 2), (1, "queued", 1), (2, "queued", 1),
                                        (3, "queued", 1)]
+
+
+def test_a_snapshot_reads_one_commit_while_others_commit(any_db_url, classifier):
+    """What a report reads (db.session.snapshot) adds up at one commit: a run recorded by
+    another connection meanwhile is not seen by its later statements, on either database."""
+    from db.session import snapshot
+
+    engine = get_engine(any_db_url)
+    model_id = save_model(engine, classifier)
+    count = text("SELECT COUNT(*) FROM runs")
+    with snapshot(engine) as conn:
+        before = conn.execute(count).scalar_one()
+        with engine.begin() as other:
+            queries.create_run(other, model_id, "/data", "embedded")
+        assert conn.execute(count).scalar_one() == before
+    with engine.connect() as conn:
+        assert conn.execute(count).scalar_one() == before + 1
