@@ -123,7 +123,7 @@ def claim_batch(
         return Claim("skip", batch, f"run {run_id} batch {seq} holds {batch.n_images} images, "
                      f"more than {defaults.MAX_BATCH_IMAGES_ENV}={max_images}")
     if batch.failed_deliveries >= max_deliveries:
-        return Claim("poison", batch, classes=model_classes(engine, batch.model_id))
+        return Claim("poison", batch, classes=poison_classes(engine, batch.model_id))
     return Claim("score", batch)
 
 
@@ -163,8 +163,9 @@ def recorded_batch(
     )
 
 
-def model_classes(engine: Engine, model_id: int) -> tuple[str, ...]:
-    """The model's class names, read without its weights; none when the model is gone."""
+def poison_classes(engine: Engine, model_id: int) -> tuple[str, ...]:
+    """The model's class names for a poison batch's rows, read without its weights; none
+    when the model is gone (db/reads.model_classes, for reports, raises then)."""
     with engine.connect() as conn:
         text = conn.execute(
             select(models.c.classes).where(models.c.id == model_id)

@@ -4,9 +4,9 @@ rows) by one ``INSERT ... SELECT FROM unnest(...)`` of arrays on PostgreSQL and 
 multi-row ``INSERT`` on SQLite.
 
 Each goes to the driver as it is: SQLAlchemy's handling of each of thousands of parameters
-costs more than the statement. The rows are written as they are; which of them belong in the
-table is the caller's to decide (db/queries.py writes a batch's rows only with its ``done``
-mark, and looks up the paths its run holds only when the unique index refused one).
+costs more than the statement. The rows are written as they are; which of them belong in
+the table is the caller's to decide (db/batch_life.py writes a batch's rows only in the
+transaction that marks it ``done`` or ``failed``).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ batches = Table(
 )
 
 #: One row per submitted image: its predictions, or the reason it could not be scored. Rows
-#: are written only with their batch's ``done``/``failed`` mark (db/queries.py), so it keeps
+#: are written only with their batch's ``done``/``failed`` mark (db/batch_life.py), so it keeps
 #: no surrogate key and no foreign key (migration 0010): each costs every row of a COPY.
 predictions = Table(
     "predictions",

@@ -15,7 +15,8 @@ Two sweeps, because a worker takes a message from the queue a moment before it e
 unacknowledged hash. Each lost batch's re-send is taken in the database before it is sent
 (db/healing.take_resend), so healers running at once (a ``--wait``, a ``producer heal`` from
 cron) send it once between them. A copy sent while the first is still being scored writes
-its rows once: the store inserts only new rows, and a worker drops a batch already done.
+its rows once: a batch's rows go in with the claim that marks it done, and a delivery
+that finds it done writes nothing.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ The foreign keys into ``runs`` are checked at commit (``defer_foreign_keys``): d
 it, so the rows a hand-deleted run left behind are neither counted nor removed.
 
 Revision ID: 0015
-Revises: 0012
+Revises: 0011
 Create Date: 2026-12-02
 """
 
