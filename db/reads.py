@@ -18,7 +18,7 @@ from core.errors import ModelNotFound
 from core.rows import PREDICTORS
 from core.storage import array_from_bytes, classes_from_json, read_stored
 from db.counts import PAIRS, PROB_BINS
-from db.models import batch_counts, batch_failures, batches, models
+from db.models import batch_counts, batch_failures, batches, models, predictions
 
 #: ``{predictor: {label: {predicted: n}}}``, as :func:`db.views.confusion` gives it
 Confusion = dict[str, dict[str, dict[str, int]]]
@@ -170,3 +170,28 @@ def failure_reasons(conn: Connection, run_id: int) -> list[dict[str, Any]]:
         .order_by(n.desc(), f.error)
     )
     return [{"error": e, "n": int(k)} for e, k in rows if k]
+
+
+def member_records(conn: Connection, run_id: int, paths: list[str]) -> dict[str, dict[str, Any]]:
+    """For each of ``paths`` that is an archive member of run ``run_id``, its batch's record
+    cut to that member (``archive``, ``format``, ``size`` and its one ``members`` entry), as
+    core/archive_batches.read_recorded reads it; loose files are left out."""
+    if not paths:
+        return {}
+    seqs = select(predictions.c.path, predictions.c.batch_seq).where(
+        predictions.c.run_id == run_id, predictions.c.path.in_(paths))
+    by_seq: dict[int, list[str]] = {}
+    for path, seq in conn.execute(seqs):
+        by_seq.setdefault(int(seq), []).append(path)
+    found: dict[str, dict[str, Any]] = {}
+    held = select(batches.c.seq, batches.c.paths, batches.c.members).where(
+        batches.c.run_id == run_id, batches.c.seq.in_(list(by_seq)))
+    for seq, batch_paths, record in conn.execute(held):
+        if not record:  # loose files (the column holds JSON null)
+            continue
+        where = {path: i for i, path in enumerate(batch_paths or [])}
+        for path in by_seq[int(seq)]:
+            if path in where:
+                found[path] = {**record, "members": [record["members"][where[path]]],
+                               "labels": None}
+    return found

@@ -24,7 +24,7 @@ from core.rows import PREDICTORS
 from core.text import printable
 from db.mistakes import confident_mistakes, least_confident
 from db.model_store import load_learning_curve
-from db.reads import ModelArrays, model_arrays
+from db.reads import ModelArrays, member_records, model_arrays
 from producer.pictures import (
     colour_bar,
     curve_chart,
@@ -174,9 +174,12 @@ def _model(classifier: ModelArrays, model_id: int) -> str:
     )
 
 
-def _thumbnail(report: dict[str, Any], classifier: ModelArrays, path: str, cache: dict) -> str:
+def _thumbnail(report: dict[str, Any], classifier: ModelArrays, row: dict[str, Any],
+               cache: dict) -> str:
+    path = row["path"]
     if path not in cache:
-        img = load_thumbnail(report["run"]["source_dir"], path, classifier.height, classifier.width)
+        img = load_thumbnail(report["run"]["source_dir"], path, classifier.height,
+                             classifier.width, row.get("member"))
         cache[path] = None if img is None else data_uri(img)
     uri = cache[path]
     if uri is None:
@@ -222,7 +225,7 @@ def _mistakes(
             f'<h3>{NAMES[p]}: {len(rows)} of {wrong} wrong <span class="note">({how[p]})</span>'
             "</h3>"
         )
-        cards = "".join(_card(r, _thumbnail(report, classifier, r["path"], cache)) for r in rows)
+        cards = "".join(_card(r, _thumbnail(report, classifier, r, cache)) for r in rows)
         parts.append(f'<div class="grid">{cards}</div>' if rows else "<p>none</p>")
     return "".join(parts)
 
@@ -265,7 +268,7 @@ def _predictions(report: dict[str, Any]) -> str:
 
 def _unsure(report: dict[str, Any], classifier: ModelArrays, rows: list[dict[str, Any]]) -> str:
     cache: dict[str, str | None] = {}
-    cards = "".join(_card(r, _thumbnail(report, classifier, r["path"], cache)) for r in rows)
+    cards = "".join(_card(r, _thumbnail(report, classifier, r, cache)) for r in rows)
     return (
         '<h2>Least confident <span class="note">(smallest SGD probability first, '
         "labelled or not)</span></h2>"
@@ -350,4 +353,8 @@ def build_html(
     }
     curve, best_epoch = load_learning_curve(conn, report["run"]["model_id"])
     unsure = least_confident(conn, run_id, mistakes_per_predictor)
+    shown = [r for rows in [*mistakes.values(), unsure] for r in rows]
+    members = member_records(conn, run_id, sorted({r["path"] for r in shown}))
+    for r in shown:
+        r["member"] = members.get(r["path"])
     return render_html(report, classifier, mistakes, curve, best_epoch, unsure)

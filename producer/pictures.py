@@ -14,12 +14,14 @@ import base64
 import io
 import math
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from core.archive_batches import read_recorded
 from core.curve import EpochStats
-from core.files import read_file
+from core.files import read_below
 from core.images import ImageError, decode_gray
 from db.reads import ModelArrays
 
@@ -248,14 +250,20 @@ def inside_source(source_dir: str, path: str) -> str | None:
     return full if full != root and os.path.commonpath([root, full]) == root else None
 
 
-def load_thumbnail(source_dir: str, path: str, height: int, width: int) -> Image.Image | None:
+def load_thumbnail(
+    source_dir: str, path: str, height: int, width: int, member: dict[str, Any] | None = None
+) -> Image.Image | None:
     """The scored image ``path`` (relative to ``source_dir``) as grayscale, or ``None`` when
     it is gone, unreadable, not an image of the model's size, or resolves outside
-    ``source_dir``."""
-    full = inside_source(source_dir, path)
-    if full is None:
+    ``source_dir``. ``member``: where ``path`` is inside an archive (db.reads.member_records),
+    read from there."""
+    if inside_source(source_dir, path if member is None else member["archive"]) is None:
         return None
-    data, error = read_file(full)
+    root = os.path.realpath(source_dir)
+    if member is None:
+        data, error = read_below(root, path)
+    else:
+        data, error = read_recorded(root, [path], member).blobs[0], None
     if data is None or error:
         return None
     try:

@@ -279,3 +279,33 @@ def test_a_running_runs_page_says_its_results_are_partial(
                         "report again once it is done (`producer wait 1`)."]
     store(1)
     assert banner() == []
+
+
+def test_thumbnails_of_archive_members_are_read_from_their_archive(
+    sqlite_url, sample_dir, classifier, tmp_path
+):
+    """A member of a tar shard is shown by its own pixels, read at the place its batch's
+    record names, not as a file that is gone."""
+    import base64
+    import io
+    import tarfile
+
+    from producer.html_report import build_html
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    files = sorted((sample_dir / "valid" / "3").glob("*.png"))[:20]
+    with tarfile.open(root / "a.tar", "w") as tf:
+        for f in files:
+            tf.add(f, arcname=f"3/{f.name}")
+    engine = get_engine(sqlite_url)
+    run_id = submit_embedded(engine, classifier, save_model(engine, classifier), root)
+    with engine.connect() as conn:
+        page = Page(build_html(conn, run_id, mistakes_per_predictor=5))
+    by_name = {f"a.tar/3/{f.name}": f for f in files}
+    shown = [a for a in page.all("img") if a.get("alt") in by_name]
+    assert len(shown) >= 5 and not page.classed("missing")  # least confident, mistakes
+    for img in shown:
+        data = base64.b64decode((img["src"] or "").split(",", 1)[1])
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+        assert (pixels == np.asarray(Image.open(by_name[img["alt"]]).convert("L"))).all()
