@@ -62,8 +62,11 @@ def split_and_resend(
         start += len(paths)
         headers = (wire.signature_headers(settings.secret, half, data) if settings.secret
                    else None)
+        # no time limit in the message (Celery would copy the registered task's, and
+        # workers refuse a message that sets one: the receiving worker's own applies)
         app.send_task(wire.TASK_NAME, args=half.args(), queue=settings.queue,
-                      serializer="msgpack", headers=headers)
+                      serializer="msgpack", headers=headers, time_limit=None,
+                      soft_time_limit=None)
     if halves:
         store.delete(key)
         log.warning(
