@@ -128,6 +128,9 @@ def vacuum(engine: Engine) -> tuple[int, int]:
     path = sqlite_file(engine)
     assert path is not None
     before = os.path.getsize(path)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM")
+    raw = engine.raw_connection()  # the driver's own, in autocommit (db/session.py)
+    try:
+        raw.cursor().execute("VACUUM")
+    finally:
+        raw.close()
     return before, os.path.getsize(path)

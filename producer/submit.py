@@ -57,6 +57,8 @@ from producer.lease import Lease, holding, this_process
 
 class Sender(Protocol):
     backend: str
+    #: Called while the sender waits for room to send (the run's lease check), if it waits.
+    while_waiting: Callable[[], None] | None
 
     def send(self, message: BatchMessage, batch: FileBatch | None) -> None: ...
 
@@ -65,6 +67,7 @@ class EmbeddedSender:
     """Scores each batch in this process, at once."""
 
     backend = "embedded"
+    while_waiting = None  # it never waits
 
     def __init__(self, engine: Engine, classifier: Classifier) -> None:
         self.engine = engine
@@ -199,6 +202,7 @@ def _send_all(
     lease: Lease,
 ) -> int:
     seq, n_batches = first_seq, 0
+    sender.while_waiting = lease.check
     for batch in stream:
         lease.check()
         seq = record_next(engine, run_id, seq, batch)
@@ -305,6 +309,7 @@ def _resume(
         raise DirectoryError(
             f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
         )
+    sender.while_waiting = lease.check
     for seq, paths, members in pending:
         lease.check()
         batch = None
