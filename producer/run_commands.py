@@ -192,11 +192,17 @@ def submit_cmd(
             run_id = created[0]
             echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(
-        f"run {sub.run_id}: {plural(sub.n_images, 'image')} in "
-        f"{plural(sub.n_batches, 'batch', 'batches')} "
-        f"({plural(sub.n_skipped, 'other file')} skipped), status {sub.status}"
-    )
+    try:
+        click.echo(
+            f"run {sub.run_id}: {plural(sub.n_images, 'image')} in "
+            f"{plural(sub.n_batches, 'batch', 'batches')} "
+            f"({plural(sub.n_skipped, 'other file')} skipped), status {sub.status}"
+        )
+    except KeyboardInterrupt:  # the run is wholly sent
+        if wait:
+            _stopped_waiting(engine, sub.run_id, settings)
+        echo_err(f"\nstopped; run {sub.run_id} was sent: `producer status {sub.run_id}`")
+        sys.exit(EXIT_INTERRUPTED)
     if wait:
         _wait_and_report(engine, sub.run_id, settings, timeout)
 
@@ -263,32 +269,33 @@ def _submit(
 def _wait_and_report(
     engine: Any, run_id: int, settings: Settings, timeout: float | None
 ) -> None:
-    """Wait for the run (saying why when it does not move), then print its report."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from core.errors import DatabaseUnavailable
-    from producer.progress import wait_for_run
-    from producer.report import build_report, format_report
-    from producer.submit import failure_cause
-
-    heal = None
-    every = settings.heal_every
-    explain = functools.partial(why_stalled, engine, run_id, settings, every > 0)
-    if settings.broker_url:
-        from producer.heal import Healer, sweep_and_say
-
-        if every > 0:
-            heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
+    """Wait for the run (saying why when it does not move), then print its report; a
+    Ctrl-C from the moment it is called is :func:`_stopped_waiting`'s."""
     try:
-        wait_for_run(engine, run_id, timeout=timeout, explain=explain,
-                     stall_after=settings.stall_hint_after, heal=heal, heal_every=every)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from core.errors import DatabaseUnavailable
+        from producer.progress import wait_for_run
+        from producer.report import build_report, format_report
+        from producer.submit import failure_cause
+
+        heal = None
+        every = settings.heal_every
+        explain = functools.partial(why_stalled, engine, run_id, settings, every > 0)
+        if settings.broker_url and every > 0:
+            from producer.heal import Healer, sweep_and_say
+
+            heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
+        try:
+            wait_for_run(engine, run_id, timeout=timeout, explain=explain,
+                         stall_after=settings.stall_hint_after, heal=heal, heal_every=every)
+        except SQLAlchemyError as e:
+            raise DatabaseUnavailable(
+                f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes "
+                f"on without this command: see `producer status {run_id}`"
+            ) from e
     except KeyboardInterrupt:
         _stopped_waiting(engine, run_id, settings)
-    except SQLAlchemyError as e:
-        raise DatabaseUnavailable(
-            f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes on "
-            f"without this command: see `producer status {run_id}`"
-        ) from e
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
 

@@ -489,3 +489,14 @@ def payload_keys(broker_url: str, run_id: int) -> list[bytes]:
     import redis
 
     return list(redis.Redis.from_url(broker_url).scan_iter(f"digitscore:payload:{run_id}:*"))
+
+
+def wait_reading_stdin(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` is blocked reading its standard input (Linux: its
+    ``/proc/PID/syscall`` is ``read`` of fd 0): a signal sent then interrupts that read,
+    where one sent a moment earlier would be seen only after it."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x0 "):
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} is not reading its standard input")
+        time.sleep(0.01)
