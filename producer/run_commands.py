@@ -287,8 +287,9 @@ def _wait_and_report(
 
             heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
         try:
-            wait_for_run(engine, run_id, timeout=timeout, explain=explain,
-                         stall_after=settings.stall_hint_after, heal=heal, heal_every=every)
+            status = wait_for_run(engine, run_id, timeout=timeout, explain=explain,
+                                  stall_after=settings.stall_hint_after, heal=heal,
+                                  heal_every=every)
         except SQLAlchemyError as e:
             raise DatabaseUnavailable(
                 f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes "
@@ -298,6 +299,11 @@ def _wait_and_report(
         _stopped_waiting(engine, run_id, settings)
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
+    if status == "cancelled":
+        raise RunCancelled(
+            f"run {run_id} was cancelled (`producer cancel`): the report above is of what it "
+            "stored"
+        )
 
 
 def _stopped_waiting(engine: Any, run_id: int, settings: Settings) -> None:

@@ -86,6 +86,9 @@ def test_cancel_mid_run_stores_nothing_after_it(
     wait_for_log(worker, "its run was cancelled: dropped unscored")
     r = run_cli("status", "1", "--database-url", any_model_db)
     assert r.output.startswith("run 1 cancelled: "), r.output
+    r = run_cli("wait", "1", "--database-url", any_model_db)  # the report, and exit 1
+    assert r.exit_code == 1 and "status cancelled" in r.output, r.output
+    assert "Error: run 1 was cancelled (`producer cancel`): the report above" in r.output
     r = run_cli("resume", "1", "--database-url", any_model_db)
     assert r.exit_code == 1
     assert "run 1 was cancelled: it is not sent again" in r.output
