@@ -99,3 +99,11 @@ class MessageError(DigitscoreError, ValueError):
 class RunBeingSent(DigitscoreError):
     """A live ``submit`` or ``resume`` holds the run's lease: a second sender would record
     the batches it records."""
+
+
+class RunCancelled(DigitscoreError):
+    """The run was cancelled (``producer cancel``): nothing sends or scores it any more."""
+
+
+class RunUnfinished(BadInput):
+    """A run still queued or running, which ``delete`` refuses: cancel it first."""

@@ -93,15 +93,18 @@ class RecordedBatch:
     members: dict[str, Any] | None = None
     #: failed deliveries the task time limit stopped: the next one splits the batch
     time_limited: int = 0
+    #: its run's status: a ``cancelled`` run's batches are never scored
+    run_status: str = "queued"
 
 
 @dataclass(frozen=True)
 class Claim:
     """What a worker does with a delivered batch: ``skip`` it (``why`` says why, for the log;
-    ``""`` for a batch already finished), give it up as ``poison`` (``classes`` are its model's
-    class names, for its rows' labels), or ``score`` it."""
+    ``""`` for a batch already finished), drop it because its run was ``cancelled``, give it
+    up as ``poison`` (``classes`` are its model's class names, for its rows' labels), or
+    ``score`` it."""
 
-    action: Literal["skip", "poison", "score"]
+    action: Literal["skip", "cancelled", "poison", "score"]
     batch: RecordedBatch | None = None
     why: str = ""
     classes: tuple[str, ...] = ()
@@ -117,6 +120,8 @@ def claim_batch(
         batch = recorded_batch(engine, run_id, seq, token, max_images)
     except RunMismatch as e:
         return Claim("skip", why=str(e))
+    if batch.status == "cancelled" or batch.run_status == "cancelled":
+        return Claim("cancelled", batch)
     if batch.status != "queued":  # stored by an earlier delivery, or given up on
         return Claim("skip", batch)
     if batch.n_images > max_images:
@@ -135,8 +140,8 @@ def recorded_batch(
     and holds at most ``max_images``."""
     with engine.connect() as conn:
         run = conn.execute(
-            select(runs.c.token, runs.c.model_id, runs.c.send_mode, runs.c.source_dir)
-            .where(runs.c.id == run_id)
+            select(runs.c.token, runs.c.model_id, runs.c.send_mode, runs.c.source_dir,
+                   runs.c.status).where(runs.c.id == run_id)
         ).one_or_none()
         if run is None:
             raise RunMismatch(f"run {run_id} is not in this database")
@@ -159,8 +164,20 @@ def recorded_batch(
     return RecordedBatch(
         run_id, seq, int(run.model_id), paths, str(row.status), n_images, failed,
         str(run.send_mode), str(run.source_dir), row.last_failure, members,
-        int(row.time_limited or 0),
+        int(row.time_limited or 0), str(run.status),
     )
+
+
+def was_cancelled(engine: Engine, run_id: int, seq: int) -> bool:
+    """Whether batch ``seq`` or its run was cancelled (db/cancellation.py): what a worker
+    whose claim came to nothing, or whose payload went, asks."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(runs.c.status, batches.c.status.label("batch_status"))
+            .join(batches, batches.c.run_id == runs.c.id)
+            .where(runs.c.id == run_id, batches.c.seq == seq)
+        ).one_or_none()
+    return found is not None and "cancelled" in (found.status, found.batch_status)
 
 
 def poison_classes(engine: Engine, model_id: int) -> tuple[str, ...]:

@@ -67,14 +67,17 @@ def take_lease(
         return holder_of(_lease(conn, run_id), now)
 
 
-def renew_lease(engine: Engine, run_id: int, holder: str, seconds: float) -> bool:
-    """Hold the lease ``seconds`` longer; ``False`` when ``holder`` no longer holds it."""
+def renew_lease(engine: Engine, run_id: int, holder: str, seconds: float) -> str | None:
+    """Hold the lease ``seconds`` longer: the run's status (a sender stops once it is
+    ``cancelled``), or ``None`` when ``holder`` no longer holds it."""
     with engine.begin() as conn:
-        return bool(conn.execute(
+        status = conn.execute(
             update(runs)
             .where(runs.c.id == run_id, runs.c.lease_holder == holder)
             .values(lease_until=utcnow() + timedelta(seconds=seconds))
-        ).rowcount)
+            .returning(runs.c.status)
+        ).scalar_one_or_none()
+    return None if status is None else str(status)
 
 
 def release_lease(engine: Engine, run_id: int, holder: str) -> None:

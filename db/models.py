@@ -27,8 +27,8 @@ from sqlalchemy import (
     text,
 )
 
-RUN_STATUSES = ("queued", "running", "done")
-BATCH_STATUSES = ("queued", "done", "failed", "split")
+RUN_STATUSES = ("queued", "running", "done", "cancelled")
+BATCH_STATUSES = ("queued", "done", "failed", "split", "cancelled")
 
 
 def utcnow() -> datetime:

@@ -65,7 +65,9 @@ def requeue_failed_batches(engine: Engine, run_id: int) -> int:
     with engine.begin() as conn:
         requeued = conn.execute(
             update(batches)
-            .where(batches.c.run_id == run_id, batches.c.status == "failed")
+            .where(batches.c.run_id == run_id, batches.c.status == "failed",
+                   batches.c.run_id.in_(select(runs.c.id).where(
+                       runs.c.id == run_id, runs.c.status != "cancelled")))
             .values(status="queued", deliveries=0, last_failure=None, finished_at=None)
         ).rowcount
         if requeued:
@@ -92,7 +94,13 @@ _FINISH = text(
     f"UPDATE runs SET ({', '.join(SUMMED)}, {', '.join(f'accuracy_{p}' for p in PREDICTORS)}) "
     f"= (SELECT {_SUMS} FROM batches WHERE run_id = :r), status = 'done', finished_at = :now, "
     "started_at = COALESCE(started_at, :now) "
-    f"WHERE id = :r AND status <> 'done' AND n_images IS NOT NULL AND NOT EXISTS ({_QUEUED})"
+    f"WHERE id = :r AND status IN ('queued', 'running') AND n_images IS NOT NULL "
+    f"AND NOT EXISTS ({_QUEUED})"
+).bindparams(_NOW)
+#: A cancelled run's counts and accuracies: what its batches stored (db/cancellation.py)
+_COUNT_STORED = text(
+    f"UPDATE runs SET ({', '.join(SUMMED)}, {', '.join(f'accuracy_{p}' for p in PREDICTORS)}) "
+    f"= (SELECT {_SUMS} FROM batches WHERE run_id = :r), finished_at = :now WHERE id = :r"
 ).bindparams(_NOW)
 
 
@@ -124,6 +132,13 @@ def settle_run(conn: Connection, run_id: int, queued: bool = True) -> bool:
     if done:
         trim_kept(conn, run_id)
     return done
+
+
+def count_stored(conn: Connection, run_id: int) -> None:
+    """Write into the ``runs`` row the counts of what the run's batches stored, and now as
+    its end: a cancelled run's settling, with nothing more to come."""
+    conn.execute(_COUNT_STORED, {"r": run_id, "now": utcnow()})
+    trim_kept(conn, run_id)
 
 
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:
@@ -181,7 +196,7 @@ def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
 
 
 def _live(conn: Connection, run: dict[str, Any]) -> dict[str, Any]:
-    if run["status"] != "done":
+    if run["status"] not in ("done", "cancelled"):  # settled: nothing more is stored
         run.update(run_totals(conn, run["id"]))
     return run
 

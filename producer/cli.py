@@ -261,6 +261,7 @@ def train_cmd(
     train_and_store(engine.open(), directory, valid_dir, holdout, sgd)
 
 
+from producer.cancel_commands import cancel_cmd, delete_cmd, prune_cmd  # noqa: E402
 from producer.heal_command import heal_cmd  # noqa: E402
 from producer.report_commands import (  # noqa: E402
     compare_cmd,
@@ -284,6 +285,9 @@ for _command in (
     show_model_cmd,
     compare_cmd,
     workers_cmd,
+    cancel_cmd,
+    delete_cmd,
+    prune_cmd,
 ):
     cli.add_command(_command)
 

@@ -1,7 +1,9 @@
 """Holding a run's lease (db/leases.py) while this process sends it: taken at the start,
 renewed by a thread every :data:`defaults.LEASE_RENEW_EVERY` seconds, released at the end,
 whether the sending finished, failed or was interrupted. A process killed outright leaves a
-lease that expires :data:`defaults.LEASE_SECONDS` after its last renewal."""
+lease that expires :data:`defaults.LEASE_SECONDS` after its last renewal. Each renewal reads
+the run's status too: once it is ``cancelled`` (``producer cancel``), :meth:`Lease.check`
+stops the sender."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine
 
 from core import defaults
-from core.errors import RunBeingSent
+from core.errors import RunBeingSent, RunCancelled
 from db.leases import Sender, release_lease, renew_lease, take_lease
 
 
@@ -23,8 +25,24 @@ def this_process() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+class Lease:
+    """A run's lease as this process holds it: :meth:`check` raises :class:`RunCancelled`
+    once a renewal found the run cancelled."""
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.cancelled = threading.Event()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise RunCancelled(
+                f"run {self.run_id} was cancelled (`producer cancel`): stopped sending; what "
+                f"it stored is kept: see `producer status {self.run_id}`"
+            )
+
+
 @contextmanager
-def holding(engine: Engine, run_id: int, *, taken: bool = False) -> Iterator[None]:
+def holding(engine: Engine, run_id: int, *, taken: bool = False) -> Iterator[Lease]:
     """Hold run ``run_id``'s lease for the block (``taken``: this process holds it already,
     having created the run with it); :class:`RunBeingSent` when another live process holds
     it."""
@@ -40,15 +58,16 @@ def holding(engine: Engine, run_id: int, *, taken: bool = False) -> Iterator[Non
                 f"`producer wait {run_id}`, or stop that process first"
             )
     stop = threading.Event()
+    lease = Lease(run_id)
     renewer = None
     if not _private(engine):
         renewer = threading.Thread(
-            target=_renew, args=(engine, run_id, holder, stop), name="digitscore-lease",
+            target=_renew, args=(engine, lease, holder, stop), name="digitscore-lease",
             daemon=True,
         )
         renewer.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         if renewer is not None:
@@ -76,12 +95,14 @@ def is_alive(sender: Sender | None) -> bool:
     return True
 
 
-def _renew(engine: Engine, run_id: int, holder: str, stop: threading.Event) -> None:
+def _renew(engine: Engine, lease: Lease, holder: str, stop: threading.Event) -> None:
     while not stop.wait(defaults.LEASE_RENEW_EVERY):
         try:
-            renew_lease(engine, run_id, holder, defaults.LEASE_SECONDS)
+            status = renew_lease(engine, lease.run_id, holder, defaults.LEASE_SECONDS)
         except Exception:  # noqa: BLE001, S112 - the database is away: the next turn tries again
             continue
+        if status == "cancelled":
+            lease.cancelled.set()
 
 
 def _private(engine: Engine) -> bool:

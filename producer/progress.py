@@ -18,6 +18,7 @@ import click
 
 from core import defaults
 from core.errors import WaitTimeout
+from db.cancellation import FINISHED
 from db.queries import progress
 
 #: Seconds of progress the rate is measured over (at least; up to a poll more).
@@ -123,8 +124,8 @@ def wait_for_run(
     heal: Heal | None = None,
     heal_every: float = defaults.HEAL_EVERY,
 ) -> str:
-    """Poll until the run is done, every ``interval`` seconds (one query on the run's row), so
-    that its end is seen within that; show progress on stderr; return the status.
+    """Poll until the run is done (or cancelled), every ``interval`` seconds (one query on
+    the run's row), so that its end is seen within that; show progress on stderr; return the status.
 
     On a terminal the progress line is redrawn at every poll; otherwise one line is printed
     every ``report_every`` seconds. Once the run is stalled (:class:`StallClock`),
@@ -155,7 +156,7 @@ def wait_for_run(
         if p.done != before:
             hinted, cause = False, None
         rate = rates.add(now, p.done)
-        stalled = clock.stalled(now) if p.status != "done" else None
+        stalled = clock.stalled(now) if p.status not in FINISHED else None
         if stalled is not None and cause is None and explain is not None:
             cause = short_cause(explain())
         line = progress_line(p.done, p.n_images, rate, stalled, cause)
@@ -165,7 +166,7 @@ def wait_for_run(
             click.echo(f"run {run_id}: {line}", err=True)
             while next_report <= now:  # on a fixed grid: every report_every s from the start
                 next_report += report_every
-        if p.status == "done":
+        if p.status in FINISHED:  # done, or cancelled
             if tty:
                 click.echo("", err=True)
             return p.status

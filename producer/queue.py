@@ -75,6 +75,8 @@ class CelerySender:
         self._redis: Any = None
         #: A risk the user accepted (an evicting Redis), to be shown once.
         self.warning: str | None = None
+        #: Called at each turn of a wait for room: raises to stop it (a run cancelled).
+        self.while_waiting: Callable[[], None] | None = None
 
     def check(self, timeout: float = defaults.BROKER_CONNECT_TIMEOUT) -> None:
         """Fail fast, naming the broker (password masked), when it cannot be reached or is
@@ -203,6 +205,8 @@ class CelerySender:
         delay = defaults.QUEUE_WAIT_FIRST
         reported = 0.0
         while self._no_room(cost, bound):
+            if self.while_waiting is not None:
+                self.while_waiting()
             self._forget_consumed()
             if not self._no_room(cost, bound):
                 return

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from core import defaults
-from core.errors import EXIT_INTERRUPTED, BadInput
+from core.errors import EXIT_INTERRUPTED, BadInput, RunCancelled
 from core.settings import Settings
 from core.text import plural
 from producer.options import (
@@ -182,6 +182,9 @@ def submit_cmd(
     created: list[int] = []
     try:
         sub = _submit(directory, model_id, settings, batch_size, batch_bytes, engine, created)
+    except RunCancelled:
+        _cancel_since(engine, settings, created[0])
+        raise
     except KeyboardInterrupt:
         if not created:
             echo_err("\nstopped before the run was created: nothing was submitted")
@@ -189,11 +192,17 @@ def submit_cmd(
             run_id = created[0]
             echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(
-        f"run {sub.run_id}: {plural(sub.n_images, 'image')} in "
-        f"{plural(sub.n_batches, 'batch', 'batches')} "
-        f"({plural(sub.n_skipped, 'other file')} skipped), status {sub.status}"
-    )
+    try:
+        click.echo(
+            f"run {sub.run_id}: {plural(sub.n_images, 'image')} in "
+            f"{plural(sub.n_batches, 'batch', 'batches')} "
+            f"({plural(sub.n_skipped, 'other file')} skipped), status {sub.status}"
+        )
+    except KeyboardInterrupt:  # the run is wholly sent
+        if wait:
+            _stopped_waiting(engine, sub.run_id, settings)
+        echo_err(f"\nstopped; run {sub.run_id} was sent: `producer status {sub.run_id}`")
+        sys.exit(EXIT_INTERRUPTED)
     if wait:
         _wait_and_report(engine, sub.run_id, settings, timeout)
 
@@ -201,6 +210,14 @@ def submit_cmd(
 #: What a Ctrl-C before ``submit``'s body runs (its options open the database) has left.
 setattr(submit_cmd, "interrupted_early",  # noqa: B010 - read by ProducerGroup
         "stopped before the run was created: nothing was submitted")
+
+
+def _cancel_since(engine: Any, settings: Settings, run_id: int) -> None:
+    """Cancel again a run that was cancelled while this process sent it: the batches it
+    recorded since the cancel are stopped, their payloads deleted."""
+    from producer.cancel import cancel
+
+    cancel(engine, settings, run_id)
 
 
 def _submit(
@@ -252,35 +269,61 @@ def _submit(
 def _wait_and_report(
     engine: Any, run_id: int, settings: Settings, timeout: float | None
 ) -> None:
-    """Wait for the run (saying why when it does not move), then print its report."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from core.errors import DatabaseUnavailable
-    from producer.progress import wait_for_run
-    from producer.report import build_report, format_report
-    from producer.submit import failure_cause
-
-    heal = None
-    every = settings.heal_every
-    explain = functools.partial(why_stalled, engine, run_id, settings, every > 0)
-    if settings.broker_url:
-        from producer.heal import Healer, sweep_and_say
-
-        if every > 0:
-            heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
+    """Wait for the run (saying why when it does not move), then print its report; a
+    Ctrl-C from the moment it is called is :func:`_stopped_waiting`'s."""
     try:
-        wait_for_run(engine, run_id, timeout=timeout, explain=explain,
-                     stall_after=settings.stall_hint_after, heal=heal, heal_every=every)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from core.errors import DatabaseUnavailable
+        from producer.progress import wait_for_run
+        from producer.report import build_report, format_report
+        from producer.submit import failure_cause
+
+        heal = None
+        every = settings.heal_every
+        explain = functools.partial(why_stalled, engine, run_id, settings, every > 0)
+        if settings.broker_url and every > 0:
+            from producer.heal import Healer, sweep_and_say
+
+            heal = functools.partial(sweep_and_say, Healer(engine, settings, [run_id]), run_id)
+        try:
+            status = wait_for_run(engine, run_id, timeout=timeout, explain=explain,
+                                  stall_after=settings.stall_hint_after, heal=heal,
+                                  heal_every=every)
+        except SQLAlchemyError as e:
+            raise DatabaseUnavailable(
+                f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes "
+                f"on without this command: see `producer status {run_id}`"
+            ) from e
     except KeyboardInterrupt:
-        echo_err(f"\nstopped waiting; run {run_id} goes on: `producer status {run_id}`")
-        sys.exit(EXIT_INTERRUPTED)
-    except SQLAlchemyError as e:
-        raise DatabaseUnavailable(
-            f"stopped waiting for run {run_id}: {failure_cause(engine, e)}; the run goes on "
-            f"without this command: see `producer status {run_id}`"
-        ) from e
+        _stopped_waiting(engine, run_id, settings)
     with engine.connect() as conn:
         click.echo(format_report(build_report(conn, run_id)))
+    if status == "cancelled":
+        raise RunCancelled(
+            f"run {run_id} was cancelled (`producer cancel`): the report above is of what it "
+            "stored"
+        )
+
+
+def _stopped_waiting(engine: Any, run_id: int, settings: Settings) -> None:
+    """A Ctrl-C while waiting: on a terminal, ask whether to cancel the run (a second Ctrl-C
+    declines); elsewhere say how to. Exits 130 either way."""
+    goes_on = f"stopped waiting; run {run_id} goes on: `producer status {run_id}`"
+    if not sys.stdin.isatty():
+        echo_err(f"\n{goes_on}, `producer cancel {run_id}` stops it")
+        sys.exit(EXIT_INTERRUPTED)
+    try:
+        stop = click.confirm(f"\ncancel run {run_id}?", default=False, err=True)
+    except click.Abort:  # a second Ctrl-C, or the end of input
+        stop = False
+    if stop:
+        from producer.cancel import cancel, describe_cancel
+
+        echo_err(describe_cancel(engine, *cancel(engine, settings, run_id)))
+    else:
+        echo_err(f"\n{goes_on}")
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def why_stalled(engine: Any, run_id: int, settings: Settings, healing: bool) -> str:
@@ -340,13 +383,16 @@ def resume_cmd(
       producer resume 12 --retry-failed --wait
     """
     from db.queries import get_run, requeue_failed_batches
-    from producer.submit import resume_run
+    from producer.submit import not_resumed, resume_run
 
     settings = Settings.from_env(broker_url=broker_url)
     check_timeout(wait, timeout)
     check_batch_size(settings, batch_size)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
+        found = get_run(conn, run_id)
+    if found["status"] == "cancelled":
+        raise not_resumed(found)
     if retry_failed:
         echo_err(f"run {run_id}: {requeue_failed_batches(engine, run_id)} failed batch(es) "
                  "to score again")
@@ -368,6 +414,9 @@ def resume_cmd(
     except KeyboardInterrupt:
         echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
         sys.exit(EXIT_INTERRUPTED)
+    except RunCancelled:
+        _cancel_since(engine, settings, run_id)
+        raise
     click.echo(
         f"run {run_id}: re-sent {plural(resent, 'batch', 'batches')}; "
         f"{plural(sub.n_images, 'image')}, status {sub.status}"

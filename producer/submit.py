@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -36,6 +36,7 @@ from core.errors import (
     DatabaseUnavailable,
     DigitscoreError,
     DirectoryError,
+    RunCancelled,
     SubmitInterrupted,
 )
 from core.files import (
@@ -51,11 +52,13 @@ from core.wire import BatchMessage
 from db import batch_life, queries
 from db.healing import mark_sent
 from db.session import driver_reason, read_then_write
-from producer.lease import holding, this_process
+from producer.lease import Lease, holding, this_process
 
 
 class Sender(Protocol):
     backend: str
+    #: Called while the sender waits for room to send (the run's lease check), if it waits.
+    while_waiting: Callable[[], None] | None
 
     def send(self, message: BatchMessage, batch: FileBatch | None) -> None: ...
 
@@ -64,6 +67,7 @@ class EmbeddedSender:
     """Scores each batch in this process, at once."""
 
     backend = "embedded"
+    while_waiting = None  # it never waits
 
     def __init__(self, engine: Engine, classifier: Classifier) -> None:
         self.engine = engine
@@ -127,11 +131,11 @@ def submit_directory(
         raise DatabaseUnavailable(
             f"cannot create a run: {failure_cause(engine, e)}; nothing was submitted"
         ) from e
-    with holding(engine, run_id, taken=True), kept_for_resume(engine, run_id, "submit"):
+    with holding(engine, run_id, taken=True) as lease, kept_for_resume(engine, run_id, "submit"):
         if on_run is not None:
             on_run(run_id)
         n_batches = _send_all(
-            engine, run_id, token, chain([first], stream), 0, sender, send_mode, on_batch
+            engine, run_id, token, chain([first], stream), 0, sender, send_mode, on_batch, lease
         )
         return _finish(engine, run_id, walk.n_skipped, n_batches)
 
@@ -157,10 +161,10 @@ def failure_cause(engine: Engine, e: BaseException) -> str:
 def kept_for_resume(engine: Engine, run_id: int, command: str) -> Iterator[None]:
     """Turn any failure of a run's submission into one :class:`SubmitInterrupted` naming its
     cause and ``producer resume RUN``. Bad input (the source directory gone) is left as it is:
-    resuming cannot mend it."""
+    resuming cannot mend it; so is a cancel."""
     try:
         yield
-    except BadInput:
+    except (BadInput, RunCancelled):
         raise
     except Exception as e:
         raise SubmitInterrupted(
@@ -195,9 +199,12 @@ def _send_all(
     sender: Sender,
     send_mode: str,
     on_batch: OnBatch | None,
+    lease: Lease,
 ) -> int:
     seq, n_batches = first_seq, 0
+    sender.while_waiting = lease.check
     for batch in stream:
+        lease.check()
         seq = record_next(engine, run_id, seq, batch)
         sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
         if on_batch is not None:
@@ -251,15 +258,27 @@ def resume_run(
     Returns the number of batches re-sent and the submission as it now stands.
 
     A run that is done is left as it is (0 batches); a run another live process sends is
-    refused with :class:`RunBeingSent`, and left as it is too."""
+    refused with :class:`RunBeingSent`, and left as it is too; a cancelled run with
+    :class:`RunCancelled`."""
     with engine.connect() as conn:
         run = queries.get_run(conn, run_id)
+    if run["status"] == "cancelled":
+        raise not_resumed(run)
     if run["status"] == "done":
         sub = Submission(run_id, run["n_images"] or 0, run["n_skipped"],
                          _batch_count(engine, run_id), "done")
         return 0, sub
-    with holding(engine, run_id), kept_for_resume(engine, run_id, "resume"):
-        return _resume(engine, run_id, sender, batch_size, batch_bytes, send_mode, on_batch)
+    with holding(engine, run_id) as lease, kept_for_resume(engine, run_id, "resume"):
+        return _resume(engine, run_id, sender, batch_size, batch_bytes, send_mode, on_batch,
+                       lease)
+
+
+def not_resumed(run: dict[str, Any]) -> RunCancelled:
+    """Why a cancelled run is not resumed, and how to score its directory again."""
+    return RunCancelled(
+        f"run {run['id']} was cancelled: it is not sent again; to score its directory, "
+        f"submit it as a new run: `producer submit {run['source_dir']}`"
+    )
 
 
 def _batch_count(engine: Engine, run_id: int) -> int:
@@ -275,6 +294,7 @@ def _resume(
     batch_bytes: int,
     send_mode: str | None,
     on_batch: OnBatch | None,
+    lease: Lease,
 ) -> tuple[int, Submission]:
     with read_then_write(engine) as conn:
         run = queries.get_run(conn, run_id)
@@ -289,7 +309,9 @@ def _resume(
         raise DirectoryError(
             f"run {run_id}'s source directory {str(root)!r} is gone: its files cannot be re-read"
         )
+    sender.while_waiting = lease.check
     for seq, paths, members in pending:
+        lease.check()
         batch = None
         if mode == "bytes":
             batch = (read_batch(str(root), paths) if members is None
@@ -306,7 +328,8 @@ def _resume(
             first_seq = queries.next_batch_seq(conn, run_id)
         walk = DirectoryWalk(root)
         stream = _stream(walk, mode, batch_size, batch_bytes, sent)
-        _send_all(engine, run_id, run["token"], stream, first_seq, sender, mode, on_batch)
+        _send_all(engine, run_id, run["token"], stream, first_seq, sender, mode, on_batch,
+                  lease)
         n_skipped = walk.n_skipped
     with engine.connect() as conn:
         n_batches = queries.next_batch_seq(conn, run_id)

@@ -463,3 +463,40 @@ def submit_and_watch(source, db_url: str, env: dict[str, str], *args: str):
     for reader in readers:
         reader.join()
     return proc.returncode, out, err
+
+
+# ---------------------------------------------------------------- cancelled and deleted runs
+
+
+def rows_by_table(db_url: str | Engine, run_id: int) -> dict[str, int]:
+    """How many rows of run ``run_id`` each table with a ``run_id`` column holds, and
+    ``runs`` its own row: what a delete must leave at 0."""
+    from sqlalchemy import inspect
+
+    engine = get_engine(db_url) if isinstance(db_url, str) else db_url
+    with engine.connect() as conn:
+        tables = [t for t in inspect(conn).get_table_names()
+                  if "run_id" in {c["name"] for c in inspect(conn).get_columns(t)}]
+        counts = {t: int(conn.execute(text(f'SELECT COUNT(*) FROM "{t}" WHERE run_id = :r'),
+                                      {"r": run_id}).scalar_one()) for t in tables}
+        counts["runs"] = int(conn.execute(text("SELECT COUNT(*) FROM runs WHERE id = :r"),
+                                          {"r": run_id}).scalar_one())
+    return counts
+
+
+def payload_keys(broker_url: str, run_id: int) -> list[bytes]:
+    """The payload keys of run ``run_id`` in the test's Redis."""
+    import redis
+
+    return list(redis.Redis.from_url(broker_url).scan_iter(f"digitscore:payload:{run_id}:*"))
+
+
+def wait_reading_stdin(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` is blocked reading its standard input (Linux: its
+    ``/proc/PID/syscall`` is ``read`` of fd 0): a signal sent then interrupts that read,
+    where one sent a moment earlier would be seen only after it."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x0 "):
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} is not reading its standard input")
+        time.sleep(0.01)

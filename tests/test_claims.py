@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from db import batch_life, queries
+from db import batch_life, cancellation, queries
 from db.models import RUN_STATUSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +80,9 @@ def test_every_packaged_file_exists():
 
 def test_every_run_status_is_one_the_code_writes(memory_engine):
     """A run is created ``queued`` (db/queries.create_run), becomes ``running`` when a batch
-    is stored and ``done`` when the last is (db/queries.settle_run); the statuses the schema
-    allows and documents are exactly those."""
+    is stored and ``done`` when the last is (db/queries.settle_run), or ``cancelled``
+    (db/cancellation.cancel_run); the statuses the schema allows and documents are exactly
+    those."""
     engine = memory_engine
     with engine.begin() as conn:
         model_id = conn.execute(text(
@@ -103,6 +104,10 @@ def test_every_run_status_is_one_the_code_writes(memory_engine):
         batch_life.store_batch(engine, run_id, seq, rows, "failed", 1)
         written.add(status())
     written.add(queries.finish_submission(engine, run_id, 2, 0))
+    with engine.begin() as conn:
+        run_id, _ = queries.create_run(conn, model_id, "/d", "celery")
+    cancellation.cancel_run(engine, run_id)
+    written.add(status())
     assert written == set(RUN_STATUSES)
     schema = (ROOT / "docs" / "schema.md").read_text()
     runs_table = schema[schema.index("## `runs`"):schema.index("## `batches`")]

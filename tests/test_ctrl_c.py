@@ -77,3 +77,66 @@ def test_ctrl_c_mid_run_exits_130_naming_the_run(sample_dir, model_db):
     assert "Traceback" not in out, out
     assert out.strip().splitlines()[-1] == (
         "stopped; run 1 is kept: `producer resume 1` sends the rest")
+
+
+def waiting_submit(sample_dir, model_db, stdin=None) -> subprocess.Popen:
+    """``producer submit --wait`` with a broker and no worker, once it waits (its run line
+    printed): the wait goes on until a Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, console_script(), "submit", str(sample_dir / "valid"), "--wait",
+         "--database-url", model_db],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=stdin,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("run 1: 200 images"), (line, proc.communicate())
+    return proc
+
+
+def test_ctrl_c_while_waiting_without_a_terminal_says_how_to_cancel(
+    sample_dir, model_db, broker_env
+):
+    proc = waiting_submit(sample_dir, model_db)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "stopped waiting; run 1 goes on: `producer status 1`, `producer cancel 1` stops it")
+
+
+@pytest.mark.parametrize("answer", ["y", "second Ctrl-C"])
+def test_ctrl_c_while_waiting_on_a_terminal_asks_whether_to_cancel(
+    sample_dir, model_db, broker_env, answer
+):
+    import pty
+
+    from tests.support import payload_keys, run_row, wait_reading_stdin
+
+    terminal, child_end = pty.openpty()
+    proc = waiting_submit(sample_dir, model_db, stdin=child_end)
+    os.close(child_end)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    asked = ""
+    while "cancel run 1? [y/N]" not in asked:  # the prompt ends with no newline
+        char = proc.stderr.read(1)
+        assert char, asked
+        asked += char
+    if answer == "y":
+        os.write(terminal, b"y\n")
+    else:
+        wait_reading_stdin(proc.pid)
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    os.close(terminal)
+    assert proc.returncode == 130, asked + err
+    assert "Traceback" not in err
+    if answer == "y":
+        assert "run 1 cancelled: 0/200 images stored" in err, err
+        assert run_row(model_db)["status"] == "cancelled"
+        assert payload_keys(broker_env["DIGITSCORE_BROKER_URL"], 1) == []
+    else:
+        assert err.strip().splitlines()[-1] == "stopped waiting; run 1 goes on: `producer status 1`"
+        assert run_row(model_db)["status"] == "queued"

@@ -44,6 +44,7 @@ from db.batch_life import (
     count_failed_delivery,
     give_up,
     store_batch,
+    was_cancelled,
 )
 from db.model_store import load_classifier
 from db.session import dispose_engines, get_engine
@@ -245,6 +246,9 @@ def handle_batch(task: Any, message: wire.BatchMessage) -> int:
         n_new = score_and_store(task, engine, message, claim.batch)
     elif claim.action == "poison":
         n_new = give_up_on(engine, claim)
+    elif claim.action == "cancelled":
+        log_cancelled(message, "dropped unscored")
+        n_new = 0
     else:
         log_skip(claim)
         n_new = 0
@@ -267,6 +271,11 @@ def log_skip(claim: Claim) -> None:
         )
 
 
+def log_cancelled(message: wire.BatchMessage, what: str) -> None:
+    log.info("run %s batch %s: its run was cancelled: %s, its payload deleted",
+             message.run_id, message.seq, what)
+
+
 def give_up_on(engine: Any, claim: Claim) -> int:
     batch = claim.batch
     assert batch is not None
@@ -287,7 +296,13 @@ def score_and_store(
         lambda: cached_classifier(SETTINGS.database_url, batch.model_id, device),
         engine, message, f"model {batch.model_id} could not be loaded",
     )
-    blobs, errors = read_images(task, message, batch)
+    try:
+        blobs, errors = read_images(task, message, batch)
+    except MessageError:
+        if was_cancelled(engine, batch.run_id, batch.seq):  # the cancel deleted its payload
+            log_cancelled(message, "dropped unscored")
+            return 0
+        raise
     rows = count_failure_on_error(
         lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device),
                              labels_of(batch.members)),
@@ -302,6 +317,10 @@ def score_and_store(
         lambda: store_batch(engine, batch.run_id, batch.seq, rows, deliveries=deliveries),
         engine, message, "storing failed",
     )
+    if not n_new and rows and was_cancelled(engine, batch.run_id, batch.seq):
+        # cancelled while it was scored: its claim was gone at the store, nothing written
+        log_cancelled(message, f"{len(rows)} scored rows dropped")
+        return 0
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(rows))
