@@ -38,8 +38,9 @@ from core.errors import MessageError, RunNotFound
 from core.rows import PredictionRow, label_for, unscored_row
 from core.storage import classes_from_json
 from db.bulk import stored_paths, write_predictions
-from db.counts import count_rows, write_counts
-from db.mistakes import keep_mistakes, refill_kept
+from db.columns import batch_columns
+from db.counts import count_rows
+from db.mistakes import refill_kept
 from db.models import (
     batch_counts,
     batch_failures,
@@ -52,6 +53,7 @@ from db.models import (
     utcnow,
 )
 from db.queries import settle_run
+from db.tallies import write_tallies
 
 
 class RunMismatch(MessageError):
@@ -252,23 +254,38 @@ def store_batch(
     was stored already."""
     rows = _first_of_each_path(rows)
     look_up = False
-    while True:
-        try:
-            with engine.begin() as conn:
-                stored = write_batch(
-                    conn, run_id, batch_seq, rows, batch_status, deliveries, look_up
-                )
-            break
-        except IntegrityError:
-            if look_up:
-                raise
-            look_up = True
-    # stored already: perhaps by a writer that died between its commit and the settling
-    n_new, status, n_images = stored or (0, "queued", 0)
+    with engine.connect() as conn:  # one check-out of the pool for both transactions
+        while True:
+            try:
+                with conn.begin():
+                    stored = write_batch(
+                        conn, run_id, batch_seq, rows, batch_status, deliveries, look_up
+                    )
+                    settle = _settle_as(stored)
+                    if settle is not None and conn.dialect.name == "sqlite":
+                        # SQLite's writers take turns: this one holds the write lock, so
+                        # it sees every other batch's commit, and settles in its own
+                        settle_run(conn, run_id, queued=settle)
+                        settle = None
+                break
+            except IntegrityError:
+                if look_up:
+                    raise
+                look_up = True
+        if settle is not None:  # after the commit, so that the last writer sees them all
+            with conn.begin():
+                settle_run(conn, run_id, queued=settle)
+    return stored[0] if stored else 0
+
+
+def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:
+    """Whether the run is to be settled after a store that returned ``stored``, and if so
+    whether it may be queued still; ``None`` when it is not to be. A batch stored already
+    settles it: perhaps its writer died between its commit and the settling."""
+    _, status, n_images = stored or (0, "queued", 0)
     if status == "queued" or (n_images is not None and status != "done"):
-        with engine.begin() as conn:
-            settle_run(conn, run_id, queued=status == "queued")
-    return n_new
+        return status == "queued"
+    return None
 
 
 def _first_of_each_path(rows: Sequence[PredictionRow]) -> Sequence[PredictionRow]:
@@ -294,7 +311,8 @@ def write_batch(
     n_images)``, or ``None`` if the batch is stored already."""
     now = utcnow()
     this = (batches.c.run_id == run_id, batches.c.seq == seq)
-    counts = count_rows(rows)
+    columns = batch_columns(rows)
+    counts = count_rows(columns)
     claim = (  # the batch's row alone is locked, to the commit
         update(batches)
         .where(*this, batches.c.status == "queued")
@@ -312,15 +330,12 @@ def write_batch(
     if look_up:
         held = stored_paths(conn, run_id, [r["path"] for r in rows])
         rows = [r for r in rows if r["path"] not in held]
-        counts = count_rows(rows)
+        columns = batch_columns(rows)
+        counts = count_rows(columns)
         conn.execute(update(batches).where(*this).values(**counts.batch_values()))
-    write_predictions(conn, run_id, seq, rows, now)
-    write_counts(conn, run_id, seq, counts)
-    keep_mistakes(conn, run_id, rows)
-    run = conn.execute(
-        select(runs.c.status, runs.c.n_images).where(runs.c.id == run_id)
-    ).one()
-    return len(rows), str(run.status), run.n_images
+    write_predictions(conn, run_id, seq, columns, now)
+    status, n_images = write_tallies(conn, run_id, seq, counts, columns)
+    return len(rows), status, n_images
 
 
 def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:

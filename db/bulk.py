@@ -14,23 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, repeat
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from core.rows import ROW_KEYS, PredictionRow
+from db.columns import BatchColumns
 from db.models import predictions
+from db.pg_copy import FIELDS, copy_data
 
-COLUMNS = ("run_id", "batch_seq", *ROW_KEYS, "scored_at")
-_row_values = itemgetter(*ROW_KEYS)
+COLUMNS = FIELDS
 _COLUMN_LIST = ", ".join(COLUMNS)
-#: The PostgreSQL type of each of :data:`COLUMNS`, for binary COPY.
-_PG_TYPES = ("int4", "int4", *(
-    "float8" if key in ("dist_l1", "dist_l2", "prob_sgd") else "text" for key in ROW_KEYS
-), "timestamptz")
 _COPY = f"COPY predictions ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
 #: Parameters one SQLite statement may hold (SQLITE_MAX_VARIABLE_NUMBER since 3.32).
 SQLITE_MAX_PARAMETERS = 32_766
@@ -46,34 +41,29 @@ def write_predictions(
     conn: Connection,
     run_id: int,
     batch_seq: int,
-    rows: Sequence[PredictionRow],
+    columns: BatchColumns,
     scored_at: datetime,
 ) -> None:
-    """Insert ``rows`` into ``predictions`` in the caller's transaction. A path the run
-    already holds makes the unique index refuse the statement (``IntegrityError``)."""
-    if not rows:
+    """Insert a batch's rows (``columns``) into ``predictions`` in the caller's transaction.
+    A path the run already holds makes the unique index refuse the statement
+    (``IntegrityError``)."""
+    if not len(columns):
         return
     if conn.dialect.name == "postgresql":
-        _copy_rows(conn, run_id, batch_seq, rows, scored_at)
+        _copy_rows(conn, copy_data(run_id, batch_seq, columns, scored_at))
         return
     # the timestamp exactly as SQLAlchemy stores it on this database (text on SQLite)
     column_type = predictions.c.scored_at.type.dialect_impl(conn.dialect)
     to_db = column_type.bind_processor(conn.dialect)
     at = to_db(scored_at) if to_db else scored_at
-    insert_rows(
-        conn, "predictions", dict.fromkeys(COLUMNS, ""),
-        [(run_id, batch_seq, *_row_values(r), at) for r in rows],
-    )
+    insert_rows(conn, "predictions", dict.fromkeys(COLUMNS, ""),
+                list(zip(repeat(run_id), repeat(batch_seq), columns.paths, columns.labels,
+                         *columns.answers, *columns.score_lists(), columns.errors, repeat(at))))
 
 
-def _copy_rows(
-    conn: Connection,
-    run_id: int,
-    batch_seq: int,
-    rows: Sequence[PredictionRow],
-    scored_at: datetime,
-) -> None:
-    """Binary COPY on the connection's own psycopg cursor, inside the caller's transaction;
+def _copy_rows(conn: Connection, data: bytes) -> None:
+    """Binary COPY of ``data`` (db/pg_copy.py) in one write, on the connection's own psycopg
+    cursor, inside the caller's transaction;
     a driver error is raised as SQLAlchemy raises it for any statement (a lost server is an
     ``OperationalError``, which the task retries; a path stored twice an
     ``IntegrityError``)."""
@@ -81,9 +71,7 @@ def _copy_rows(
     assert dbapi is not None, "a connection in a transaction has its driver connection"
     try:
         with dbapi.cursor() as cursor, cursor.copy(_COPY) as copy:
-            copy.set_types(_PG_TYPES)
-            for r in rows:
-                copy.write_row((run_id, batch_seq, *_row_values(r), scored_at))
+            copy.write(data)
     except conn.dialect.loaded_dbapi.Error as e:
         lost = conn.dialect.is_disconnect(e, dbapi, None)
         if lost:

@@ -12,15 +12,14 @@ run never wait for each other here; a run's counts are their sums (the views ``r
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection
 
-from core.rows import PREDICTORS, PredictionRow
+from core.rows import PREDICTORS
 from db.bulk import insert_rows
+from db.columns import BatchColumns
 
 #: Bins of the ``prob_sgd`` histogram: bin i holds i/10 <= p < (i+1)/10, and 1.0 the last.
 PROB_BINS = 10
@@ -58,44 +57,42 @@ class RowCounts:
         return values
 
 
-_ERROR = itemgetter("error")
-_ANSWERS = itemgetter("label", "pred_l1", "pred_l2", "pred_sgd")
-_PROB = itemgetter("prob_sgd")
+def count_rows(columns: BatchColumns) -> RowCounts:
+    """The counts of a batch's rows (``columns``). A row is scored when it has no error, and
+    then has every prediction; an unscored row has none (see core/rows.py). The failure
+    reasons are a ``Counter`` of the error column (a loop in C); everything else is NumPy
+    over the label and answer codes: one ``bincount`` of (label, answer) per predictor."""
+    import numpy as np
 
-
-def count_rows(rows: Sequence[PredictionRow]) -> RowCounts:
-    """The counts of ``rows``. A row is scored when it has no error, and then has every
-    prediction; an unscored row has none (see core/rows.py). Two ``Counter`` passes over
-    the rows (loops in C), of errors and of (label, answers); only the distinct answers, a
-    few hundred, are looked at one by one; the histogram is NumPy's."""
-    errors = Counter(map(_ERROR, rows))
+    errors = Counter(columns.errors)
     scored = errors.pop(None, 0)
-    cells: Counter[tuple[str, str | None, str]] = Counter()
-    right, pairs = [0, 0, 0], [0, 0, 0]
-    labelled = agree = 0
-    for (label, *answers), n in Counter(map(_ANSWERS, rows)).items():
-        if answers[0] is None:
-            continue  # unscored
-        l1, l2, sgd = answers
-        for i, (p, pred) in enumerate(zip(PREDICTORS, answers, strict=True)):
-            cells[(p, label, pred)] += n
-            right[i] += n if pred == label else 0
-        labelled += n if label is not None else 0
-        agree += n if l1 == l2 == sgd else 0
-        for j, same in enumerate((l1 == l2, l1 == sgd, l2 == sgd)):
-            pairs[j] += n if same else 0
+    codes = columns.answer_codes
+    answered = (codes >= 0).all(axis=0)
+    answers, labels = codes[:, answered], columns.label_codes[answered]
+    k = len(columns.classes)
+    cells: dict[tuple[str, str | None, str], int] = {}
+    names: list[str | None] = [None, *columns.classes]  # label code + 1
+    for p, predicted in zip(PREDICTORS, answers, strict=True):
+        found = np.bincount((labels + 1) * k + predicted, minlength=(k + 1) * k)
+        for cell in np.flatnonzero(found).tolist():
+            cells[(p, names[cell // k], columns.classes[cell % k])] = int(found[cell])
+    l1, l2, sgd = answers
+    right = [int(np.count_nonzero(a == labels)) for a in answers]
+    pairs = [int(np.count_nonzero(a == b)) for a, b in ((l1, l2), (l1, sgd), (l2, sgd))]
     return RowCounts(
-        scored, len(rows) - scored, labelled, (right[0], right[1], right[2]), agree,
-        (pairs[0], pairs[1], pairs[2]), prob_bins(rows), dict(cells), dict(errors),
+        scored, len(columns) - scored, int(np.count_nonzero(labels >= 0)),
+        (right[0], right[1], right[2]), int(np.count_nonzero((l1 == l2) & (l2 == sgd))),
+        (pairs[0], pairs[1], pairs[2]), prob_bins(columns), cells,
+        {str(e): n for e, n in errors.items()},
     )
 
 
-def prob_bins(rows: Sequence[PredictionRow]) -> tuple[int, ...]:
-    """Scored rows per bin of ``prob_sgd``: bin i holds floor(p * 10) = i, 1.0 the last.
-    (NumPy is imported here: submitting a run imports this module and needs none.)"""
+def prob_bins(columns: BatchColumns) -> tuple[int, ...]:
+    """Rows with a ``prob_sgd`` per bin of it: bin i holds floor(p * 10) = i, 1.0 the
+    last."""
     import numpy as np
 
-    probs = np.array([p for p in map(_PROB, rows) if p is not None], dtype=np.float64)
+    probs = columns.scores[2][columns.has_score[2]]
     bins = np.minimum((probs * PROB_BINS).astype(np.int64), PROB_BINS - 1)
     return tuple(int(n) for n in np.bincount(bins, minlength=PROB_BINS))
 

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Select, select, text
 
 from core import defaults
-from core.rows import PREDICTORS, PredictionRow
+from core.rows import PREDICTORS
 from db.bulk import insert_rows
+from db.columns import SCORES, BatchColumns, batch_columns
 from db.models import predictions, run_mistakes, run_unsure
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Which rows are a predictor's mistakes, in SQL.
 MISTAKE = "error IS NULL AND label IS NOT NULL AND pred_{p} <> label"
@@ -35,21 +39,37 @@ _RANK = {"l1": ("dist_l1", 1.0), "l2": ("dist_l2", 1.0), "sgd": ("prob_sgd", -1.
 
 
 def _mistakes(
-    rows: Sequence[PredictionRow], predictor: str, cut: float | None
+    columns: BatchColumns, predictor: str, cut: float | None
 ) -> list[tuple[float, str]]:
     """``(rank_key, path)`` of the rows ``predictor`` got wrong whose key is no worse than
-    ``cut`` (a right answer fails the first test; an unscored row has no score)."""
+    ``cut``, at most the batch's own first ``MISTAKES_KEPT`` (a right answer fails the first
+    test; an unscored row has no score)."""
     column, sign = _RANK[predictor]
-    predicted = f"pred_{predictor}"
-    out = []
-    for r in rows:
-        value = r[column]  # type: ignore[literal-required]
-        if value is None or r["label"] is None or r[predicted] == r["label"]:  # type: ignore[literal-required]
-            continue
-        key = sign * value
-        if cut is None or key <= cut:
-            out.append((key, r["path"]))
-    return out
+    i = SCORES.index(column)
+    labels = columns.label_codes
+    wrong = (columns.has_score[i] & (labels >= 0)
+             & (columns.answer_codes[PREDICTORS.index(predictor)] != labels))
+    return _first_kept(columns, wrong, sign * columns.scores[i], cut)
+
+
+def _first_kept(
+    columns: BatchColumns, candidate: np.ndarray, keys: np.ndarray, cut: float | None
+) -> list[tuple[float, str]]:
+    """``(key, path)`` of the ``candidate`` rows whose key is no worse than ``cut``: their
+    first ``MISTAKES_KEPT`` by key, then path. NumPy finds the ``MISTAKES_KEPT``-th key;
+    only the rows up to it (ties included) are sorted in Python."""
+    import numpy as np
+
+    if cut is not None:
+        candidate = candidate & (keys <= cut)
+    where = np.flatnonzero(candidate)
+    kept = defaults.MISTAKES_KEPT
+    if len(where) > kept:
+        last = np.partition(keys[where], kept - 1)[kept - 1]
+        where = where[keys[where] <= last]
+    found = [(key, columns.paths[j]) for key, j in zip(keys[where].tolist(), where.tolist(),
+                                                       strict=True)]
+    return heapq.nsmallest(kept, found) if len(found) > kept else found
 
 
 #: The ``MISTAKES_KEPT``-th entry of each list, as ``m`` (the driver's parameter mark) binds.
@@ -68,31 +88,34 @@ _UNSURE_COLUMNS = {"run_id": "int", "path": "text", "prob_sgd": "float8"}
 _KEEP_OLD = " ON CONFLICT DO NOTHING"
 
 
-def _beating(candidates: list[tuple[float, str]]) -> list[tuple[float, str]]:
-    """Of a batch's candidates, its own first ``MISTAKES_KEPT``."""
-    kept = defaults.MISTAKES_KEPT
-    return heapq.nsmallest(kept, candidates) if len(candidates) > kept else candidates
-
-
-def keep_mistakes(conn: Connection, run_id: int, rows: Sequence[PredictionRow]) -> None:
-    """Add a batch's rows to the run's kept lists: read each list's ``MISTAKES_KEPT``-th key
-    (one statement of index look-ups), insert the batch's candidates no worse than it (one
-    statement per table). The cut is applied first, so that after a run's first batches
-    few rows are looked at twice."""
+def keep_mistakes(conn: Connection, run_id: int, columns: BatchColumns) -> None:
+    """Add a batch's rows (``columns``) to the run's kept lists: read each list's
+    ``MISTAKES_KEPT``-th key (one statement of index look-ups), insert the batch's
+    candidates no worse than it (one statement per table). The cut is applied first, so
+    that after a run's first batches few rows are looked at twice."""
     m = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # the driver's own
     *cuts, unsure_cut = conn.exec_driver_sql(
         _CUTS.format(m=m), (run_id, defaults.MISTAKES_KEPT - 1) * (len(PREDICTORS) + 1)
     ).one()
     added = []
     for p, cut in zip(PREDICTORS, cuts, strict=True):
-        added += [(run_id, p, path, key) for key, path in _beating(_mistakes(rows, p, cut))]
+        added += [(run_id, p, path, key) for key, path in _mistakes(columns, p, cut)]
     insert_rows(conn, "run_mistakes", _MISTAKE_COLUMNS, added, _KEEP_OLD)
-    unsure = [
-        (key, r["path"]) for r in rows
-        if (key := r["prob_sgd"]) is not None and (unsure_cut is None or key <= unsure_cut)
-    ]
+    unsure = _first_kept(columns, columns.has_score[2], columns.scores[2], unsure_cut)
     insert_rows(conn, "run_unsure", _UNSURE_COLUMNS,
-                [(run_id, path, key) for key, path in _beating(unsure)], _KEEP_OLD)
+                [(run_id, path, key) for key, path in unsure], _KEEP_OLD)
+
+
+def batch_candidates(
+    columns: BatchColumns,
+) -> tuple[list[tuple[str, str, float]], list[tuple[str, float]]]:
+    """A batch's own first ``MISTAKES_KEPT`` mistakes per predictor, as ``(predictor, path,
+    rank_key)``, and least confident images, as ``(path, prob_sgd)``: what it may add to
+    the run's lists, for a statement that applies each list's cut itself
+    (db/tallies.py)."""
+    mistakes = [(p, path, key) for p in PREDICTORS for key, path in _mistakes(columns, p, None)]
+    unsure = _first_kept(columns, columns.has_score[2], columns.scores[2], None)
+    return mistakes, [(path, key) for key, path in unsure]
 
 
 def refill_kept(conn: Connection, run_id: int) -> None:
@@ -106,7 +129,7 @@ def refill_kept(conn: Connection, run_id: int) -> None:
     for p in PREDICTORS:
         rows += conn.execute(scan_query(run_id, p, kept)).mappings().all()
     rows += conn.execute(unsure_scan_query(run_id, kept)).mappings().all()
-    keep_mistakes(conn, run_id, rows)
+    keep_mistakes(conn, run_id, batch_columns([{**r, "error": None} for r in rows]))
 
 
 _TRIM_MISTAKES = (

@@ -23,6 +23,7 @@ from core.rows import label_for
 from core.scoring import Scores, score_stack, to_device
 from db import batch_life, queries
 from db.bulk import write_predictions
+from db.columns import batch_columns
 from db.models import predictions
 from db.session import get_engine
 from producer.sample_data import load_digits
@@ -266,7 +267,7 @@ def test_bulk_rows_read_back_as_sqlalchemy_writes_them(any_db_url, classifier):
     run_id = new_run(engine, model_id, [["3/a.png"]])
     at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     with engine.begin() as conn:
-        write_predictions(conn, run_id, 0, [row("3/a.png")], at)
+        write_predictions(conn, run_id, 0, batch_columns([row("3/a.png")]), at)
         conn.execute(predictions.insert().values(  # as SQLAlchemy writes it
             run_id=run_id, batch_seq=0, path="ref.png", scored_at=at))
     with engine.connect() as conn:

@@ -1,0 +1,87 @@
+"""A batch's prediction rows as columns, made in one pass over the rows: what counting
+(db/counts.py), the kept lists (db/mistakes.py) and the binary COPY (db/pg_copy.py) read, so
+that each is a few NumPy operations over the batch instead of a Python loop over its rows.
+
+NumPy is imported by the functions that need it: submitting a run imports this module and
+needs none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+from core.rows import PREDICTORS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: The score columns, in the order of :attr:`BatchColumns.scores`.
+SCORES = ("dist_l1", "dist_l2", "prob_sgd")
+
+
+@dataclass(frozen=True)
+class BatchColumns:
+    """The rows of a batch, column by column, in their order.
+
+    Text columns are lists as the rows hold them; each row's label and answers are also
+    codes into :attr:`classes` (``-1`` for ``None``), and each score a float64 array beside
+    a mask of the rows that have it (``None`` is not NaN)."""
+
+    paths: list[str]
+    labels: list[str | None]
+    answers: tuple[list[str | None], ...]  # pred_l1, pred_l2, pred_sgd
+    errors: list[str | None]
+    scores: tuple[np.ndarray, ...]  # dist_l1, dist_l2, prob_sgd; 0.0 where absent
+    has_score: tuple[np.ndarray, ...]  # bool, per score column
+    classes: tuple[str, ...]  # the distinct labels and answers, sorted
+    label_codes: np.ndarray  # int64, -1 for no label
+    answer_codes: np.ndarray  # int64, shape (predictors, rows), -1 for no answer
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def score_lists(self) -> list[list[float | None]]:
+        """The score columns as lists, ``None`` where a row has no score."""
+        import numpy as np
+
+        out: list[list[float | None]] = []
+        for values, has in zip(self.scores, self.has_score, strict=True):
+            column: list[float | None] = values.tolist()
+            for j in np.flatnonzero(~has).tolist():
+                column[j] = None
+            out.append(column)
+        return out
+
+
+def batch_columns(rows: Sequence[Any]) -> BatchColumns:
+    """The columns of ``rows`` (:class:`~core.rows.PredictionRow` or any mapping with its
+    keys)."""
+    import numpy as np
+
+    paths = list(map(itemgetter("path"), rows))
+    labels = list(map(itemgetter("label"), rows))
+    answers = tuple(list(map(itemgetter(f"pred_{p}"), rows)) for p in PREDICTORS)
+    errors = list(map(itemgetter("error"), rows))
+    classes = tuple(sorted(set(labels).union(*answers) - {None}))
+    code = {None: -1, **{c: i for i, c in enumerate(classes)}}.__getitem__
+    n = len(paths)
+    scores, has = [], []
+    for name in SCORES:
+        values = list(map(itemgetter(name), rows))
+        if None in values:
+            present = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+            values = [0.0 if v is None else v for v in values]
+        else:
+            present = np.ones(n, dtype=bool)
+        scores.append(np.array(values, dtype=np.float64).reshape(n))
+        has.append(present)
+    answer_codes = np.array(
+        [np.fromiter(map(code, a), dtype=np.int64, count=n) for a in answers], dtype=np.int64
+    ).reshape(len(PREDICTORS), n)
+    return BatchColumns(
+        paths, labels, answers, errors, tuple(scores), tuple(has), classes,
+        np.fromiter(map(code, labels), dtype=np.int64, count=n), answer_codes,
+    )
