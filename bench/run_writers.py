@@ -1,27 +1,35 @@
 """Rows per second the project stores on PostgreSQL, beside what a bare COPY takes there.
 
     python -m bench.run_writers [--writers 1 4] [--batches 24] [--batch-size 4096] [--repeat 3]
+        [--sqlite [--sqlite-against COMMIT]]
 
 In each round, in turn: 1 and 4 writer processes storing batches of one run with
 ``db.batch_life.store_batch`` (ready-made rows: no decoding, no scoring), 4 writers of 4
 different runs, and the same numbers of processes COPYing the same rows, a batch a
 transaction, into ``bare_predictions``: a logged table of the same columns with no key, no
-index and no foreign key (binary COPY from tuples made beforehand: the fastest a plain script
-writes). Each figure is the median of the rounds, and each ratio is the project's rate over
-the bare rate of the same number of writers in the same round, so that the machine's load
-falls on both.
+index and no foreign key (binary COPY of tuples made beforehand, psycopg's ``write_row``: as
+a plain script writes it); then into the same table with the indexes of ``predictions``,
+the floor those set with no project code. Each figure is the median of the rounds, and each
+ratio is a rate over the bare rate of the same number of writers in the same round, so that
+the machine's load falls on both.
 
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
 ``pg_stat_activity``) that found one waiting for a lock. ``--sqlite`` also times one writer
-on a SQLite file. Needs the PostgreSQL of ``--postgres-url``; a database of its own is
+on a fresh SQLite file, and ``--sqlite-against COMMIT`` one writer of that commit's tree
+(``git archive``; its own schema and ``db.queries.store_batch_results``, as at 18189bd, in a
+process of its own) on the same rows, in the same round. Needs the PostgreSQL of ``--postgres-url``; a database of its own is
 created and dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import postgres_database, sqlite_url, store_model, train_classifier
+from bench.common import ROOT, postgres_database, sqlite_url, store_model, train_classifier
 from core.rows import ROW_KEYS, PredictionRow
 from db.batch_life import record_batch, store_batch
 from db.queries import create_run, finish_submission
@@ -69,6 +77,13 @@ BARE_TABLE = (
     "CREATE TABLE IF NOT EXISTS bare_predictions (run_id int NOT NULL, batch_seq int NOT NULL, "
     "path text NOT NULL, label text, pred_l1 text, pred_l2 text, pred_sgd text, dist_l1 float8, "
     "dist_l2 float8, prob_sgd float8, error text, scored_at timestamptz NOT NULL)"
+)
+#: ``bare_predictions`` with the indexes of ``predictions`` (db/models.py): the floor that
+#: the unique (run_id, path) index sets, with no project code
+INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS bare_run_path ON bare_predictions (run_id, path)",
+    "CREATE INDEX IF NOT EXISTS bare_failures ON bare_predictions (run_id, path) "
+    "WHERE error IS NOT NULL",
 )
 _BARE_TYPES = ["int4", "int4", "text", "text", "text", "text", "text", "float8", "float8",
                "float8", "text", "timestamptz"]
@@ -188,18 +203,65 @@ def product(url: str, model_id: int, writers: int, n_runs: int, batches: int,
     return rate, waits
 
 
-def bare(url: str, writers: int, batches: int, size: int) -> tuple[float, tuple[float, float]]:
+def bare(url: str, writers: int, batches: int, size: int,
+         indexed: bool = False) -> tuple[float, tuple[float, float]]:
     with get_engine(url).begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bare_predictions"))
         conn.execute(text(BARE_TABLE))
-        conn.execute(text("TRUNCATE bare_predictions"))
+        for index in INDEXES if indexed else ():
+            conn.execute(text(index))
     jobs = [[(0, seq) for seq in range(w, batches, writers)] for w in range(writers)]
     return measure(url, _copy_bare, jobs, size)
 
 
-def sqlite_rate(model_id_url: tuple[int, str], batches: int, size: int) -> float:
-    model_id, url = model_id_url
-    ids = new_runs(url, model_id, 1, batches, size)
+def sqlite_rate(url: str, clf: Any, batches: int, size: int) -> float:
+    """One writer's rows/s into a fresh SQLite file."""
+    ids = new_runs(url, store_model(url, clf), 1, batches, size)
     return measure(url, _write, [[(ids[0], seq) for seq in range(batches)]], size)[0]
+
+
+#: One writer of an earlier tree (its own schema and ``store_batch_results``, as at commit
+#: 18189bd), timed in its own process on the rows of a JSON file: argv url, file.
+_EARLIER_WRITER = """
+import json, sys, time
+from bench.common import store_model, train_classifier
+from db.queries import create_run, finish_submission, record_batch, store_batch_results
+from db.session import get_engine
+
+url, rows_file = sys.argv[1:3]
+batches = json.loads(open(rows_file).read())
+model_id = store_model(url, train_classifier())
+engine = get_engine(url)
+with engine.begin() as conn:
+    run_id, _ = create_run(conn, model_id, "/bench", "celery")
+    for seq, rows in enumerate(batches):
+        record_batch(conn, run_id, seq, [r["path"] for r in rows], 0)
+finish_submission(engine, run_id, sum(map(len, batches)), 0)
+start = time.time()
+for seq, rows in enumerate(batches):
+    store_batch_results(engine, run_id, seq, rows)
+print(sum(map(len, batches)) / (time.time() - start))
+"""
+
+
+def earlier_tree(commit: str, into: Path) -> Path:
+    """The project's files at ``commit`` (``git archive``), to run its write path."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def earlier_sqlite_rate(tree: Path, rows_file: Path, url: str) -> float:
+    """One writer's rows/s into a fresh SQLite file with ``tree``'s write path."""
+    out = subprocess.run(
+        [sys.executable, "-c", _EARLIER_WRITER, url, str(rows_file)], cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+    )
+    if out.returncode:
+        raise RuntimeError(f"the earlier tree's writer failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
 
 
 def _line(name: str, rounds: list[tuple[float, tuple[float, float], float | None]]) -> str:
@@ -224,32 +286,53 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--sqlite", action="store_true", help="also one writer on a SQLite file")
+    p.add_argument("--sqlite-against", metavar="COMMIT",
+                   help="with --sqlite, also one writer of COMMIT's tree (its own write path "
+                   "and schema) on the same rows, in each round")
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = p.parse_args(argv)
     clf = train_classifier()
     found: dict[str, list[Any]] = {}
+    against: list[float] = []  # SQLite's rate over the earlier tree's, per round
     with postgres_database(args.postgres_url) as url, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         model_id = store_model(url, clf)
-        lite = sqlite_url(Path(tmp) / "bench.db")
-        lite_model = store_model(lite, clf) if args.sqlite else 0
-        for _ in range(args.repeat):
+        if args.sqlite and args.sqlite_against:
+            tree = earlier_tree(args.sqlite_against, work / "earlier")
+            rows_file = work / "rows.json"
+            rows_file.write_text(json.dumps(
+                [batch_rows(seq, args.batch_size) for seq in range(args.batches)]))
+        for r in range(args.repeat):
             for w in args.writers:
                 shapes = [(f"{w} writer(s) of one run", 1)]
                 if w > 1:
                     shapes.append((f"{w} writers of {w} runs", w))
                 base, waits = bare(url, w, args.batches, args.batch_size)
                 found.setdefault(f"bare COPY, {w} writer(s)", []).append((base, waits, None))
+                floor, waits = bare(url, w, args.batches, args.batch_size, indexed=True)
+                found.setdefault(f"COPY with predictions' indexes, {w} writer(s)", []).append(
+                    (floor, waits, floor / base))
                 for name, n_runs in shapes:
                     rate, waits = product(url, model_id, w, n_runs, args.batches,
                                           args.batch_size)
                     found.setdefault(name, []).append((rate, waits, rate / base))
             if args.sqlite:
-                found.setdefault("SQLite, 1 writer", []).append(
-                    (sqlite_rate((lite_model, lite), args.batches, args.batch_size), (0, 0),
-                     None))
+                lite = sqlite_rate(sqlite_url(work / f"now-{r}.db"), clf, args.batches,
+                                   args.batch_size)
+                found.setdefault("SQLite, 1 writer", []).append((lite, (0, 0), None))
+            if args.sqlite and args.sqlite_against:
+                earlier = earlier_sqlite_rate(tree, rows_file, sqlite_url(work / f"then-{r}.db"))
+                found.setdefault(f"SQLite, 1 writer, {args.sqlite_against}'s write path",
+                                 []).append((earlier, (0, 0), None))
+                against.append(lite / earlier)
         dispose_engines()
+    print(f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     for name, rounds in found.items():
         print(_line(name, rounds))
+    if against:
+        print(f"SQLite, 1 writer, now over {args.sqlite_against}'s: "
+              f"{sorted(against)[len(against) // 2]:.2f} "
+              f"({', '.join(f'{x:.2f}' for x in against)})")
 
 
 if __name__ == "__main__":
