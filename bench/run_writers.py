@@ -18,8 +18,8 @@ machine's cores: the share of PostgreSQL's samples of the writers' sessions (eve
 ``pg_stat_activity``) that found one waiting for a lock. ``--sqlite`` also times one writer
 on a fresh SQLite file, and ``--sqlite-against COMMIT`` one writer of that commit's tree
 (``git archive``; its own schema and ``db.queries.store_batch_results``, as at 18189bd, in a
-process of its own) on the same rows, in the same round. Needs the PostgreSQL of ``--postgres-url``; a database of its own is
-created and dropped.
+process of its own) on the same rows, in the same round. Needs the PostgreSQL of
+``--postgres-url``; a database of its own is created and dropped.
 """
 
 from __future__ import annotations

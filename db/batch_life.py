@@ -52,7 +52,7 @@ from db.models import (
     runs,
     utcnow,
 )
-from db.queries import settle_run
+from db.queries import may_finish, settle_run
 from db.tallies import write_tallies
 
 
@@ -272,10 +272,22 @@ def store_batch(
                 if look_up:
                     raise
                 look_up = True
-        if settle is not None:  # after the commit, so that the last writer sees them all
+        # after the commit, so that the last writer sees them all; on PostgreSQL the
+        # transaction only when it may change the run (a read outside one: one round trip)
+        if settle is not None and (settle or _may_finish(conn, run_id)):
             with conn.begin():
                 settle_run(conn, run_id, queued=settle)
     return stored[0] if stored else 0
+
+
+def _may_finish(conn: Connection, run_id: int) -> bool:
+    """:func:`may_finish`, read outside a transaction."""
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        return may_finish(conn, run_id)
+    finally:
+        conn.commit()  # ends SQLAlchemy's transaction object: the driver has none open
+        conn.execution_options(isolation_level=conn.default_isolation_level)
 
 
 def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:

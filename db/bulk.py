@@ -1,7 +1,7 @@
-"""Writing rows in bulk, one way per database: a batch's prediction rows by binary COPY on
-PostgreSQL and by multi-row ``INSERT ... VALUES`` on SQLite; a batch's counts (a few hundred
-rows) by one ``INSERT ... SELECT FROM unnest(...)`` of arrays on PostgreSQL and the same
-multi-row ``INSERT`` on SQLite.
+"""Writing rows in bulk, one way per database: a batch's prediction rows by one binary COPY
+on PostgreSQL (its data made from the batch's columns, db/pg_copy.py) and by multi-row
+``INSERT ... VALUES`` on SQLite; other small sets of rows by one ``INSERT ... SELECT FROM
+unnest(...)`` of arrays on PostgreSQL and the same multi-row ``INSERT`` on SQLite.
 
 Each goes to the driver as it is: SQLAlchemy's handling of each of thousands of parameters
 costs more than the statement. The rows are written as they are; which of them belong in

@@ -90,18 +90,22 @@ _START = text(
     "AND EXISTS (SELECT 1 FROM batches WHERE run_id = :r AND status <> 'queued')"
 ).bindparams(_NOW)
 _QUEUED = "SELECT 1 FROM batches WHERE run_id = :r AND status = 'queued'"
+#: A run that settling makes ``done``: sent in full, none of its batches queued.
+_FINISHED = (
+    "id = :r AND status IN ('queued', 'running') AND n_images IS NOT NULL "
+    f"AND NOT EXISTS ({_QUEUED})"
+)
 _FINISH = text(
     f"UPDATE runs SET ({', '.join(SUMMED)}, {', '.join(f'accuracy_{p}' for p in PREDICTORS)}) "
     f"= (SELECT {_SUMS} FROM batches WHERE run_id = :r), status = 'done', finished_at = :now, "
-    "started_at = COALESCE(started_at, :now) "
-    f"WHERE id = :r AND status IN ('queued', 'running') AND n_images IS NOT NULL "
-    f"AND NOT EXISTS ({_QUEUED})"
+    f"started_at = COALESCE(started_at, :now) WHERE {_FINISHED}"
 ).bindparams(_NOW)
 #: A cancelled run's counts and accuracies: what its batches stored (db/cancellation.py)
 _COUNT_STORED = text(
     f"UPDATE runs SET ({', '.join(SUMMED)}, {', '.join(f'accuracy_{p}' for p in PREDICTORS)}) "
     f"= (SELECT {_SUMS} FROM batches WHERE run_id = :r), finished_at = :now WHERE id = :r"
 ).bindparams(_NOW)
+_MAY_FINISH = text(f"SELECT 1 FROM runs WHERE {_FINISHED}")
 
 
 def run_totals(conn: Connection, run_id: int) -> dict[str, Any]:
@@ -139,6 +143,12 @@ def count_stored(conn: Connection, run_id: int) -> None:
     its end: a cancelled run's settling, with nothing more to come."""
     conn.execute(_COUNT_STORED, {"r": run_id, "now": utcnow()})
     trim_kept(conn, run_id)
+
+
+def may_finish(conn: Connection, run_id: int) -> bool:
+    """Whether :func:`settle_run` would make the run ``done`` now: the same test, read
+    without a lock."""
+    return conn.execute(_MAY_FINISH, {"r": run_id}).first() is not None
 
 
 def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int) -> str:
