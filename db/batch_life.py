@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
@@ -301,7 +302,7 @@ def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:
 
 
 def _first_of_each_path(rows: Sequence[PredictionRow]) -> Sequence[PredictionRow]:
-    if len({r["path"] for r in rows}) == len(rows):
+    if len(set(map(itemgetter("path"), rows))) == len(rows):
         return rows
     first: dict[str, PredictionRow] = {}
     for r in rows:
