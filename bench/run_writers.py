@@ -28,6 +28,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -58,18 +59,35 @@ def batch_rows(seq: int, size: int) -> list[PredictionRow]:
     return rows
 
 
+def _cpu_seconds(backend: int | None) -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of the server's process ``backend``
+    (read from ``/proc``: a server on this host; 0 when it cannot be read)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    server = 0.0
+    try:
+        with open(f"/proc/{backend}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    return usage.ru_utime + usage.ru_stime, server
+
+
 def _write(url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: Any) -> None:
     """Store each (run, batch) of ``jobs`` with the project's code; put the wall-clock
-    times of the first write's start and the last commit's end in ``times``."""
+    times of the first write's start and the last commit's end in ``times``, and the CPU
+    seconds this process and its server process spent between them."""
     prepared = [(run_id, seq, batch_rows(seq, size)) for run_id, seq in jobs]
     engine = get_engine(url)
-    with engine.connect():
-        pass  # connected, schema checked: only the writes are timed
+    with engine.connect() as conn:  # connected, schema checked: only the writes are timed
+        backend = (conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+                   if conn.dialect.name == "postgresql" else None)
     ready.wait()  # every writer begins at once
-    start = time.time()
+    start, cpu = time.time(), _cpu_seconds(backend)
     for run_id, seq, rows in prepared:
-        store_batch(engine, run_id, seq, rows)
-    times.put((start, time.time()))
+        store_batch(engine, run_id, seq, rows)  # on the pool's one connection, in turn
+    end = _cpu_seconds(backend)
+    times.put((start, time.time(), end[0] - cpu[0], end[1] - cpu[1]))
     dispose_engines()
 
 
@@ -103,8 +121,9 @@ def _copy_bare(
     ]
     dsn = normalize_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(dsn) as conn:
+        backend = conn.info.backend_pid
         ready.wait()
-        start = time.time()
+        start, cpu = time.time(), _cpu_seconds(backend)
         for rows in prepared:
             with conn.cursor() as cursor, cursor.copy(
                 "COPY bare_predictions FROM STDIN (FORMAT BINARY)"
@@ -113,8 +132,12 @@ def _copy_bare(
                 for row in rows:
                     copy.write_row(row)
             conn.commit()
-        times.put((start, time.time()))
+        end = _cpu_seconds(backend)
+        times.put((start, time.time(), end[0] - cpu[0], end[1] - cpu[1]))
 
+
+#: lock waits, extend waits (shares of samples), client and server CPU ms a batch
+Waits = tuple[float, float, float, float]
 
 _SAMPLE = text(
     "SELECT wait_event_type = 'Lock' AND wait_event <> 'extend', wait_event = 'extend' "
@@ -156,11 +179,12 @@ def new_runs(url: str, model_id: int, n_runs: int, batches: int, size: int) -> l
 
 def measure(
     url: str, target: Any, jobs: list[list[tuple[int, int]]], size: int
-) -> tuple[float, tuple[float, float]]:
+) -> tuple[float, Waits]:
     """Rows per second of one process per share of ``jobs`` running ``target``, from the
     first write's start to the last commit (each process's own clock readings: a process's
-    exit is not timed), and the share of samples of working writers that found one waiting
-    for a lock."""
+    exit is not timed); the share of samples of working writers that found one waiting
+    for a lock or to extend the table; and the CPU milliseconds a batch of the writers'
+    processes and of their server processes (steadier than rates on a loaded machine)."""
     dispose_engines()
     ctx = multiprocessing.get_context("fork")  # the children start with the imports made
     ready = ctx.Barrier(len(jobs) + 1)
@@ -180,16 +204,19 @@ def measure(
         p.join()
         if p.exitcode:
             raise RuntimeError(f"a writer exited with {p.exitcode}")
-    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    elapsed = max(s[1] for s in spans) - min(s[0] for s in spans)
     if sampler.is_alive():
         sampler.join()
-    n_rows = sum(map(len, jobs)) * size
+    n_batches = sum(map(len, jobs))
     active = max(1, counts[2])
-    return n_rows / elapsed, (counts[0] / active, counts[1] / active)
+    return n_batches * size / elapsed, (
+        counts[0] / active, counts[1] / active,
+        sum(s[2] for s in spans) / n_batches * 1000, sum(s[3] for s in spans) / n_batches * 1000,
+    )
 
 
 def product(url: str, model_id: int, writers: int, n_runs: int, batches: int,
-            size: int) -> tuple[float, tuple[float, float]]:
+            size: int) -> tuple[float, Waits]:
     ids = new_runs(url, model_id, n_runs, batches, size)
     jobs: list[list[tuple[int, int]]] = [[] for _ in range(writers)]
     for seq in range(batches):
@@ -204,7 +231,7 @@ def product(url: str, model_id: int, writers: int, n_runs: int, batches: int,
 
 
 def bare(url: str, writers: int, batches: int, size: int,
-         indexed: bool = False) -> tuple[float, tuple[float, float]]:
+         indexed: bool = False) -> tuple[float, Waits]:
     with get_engine(url).begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS bare_predictions"))
         conn.execute(text(BARE_TABLE))
@@ -264,7 +291,7 @@ def earlier_sqlite_rate(tree: Path, rows_file: Path, url: str) -> float:
     return float(out.stdout.split()[-1])
 
 
-def _line(name: str, rounds: list[tuple[float, tuple[float, float], float | None]]) -> str:
+def _line(name: str, rounds: list[tuple[float, Waits, float | None]]) -> str:
     """One line of medians over the rounds (the rounds in brackets)."""
     def mid(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
@@ -275,8 +302,13 @@ def _line(name: str, rounds: list[tuple[float, tuple[float, float], float | None
     if ratios:
         out += f"; {mid(ratios):.2f} of bare ({', '.join(f'{x:.2f}' for x in ratios)})"
     locks, extends = [w[0] for _, w, _ in rounds], [w[1] for _, w, _ in rounds]
-    return out + (f"; waiting for a row/transaction lock in {mid(locks):.1%} of samples, "
-                  f"to extend the table in {mid(extends):.1%}")
+    client, server = [w[2] for _, w, _ in rounds], [w[3] for _, w, _ in rounds]
+    if max(locks + extends) or name.startswith(("bare", "COPY", "1", "4")):
+        out += (f"; waiting for a row/transaction lock in {mid(locks):.1%} of samples, "
+                f"to extend the table in {mid(extends):.1%}")
+    if max(server):
+        out += f"; CPU a batch: writer {mid(client):.1f} ms, server {mid(server):.1f} ms"
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,11 +351,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.sqlite:
                 lite = sqlite_rate(sqlite_url(work / f"now-{r}.db"), clf, args.batches,
                                    args.batch_size)
-                found.setdefault("SQLite, 1 writer", []).append((lite, (0, 0), None))
+                found.setdefault("SQLite, 1 writer", []).append((lite, (0, 0, 0, 0), None))
             if args.sqlite and args.sqlite_against:
                 earlier = earlier_sqlite_rate(tree, rows_file, sqlite_url(work / f"then-{r}.db"))
                 found.setdefault(f"SQLite, 1 writer, {args.sqlite_against}'s write path",
-                                 []).append((earlier, (0, 0), None))
+                                 []).append((earlier, (0, 0, 0, 0), None))
                 against.append(lite / earlier)
         dispose_engines()
     print(f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
