@@ -241,16 +241,16 @@ def bare(url: str, writers: int, batches: int, size: int,
     return measure(url, _copy_bare, jobs, size)
 
 
-def sqlite_rate(url: str, clf: Any, batches: int, size: int) -> float:
-    """One writer's rows/s into a fresh SQLite file."""
+def sqlite_rate(url: str, clf: Any, batches: int, size: int) -> tuple[float, Waits]:
+    """One writer's rows/s into a fresh SQLite file (and its CPU a batch)."""
     ids = new_runs(url, store_model(url, clf), 1, batches, size)
-    return measure(url, _write, [[(ids[0], seq) for seq in range(batches)]], size)[0]
+    return measure(url, _write, [[(ids[0], seq) for seq in range(batches)]], size)
 
 
 #: One writer of an earlier tree (its own schema and ``store_batch_results``, as at commit
 #: 18189bd), timed in its own process on the rows of a JSON file: argv url, file.
 _EARLIER_WRITER = """
-import json, sys, time
+import json, resource, sys, time
 from bench.common import store_model, train_classifier
 from db.queries import create_run, finish_submission, record_batch, store_batch_results
 from db.session import get_engine
@@ -264,10 +264,14 @@ with engine.begin() as conn:
     for seq, rows in enumerate(batches):
         record_batch(conn, run_id, seq, [r["path"] for r in rows], 0)
 finish_submission(engine, run_id, sum(map(len, batches)), 0)
-start = time.time()
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+start, cpu_start = time.time(), cpu()
 for seq, rows in enumerate(batches):
     store_batch_results(engine, run_id, seq, rows)
-print(sum(map(len, batches)) / (time.time() - start))
+print(sum(map(len, batches)) / (time.time() - start), (cpu() - cpu_start) / len(batches) * 1000)
 """
 
 
@@ -280,15 +284,17 @@ def earlier_tree(commit: str, into: Path) -> Path:
     return into
 
 
-def earlier_sqlite_rate(tree: Path, rows_file: Path, url: str) -> float:
-    """One writer's rows/s into a fresh SQLite file with ``tree``'s write path."""
+def earlier_sqlite_rate(tree: Path, rows_file: Path, url: str) -> tuple[float, float]:
+    """One writer's rows/s into a fresh SQLite file with ``tree``'s write path, and its CPU
+    milliseconds a batch."""
     out = subprocess.run(
         [sys.executable, "-c", _EARLIER_WRITER, url, str(rows_file)], cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
     )
     if out.returncode:
         raise RuntimeError(f"the earlier tree's writer failed:\n{out.stderr[-2000:]}")
-    return float(out.stdout.split()[-1])
+    rate, cpu = out.stdout.split()[-2:]
+    return float(rate), float(cpu)
 
 
 def _line(name: str, rounds: list[tuple[float, Waits, float | None]]) -> str:
@@ -308,6 +314,8 @@ def _line(name: str, rounds: list[tuple[float, Waits, float | None]]) -> str:
                 f"to extend the table in {mid(extends):.1%}")
     if max(server):
         out += f"; CPU a batch: writer {mid(client):.1f} ms, server {mid(server):.1f} ms"
+    elif max(client):
+        out += f"; CPU a batch: {mid(client):.1f} ms"
     return out
 
 
@@ -325,7 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     clf = train_classifier()
     found: dict[str, list[Any]] = {}
-    against: list[float] = []  # SQLite's rate over the earlier tree's, per round
+    #: per round, SQLite's rate over the earlier tree's, and the earlier tree's CPU a batch
+    #: over its own
+    against: list[tuple[float, float]] = []
     with postgres_database(args.postgres_url) as url, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_id = store_model(url, clf)
@@ -349,22 +359,25 @@ def main(argv: list[str] | None = None) -> None:
                                           args.batch_size)
                     found.setdefault(name, []).append((rate, waits, rate / base))
             if args.sqlite:
-                lite = sqlite_rate(sqlite_url(work / f"now-{r}.db"), clf, args.batches,
-                                   args.batch_size)
-                found.setdefault("SQLite, 1 writer", []).append((lite, (0, 0, 0, 0), None))
+                lite, waits = sqlite_rate(sqlite_url(work / f"now-{r}.db"), clf, args.batches,
+                                          args.batch_size)
+                found.setdefault("SQLite, 1 writer", []).append((lite, waits, None))
             if args.sqlite and args.sqlite_against:
-                earlier = earlier_sqlite_rate(tree, rows_file, sqlite_url(work / f"then-{r}.db"))
+                earlier, cpu = earlier_sqlite_rate(tree, rows_file,
+                                                   sqlite_url(work / f"then-{r}.db"))
                 found.setdefault(f"SQLite, 1 writer, {args.sqlite_against}'s write path",
-                                 []).append((earlier, (0, 0, 0, 0), None))
-                against.append(lite / earlier)
+                                 []).append((earlier, (0, 0, cpu, 0), None))
+                against.append((lite / earlier, cpu / waits[2]))
         dispose_engines()
     print(f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     for name, rounds in found.items():
         print(_line(name, rounds))
-    if against:
-        print(f"SQLite, 1 writer, now over {args.sqlite_against}'s: "
-              f"{sorted(against)[len(against) // 2]:.2f} "
-              f"({', '.join(f'{x:.2f}' for x in against)})")
+    for i, what in enumerate(("rows/s", "CPU a batch, then over now")):
+        if against:
+            ratios = [a[i] for a in against]
+            print(f"SQLite, 1 writer, now against {args.sqlite_against}'s, {what}: "
+                  f"{sorted(ratios)[len(ratios) // 2]:.2f} "
+                  f"({', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
