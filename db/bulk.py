@@ -24,8 +24,7 @@ from db.columns import BatchColumns
 from db.models import predictions
 from db.pg_copy import FIELDS, copy_data
 
-COLUMNS = FIELDS
-_COLUMN_LIST = ", ".join(COLUMNS)
+_COLUMN_LIST = ", ".join(FIELDS)
 _COPY = f"COPY predictions ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
 #: Parameters one SQLite statement may hold (SQLITE_MAX_VARIABLE_NUMBER since 3.32).
 SQLITE_MAX_PARAMETERS = 32_766
@@ -56,7 +55,7 @@ def write_predictions(
     column_type = predictions.c.scored_at.type.dialect_impl(conn.dialect)
     to_db = column_type.bind_processor(conn.dialect)
     at = to_db(scored_at) if to_db else scored_at
-    insert_rows(conn, "predictions", dict.fromkeys(COLUMNS, ""),
+    insert_rows(conn, "predictions", dict.fromkeys(FIELDS, ""),
                 list(zip(repeat(run_id), repeat(batch_seq), columns.paths, columns.labels,
                          *columns.answers, *columns.score_lists(), columns.errors, repeat(at))))
 
