@@ -287,8 +287,9 @@ def _may_finish(conn: Connection, run_id: int) -> bool:
     try:
         return may_finish(conn, run_id)
     finally:
-        conn.commit()  # ends SQLAlchemy's transaction object: the driver has none open
-        conn.execution_options(isolation_level=conn.default_isolation_level)
+        conn.rollback()  # ends SQLAlchemy's transaction object: the driver has none open
+        if not conn.invalidated:  # a lost server's connection is thrown away
+            conn.execution_options(isolation_level=conn.default_isolation_level)
 
 
 def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:
