@@ -115,3 +115,44 @@ def test_a_snapshot_reads_one_commit_while_others_commit(any_db_url, classifier)
         assert conn.execute(count).scalar_one() == before
     with engine.connect() as conn:
         assert conn.execute(count).scalar_one() == before + 1
+
+
+def test_a_server_lost_while_settling_is_an_outage_and_the_redelivery_settles(
+    postgres_url, classifier, monkeypatch
+):
+    """The read after a store's commit that tells whether its run may finish runs outside a
+    transaction; a server lost during it raises the ``OperationalError`` the task retries,
+    and the redelivery writes nothing and settles the run."""
+    import psycopg
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from core.rows import unscored_row
+
+    engine = get_engine(postgres_url)
+    model_id = save_model(engine, classifier)
+    with engine.begin() as conn:
+        run_id, _token = queries.create_run(conn, model_id, "/data", "celery")
+        batch_life.record_batch(conn, run_id, 0, ["3/a.png"], 1)
+        batch_life.record_batch(conn, run_id, 1, ["3/b.png"], 1)
+    queries.finish_submission(engine, run_id, 2, 0)
+    batch_life.store_batch(engine, run_id, 0, [unscored_row("3/a.png", "3", "gone")])
+    read = batch_life.may_finish
+
+    def lose_the_server(conn, run):
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        plain = postgres_url.replace("+psycopg", "")
+        with psycopg.connect(plain, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return read(conn, run)
+
+    monkeypatch.setattr(batch_life, "may_finish", lose_the_server)
+    row = unscored_row("3/b.png", "3", "empty file (0 bytes)")
+    with pytest.raises(OperationalError):  # the run's last batch, stored
+        batch_life.store_batch(engine, run_id, 1, [row])
+    monkeypatch.setattr(batch_life, "may_finish", read)
+    assert batch_life.store_batch(engine, run_id, 1, [row]) == 0
+    with engine.connect() as conn:
+        status, failed = conn.execute(text(
+            "SELECT status, n_failed FROM runs WHERE id = :r"), {"r": run_id}).one()
+    assert (status, failed) == ("done", 2)
