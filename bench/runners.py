@@ -20,6 +20,7 @@ import torch
 from bench.common import ROOT
 from core.classifier import Classifier
 from core.scoring import Scores, score_stack
+from core.wire import queue_lists
 
 Decoder = Callable[[Sequence[bytes], int, int], tuple[np.ndarray, list[int], dict[int, str]]]
 Scorer = Callable[[Classifier, np.ndarray, torch.device], Scores]
@@ -98,7 +99,7 @@ def run_naive_celery(
             worker.wait()
         import redis
 
-        redis.Redis.from_url(broker_url).delete(queue)
+        redis.Redis.from_url(broker_url).delete(*queue_lists(queue))
 
 
 def _wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:

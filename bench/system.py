@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from bench.common import ROOT, as_utc, children, peak_rss_mib
+from core.wire import queue_lists
 from db.session import dispose_engines, get_engine
 
 _SUCCEEDED = re.compile(r"succeeded in ([0-9.]+)s")
@@ -187,7 +188,11 @@ def submit_then_release(
     latest = text("SELECT id, status, n_images, n_scored, n_failed, finished_at FROM runs "
                   "ORDER BY id DESC LIMIT 1")
     started = time.time()
-    client.rename(hold, queue)
+    pipe = client.pipeline(transaction=True)  # each priority list at once
+    for held, target in zip(queue_lists(hold), queue_lists(queue), strict=True):
+        if client.exists(held):
+            pipe.rename(held, target)
+    pipe.execute()
     deadline = time.monotonic() + timeout
     while True:
         with engine.connect() as conn:
@@ -196,7 +201,7 @@ def submit_then_release(
             break
         time.sleep(0.01)
     dispose_engines()
-    client.delete(hold)
+    client.delete(*queue_lists(hold))
     if run["status"] != "done" or run["n_scored"] != run["n_images"]:
         raise RuntimeError(f"run {run['id']} ended {dict(run)}")
     seconds = as_utc(run["finished_at"]).timestamp() - started
@@ -208,7 +213,7 @@ def delete_queue(broker_url: str, queue: str) -> None:
     import redis
 
     client = redis.Redis.from_url(broker_url)
-    client.delete(queue, f"{queue}\x06\x163", f"{queue}\x06\x166", f"{queue}\x06\x169")
+    client.delete(*queue_lists(queue))
     for pattern in (f"digitscore:payload:{queue}:*", f"digitscore:payload:{queue}.hold:*"):
         for key in client.scan_iter(pattern):
             client.delete(key)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench.dataset import image_set
 from bench.fleet import HANDOUT_MAX_QUEUED_BYTES
+from core.wire import queue_lists
 
 
 def run_producer(tree: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
@@ -86,7 +87,7 @@ def figures(opts: argparse.Namespace) -> dict[str, Callable[[Path], tuple[float,
                        "DIGITSCORE_MAX_QUEUED_BYTES": str(HANDOUT_MAX_QUEUED_BYTES)},
                 "submit", str(images()), "--send", "paths")
         finally:
-            redis.Redis.from_url(opts.broker).delete(queue)
+            redis.Redis.from_url(opts.broker).delete(*queue_lists(queue))
 
     return {"one_image": one_image, "ten_thousand": ten_thousand, "status": status,
             "handout": handout}

@@ -71,6 +71,10 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: which every worker host must see (at the same path, or mapped by ``DIGITSCORE_PATH_MAP``).
 SEND = "bytes"
 SEND_MODES = ("bytes", "paths")
+#: A run's priority (``submit --priority``), most urgent first; a run's batches are taken
+#: from the queue in that order (core/wire.message_priority).
+PRIORITY = "normal"
+PRIORITIES = ("high", "normal", "low")
 SEND_ENV = "DIGITSCORE_SEND"
 
 #: Where a worker finds the run's source directory when its host mounts it elsewhere than

@@ -17,13 +17,10 @@ from typing import Any
 
 import msgpack
 
-from core.wire import TASK_NAME, BatchMessage
+from core.wire import TASK_NAME, BatchMessage, queue_lists
 
 #: kombu's Redis transport: the unacknowledged messages and their delivery times.
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
-#: The lists a queue's messages wait in: the queue's own (priority 0) and kombu's
-#: priority lists beside it (its default steps).
-PRIORITY_SEPARATOR, PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
 
 Batch = tuple[int, int]  # (run id, batch number)
 
@@ -43,7 +40,7 @@ class BrokerBatches:
 def read_broker_batches(client: Any, queue: str) -> BrokerBatches:
     """One consistent view (MULTI/EXEC) of ``queue``'s waiting and unacknowledged batch
     messages on the Redis ``client``."""
-    lists = [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
+    lists = queue_lists(queue)  # the queue's own list and kombu's priority lists beside it
     pipe = client.pipeline(transaction=True)
     for name in lists:
         pipe.lrange(name, 0, -1)

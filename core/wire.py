@@ -67,6 +67,38 @@ PAYLOAD_DIGEST_HEADER = "digitscore_payload_sha256"
 MAX_READ_ERROR_CHARS = 64 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
+#: The message priorities in use: kombu's Redis transport keeps one list per step beside the
+#: queue's own (step 0, the queue's name), and each worker's BRPOP names them lowest step
+#: first, so a message of a lower step is always taken before one of a higher step. Two steps
+#: per run priority: a run's first :data:`BOOSTED_BATCHES` batches one step ahead of the rest.
+PRIORITY_STEPS = (0, 1, 2, 3, 4, 5)
+#: kombu's separator between a queue's name and a priority step, in its lists' names.
+PRIORITY_SEPARATOR = "\x06\x16"
+#: A run's first batches are sent one step ahead of its priority: so a small run submitted
+#: while a big one is scored waits for the batches being scored, not for the big run.
+BOOSTED_BATCHES = 4
+
+
+def message_priority(priority: str, seq: int) -> int:
+    """The priority step of batch ``seq`` of a run of ``priority`` (one of
+    :data:`core.defaults.PRIORITIES`): every send of that batch (submit, resume, healing)
+    uses it."""
+    base = 2 * defaults.PRIORITIES.index(priority) + 1
+    return base - 1 if seq < BOOSTED_BATCHES else base
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists ``queue``'s waiting messages are in, in the order workers take them."""
+    return [f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+def check_priority(value: Any) -> None:
+    """:class:`MessageError` unless a message's ``priority`` property is one of
+    :data:`PRIORITY_STEPS` (kombu reads any number and clamps it; a producer of ours sends
+    only these)."""
+    if value is not None and (type(value) is not int or value not in PRIORITY_STEPS):
+        raise MessageError(f"priority {str(value)[:40]!r} is not one of {list(PRIORITY_STEPS)}")
+
 
 @dataclass(frozen=True)
 class BatchMessage:
@@ -334,6 +366,10 @@ def make_app(settings: Settings) -> Celery:
         "unacked_restore_throttle": 1,
         "socket_connect_timeout": defaults.BROKER_CONNECT_TIMEOUT,
         "socket_timeout": defaults.BROKER_SOCKET_TIMEOUT,
+        # one list per priority step (see PRIORITY_STEPS); the producer's app puts a message
+        # in its step's list, the worker's BRPOP names the lists in this order
+        "priority_steps": list(PRIORITY_STEPS),
+        "queue_order_strategy": "priority",
     }
     app.conf.update(
         task_serializer="msgpack",
@@ -351,6 +387,8 @@ def make_app(settings: Settings) -> Celery:
         worker_proc_alive_timeout=defaults.PROCESS_START_TIMEOUT,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
+        # a message sent without a priority waits with normal runs' later batches
+        task_default_priority=message_priority(defaults.PRIORITY, BOOSTED_BATCHES),
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": timeout},
         broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,

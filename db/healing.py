@@ -81,10 +81,10 @@ def mark_sent(conn: Connection, run_id: int, seq: int) -> None:
 
 def batch_to_send(conn: Connection, run_id: int, seq: int) -> dict[str, Any]:
     """What sending batch ``seq`` again needs: its paths (and, for archive members, where
-    they are) and its run's token, mode and source directory."""
+    they are) and its run's token, mode, source directory and priority."""
     row = conn.execute(
         select(batches.c.paths, batches.c.members, runs.c.token, runs.c.send_mode,
-               runs.c.source_dir)
+               runs.c.source_dir, runs.c.priority)
         .join(runs, runs.c.id == batches.c.run_id)
         .where(batches.c.run_id == run_id, batches.c.seq == seq)
     ).mappings().one()

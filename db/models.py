@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    CheckConstraint,
     Column,
     DateTime,
     Float,
@@ -26,6 +27,8 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+
+from core.defaults import PRIORITIES
 
 RUN_STATUSES = ("queued", "running", "done", "cancelled")
 BATCH_STATUSES = ("queued", "done", "failed", "split", "cancelled")
@@ -104,7 +107,10 @@ runs = Table(
     # renewed; NULL when nothing sends it (migration 0012)
     Column("lease_holder", String(300)),
     Column("lease_until", DateTime(timezone=True)),
+    # 'high', 'normal' or 'low': the order workers take its batches in (migration 0017)
+    Column("priority", String(10), nullable=False, default="normal", server_default="normal"),
     # an id is never handed out twice, even after a run's row is deleted (migration 0015)
+    CheckConstraint(f"priority IN {PRIORITIES}", name="ck_runs_priority"),
     sqlite_autoincrement=True,
 )
 

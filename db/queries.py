@@ -29,9 +29,11 @@ def create_run(
     backend: str,
     send_mode: str = "bytes",
     lease: tuple[str, float] | None = None,
+    priority: str = "normal",
 ) -> tuple[int, str]:
     """A new run's id and token; ``lease``, ``(holder, seconds)``, gives its sender's lease
-    (db/leases.py) to the process creating it."""
+    (db/leases.py) to the process creating it; ``priority`` is one of
+    ``core.defaults.PRIORITIES``."""
     token = uuid.uuid4().hex
     now = utcnow()
     held = {} if lease is None else {
@@ -44,6 +46,7 @@ def create_run(
             source_dir=source_dir,
             backend=backend,
             send_mode=send_mode,
+            priority=priority,
             status="queued",
             n_skipped=0,
             n_scored=0,

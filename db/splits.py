@@ -36,3 +36,9 @@ def split_batch(engine: Engine, run_id: int, seq: int) -> list[tuple[int, list[s
             ))
         conn.execute(update(batches).where(*where).values(status="split", finished_at=now))
     return halves
+
+
+def run_priority(engine: Engine, run_id: int) -> str:
+    """The run's priority, at which the halves of its batches are sent."""
+    with engine.connect() as conn:
+        return str(conn.execute(select(runs.c.priority).where(runs.c.id == run_id)).scalar_one())

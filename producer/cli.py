@@ -263,6 +263,7 @@ def train_cmd(
 
 from producer.cancel_commands import cancel_cmd, delete_cmd, prune_cmd  # noqa: E402
 from producer.heal_command import heal_cmd  # noqa: E402
+from producer.queue_commands import queue_cmd  # noqa: E402
 from producer.report_commands import (  # noqa: E402
     compare_cmd,
     models_cmd,
@@ -279,6 +280,7 @@ for _command in (
     heal_cmd,
     wait_cmd,
     status_cmd,
+    queue_cmd,
     runs_cmd,
     report_cmd,
     models_cmd,

@@ -120,7 +120,7 @@ class Healer:
             lambda: read_batch(root, paths) if members is None
             else read_recorded(root, paths, members))
         try:
-            self.sender.resend(message, read)
+            self.sender.resend(message, read, row["priority"])
         except (DigitscoreError, OSError) as e:
             healed.failed.append(f"run {run_id} batch {seq}: {first_line(e)}")
             return

@@ -112,8 +112,12 @@ class CelerySender:
         bound = self.max_queued or defaults.MAX_QUEUED_BYTES
         return max(1, min(asked, bound // 4))
 
-    def send(self, message: wire.BatchMessage, batch: FileBatch | None) -> None:
-        """Queue the batch ``message`` names; ``batch`` ``None`` sends the message alone (a
+    def send(
+        self, message: wire.BatchMessage, batch: FileBatch | None,
+        priority: str = defaults.PRIORITY,
+    ) -> None:
+        """Queue the batch ``message`` names, at the step of its run's ``priority``
+        (core/wire.message_priority); ``batch`` ``None`` sends the message alone (a
         ``--send paths`` run, whose workers read the files themselves). Raises
         :class:`BrokerUnavailable` with Redis's or kombu's own first line when the broker is
         gone or refuses a write."""
@@ -131,7 +135,7 @@ class CelerySender:
                 store.set(key, payload, ex=self.ttl)
                 self._sent.append((key, cost))
                 self.queued_bytes += cost
-            self._send_message(message, payload)
+            self._send_message(message, payload, priority)
         except Exception as e:
             if is_out_of_memory(e):
                 self._leave_room(key if batch is not None else None)
@@ -148,33 +152,36 @@ class CelerySender:
                 ) from e
             raise
 
-    def _send_message(self, message: wire.BatchMessage, payload: bytes | None) -> None:
+    def _send_message(
+        self, message: wire.BatchMessage, payload: bytes | None, priority: str
+    ) -> None:
         headers = (
             wire.signature_headers(self.secret, message, payload or b"")
             if self.secret else None
         )
         self.app.send_task(
             wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
-            headers=headers,
+            headers=headers, priority=wire.message_priority(priority, message.seq),
         )
 
     def resend(
-        self, message: wire.BatchMessage, read: Callable[[], FileBatch] | None
+        self, message: wire.BatchMessage, read: Callable[[], FileBatch] | None,
+        priority: str = defaults.PRIORITY,
     ) -> None:
-        """Send the batch ``message`` names again: its payload, when still in Redis, as it
-        is; otherwise ``read()`` reads its files again (``read`` ``None``: a ``--send
-        paths`` batch, the message alone). With a secret the files are always read again:
-        a payload found in Redis is not signed again, since anyone who can write to Redis
-        could have swapped it."""
+        """Send the batch ``message`` names again, at its run's ``priority``: its payload,
+        when still in Redis, as it is; otherwise ``read()`` reads its files again (``read``
+        ``None``: a ``--send paths`` batch, the message alone). With a secret the files are
+        always read again: a payload found in Redis is not signed again, since anyone who can
+        write to Redis could have swapped it."""
         if read is None:
-            self.send(message, None)
+            self.send(message, None, priority)
             return
         payload = None if self.secret else self._payload_store().get(wire.payload_key(message))
         if payload is None:
-            self.send(message, read())
+            self.send(message, read(), priority)
             return
         try:
-            self._send_message(message, payload)
+            self._send_message(message, payload, priority)
         except Exception as e:
             raise BrokerUnavailable(
                 f"the broker {mask_url(self.url)} failed ({type(e).__name__}): {first_line(e)}"

@@ -104,6 +104,7 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
             r["id"],
             f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
             r["status"],
+            r["priority"],
             r["model_id"],
             "?" if r["n_images"] is None else r["n_images"],
             r["n_failed"],
@@ -116,10 +117,10 @@ def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
         for r in rows
     ]
     headers = [
-        "id", "created", "status", "model", "images", "failed", "L1", "L2", "SGD", "repeats",
-        "source",
+        "id", "created", "status", "priority", "model", "images", "failed", "L1", "L2", "SGD",
+        "repeats", "source",
     ]
-    click.echo(format_table(headers, table, "rllrrrrrrrl"))
+    click.echo(format_table(headers, table, "rlllrrrrrrrl"))
     for r in rows:
         for note in (r["sending"], r["stall_hint"]):
             if note:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from core import defaults
+from core import defaults, wire
 from core.errors import EXIT_INTERRUPTED, BadInput, RunCancelled
 from core.settings import Settings
 from core.text import plural
@@ -134,6 +134,15 @@ def check_timeout(wait: bool, timeout: float | None) -> None:
 @click.command("submit", context_settings=HELP)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", "model_id", type=int, help="Model id to score with; default: newest.")
+@click.option(
+    "--priority",
+    type=click.Choice(defaults.PRIORITIES),
+    default=defaults.PRIORITY,
+    show_default=True,
+    help="Workers take the batches of high runs first, then normal, then low; within one, "
+    f"each run's first {wire.BOOSTED_BATCHES} batches go ahead of the other runs' later "
+    "ones, so a small run is not stuck behind a big one.",
+)
 @wait_options
 @send_option(defaults.SEND)
 @batch_options
@@ -142,6 +151,7 @@ def check_timeout(wait: bool, timeout: float | None) -> None:
 def submit_cmd(
     directory: Path,
     model_id: int | None,
+    priority: str,
     wait: bool,
     timeout: float | None,
     send_mode: str,
@@ -174,6 +184,7 @@ def submit_cmd(
       producer submit ./mnist/valid --wait
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit ./images --model 3
       producer submit ./images --wait --timeout 600
+      producer submit ./urgent --priority high --wait
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit /nfs/images --send paths
     """
     settings = Settings.from_env(broker_url=broker_url, send=send_mode)
@@ -181,7 +192,8 @@ def submit_cmd(
     check_batch_size(settings, batch_size)
     created: list[int] = []
     try:
-        sub = _submit(directory, model_id, settings, batch_size, batch_bytes, engine, created)
+        sub = _submit(directory, model_id, priority, settings, batch_size, batch_bytes, engine,
+                      created)
     except RunCancelled:
         _cancel_since(engine, settings, created[0])
         raise
@@ -223,6 +235,7 @@ def _cancel_since(engine: Any, settings: Settings, run_id: int) -> None:
 def _submit(
     directory: Path,
     model_id: int | None,
+    priority: str,
     settings: Settings,
     batch_size: int,
     batch_bytes: int,
@@ -259,6 +272,7 @@ def _submit(
             batch_size=batch_size,
             batch_bytes=batch_bytes,
             send_mode=send_mode,
+            priority=priority,
             on_run=on_run,
             on_batch=counter,
         )
@@ -456,23 +470,33 @@ def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engi
 
 @click.command("status", context_settings=HELP)
 @click.argument("run", type=RunArg())
+@broker_option
 @database_option
-def status_cmd(run: int | str, engine: Any) -> None:
-    """One line on RUN: status and counts.
+def status_cmd(run: int | str, broker_url: str | None, engine: Any) -> None:
+    """One line on RUN: status, priority and counts; while batches of it wait, a second:
+    how many, how many batches are ahead of its next one on the broker, its rate over the
+    last 20 s and its estimated end (see `producer queue`).
 
     \b
     Example:
       producer status latest
     """
     from db.queries import get_run, stall
+    from producer.backlog import broker_queue, runs_in_queue, status_queue_line
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(broker_url=broker_url)
     with engine.connect() as conn:
         r = get_run(conn, resolve_run(conn, run))
         stalled = stall(conn, r)
     line = status_line(r)
     hint = stall_hint(r, stalled, settings.stall_hint_after)
     click.echo(f"{line}; {hint}" if hint else line)
+    if stalled is None:  # nothing of it waits
+        return
+    queue = broker_queue(settings) if settings.broker_url else None
+    with engine.connect() as conn:
+        for waiting in runs_in_queue(conn, queue, [r["id"]]):
+            click.echo(f"run {r['id']}: {status_queue_line(waiting)}")
 
 
 def stall_hint(run: dict[str, Any], stalled: Any, stall_after: float) -> str | None:
@@ -500,7 +524,8 @@ def status_line(r: dict[str, Any]) -> str:
     live process is still sending it or how to finish it (:func:`sending_note`)."""
     total = "?" if r["n_images"] is None else r["n_images"]
     line = (
-        f"run {r['id']} {r['status']}: {r['n_scored'] + r['n_failed']}/{total} done "
+        f"run {r['id']} {r['status']}, priority {r['priority']}: "
+        f"{r['n_scored'] + r['n_failed']}/{total} done "
         f"({r['n_scored']} scored, {r['n_failed']} failed)"
     )
     note = sending_note(r)

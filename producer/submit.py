@@ -60,7 +60,9 @@ class Sender(Protocol):
     #: Called while the sender waits for room to send (the run's lease check), if it waits.
     while_waiting: Callable[[], None] | None
 
-    def send(self, message: BatchMessage, batch: FileBatch | None) -> None: ...
+    def send(
+        self, message: BatchMessage, batch: FileBatch | None, priority: str = ...
+    ) -> None: ...
 
 
 class EmbeddedSender:
@@ -73,7 +75,11 @@ class EmbeddedSender:
         self.engine = engine
         self.classifier = classifier
 
-    def send(self, message: BatchMessage, batch: FileBatch | None) -> None:
+    def send(
+        self, message: BatchMessage, batch: FileBatch | None,
+        priority: str = defaults.PRIORITY,
+    ) -> None:
+        """Score and store the batch now (``priority`` orders nothing here)."""
         # imported here: a producer that only enqueues never loads torch
         from core.batch import score_images
 
@@ -106,10 +112,11 @@ def submit_directory(
     batch_size: int = defaults.BATCH_SIZE,
     batch_bytes: int = defaults.BATCH_BYTES,
     send_mode: str = defaults.SEND,
+    priority: str = defaults.PRIORITY,
     on_run: Callable[[int], None] | None = None,
     on_batch: OnBatch | None = None,
 ) -> Submission:
-    """Create a run for every image below ``root`` and send it in batches.
+    """Create a run of ``priority`` for every image below ``root`` and send it in batches.
 
     Raises :class:`DirectoryError` (and creates no run) when ``root`` is missing or holds no
     image.
@@ -125,7 +132,7 @@ def submit_directory(
         with engine.begin() as conn:
             run_id, token = queries.create_run(
                 conn, model_id, str(root), sender.backend, send_mode,
-                lease=(this_process(), defaults.LEASE_SECONDS),
+                lease=(this_process(), defaults.LEASE_SECONDS), priority=priority,
             )
     except SQLAlchemyError as e:
         raise DatabaseUnavailable(
@@ -135,7 +142,8 @@ def submit_directory(
         if on_run is not None:
             on_run(run_id)
         n_batches = _send_all(
-            engine, run_id, token, chain([first], stream), 0, sender, send_mode, on_batch, lease
+            engine, (run_id, token, priority), chain([first], stream), 0, sender, send_mode,
+            on_batch, lease,
         )
         return _finish(engine, run_id, walk.n_skipped, n_batches)
 
@@ -192,8 +200,7 @@ def _stream(
 
 def _send_all(
     engine: Engine,
-    run_id: int,
-    token: str,
+    run: tuple[int, str, str],
     stream: Iterable[FileBatch],
     first_seq: int,
     sender: Sender,
@@ -201,12 +208,16 @@ def _send_all(
     on_batch: OnBatch | None,
     lease: Lease,
 ) -> int:
+    """Record and send each batch of ``stream`` of ``run`` (its id, token and priority),
+    numbered from ``first_seq``; how many."""
+    run_id, token, priority = run
     seq, n_batches = first_seq, 0
     sender.while_waiting = lease.check
     for batch in stream:
         lease.check()
         seq = record_next(engine, run_id, seq, batch)
-        sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch)
+        sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch,
+                    priority)
         if on_batch is not None:
             on_batch(len(batch))
         seq, n_batches = seq + 1, n_batches + 1
@@ -318,7 +329,7 @@ def _resume(
                      else read_recorded(str(root), paths, members))
         with engine.begin() as conn:
             mark_sent(conn, run_id, seq)
-        sender.send(BatchMessage(run_id, seq, run["token"]), batch)
+        sender.send(BatchMessage(run_id, seq, run["token"]), batch, run["priority"])
         if on_batch is not None:
             on_batch(len(paths))
     n_skipped = run["n_skipped"]
@@ -328,8 +339,8 @@ def _resume(
             first_seq = queries.next_batch_seq(conn, run_id)
         walk = DirectoryWalk(root)
         stream = _stream(walk, mode, batch_size, batch_bytes, sent)
-        _send_all(engine, run_id, run["token"], stream, first_seq, sender, mode, on_batch,
-                  lease)
+        _send_all(engine, (run_id, run["token"], run["priority"]), stream, first_seq, sender,
+                  mode, on_batch, lease)
         n_skipped = walk.n_skipped
     with engine.connect() as conn:
         n_batches = queries.next_batch_seq(conn, run_id)

@@ -191,8 +191,10 @@ def broker_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     yield env
     import redis
 
+    from core.wire import queue_lists
+
     client = redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"])
-    client.delete(queue, *client.scan_iter("digitscore:payload:*"))
+    client.delete(*queue_lists(queue), *client.scan_iter("digitscore:payload:*"))
 
 
 @pytest.fixture

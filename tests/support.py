@@ -500,3 +500,18 @@ def wait_reading_stdin(pid: int, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"process {pid} is not reading its standard input")
         time.sleep(0.01)
+
+
+def queued_messages(client: Any, queue: str) -> int:
+    """The messages waiting in ``queue``: in its own list and kombu's priority lists."""
+    from core.wire import queue_lists
+
+    return sum(client.llen(name) for name in queue_lists(queue))
+
+
+def drop_queue(client: Any, queue: str) -> None:
+    """Lose every message waiting in ``queue`` (its priority lists too), as a Redis that
+    lost its data would."""
+    from core.wire import queue_lists
+
+    client.delete(*queue_lists(queue))

@@ -16,6 +16,7 @@ from tests.support import (
     bytes_name,
     cli_command,
     digit_files,
+    drop_queue,
     query,
     run_row,
     save_model,
@@ -140,7 +141,8 @@ def test_resume_rereads_files_with_strange_and_undecodable_names(
     assert "0/" in run_cli("status", "1", "--database-url", sqlite_url).stdout  # nothing scored
     import redis
 
-    redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"]).delete(broker_env["DIGITSCORE_QUEUE"])
+    client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
+    drop_queue(client, broker_env["DIGITSCORE_QUEUE"])
 
     r = run_cli("resume", "1", "--database-url", sqlite_url, env={"DIGITSCORE_BROKER_URL": None})
     assert r.exit_code == 0, r.output

@@ -25,6 +25,7 @@ from tests.support import (
     ROOT,
     RedisServer,
     assert_exactly_once,
+    queued_messages,
     run_row,
     save_model,
     service_missing,
@@ -184,7 +185,7 @@ def test_a_full_redis_stops_the_producer_with_resume_advice_and_resume_completes
     deadline = time.monotonic() + 60
     while list(client.scan_iter("digitscore:payload:*")):  # the workers drain what was sent
         assert time.monotonic() < deadline, (
-            sorted(client.scan_iter("digitscore:payload:*")), client.llen("flow"),
+            sorted(client.scan_iter("digitscore:payload:*")), queued_messages(client, "flow"),
             Path(worker.log_path).read_text()[-3000:],  # type: ignore[attr-defined]
         )
         time.sleep(0.1)

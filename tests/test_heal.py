@@ -19,6 +19,8 @@ from tests.support import (
     FAULTS,
     assert_exactly_once,
     created,
+    drop_queue,
+    queued_messages,
     save_model,
     start_producer,
     submit_and_watch,
@@ -136,7 +138,7 @@ def test_producer_heal_re_sends_lost_batches_once_however_many_heal_at_once(
     client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
     queue = broker_env["DIGITSCORE_QUEUE"]
     assert read_broker_batches(client, queue).waiting == {(1, s) for s in range(4)}
-    client.delete(queue)  # Redis lost the messages
+    drop_queue(client, queue)  # Redis lost the messages
     client.delete(next(client.scan_iter("digitscore:payload:1:*:2")))  # and one payload
     r = run_cli("heal", "1", "--database-url", model_db, env=HEAL)
     assert r.stdout.strip() == "no lost batch found"  # sent 1 s ago: not suspected yet
@@ -150,6 +152,6 @@ def test_producer_heal_re_sends_lost_batches_once_however_many_heal_at_once(
     assert all("(no message for it on the broker)" in out or "no lost batch found" in out
                for out in outs), outs
     assert read_broker_batches(client, queue).waiting == {(1, s) for s in range(4)}
-    assert client.llen(queue) == 4  # each sent once between the two healers
+    assert queued_messages(client, queue) == 4  # each sent once between the two healers
     assert resends(model_db) == 4
     assert client.exists(next(client.scan_iter("digitscore:payload:1:*:2")))  # read again

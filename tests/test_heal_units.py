@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text, update
 
 from core.queued import read_broker_batches
-from core.wire import TASK_NAME
+from core.wire import TASK_NAME, queue_lists
 from db import batch_life, queries
 from db.healing import take_resend, waiting_batches
 from db.leases import release_lease
@@ -71,7 +71,7 @@ def stored(run_id: int, seq: int, task: str = TASK_NAME) -> dict:
 def test_the_broker_view_finds_waiting_and_delivered_batches_of_the_queue():
     client = fakeredis.FakeRedis()
     client.lpush("q", json.dumps(stored(1, 0)), b"not json", json.dumps(stored(1, 9, "x.y")))
-    client.lpush("q\x06\x163", json.dumps(stored(1, 1)))  # kombu's priority list
+    client.lpush(queue_lists("q")[3], json.dumps(stored(1, 1)))  # kombu's priority list
     client.lpush("other", json.dumps(stored(1, 5)))
     client.hset("unacked", "tag-1-2", json.dumps([stored(1, 2), "", "q"]))
     client.hset("unacked", "tag-1-6", json.dumps([stored(1, 6), "", "other"]))

@@ -33,7 +33,10 @@ def test_on_redis_the_message_names_a_payload_key_holding_the_bytes(broker_env, 
     sender.send(wire.BatchMessage(3, 5, token), batch)
 
     client = redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"])
-    envelope = json.loads(client.lindex(broker_env["DIGITSCORE_QUEUE"], 0))
+    # batch 5 is past the boosted first batches: a normal run's later batches' list
+    (stored,) = client.lrange(wire.queue_lists(broker_env["DIGITSCORE_QUEUE"])[3], 0, -1)
+    envelope = json.loads(stored)
+    assert envelope["properties"]["priority"] == wire.message_priority("normal", 5) == 3
     assert envelope["headers"]["task"] == wire.TASK_NAME
     assert envelope["content-type"] == "application/x-msgpack"
     args, kwargs, _embed = msgpack.unpackb(base64.b64decode(envelope["body"]), raw=False)

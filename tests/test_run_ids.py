@@ -91,7 +91,7 @@ def test_the_migration_starts_past_the_ids_a_deleted_run_left(
     engine = make_engine(model_db)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "-1")  # to the revision before 0015
+        command.downgrade(cfg, "0011")  # to the revision before 0015
     engine.dispose()
     _delete_run_by_hand(model_db, second)
     with sqlite3.connect(model_db.removeprefix("sqlite:///")) as conn:

@@ -25,6 +25,7 @@ from tests.support import (
     digit_files,
     predictions,
     query,
+    queued_messages,
     submit,
     wait_done,
     wait_for_log,
@@ -157,7 +158,7 @@ def test_send_paths_gives_the_same_predictions_as_send_bytes(
     (run,) = query(model_db, "SELECT send_mode, n_images FROM runs")
     n_batches = query(model_db, "SELECT COUNT(*) AS n, SUM(n_bytes) AS b FROM batches")[0]
     assert run["send_mode"] == "paths" and (n_batches["b"] == 0)
-    assert client.llen(broker_env["DIGITSCORE_QUEUE"]) == n_batches["n"] > 1
+    assert queued_messages(client, broker_env["DIGITSCORE_QUEUE"]) == n_batches["n"] > 1
     worker = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
     wait_for_log(worker, "ready.")
     wait_done(model_db, timeout=60)

@@ -25,11 +25,11 @@ class FailingSender(EmbeddedSender):
         self.fail_at = fail_at
         self.sent = 0
 
-    def send(self, message, batch) -> None:
+    def send(self, message, batch, priority="normal") -> None:
         self.sent += 1
         if self.sent >= self.fail_at:
             raise OutOfMemoryError(OOM)
-        super().send(message, batch)
+        super().send(message, batch, priority)
 
 
 def rows(engine) -> tuple[int, int]:
@@ -64,7 +64,7 @@ def test_a_broker_refusing_writes_stops_with_one_resumable_error(model_db, sampl
     assert rows(engine) == (200, 200)
     with engine.connect() as conn:
         run = dict(conn.execute(text("SELECT * FROM runs")).mappings().one())
-    assert status_line(run) == "run 1 done: 200/200 done (200 scored, 0 failed)"
+    assert status_line(run) == "run 1 done, priority normal: 200/200 done (200 scored, 0 failed)"
 
 
 def test_the_cli_prints_one_line_and_debug_shows_the_traceback(
@@ -72,10 +72,10 @@ def test_the_cli_prints_one_line_and_debug_shows_the_traceback(
 ):
     original = EmbeddedSender.send
 
-    def full_disk(self, message, batch):
+    def full_disk(self, message, batch, priority="normal"):
         if message.seq == 2:
             raise OSError(28, "No space left on device")
-        original(self, message, batch)
+        original(self, message, batch, priority)
 
     monkeypatch.setattr(EmbeddedSender, "send", full_disk)
     args = ("submit", str(sample_dir / "valid"), "--batch-size", "10", "--database-url", model_db)

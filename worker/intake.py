@@ -5,7 +5,9 @@ main process, where Celery and kombu offer no public hook.
    keeps kombu's own, whose TLS defaults are set from that scheme) drops an entry that is not
    a kombu envelope. kombu keeps a message in its queue's Redis list as JSON: the body
    (base64), its content type and encoding, the headers, and properties that hold a delivery
-   tag and the delivery info. Anyone who can write to Redis can push anything there, and
+   tag, the delivery info and the priority (one of ``core/wire.PRIORITY_STEPS``, or none:
+   kombu would clamp any number, and raise on what is not one, where the worker restores
+   it). Anyone who can write to Redis can push anything there, and
    kombu's own reader raises on an entry that is not such an envelope, inside the worker's
    event loop, and the worker exits. Here it is logged and dropped (BRPOP has already taken
    it off the list) and the worker goes on.
@@ -77,6 +79,10 @@ def envelope_problem(entry: Any) -> str | None:
     if not (isinstance(info, dict) and isinstance(info.get("exchange"), str)
             and isinstance(info.get("routing_key"), str)):
         return "no delivery info"
+    try:
+        wire.check_priority(properties.get("priority"))
+    except MessageError as e:
+        return str(e)
     if not isinstance(entry.get("headers") or {}, dict):
         return "headers are not a map"
     for name in ("content-type", "content-encoding"):

@@ -15,7 +15,7 @@ from core import wire
 from core.errors import MessageError
 from core.settings import Settings
 from db.batch_life import RecordedBatch
-from db.splits import split_batch
+from db.splits import run_priority, split_batch
 
 log = logging.getLogger("digitscore.worker")
 
@@ -51,6 +51,7 @@ def split_and_resend(
                 raise MessageError(f"run {batch.run_id} batch {batch.seq}: {e}") from None
         blobs, errors = wire.unpack_payload(payload, len(batch.paths))
     halves = split_batch(engine, batch.run_id, batch.seq)
+    priority = run_priority(engine, batch.run_id) if halves else ""
     start = 0
     for seq, paths in halves:
         half = wire.BatchMessage(batch.run_id, seq, message.token)
@@ -66,7 +67,7 @@ def split_and_resend(
         # workers refuse a message that sets one: the receiving worker's own applies)
         app.send_task(wire.TASK_NAME, args=half.args(), queue=settings.queue,
                       serializer="msgpack", headers=headers, time_limit=None,
-                      soft_time_limit=None)
+                      soft_time_limit=None, priority=wire.message_priority(priority, seq))
     if halves:
         store.delete(key)
         log.warning(
