@@ -19,6 +19,10 @@ BROKER_URL_ENV = "DIGITSCORE_BROKER_URL"
 #: among the devices, at least 1 (``worker.devices.default_concurrency``).
 WORKER_CONCURRENCY: int | None = None
 CONCURRENCY_ENV = "DIGITSCORE_CONCURRENCY"
+#: The port the ``worker`` launcher serves Prometheus metrics on (``--metrics-port``,
+#: ``DIGITSCORE_METRICS_PORT``); unset: no metrics served.
+METRICS_PORT: int | None = None
+METRICS_PORT_ENV = "DIGITSCORE_METRICS_PORT"
 #: ``worker --require-gpu`` (env ``DIGITSCORE_REQUIRE_GPU=1``): no GPU is an error, not a
 #: worker on the CPU.
 REQUIRE_GPU_ENV = "DIGITSCORE_REQUIRE_GPU"

@@ -85,6 +85,13 @@ def _processes(name: str, raw: str) -> int:
     return positive_whole(name, raw, "processes")
 
 
+def _port(name: str, raw: str) -> int:
+    value = positive_whole(name, raw, "(a TCP port)")
+    if value > 65535:
+        raise SettingError(f"{name}={raw!r} is not a TCP port (1-65535)")
+    return value
+
+
 def _seconds_or_off(name: str, raw: str) -> float:
     """A number of seconds, 0 meaning off."""
     try:
@@ -139,6 +146,8 @@ class Settings:
         default=defaults.MAX_BATCH_IMAGES, metadata=_env("MAX_BATCH_IMAGES", _images))
     allow_eviction: bool = field(
         default=False, metadata=_env("ALLOW_EVICTION", yes_or_no))
+    metrics_port: int | None = field(
+        default=defaults.METRICS_PORT, metadata=_env("METRICS_PORT", _port, "--metrics-port"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:

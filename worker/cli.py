@@ -100,13 +100,16 @@ def celery_command(
     ]
 
 
-def worker_settings(concurrency: int | None, require_gpu: bool) -> Settings:
+def worker_settings(
+    concurrency: int | None, require_gpu: bool, metrics_port: int | None = None
+) -> Settings:
     """The settings every worker of this launcher runs with, checked here, once, so that a
     setting every worker would reject fails before any starts: a broker is needed, and the
     broker and database URLs must parse (the database's as digitscore normalises it)."""
     from db.session import normalize_url
 
-    settings = Settings.from_env(concurrency=concurrency, require_gpu=require_gpu)
+    settings = Settings.from_env(
+        concurrency=concurrency, require_gpu=require_gpu, metrics_port=metrics_port)
     if not settings.broker_url:
         raise BrokerURLError(
             f"no broker: set {defaults.BROKER_URL_ENV}, e.g. "
@@ -266,11 +269,23 @@ def _echo(message: str) -> None:
     show_envvar=True,
     help="Exit 2 unless every worker gets a GPU: no fallback to the CPU, for GPU fleets.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=defaults.METRICS_PORT,
+    envvar=defaults.METRICS_PORT_ENV,
+    show_envvar=True,
+    metavar="N",
+    help="Serve Prometheus metrics on port N (every interface): images, batches and failed "
+    "rows stored, batches poisoned, seconds a batch, the queue's depth (docs/metrics.md). "
+    "Default: none served.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def main(
     devices: tuple[str, ...],
     concurrency: int | None,
     require_gpu: bool,
+    metrics_port: int | None,
     celery_args: tuple[str, ...],
 ) -> None:
     """Consume batches from the broker and write predictions to the database.
@@ -303,13 +318,14 @@ def main(
       worker                                 # one worker per GPU, or one on the CPU
       worker --device cuda:0 --device cuda:1 --concurrency 2
       worker --require-gpu                   # a GPU fleet: no GPU is an error
+      worker --metrics-port 9808             # Prometheus scrapes http://HOST:9808/metrics
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 \\
         DIGITSCORE_DATABASE_URL=postgresql://digitscore@db/digitscore worker
       worker --device cpu -- --loglevel DEBUG
     """
     try:
         requested = parse_devices(devices)
-        settings = worker_settings(concurrency, require_gpu)
+        settings = worker_settings(concurrency, require_gpu, metrics_port)
     except DeviceError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     except (DigitscoreError, ValueError) as e:
@@ -345,11 +361,40 @@ def main(
     per_device = settings.concurrency or default_concurrency(len(specs))
     _echo(f"{per_device} pool process(es) per device")
     group = WorkerGroup(_echo)
-    with group.relaying_signals():
+    with metrics_served(settings) as metrics_env, group.relaying_signals():
         for spec in specs:
             argv = celery_command(spec, per_device, settings.queue, celery_args)
-            env = spec.environment(os.environ)
+            env = {**spec.environment(fresh_environment(dict(os.environ))), **metrics_env}
             if not group.start(spec.name, argv, env):
                 break
         status = group.wait()
     sys.exit(status)
+
+
+@contextmanager
+def metrics_served(settings: Settings) -> Iterator[dict[str, str]]:
+    """While the workers run: the metrics server when a port is set, and the env the
+    workers count into it with (worker/metrics.py); else nothing."""
+    if settings.metrics_port is None:
+        yield {}
+        return
+    from worker.metrics import MetricsServer
+
+    try:
+        server = MetricsServer(settings.metrics_port, settings.broker_url or "", settings.queue)
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot serve metrics on port {settings.metrics_port}: {e.strerror or e}; choose "
+            f"another --metrics-port ({defaults.METRICS_PORT_ENV})"
+        ) from None
+    _echo(f"Prometheus metrics on port {settings.metrics_port} (/metrics)")
+    try:
+        yield server.env
+    finally:
+        server.stop()
+
+
+def fresh_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without a metrics directory inherited from elsewhere: a worker counts into
+    its own launcher's, or keeps its counts in memory."""
+    return {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

@@ -49,7 +49,7 @@ from db.batch_life import (
 from db.model_store import load_classifier
 from db.session import dispose_engines, get_engine
 from db.workers import count_batch, heartbeat, register_worker, stop_worker
-from worker import device_health
+from worker import device_health, metrics
 from worker.batch_timing import seconds_per_image, time_limit_warning
 from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_device
 from worker.splitting import should_split, split_and_resend
@@ -283,7 +283,9 @@ def give_up_on(engine: Any, claim: Claim) -> int:
         "run %s batch %s failed on %s deliveries (last: %s): marking it failed",
         batch.run_id, batch.seq, batch.failed_deliveries, batch.last_failure,
     )
-    return give_up(engine, claim)
+    n_new = give_up(engine, claim)
+    metrics.count_poisoned(n_new)
+    return n_new
 
 
 def score_and_store(
@@ -296,6 +298,7 @@ def score_and_store(
         lambda: cached_classifier(SETTINGS.database_url, batch.model_id, device),
         engine, message, f"model {batch.model_id} could not be loaded",
     )
+    start = time.monotonic()  # the model is loaded once per process: not counted
     try:
         blobs, errors = read_images(task, message, batch)
     except MessageError:
@@ -321,6 +324,7 @@ def score_and_store(
         # cancelled while it was scored: its claim was gone at the store, nothing written
         log_cancelled(message, f"{len(rows)} scored rows dropped")
         return 0
+    metrics.count_stored(rows, n_new, time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(rows))
