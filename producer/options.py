@@ -53,15 +53,25 @@ def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def broker_option(
+    f: Callable[..., Any],
+    use: str = "Celery broker (redis://...); unset: score in this process",
+) -> Callable[..., Any]:
+    """``--broker-url`` / ``DIGITSCORE_BROKER_URL``; ``use`` says what the command does with
+    it."""
     return click.option(
         "--broker-url",
         envvar=defaults.BROKER_URL_ENV,
         default=None,
         metavar="URL",
-        help=f"Celery broker (redis://...); unset: score in this process "
-        f"[env {defaults.BROKER_URL_ENV}].",
+        help=f"{use} [env {defaults.BROKER_URL_ENV}].",
     )(f)
+
+
+def queue_broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker-url`` of a command that reads the queue's depth from the broker."""
+    return broker_option(
+        f, "The broker whose queue is read (redis://...); unset: the database's part only")
 
 
 def send_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -8,12 +8,12 @@ from typing import Any
 import click
 
 from core.settings import Settings
-from producer.options import HELP, broker_option, database_option
+from producer.options import HELP, database_option, queue_broker_option
 
 
 @click.command("queue", context_settings=HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-@broker_option
+@queue_broker_option
 @database_option
 def queue_cmd(as_json: bool, broker_url: str | None, engine: Any) -> None:
     """List the runs with batches waiting, in the order the workers will take them: each

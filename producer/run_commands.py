@@ -22,6 +22,7 @@ from producer.options import (
     check_batch_size,
     database_option,
     echo_err,
+    queue_broker_option,
     send_option,
 )
 
@@ -470,7 +471,7 @@ def wait_cmd(run: int | str, timeout: float | None, broker_url: str | None, engi
 
 @click.command("status", context_settings=HELP)
 @click.argument("run", type=RunArg())
-@broker_option
+@queue_broker_option
 @database_option
 def status_cmd(run: int | str, broker_url: str | None, engine: Any) -> None:
     """One line on RUN: status, priority and counts; while batches of it wait, a second:
