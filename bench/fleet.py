@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from bench.system import service_env
+from core.wire import queue_lists
 from db.session import dispose_engines, get_engine
 
 MODES = ("bytes", "paths")
@@ -68,11 +69,13 @@ def handout(
 
 
 def _held_then_forgotten(broker_url: str, queue: str, run_id: int, token: str) -> int:
-    """The bytes Redis uses for the run's queue and payloads; then deletes them."""
+    """The bytes Redis uses for the run's queue (each of its priority lists) and payloads;
+    then deletes them."""
     import redis
 
     client = redis.Redis.from_url(broker_url)
-    keys = [queue.encode(), *client.scan_iter(f"digitscore:payload:{run_id}:{token}:*",
+    lists = [name.encode() for name in queue_lists(queue) if client.exists(name)]
+    keys = [*lists, *client.scan_iter(f"digitscore:payload:{run_id}:{token}:*",
                                               count=1000)]
     pipe = client.pipeline(transaction=False)
     for key in keys:

@@ -387,8 +387,6 @@ def make_app(settings: Settings) -> Celery:
         worker_proc_alive_timeout=defaults.PROCESS_START_TIMEOUT,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
-        # a message sent without a priority waits with normal runs' later batches
-        task_default_priority=message_priority(defaults.PRIORITY, BOOSTED_BATCHES),
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": timeout},
         broker_connection_timeout=defaults.BROKER_CONNECT_TIMEOUT,

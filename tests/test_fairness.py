@@ -12,10 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from core import wire
 from tests.support import (
     FAULTS,
+    drop_queue,
     query,
     save_model,
     submit,
@@ -112,6 +114,12 @@ def test_queue_and_status_show_what_waits_and_what_is_ahead(
         "0 images/s over the last 20 s; estimated end in ?"), second
     r = run_cli("runs", "--database-url", db)
     assert [line.split()[4] for line in r.stdout.splitlines()[1:]] == ["high", "normal"]
+    # the broker lost everything: resume sends the high run again at its stored priority
+    drop_queue(redis.Redis.from_url(broker_env["DIGITSCORE_BROKER_URL"]),
+               broker_env["DIGITSCORE_QUEUE"])
+    assert run_cli("resume", "2", "--database-url", db).exit_code == 0
+    doc = json.loads(run_cli("queue", "--json", "--database-url", db).stdout)
+    assert doc["broker"]["by_priority_step"] == {"0": 4, "1": 4, "2": 0, "3": 0, "4": 0, "5": 0}
 
 
 def free_port() -> int:
