@@ -94,8 +94,8 @@ def queue_lists(queue: str) -> list[str]:
 
 def check_priority(value: Any) -> None:
     """:class:`MessageError` unless a message's ``priority`` property is one of
-    :data:`PRIORITY_STEPS` (kombu reads any number and clamps it; a producer of ours sends
-    only these)."""
+    :data:`PRIORITY_STEPS` (kombu would clamp any number, and read what is no number as 0,
+    the first list; a producer of ours sends only these)."""
     if value is not None and (type(value) is not int or value not in PRIORITY_STEPS):
         raise MessageError(f"priority {str(value)[:40]!r} is not one of {list(PRIORITY_STEPS)}")
 

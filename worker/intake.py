@@ -6,8 +6,8 @@ main process, where Celery and kombu offer no public hook.
    a kombu envelope. kombu keeps a message in its queue's Redis list as JSON: the body
    (base64), its content type and encoding, the headers, and properties that hold a delivery
    tag, the delivery info and the priority (one of ``core/wire.PRIORITY_STEPS``, or none:
-   kombu would clamp any number, and raise on what is not one, where the worker restores
-   it). Anyone who can write to Redis can push anything there, and
+   where the worker restores a message, kombu clamps any number to 0-9, takes what is no
+   number for 0, the first list, and fails on an infinite one). Anyone who can write to Redis can push anything there, and
    kombu's own reader raises on an entry that is not such an envelope, inside the worker's
    event loop, and the worker exits. Here it is logged and dropped (BRPOP has already taken
    it off the list) and the worker goes on.
