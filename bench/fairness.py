@@ -8,12 +8,13 @@ shared machine.
     python -m bench.fairness redis://127.0.0.1:6379/N --tree /tmp/main   # the code before
 
 Each round: three one-image runs alone (their median), then a big run alone (its images
-over created -> done), then a big run with one one-image run submitted 2 s after its first
-batch is stored, as the issue measured it; the order of the two big runs alternates between
-rounds. A one-image run's time is the whole process's, and of that the part from its run's
-creation to done (waiting on the queue and scored), read from the database. ``--tree`` runs
-the worker and every producer from that code tree instead (a database of its own, made by
-its own code).
+over created -> done), then a big run with one one-image run submitted once the big run is
+wholly sent and being scored (its whole backlog queued: on a loaded host the producer's
+walk may otherwise be slower than the workers, leaving no backlog to wait behind); the
+order of the two big runs alternates between rounds. A one-image run's time is the whole
+process's, and of that the part from its run's creation to done (waiting on the queue and
+scored), read from the database. ``--tree`` runs the worker and every producer from that
+code tree instead (a database of its own, made by its own code).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def latest_run(url: str) -> dict:
 
 def big_run(env: dict[str, str], big: Path, work: Path, image: Path | None) -> dict:
     """A big ``--send paths`` run to its end, its throughput, and (``image`` given) the
-    seconds of a one-image run submitted 2 s after its first batch was stored."""
+    seconds of a one-image run submitted once the big run is wholly sent."""
     url = env["DIGITSCORE_DATABASE_URL"]
     before = latest_run(url)["id"]
     proc = producer(env, "submit", str(big), "--send", "paths")
@@ -94,14 +95,13 @@ def big_run(env: dict[str, str], big: Path, work: Path, image: Path | None) -> d
             break
         time.sleep(0.05)
     big_id = run["id"]
+    _out, err = proc.communicate(timeout=3600)  # every batch of it queued
+    if proc.returncode != 0:
+        raise RuntimeError(f"big submit failed:\n{err[-2000:]}")
     if image is not None:
-        time.sleep(2.0)
         small.append(one_image(env, work, image))
         if _status(url, big_id) == "done":
             raise RuntimeError("the big run ended before the small one: use more --images")
-    _out, err = proc.communicate(timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"big submit failed:\n{err[-2000:]}")
     while (row := _row(url, big_id))["status"] != "done":
         time.sleep(0.05)
     seconds = _seconds(row)

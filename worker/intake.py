@@ -7,10 +7,10 @@ main process, where Celery and kombu offer no public hook.
    (base64), its content type and encoding, the headers, and properties that hold a delivery
    tag, the delivery info and the priority (one of ``core/wire.PRIORITY_STEPS``, or none:
    where the worker restores a message, kombu clamps any number to 0-9, takes what is no
-   number for 0, the first list, and fails on an infinite one). Anyone who can write to Redis can push anything there, and
-   kombu's own reader raises on an entry that is not such an envelope, inside the worker's
-   event loop, and the worker exits. Here it is logged and dropped (BRPOP has already taken
-   it off the list) and the worker goes on.
+   number for 0, the first list, and fails on an infinite one). Anyone who can write to
+   Redis can push anything there, and kombu's own reader raises on an entry that is not
+   such an envelope, inside the worker's event loop, and the worker exits. Here it is
+   logged and dropped (BRPOP has already taken it off the list) and the worker goes on.
 2. The consumer (:class:`CheckedConsumer`) checks every delivery once, before Celery reads
    any of it (``core/wire.check_delivery``: headers, task name, size, body, signature); what
    does not fit is logged with its id, acknowledged (dropped: there is no dead-letter queue)
