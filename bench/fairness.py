@@ -7,11 +7,13 @@ shared machine.
     python -m bench.fairness redis://127.0.0.1:6379/N [--images 300000] [--rounds 3]
     python -m bench.fairness redis://127.0.0.1:6379/N --tree /tmp/main   # the code before
 
-Each round: three one-image runs alone (their median), then a big run alone (its images
-over created -> done), then a big run with one one-image run submitted once the big run is
-wholly sent and being scored (its whole backlog queued: on a loaded host the producer's
-walk may otherwise be slower than the workers, leaving no backlog to wait behind); the
-order of the two big runs alternates between rounds. A one-image run's time is the whole
+Each round: three one-image runs alone (their median), then a big run alone, then a big run
+with one one-image run submitted 1 s after its first batch is stored. Each big run is sent
+whole onto a holding queue and handed to the worker at once, so it is scored from a full
+backlog (the one the issue measured, where the producer handed out faster than the worker
+scored; on a loaded host the walk may be slower than the worker, and leave none); its
+throughput is its images over release -> done. The order of the two big runs alternates
+between rounds. A one-image run's time is the whole
 process's, and of that the part from its run's creation to done (waiting on the queue and
 scored), read from the database. ``--tree`` runs the worker and every producer from that
 code tree instead (a database of its own, made by its own code).
@@ -34,6 +36,7 @@ from pathlib import Path
 from bench.common import as_utc
 from bench.dataset import image_set
 from bench.system import WorkerSet, delete_queue, service_env
+from core.wire import queue_lists
 
 MODEL = ("import sys; from bench.common import train_classifier, store_model; "
          "store_model(sys.argv[1], train_classifier())")
@@ -83,30 +86,46 @@ def latest_run(url: str) -> dict:
 
 
 def big_run(env: dict[str, str], big: Path, work: Path, image: Path | None) -> dict:
-    """A big ``--send paths`` run to its end, its throughput, and (``image`` given) the
-    seconds of a one-image run submitted once the big run is wholly sent."""
-    url = env["DIGITSCORE_DATABASE_URL"]
-    before = latest_run(url)["id"]
-    proc = producer(env, "submit", str(big), "--send", "paths")
-    small: list[tuple[float, float]] = []
-    while True:
-        run = latest_run(url)
-        if run["id"] > before and run["stored"] >= 1:
-            break
-        time.sleep(0.05)
-    big_id = run["id"]
-    _out, err = proc.communicate(timeout=3600)  # every batch of it queued
+    """A big ``--send paths`` run, sent whole onto a holding queue that no worker reads,
+    then handed to the worker's queue at once (each priority list renamed, in one MULTI):
+    the backlog a big run leaves when its producer hands out faster than the workers score,
+    whatever this host's load. Its throughput from that moment to done, and (``image``
+    given) the seconds of a one-image run submitted 1 s after its first batch is stored."""
+    import redis
+
+    url, queue = env["DIGITSCORE_DATABASE_URL"], env["DIGITSCORE_QUEUE"]
+    hold = f"{queue}.hold"
+    proc = producer({**env, "DIGITSCORE_QUEUE": hold}, "submit", str(big), "--send", "paths")
+    _out, err = proc.communicate(timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"big submit failed:\n{err[-2000:]}")
+    big_id = latest_run(url)["id"]
+    client = redis.Redis.from_url(env["DIGITSCORE_BROKER_URL"])
+    pipe = client.pipeline(transaction=True)
+    for held, target in zip(queue_lists(hold), queue_lists(queue), strict=True):
+        if client.exists(held):
+            pipe.rename(held, target)
+    released = time.time()
+    pipe.execute()
+    small: list[tuple[float, float]] = []
     if image is not None:
+        while latest_run(url)["stored"] < 1:
+            time.sleep(0.05)
+        time.sleep(1.0)
         small.append(one_image(env, work, image))
-        if _status(url, big_id) == "done":
-            raise RuntimeError("the big run ended before the small one: use more --images")
     while (row := _row(url, big_id))["status"] != "done":
         time.sleep(0.05)
-    seconds = _seconds(row)
+    seconds = as_utc(row["finished_at"]).timestamp() - released
     return {"run": big_id, "images": row["n_images"], "seconds": seconds,
-            "rate": row["n_images"] / seconds, "small_walls": small}
+            "rate": row["n_images"] / seconds, "small_walls": small,
+            "small_done_first": image is not None and _small_done_first(url, big_id)}
+
+
+def _small_done_first(url: str, big_id: int) -> bool:
+    """Whether the run after ``big_id`` (the small one) was done before it."""
+    row = read(url, "SELECT (SELECT finished_at FROM runs WHERE id = ?) < "
+               "(SELECT finished_at FROM runs WHERE id = ?) AS first", big_id + 1, big_id)
+    return bool(row and row["first"])
 
 
 def _row(url: str, run_id: int) -> dict:
@@ -150,6 +169,7 @@ def summarise(rounds: list[dict]) -> dict:
         "one_image_beside_big_s": {"median": statistics.median(walls), "max": max(walls),
                                    "n": len(walls), "created_to_done_median":
                                    statistics.median(queued)},
+        "small_done_before_big": sum(r["with"]["small_done_first"] for r in rounds),
         "big_rate_alone": statistics.median(r["alone"]["rate"] for r in rounds),
         "big_rate_with_small": statistics.median(r["with"]["rate"] for r in rounds),
         "big_rate_ratio": statistics.median(r["with"]["rate"] / r["alone"]["rate"]
@@ -171,6 +191,9 @@ def main() -> None:
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
+    # `python -c` puts the working directory first on sys.path: run every process from the
+    # work directory, so that the code they run is --tree's (PYTHONPATH), not the caller's
+    os.chdir(work)
     big = image_set(Path(opts.data_dir), opts.images, min(opts.images, 100_000))
     result = measure(opts, opts.tree, big, work)
     print(f"fairness: {opts.images:,}-image --send paths run, one default worker, "
@@ -180,7 +203,8 @@ def main() -> None:
     print(f"  one-image submit --wait alone: {result['one_image_alone_s']:.2f} s; beside the "
           f"big run: median {beside['median']:.2f} s, max {beside['max']:.2f} s "
           f"({beside['n']} runs; of which its run's creation to done, median "
-          f"{beside['created_to_done_median']:.2f} s)")
+          f"{beside['created_to_done_median']:.2f} s); done before the big run in "
+          f"{result['small_done_before_big']} of {opts.rounds} rounds")
     print(f"  big run: {result['big_rate_alone']:,.0f} images/s alone, "
           f"{result['big_rate_with_small']:,.0f} with the small runs "
           f"(ratio {result['big_rate_ratio']:.3f})")
