@@ -85,7 +85,7 @@ def test_cancel_mid_run_stores_nothing_after_it(
     cancelled_for_good(run_cli, any_model_db, broker_env)
     wait_for_log(worker, "its run was cancelled: dropped unscored")
     r = run_cli("status", "1", "--database-url", any_model_db)
-    assert r.output.startswith("run 1 cancelled: "), r.output
+    assert r.output.startswith("run 1 cancelled, priority normal: "), r.output
     r = run_cli("wait", "1", "--database-url", any_model_db)  # the report, and exit 1
     assert r.exit_code == 1 and "status cancelled" in r.output, r.output
     assert "Error: run 1 was cancelled (`producer cancel`): the report above" in r.output
