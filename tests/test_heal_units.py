@@ -150,7 +150,7 @@ def test_with_a_secret_a_re_send_reads_the_files_again_instead_of_signing_redis_
     sent: list = []
 
     class Recording(CelerySender):
-        def send(self, message, batch):
+        def send(self, message, batch, priority="normal"):
             sent.append((message, batch))
 
     sender = Recording(Settings(broker_url="redis://127.0.0.1:1/0", secret=b"s" * 32))
