@@ -33,6 +33,7 @@ from tests.support import (
     PG_ADMIN_URL,
     REDIS_BASE_URL,
     REDIS_DB,
+    REDIS_FIRST_DB,
     REQUIRE_GPU,
     ROOT,
     RedisServer,
@@ -42,6 +43,24 @@ from tests.support import (
 )
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
+#: Fixtures of tests that start processes and mostly wait on them (seconds each).
+_WAITING_FIXTURES = {"start_worker", "broker_env", "own_redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the GPU kit's module first, then the tests that start workers, then the rest (each
+    group in file order). Under pytest-xdist (pyproject.toml's ``-n``, ``--dist load``) tests
+    go to the processes in this order as they free up: the kit's dry run, minutes long and
+    mostly waiting on pip and its own worker, overlaps with everything else, and the short
+    tests fill the end instead of a long one starting last."""
+    def group(item: pytest.Item) -> int:
+        if item.nodeid.startswith("tests/test_gpu_kit.py"):
+            return 0
+        return 1 if _WAITING_FIXTURES & set(getattr(item, "fixturenames", ())) else 2
+
+    items.sort(key=group)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -178,6 +197,12 @@ def redis_server() -> str:
         redis.Redis.from_url(REDIS_BASE_URL, socket_connect_timeout=2).ping()
     except Exception:
         service_missing(f"Redis at {REDIS_BASE_URL}")
+    try:
+        redis.Redis.from_url(f"{REDIS_BASE_URL}/{REDIS_DB}").ping()
+    except redis.ResponseError as e:  # "DB index is out of range": Redis has 16 by default
+        pytest.fail(f"Redis database {REDIS_DB} ({e}): this test process takes "
+                    f"DIGITSCORE_TEST_REDIS_DB={REDIS_FIRST_DB} plus its xdist index; choose "
+                    "a lower DIGITSCORE_TEST_REDIS_DB or fewer processes (-n)")
     return REDIS_BASE_URL
 
 

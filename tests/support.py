@@ -31,14 +31,18 @@ from core.classifier import Classifier
 from db import queries
 from db.model_store import TrainingRecord, save_classifier
 from db.session import dispose_engines, get_engine, make_engine, upgrade_schema
+from tests.tcp_proxy import free_port, xdist_index
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "DIGITSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_BASE_URL = os.environ.get("DIGITSCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-#: The Redis database the tests' queues and payloads use (one per concurrent checkout).
-REDIS_DB = int(os.environ.get("DIGITSCORE_TEST_REDIS_DB", "9"))
+#: The first of the Redis databases the tests' queues and payloads use (one per concurrent
+#: checkout): each pytest-xdist process takes this one plus its index, as a test's teardown
+#: deletes every payload key of its database and some tests count them all.
+REDIS_FIRST_DB = int(os.environ.get("DIGITSCORE_TEST_REDIS_DB", "9"))
+REDIS_DB = REDIS_FIRST_DB + xdist_index()
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REQUIRE_GPU = os.environ.get("DIGITSCORE_TEST_REQUIRE_GPU") == "1"
 #: Loads tests/fault_injection.py into a started worker (``start_worker(env, *FAULTS)``).
@@ -255,9 +259,7 @@ class RedisServer:
     without disturbing anyone else's Redis."""
 
     def __init__(self, workdir: Path, *options: str) -> None:
-        from tests.tcp_proxy import _free_port
-
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.options = options
         self.proc: subprocess.Popen | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import threading
 
@@ -9,7 +11,7 @@ import threading
 class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
-        self.port = _free_port()
+        self.port = free_port()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -81,7 +83,26 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
                 pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def xdist_index() -> int:
+    """Which of pytest-xdist's test processes this is (``gw2``: 2); 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+#: Each test process picks ports from a range of its own, below the kernel's ephemeral ports
+#: (32768 on): a port picked but not yet bound (a redis-server starting, a proxy reopened
+#: after a cut) is never handed to another test process, nor to an outgoing connection.
+PORTS_PER_PROCESS = 1000
+_next_ports = itertools.cycle(range(16000 + PORTS_PER_PROCESS * xdist_index(),
+                                    16000 + PORTS_PER_PROCESS * (xdist_index() + 1)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, from this test process's range."""
+    for port in _next_ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the range cycles")

@@ -327,9 +327,9 @@ def redis_with_reserved_password(tmp_path: Path, redis_server: str):
     URL with the password escaped."""
     from urllib.parse import quote
 
-    from tests.tcp_proxy import _free_port
+    from tests.tcp_proxy import free_port
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", REDIS_PW],

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from db.session import get_engine
 from tests.support import wait_for_log
-from tests.tcp_proxy import _free_port
+from tests.tcp_proxy import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ PG_PW = "pg-Pa55-word"  # trust auth accepts any password, so the URL still work
 def redis_with_password(tmp_path: Path, redis_server: str):
     import redis
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", REDIS_PW],
