@@ -8,7 +8,9 @@
 #   installs the bundle's wheels into it with `pip install --no-index`, and starts Redis from
 #   the bundle on a free port. Without it: python3 as it is, and redis-server from PATH.
 # --dry-run-cpu: every step that needs no CUDA runs on the CPU (the others say "skipped: dry
-#   run"), with small image counts; this is how tests/test_gpu_kit.py keeps the kit working.
+#   run"), with small image counts, and the GPU tests step runs only the tests whose names say
+#   GPU or CUDA (the rest of those files are the CPU suite's, and a worker runs in its own
+#   step); this is how tests/test_gpu_kit.py keeps the kit working.
 #
 # Steps, each with a time limit (it says what it waited for when it runs out): the install;
 # the environment (torch, CUDA, driver, compute mode, TF32 flags); the GPU tests under CI=true,
@@ -21,7 +23,7 @@
 # steps.
 #
 # Settings: PYTHON (default python3); DIGITSCORE_CHECK_IMAGES, the images of each worker run
-# (default 400000; 3000 in a dry run); DIGITSCORE_CHECK_SPLIT_IMAGES (default 100000; 8192);
+# (default 400000; 1000 in a dry run); DIGITSCORE_CHECK_SPLIT_IMAGES (default 100000; 8192);
 # DIGITSCORE_CHECK_LIMIT_SCALE, a factor on every step's time limit (default 1, whose limits add
 # up to 8 minutes; 3 in a dry run, for a small shared machine).
 
@@ -44,7 +46,7 @@ LOG_DIR=${LOG_DIR:-$(mktemp -d /tmp/digitscore-gpu-check.XXXXXX)}
 mkdir -p "$LOG_DIR"
 LOG_DIR=$(cd "$LOG_DIR" && pwd)
 if [ "$DRY_RUN" = 1 ]; then
-    IMAGES=${DIGITSCORE_CHECK_IMAGES:-3000}
+    IMAGES=${DIGITSCORE_CHECK_IMAGES:-1000}
     SPLIT_IMAGES=${DIGITSCORE_CHECK_SPLIT_IMAGES:-8192}
     LIMIT_SCALE=${DIGITSCORE_CHECK_LIMIT_SCALE:-3}
 else
@@ -191,8 +193,10 @@ wait_redis() {
 gpu_tests() {  # FILES...: under CI=true; a GPU test that would skip fails, except in a dry run
     local require=1
     [ "$DRY_RUN" = 1 ] && require=0
+    # in one process (-o addopts= drops pyproject.toml's -n): the bundle has no pytest-xdist,
+    # and tests that share one GPU are not run side by side
     CI=true DIGITSCORE_TEST_REQUIRE_GPU=$require DIGITSCORE_TEST_REDIS_URL=$BROKER \
-        DIGITSCORE_TEST_REDIS_DB=0 "$PY" -m pytest -q -p no:cacheprovider "$@"
+        DIGITSCORE_TEST_REDIS_DB=0 "$PY" -m pytest -q -p no:cacheprovider -o addopts= "$@"
 }
 
 # --- the run ---------------------------------------------------------------------------------
@@ -215,8 +219,10 @@ step environment 30 "torch to import and CUDA to run a kernel" environment
 start_redis
 export BROKER REDIS_PID
 step redis 15 "redis-server to answer PING" wait_redis
+gpu_only=()
+[ "$DRY_RUN" = 1 ] && gpu_only=(-k "gpu or cuda")
 step gpu-tests 120 "pytest: the device, launcher and worker tests" \
-    gpu_tests tests/test_devices.py tests/test_worker_cli.py
+    gpu_tests tests/test_devices.py tests/test_worker_cli.py "${gpu_only[@]}"
 step cuda-state-tests 45 "pytest: tests/test_device_health.py, CUDA untouched before it" \
     gpu_tests tests/test_device_health.py
 if [ "$DRY_RUN" = 1 ]; then
