@@ -50,15 +50,18 @@ _WAITING_FIXTURES = {"start_worker", "broker_env", "own_redis"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the GPU kit's module first, then the tests that start workers, then the rest (each
-    group in file order). Under pytest-xdist (pyproject.toml's ``-n``, ``--dist load``) tests
-    go to the processes in this order as they free up: the kit's dry run, minutes long and
-    mostly waiting on pip and its own worker, overlaps with everything else, and the short
-    tests fill the end instead of a long one starting last."""
+    """Run the GPU kit's module first, then the tests marked ``slow``, then the tests that
+    start workers, then the rest (each group in file order). Under pytest-xdist
+    (pyproject.toml's ``-n``, ``--dist load``) tests go to the processes in this order as
+    they free up: the kit's dry run, minutes long and mostly waiting on pip and its own
+    worker, overlaps with everything else, and short tests fill the end instead of a long
+    one starting last."""
     def group(item: pytest.Item) -> int:
         if item.nodeid.startswith("tests/test_gpu_kit.py"):
             return 0
-        return 1 if _WAITING_FIXTURES & set(getattr(item, "fixturenames", ())) else 2
+        if item.get_closest_marker("slow") is not None:
+            return 1
+        return 2 if _WAITING_FIXTURES & set(getattr(item, "fixturenames", ())) else 3
 
     items.sort(key=group)
 

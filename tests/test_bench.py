@@ -213,6 +213,7 @@ def test_report_says_which_goals_are_met():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_system_as_benchmarked_scores_like_the_plain_script(
     sample_dir, sqlite_url, classifier, redis_server, tmp_path
 ):

@@ -180,6 +180,7 @@ def _peak_of_walking_and_batching(root: Path) -> tuple[int, int, int]:
     return n_images, n_bytes, peak
 
 
+@pytest.mark.slow
 def test_walking_200k_files_keeps_memory_flat(tmp_path, sample_dir):
     original = digit_files(sample_dir, "3", 1)[0]
     size = original.stat().st_size
