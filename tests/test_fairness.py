@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.support import (
     wait_for_log,
     wait_scored,
 )
+from tests.tcp_proxy import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -120,12 +120,6 @@ def test_queue_and_status_show_what_waits_and_what_is_ahead(
     assert run_cli("resume", "2", "--database-url", db).exit_code == 0
     doc = json.loads(run_cli("queue", "--json", "--database-url", db).stdout)
     assert doc["broker"]["by_priority_step"] == {"0": 4, "1": 4, "2": 0, "3": 0, "4": 0, "5": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[str, float]:
