@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from core.errors import BadInput
+from core.text import plural
 from producer.options import HELP, database_option
 from producer.run_commands import RunArg, resolve_run
 
@@ -287,9 +288,9 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
 def sgd_settings(info: dict[str, Any], epochs_run: int) -> str:
     """The SGD line of ``show-model``: settings, and for models with a learning curve the
     epochs run, the weight decay and the epoch kept."""
-    epochs = f"{info['epochs']} epochs"
+    epochs = plural(info["epochs"], "epoch")
     if epochs_run:
-        epochs = f"{epochs_run} of at most {info['epochs']} epochs"
+        epochs = f"{epochs_run} of at most {epochs}"
     text = (
         f"{epochs}, lr {info['lr']}, batch {info['batch_size']}, "
         f"seed {info['seed']}, loss {info['loss']}"

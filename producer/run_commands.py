@@ -101,7 +101,8 @@ class Counter:
         self.n += n
         if self.tty:
             rate = self.n / max(time.monotonic() - self.start, 1e-9)
-            click.echo(f"\r{self.label} {self.n:,} images ({rate:,.0f}/s)", err=True, nl=False)
+            line = f"\r{self.label} {plural(self.n, 'image')} ({rate:,.0f}/s)"
+            click.echo(line, err=True, nl=False)
 
     def close(self) -> None:
         """End the progress line (once)."""
@@ -409,8 +410,8 @@ def resume_cmd(
     if found["status"] == "cancelled":
         raise not_resumed(found)
     if retry_failed:
-        echo_err(f"run {run_id}: {requeue_failed_batches(engine, run_id)} failed batch(es) "
-                 "to score again")
+        again = requeue_failed_batches(engine, run_id)
+        echo_err(f"run {run_id}: {plural(again, 'failed batch', 'failed batches')} to score again")
     with engine.connect() as conn:
         found = get_run(conn, run_id)
     if found["status"] == "done":

@@ -260,7 +260,7 @@ def test_resume_retry_failed_scores_a_poison_batch_again_once_its_cause_is_gone(
     cause.unlink()
     r = run_cli("resume", "1", "--retry-failed", "--wait", "--database-url", model_db)
     assert r.exit_code == 0, r.output
-    assert "run 1: 1 failed batch(es) to score again" in r.stderr
+    assert "run 1: 1 failed batch to score again" in r.stderr
     assert_exactly_once(model_db, 201)
     run = query(model_db, "SELECT * FROM runs")[0]
     assert (run["status"], run["n_failed"], run["n_scored"]) == ("done", 0, 201)

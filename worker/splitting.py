@@ -14,6 +14,7 @@ from typing import Any
 from core import wire
 from core.errors import MessageError
 from core.settings import Settings
+from core.text import plural
 from db.batch_life import RecordedBatch
 from db.splits import run_priority, split_batch
 
@@ -73,6 +74,6 @@ def split_and_resend(
         log.warning(
             "run %s batch %s (%s images) was stopped by the task time limit (%s s): split into "
             "batches %s", batch.run_id, batch.seq, len(batch.paths), settings.task_time_limit,
-            " and ".join(f"{seq} ({len(paths)} images)" for seq, paths in halves),
+            " and ".join(f"{seq} ({plural(len(paths), 'image')})" for seq, paths in halves),
         )
     return [seq for seq, _ in halves]
