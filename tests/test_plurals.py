@@ -41,8 +41,8 @@ def test_plural_and_agree_follow_the_count():
 
 
 def test_the_sweeps_line_counts_its_lost_batches():
-    one = Healed({7: [(0, "no message for it on the broker")]})
-    two = Healed({7: [(0, "no message for it on the broker"), (1, "no message for it on the broker")]})
+    why = "no message for it on the broker"
+    one, two = Healed({7: [(0, why)]}), Healed({7: [(0, why), (1, why)]})
     assert said(one.said(7)) == "re-sent 1 lost batch (no message for it on the broker)"
     assert said(two.said(7)) == "re-sent 2 lost batches (no message for it on the broker)"
 
