@@ -5,9 +5,11 @@ a user can retry; nothing is acknowledged without one of them. Real Redis server
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+from datetime import datetime
 
 import pytest
 
@@ -324,7 +326,19 @@ def test_a_damaged_model_fails_its_batches_with_its_problem_then_retry_failed_sc
         "batch abandoned after 3 failed deliveries (poison batch): model 1 could not be "
         "loaded: ModelDamaged: model 1 is damaged: its sgd_weights cannot be read (buffer "
         "size must be a multiple of element size); it cannot score"), reason
-    assert len(open(worker.log_path).read()) < 200_000
+    log = open(worker.log_path).read()
+    assert len(log) < 200_000
+    # each failed delivery holds its batch 1, 2, then 4 s before it goes back (before: at
+    # once), and the load's traceback is logged once by the one pool process (Celery adds
+    # the rejection's own few lines to each)
+    for seq in (0, 1):
+        held = re.findall(rf"^\[([\d:, -]+):.*run 1 batch {seq}: model 1 could not be loaded: "
+                          r".*failed delivery (\d) of 3: the batch goes back to the queue in "
+                          r"(\d+) s$", log, re.MULTILINE)
+        assert [(n, s) for _, n, s in held] == [("1", "1"), ("2", "2"), ("3", "4")], log
+        at = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t, _, _ in held]
+        assert (at[2] - at[0]).total_seconds() >= 1 + 2, at
+    assert log.count("in cached_classifier") == 1, log
 
     with get_engine(model_db).begin() as conn:
         conn.execute(text("UPDATE models SET sgd_weights = :w"), {"w": weights["sgd_weights"]})
