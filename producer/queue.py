@@ -97,13 +97,21 @@ class CelerySender:
         self._payload_store()
 
     def _payload_store(self) -> Any:
-        if self._connection is None:
-            self._connection = self.app.connection_for_write()
-            self._redis = wire.require_redis(self._connection, mask_url(self.url))
-            self.warning = wire.check_eviction_policy(
-                self._redis, mask_url(self.url), self.allow_eviction)
-            if self.max_queued is None:
-                self.max_queued = default_bound(self._redis)
+        """The Redis client for payloads, connected on first use, once its eviction policy
+        has passed: until a connection has, each call tries again, so a broker that was down
+        when this sender was made is checked before anything is sent to it."""
+        if self._redis is None:
+            connection = self.app.connection_for_write()
+            try:
+                client = wire.require_redis(connection, mask_url(self.url))
+                self.warning = wire.check_eviction_policy(
+                    client, mask_url(self.url), self.allow_eviction)
+                if self.max_queued is None:
+                    self.max_queued = default_bound(client)
+            except BaseException:
+                connection.release()
+                raise
+            self._connection, self._redis = connection, client
         return self._redis
 
     def batch_bytes(self, asked: int) -> int:

@@ -84,6 +84,40 @@ def test_a_redis_that_may_evict_batches_is_refused_unless_allowed(
         server.kill()
 
 
+def test_a_broker_down_at_start_has_its_eviction_policy_checked_once_it_comes_up(
+    tmp_path, model_db, start_worker
+):
+    """The launcher cannot ask a broker that is down; the worker asks as it connects, before
+    it consumes anything, and stops (status 2) on an evicting Redis; a producer's sender made
+    while the broker was down asks before it first sends (before: neither asked again)."""
+    import redis
+
+    from core.errors import BrokerUnavailable, RedisPolicyError
+    from core.settings import Settings
+    from core.wire import BatchMessage
+    from producer.queue import CelerySender
+
+    server = redis_server_of_our_own(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    server.kill()  # its port is known: it comes up later
+    env = {"DIGITSCORE_BROKER_URL": server.url, "DIGITSCORE_QUEUE": "evicting-later"}
+    try:
+        worker = start_worker({**env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
+        wait_for_log(worker, "does not answer yet")
+        sender = CelerySender(Settings.from_env(env))
+        with pytest.raises(BrokerUnavailable):
+            sender.send(BatchMessage(1, 0, "token"), None)
+        server.start()
+        with pytest.raises(RedisPolicyError, match="its maxmemory-policy is allkeys-lru"):
+            sender.send(BatchMessage(1, 0, "token"), None)
+        assert redis.Redis.from_url(server.url).llen("evicting-later") == 0
+        assert worker.wait(90) == 2
+        log = open(worker.log_path).read()
+        assert "its maxmemory-policy is allkeys-lru" in log and "Stopping this worker" in log
+        assert " ready." not in log
+    finally:
+        server.kill()
+
+
 SECRET_A, SECRET_B = "a-secret-of-the-producer-0123", "b-secret-of-the-workers-4567"
 
 
