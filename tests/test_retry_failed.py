@@ -1,10 +1,12 @@
-"""``resume --retry-failed`` requeues a failed batch whole: its delivery counts start again,
-the time limit's too, so its next delivery scores it whole rather than splitting it for a
-cause that is gone (on SQLite in memory)."""
+"""The fates of a batch the time limit stopped, in the database (SQLite in memory): split,
+an archive batch keeps its part of the archive's record in each half; requeued whole by
+``resume --retry-failed``, its delivery counts start again, the time limit's too, so its next
+delivery scores it whole rather than splitting it for a cause that is gone."""
 
 from __future__ import annotations
 
 from db import batch_life, queries
+from db.splits import split_batch
 from tests.support import save_model
 from worker.splitting import should_split
 
@@ -28,3 +30,23 @@ def test_a_failed_batch_requeued_whole_is_scored_whole_not_split(memory_engine, 
     assert claim.action == "score" and claim.batch is not None
     assert (claim.batch.failed_deliveries, claim.batch.time_limited) == (0, 0)
     assert not should_split(claim.batch)
+
+
+def test_the_halves_of_an_archive_batch_keep_their_members_places_and_labels(
+    memory_engine, classifier
+):
+    engine = memory_engine
+    model_id = save_model(engine, classifier)
+    paths = [f"d.tar/{i}.png" for i in range(5)]
+    record = {"archive": "d.tar", "format": "tar", "size": 10_240,
+              "members": [[512 * (2 * i + 1), 70] for i in range(5)],
+              "labels": ["3", "7", "3", "7", "3"]}
+    with engine.begin() as conn:
+        run_id, token = queries.create_run(conn, model_id, "/data", "celery")
+        batch_life.record_batch(conn, run_id, 0, paths, 0, record)
+    assert split_batch(engine, run_id, 0) == [(1, paths[:2]), (2, paths[2:])]
+    for seq, part in ((1, slice(0, 2)), (2, slice(2, None))):
+        claim = batch_life.claim_batch(engine, run_id, seq, token)
+        assert claim.batch is not None and claim.batch.paths == paths[part]
+        assert claim.batch.members == {**record, "members": record["members"][part],
+                                       "labels": record["labels"][part]}

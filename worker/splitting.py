@@ -4,6 +4,8 @@ large for this device's time limit is scored in halves rather than failed whole 
 
 Each half is recorded (owed) before its message goes; in a ``--send bytes`` run its image
 bytes are cut from the batch's payload and written under the half's own payload key first.
+A batch of one archive's members is split alike, each half with its part of the archive's
+record (db/splits.py).
 """
 
 from __future__ import annotations
