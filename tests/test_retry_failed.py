@@ -8,7 +8,6 @@ from __future__ import annotations
 from db import batch_life, queries
 from db.splits import split_batch
 from tests.support import save_model
-from worker.splitting import should_split
 
 
 def test_a_failed_batch_requeued_whole_is_scored_whole_not_split(memory_engine, classifier):
@@ -17,8 +16,9 @@ def test_a_failed_batch_requeued_whole_is_scored_whole_not_split(memory_engine, 
     with engine.begin() as conn:
         run_id, token = queries.create_run(conn, model_id, "/data", "celery")
         batch_life.record_batch(conn, run_id, 0, ["3/a.png", "7/b.png"], 0)
-    # killed once by the time limit, and the worker process died twice: poison, not split
+    # killed once by the time limit: split; and the worker process died twice: poison
     batch_life.count_failed_delivery(engine, run_id, 0, token, "time limit", time_limited=True)
+    assert batch_life.claim_batch(engine, run_id, 0, token).action == "split"
     for _ in range(2):
         batch_life.count_failed_delivery(engine, run_id, 0, token, "the process died")
     claim = batch_life.claim_batch(engine, run_id, 0, token)
@@ -29,7 +29,6 @@ def test_a_failed_batch_requeued_whole_is_scored_whole_not_split(memory_engine, 
     claim = batch_life.claim_batch(engine, run_id, 0, token)
     assert claim.action == "score" and claim.batch is not None
     assert (claim.batch.failed_deliveries, claim.batch.time_limited) == (0, 0)
-    assert not should_split(claim.batch)
 
 
 def test_the_halves_of_an_archive_batch_keep_their_members_places_and_labels(

@@ -1,6 +1,7 @@
-"""A batch the task time limit stopped comes back whole; its next delivery splits it in two
-(db/splits.py) instead of scoring it again, down to :data:`SPLIT_FLOOR` images, so a batch too
-large for this device's time limit is scored in halves rather than failed whole as poison.
+"""A batch the task time limit stopped comes back whole; its next delivery's claim says
+``split`` (db/batch_life.claim_batch) and it is split in two (db/splits.py) instead of scored
+again, down to :data:`db.batch_life.SPLIT_FLOOR` images, so a batch too large for this
+device's time limit is scored in halves rather than failed whole as poison.
 
 Each half is recorded (owed) before its message goes; in a ``--send bytes`` run its image
 bytes are cut from the batch's payload and written under the half's own payload key first.
@@ -21,14 +22,6 @@ from db.batch_life import RecordedBatch
 from db.splits import run_priority, split_batch
 
 log = logging.getLogger("digitscore.worker")
-
-#: A batch of this many images is not split: stopped by the time limit, it counts a death
-#: (three fail it as poison, naming the limit).
-SPLIT_FLOOR = 1
-
-
-def should_split(batch: RecordedBatch) -> bool:
-    return batch.time_limited > 0 and len(batch.paths) > SPLIT_FLOOR
 
 
 def split_and_resend(

@@ -52,7 +52,7 @@ from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker import device_health, metrics
 from worker.batch_timing import seconds_per_image, time_limit_warning
 from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_device
-from worker.splitting import should_split, split_and_resend
+from worker.splitting import split_and_resend
 
 T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
@@ -255,13 +255,13 @@ def source_root(batch: RecordedBatch) -> str:
 
 def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     """Claim the batch a message names (db/batch_life.py) and do what the claim says: skip
-    it, give it up as poison, or score and store it; then delete its payload. Returns the
-    number of rows stored."""
+    it, give it up as poison, split it, or score and store it; then delete its payload.
+    Returns the number of rows stored."""
     engine = get_engine(SETTINGS.database_url)
     claim = claim_batch(engine, message.run_id, message.seq, message.token,
                         SETTINGS.max_batch_images)
-    if claim.action == "score" and claim.batch is not None and should_split(claim.batch):
-        # the time limit stopped its last delivery: score it in halves
+    if claim.action == "split":  # the time limit stopped an earlier delivery: score in halves
+        assert claim.batch is not None
         split_and_resend(engine, payload_store(), app, SETTINGS, claim.batch, message,
                          payload_digest(task))
         n_new = 0
