@@ -33,6 +33,18 @@ pytestmark = pytest.mark.integration
 HEAL = {"DIGITSCORE_HEAL_EVERY": "1"}
 
 
+def done_within_a_minute_of(worker, submit: Submit) -> str:
+    """Once ``worker`` is ready, the submit ends well within 60 s (the issue's goal); its
+    output."""
+    wait_for_log(worker, "ready.")
+    ready = time.monotonic()
+    status, output = submit.outcome()
+    assert status == 0, output
+    print(f"run done {submit.ended - ready:.1f} s after the new worker was ready")
+    assert submit.ended - ready < 60, output
+    return output
+
+
 def assert_resent_said(output: str, why: str) -> None:
     """The sweep's line names the re-sent batches with the noun agreeing with their count."""
     said = re.search(rf"re-sent ([\d,]+) lost (batch|batches) \({re.escape(why)}", output)
@@ -81,12 +93,7 @@ def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
     wrong.wait(30)
     right = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu",
                          name="right")
-    wait_for_log(right, "ready.")
-    ready = time.monotonic()
-    status, output = submit.outcome()
-    assert status == 0, output
-    print(f"run done {submit.ended - ready:.1f} s after the right worker was ready")
-    assert submit.ended - ready < 60, output
+    output = done_within_a_minute_of(right, submit)
     assert "Traceback" not in output
     assert_exactly_once(model_db, 200)
     assert resends(model_db) >= 4
@@ -121,12 +128,7 @@ def test_a_batch_held_by_a_killed_celery_main_process_is_re_sent(
     os.kill(main_pid, signal.SIGKILL)
     fresh = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url},
                          "--device", "cpu", name="fresh")
-    wait_for_log(fresh, "ready.")
-    ready = time.monotonic()
-    status, output = submit.outcome()
-    assert status == 0, output
-    print(f"run done {submit.ended - ready:.1f} s after the fresh worker was ready")
-    assert submit.ended - ready < 60, output
+    output = done_within_a_minute_of(fresh, submit)
     assert_exactly_once(postgres_url, 200)
     assert resends(postgres_url) >= 1, output
     assert_resent_said(output, "its message held by no live worker")
