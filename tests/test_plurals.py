@@ -17,6 +17,7 @@ from core.text import agree, plural
 from db.session import get_engine
 from db.workers import register_worker
 from producer import queue
+from producer.cancel import Removed
 from producer.heal import Healed
 from producer.report_commands import sgd_settings
 from tests.support import query, submit
@@ -45,6 +46,11 @@ def test_the_sweeps_line_counts_its_lost_batches():
     one, two = Healed({7: [(0, why)]}), Healed({7: [(0, why), (1, why)]})
     assert said(one.said(7)) == "re-sent 1 lost batch (no message for it on the broker)"
     assert said(two.said(7)) == "re-sent 2 lost batches (no message for it on the broker)"
+
+
+def test_the_payloads_a_cancel_or_delete_removed_are_counted():
+    assert said(Removed(1).describe()) == "1 payload deleted from Redis"
+    assert said(Removed(2).describe()) == "2 payloads deleted from Redis"
 
 
 def test_empty_class_folders_are_counted():
