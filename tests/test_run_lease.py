@@ -72,22 +72,27 @@ def test_resume_during_a_live_submit_is_refused_and_the_submit_completes(
 
 def test_resume_retry_failed_during_a_live_submit_requeues_nothing(run_cli, sample_dir, model_db):
     """The lease is checked before any failed batch is made queued again (before: they were
-    requeued, then the resume refused, leaving them owed to no sender)."""
-    producer = paused_submit(sample_dir / "valid", model_db)
-    try:
-        with get_engine(model_db).begin() as conn:
-            conn.execute(text("UPDATE batches SET status = 'failed', deliveries = 3, "
-                              "time_limited = 1 WHERE seq = 0"))
-        before = dump(model_db)
-        r = run_cli("resume", "1", "--retry-failed", "--database-url", model_db)
-        assert r.exit_code == 1, r.output
-        assert "run 1 is still being sent by" in r.stderr and "nothing was changed" in r.stderr
-        assert "to score again" not in r.stderr
-        assert dump(model_db) == before
-    finally:
-        resume_producer(producer)
-    out, err = producer.communicate(timeout=120)
-    assert producer.returncode == 0, (out, err)
+    requeued, then the resume refused, leaving them owed to no sender). The live sender is
+    this test's parent process, holding the run's lease."""
+    import os
+
+    from db.leases import take_lease
+
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "50",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    engine = get_engine(model_db)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE batches SET status = 'failed', deliveries = 3, "
+                          "time_limited = 1 WHERE seq = 0"))
+        conn.execute(text("UPDATE runs SET status = 'running'"))
+    assert take_lease(engine, 1, f"{os.getppid()}@{socket.gethostname()}", 60) is None
+    before = dump(model_db)
+    r = run_cli("resume", "1", "--retry-failed", "--database-url", model_db)
+    assert r.exit_code == 1, r.output
+    assert "run 1 is still being sent by" in r.stderr and "nothing was changed" in r.stderr
+    assert "to score again" not in r.stderr
+    assert dump(model_db) == before
 
 
 def test_a_killed_submit_is_interrupted_at_once_and_resume_takes_over(
