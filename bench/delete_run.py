@@ -39,6 +39,7 @@ from sqlalchemy import Engine, text  # noqa: E402
 
 from bench import common, dataset  # noqa: E402
 from bench.reports import SEED_IMAGES, copy_run, log, seed_run  # noqa: E402
+from core.text import plural  # noqa: E402
 from db.deletion import delete_run  # noqa: E402
 from db.session import dispose_engines, get_engine  # noqa: E402
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     bare = medians["bare DELETE FROM predictions"]
     print(f"\nPostgreSQL, a run of {copies * SEED_IMAGES:,} rows deleted beside another as big "
-          f"(median of {args.repeat} round(s)):")
+          f"(median of {plural(args.repeat, 'round')}):")
     for name, seconds in medians.items():
         print(f"  {name:32s} {seconds:7.2f} s   {seconds / bare:6.2f} x the bare DELETE")
 

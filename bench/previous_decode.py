@@ -16,9 +16,9 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from core import images, scoring
+from core import scoring
 from core.classifier import Classifier
-from core.fast_decode import plain_header
+from core.fast_decode import decode_rest, plain_header
 
 try:
     import pyspng
@@ -97,27 +97,12 @@ def decode_images(
     n = len(blobs)
     stack = np.empty((n, height, width), dtype=np.uint8)
     decoded = np.zeros(n, dtype=bool)
-    slow: list[int] = []
     for i, data in enumerate(blobs):
         pixels = decode_plain_png(data, height, width) if data else None
-        if pixels is None:
-            slow.append(i)
-            continue
-        stack[i] = pixels
-        decoded[i] = True
-    errors: dict[int, str] = {}
-    if slow:
-        slow_stack, slow_ok, slow_errors = images.decode_each(
-            [blobs[i] for i in slow], height, width
-        )
-        for k, j in enumerate(slow_ok):
-            stack[slow[j]] = slow_stack[k]
-            decoded[slow[j]] = True
-        errors = {slow[j]: reason for j, reason in slow_errors.items()}
-    ok = np.flatnonzero(decoded)
-    if len(ok) == n:
-        return stack, list(range(n)), errors
-    return stack[ok], ok.tolist(), errors
+        if pixels is not None:
+            stack[i] = pixels
+            decoded[i] = True
+    return decode_rest(blobs, stack, decoded)  # the rest as the fast decoder does it
 
 
 #: The images the previous scoring scored at once on the CPU.

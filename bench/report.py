@@ -8,6 +8,8 @@ import statistics
 from argparse import Namespace
 from typing import Any
 
+from core.text import plural
+
 ROWS = [
     ("system_sqlite", "system: 2 workers, Redis, SQLite (submit --wait)"),
     ("system_sqlite_wall", "  the same, whole producer process as a shell sees it"),
@@ -187,7 +189,8 @@ def format_results(r: dict[str, Any]) -> str:
         f"digitscore throughput: {r['images']:,} real 28x28 digit PNGs in 10 class folders "
         f"(naive Celery: {r['naive_images']:,})",
         f"machine: {r['machine']}",
-        f"medians of {n_runs} interleaved round(s); batch size {r['batch_size'] or 'default'}; "
+        f"medians of {plural(n_runs, 'interleaved round')}; "
+        f"batch size {r['batch_size'] or 'default'}; "
         f"whole benchmark {r['seconds']:.0f} s",
         "",
         f"{'measurement':56s} {'images/s':>10s}   all rounds",

@@ -42,6 +42,7 @@ from sqlalchemy import text
 
 from bench.common import ROOT, postgres_database, sqlite_url, store_model, train_classifier
 from core.rows import ROW_KEYS, PredictionRow
+from core.text import plural
 from db.batch_life import record_batch, store_batch
 from db.queries import create_run, finish_submission
 from db.session import dispose_engines, get_engine, normalize_url
@@ -346,13 +347,14 @@ def main(argv: list[str] | None = None) -> None:
                 [batch_rows(seq, args.batch_size) for seq in range(args.batches)]))
         for r in range(args.repeat):
             for w in args.writers:
-                shapes = [(f"{w} writer(s) of one run", 1)]
+                shapes = [(f"{plural(w, 'writer')} of one run", 1)]
                 if w > 1:
                     shapes.append((f"{w} writers of {w} runs", w))
                 base, waits = bare(url, w, args.batches, args.batch_size)
-                found.setdefault(f"bare COPY, {w} writer(s)", []).append((base, waits, None))
+                writers = plural(w, "writer")
+                found.setdefault(f"bare COPY, {writers}", []).append((base, waits, None))
                 floor, waits = bare(url, w, args.batches, args.batch_size, indexed=True)
-                found.setdefault(f"COPY with predictions' indexes, {w} writer(s)", []).append(
+                found.setdefault(f"COPY with predictions' indexes, {writers}", []).append(
                     (floor, waits, floor / base))
                 for name, n_runs in shapes:
                     rate, waits = product(url, model_id, w, n_runs, args.batches,

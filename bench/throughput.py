@@ -50,6 +50,7 @@ from bench import (  # noqa: E402
     system,
 )
 from core import defaults, fast_decode, images, scoring  # noqa: E402
+from core.text import plural  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "digitscore-bench"
 SIZES = {"images": 100_000, "naive": 2_000, "memory": (10_000, 200_000), "repeat": 3,
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     machine = report.machine(args.device)
-    log(f"{args.images:,} images, {args.repeat} round(s), device {args.device}; {machine}")
+    log(f"{args.images:,} images, {plural(args.repeat, 'round')}, device {args.device}; {machine}")
     main_set = dataset.image_set(args.data_dir, args.images, args.images)
     for n in args.memory:
         dataset.image_set(args.data_dir, n, args.images)

@@ -13,6 +13,7 @@ from core.classifier import Classifier
 from core.fast_decode import decode_images
 from core.rows import PredictionRow, label_for, unscored_row
 from core.scoring import score_stack
+from core.text import plural
 
 
 def labels_for(paths: Sequence[str], classes: Sequence[str]) -> list[str | None]:
@@ -47,7 +48,9 @@ def score_images(
     WebDataset ``.cls`` member names it, in place of its folder's name.
     """
     if len(paths) != len(blobs):
-        raise ValueError(f"{len(paths)} paths but {len(blobs)} images in one batch")
+        raise ValueError(
+            f"{plural(len(paths), 'path')} but {plural(len(blobs), 'image')} in one batch"
+        )
     device = device or torch.device("cpu")
     classes = classifier.classes
     blank = unscored_row("", None)

@@ -1,14 +1,23 @@
-"""The trained classifier a worker scores with: ideal digits plus a linear SGD model."""
+"""The trained classifier a worker scores with: ideal digits plus a linear SGD model; and
+how a model is stored, without pickle: its class names as a JSON list of strings, its arrays
+as float32 little-endian bytes with the shape kept in plain columns. NumPy and torch are
+imported only where an array or a tensor is made, so that enqueuing and reports (class
+names, pictures of the model) never import torch."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # numpy and torch are imported where a tensor is made: a report needs none
+from core.errors import ModelDamaged
+
+if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-from core.storage import array_from_bytes
+T = TypeVar("T")
 
 
 class ImageSize:
@@ -47,9 +56,6 @@ class Classifier(ImageSize):
         )
 
 
-# Storage without pickle: float32 little-endian bytes plus the shape kept in plain columns.
-
-
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
 
@@ -59,3 +65,35 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
 
     return torch.from_numpy(array_from_bytes(data, shape))
 
+
+def read_stored(model_id: int, column: str, decode: Callable[[], T]) -> T:
+    """``decode()`` of one stored column of a model, or :class:`ModelDamaged` naming the
+    model, the column and what is wrong with it, in one line."""
+    try:
+        return decode()
+    except (ValueError, TypeError) as e:
+        raise ModelDamaged(
+            f"model {model_id} is damaged: its {column} cannot be read ({e}); it cannot "
+            "score: train a model again (`producer train DIR`) and submit with its id"
+        ) from None
+
+
+def classes_to_json(classes: tuple[str, ...]) -> str:
+    return json.dumps(list(classes))
+
+
+def classes_from_json(text: str) -> tuple[str, ...]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ValueError("stored classes must be a JSON list of strings")
+    return tuple(value)
+
+
+def array_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    import numpy as np
+
+    array = np.frombuffer(data, dtype="<f4")
+    expected = int(np.prod(shape))
+    if array.size != expected:
+        raise ValueError(f"stored tensor has {array.size} values, expected {expected} {shape}")
+    return array.astype(np.float32).reshape(shape)

@@ -158,6 +158,11 @@ LEASE_RENEW_EVERY = 5
 #: Failed deliveries of one batch (its worker process died, or its model or its scoring
 #: failed) after which it is poison: its images get error rows and the batch is ``failed``.
 MAX_DELIVERIES = 3
+#: Seconds a pool process waits before a batch whose model could not be loaded, or whose
+#: scoring failed, goes back to the queue, doubling with each failed delivery (1, 2, 4 s for
+#: the three a batch may have; never more than a quarter of the task time limit): a model
+#: that cannot load costs each pool process at most one try a second, not thousands.
+FAILURE_BACKOFF = 1.0
 #: Most seconds between two tries of a batch whose database was unreachable: this, or half
 #: the visibility timeout when that is less (``Settings.db_retry_max``): a retry waits in its
 #: worker unacknowledged, and Redis hands a message held longer than the timeout to another

@@ -219,6 +219,16 @@ def decode_images(
             at = np.asarray(plain)[valid]
             stack[at] = _unfiltered(filtered[valid])
             decoded[at] = True
+    return decode_rest(blobs, stack, decoded)
+
+
+def decode_rest(
+    blobs: Sequence[bytes], stack: np.ndarray, decoded: np.ndarray
+) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """The images not ``decoded`` yet decoded by ``core.images`` into ``stack``; then, as
+    :func:`core.images.decode_each` gives them, the stack of the decoded images, their
+    indices and the others' errors."""
+    n, height, width = stack.shape
     errors: dict[int, str] = {}
     slow = np.flatnonzero(~decoded).tolist()
     if slow:

@@ -15,7 +15,7 @@ import torch
 from core.errors import DirectoryError
 from core.files import DirectoryWalk, check_directory, read_file, safe_name
 from core.images import ImageError, decode_gray, image_size
-from core.text import plural, printable
+from core.text import agree, plural, printable
 
 
 @dataclass
@@ -181,8 +181,10 @@ def require_every_class(data: LabelledImages, root: Path) -> None:
     empty = [c for c, n in zip(data.classes, counts, strict=True) if n == 0]
     if empty:
         raise DirectoryError(
-            f"class folder(s) {', '.join(map(repr, empty))} of {str(root)!r} hold no readable "
-            "images: add images or remove the folder"
+            f"{agree(len(empty), 'class folder', 'class folders')} "
+            f"{', '.join(map(repr, empty))} of {str(root)!r} "
+            f"{agree(len(empty), 'holds', 'hold')} no readable images: add images or remove "
+            f"{agree(len(empty), 'the folder', 'the folders')}"
         )
 
 

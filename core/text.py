@@ -15,9 +15,14 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def agree(n: int, one: str, many: str) -> str:
+    """``one`` when ``n`` is 1, else ``many``: a noun or a verb that agrees with a count."""
+    return one if n == 1 else many
+
+
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
     """``1 image``, ``2 images``, ``1,024 images``: a count and its noun, agreeing."""
-    return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"
+    return f"{n:,} {agree(n, noun, nouns or noun + 's')}"
 
 
 def mask_url(url: object) -> str:

@@ -41,7 +41,7 @@ import msgpack
 
 from core import defaults
 from core.errors import BrokerURLError, MessageError, RedisPolicyError
-from core.text import first_line, mask_url
+from core.text import first_line, mask_url, plural
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -262,7 +262,7 @@ def payload_key(message: BatchMessage) -> str:
 
 def pack_payload(blobs: Sequence[bytes | None], errors: Sequence[str | None]) -> bytes:
     if len(blobs) != len(errors):
-        raise ValueError(f"{len(blobs)} images but {len(errors)} read errors")
+        raise ValueError(f"{plural(len(blobs), 'image')} but {plural(len(errors), 'read error')}")
     return msgpack.packb([list(blobs), list(errors)], use_bin_type=True)
 
 
@@ -281,7 +281,7 @@ def unpack_payload(
         raise MessageError(f"payload is not what a producer writes: {e}") from None
     if not (isinstance(value, list) and len(value) == 2
             and all(isinstance(part, list) and len(part) == n_images for part in value)):
-        raise MessageError(f"payload is not two lists of {n_images} items")
+        raise MessageError(f"payload is not two lists of {plural(n_images, 'item')}")
     blobs, errors = value
     if not all(b is None or isinstance(b, bytes) for b in blobs):
         raise MessageError("payload images must be bytes or nil")

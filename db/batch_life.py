@@ -3,7 +3,8 @@
 - **recorded** by its producer before it is sent (:func:`record_batch`): its paths, in order;
 - **re-sent** by a healer that found it lost, its re-send taken first (db/healing.py);
 - **claimed** by a worker that got its message (:func:`claim_batch`): skip it, give it up as
-  poison, or score it, decided from the database alone and before any model is loaded;
+  poison, split it (the time limit stopped it: worker/splitting.py), or score it, decided
+  from the database alone and before any model is loaded;
 - **stored** once scored (:func:`store_batch`): the batch claimed ``done`` first (its row
   alone locked: a second delivery storing it at the same moment waits, then writes nothing),
   its rows and its counts (on rows of its own), in one transaction; then its run settled if
@@ -35,9 +36,9 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core import defaults
+from core.classifier import classes_from_json
 from core.errors import MessageError, RunNotFound
 from core.rows import PredictionRow, label_for, unscored_row
-from core.storage import classes_from_json
 from db.bulk import stored_paths, write_predictions
 from db.columns import batch_columns
 from db.counts import count_rows
@@ -55,6 +56,10 @@ from db.models import (
 )
 from db.queries import may_finish, settle_run
 from db.tallies import write_tallies
+
+#: A batch of this many images is not split: stopped by the time limit, it counts a failed
+#: delivery (three fail it as poison, naming the limit).
+SPLIT_FLOOR = 1
 
 
 class RunMismatch(MessageError):
@@ -104,10 +109,10 @@ class RecordedBatch:
 class Claim:
     """What a worker does with a delivered batch: ``skip`` it (``why`` says why, for the log;
     ``""`` for a batch already finished), drop it because its run was ``cancelled``, give it
-    up as ``poison`` (``classes`` are its model's class names, for its rows' labels), or
-    ``score`` it."""
+    up as ``poison`` (``classes`` are its model's class names, for its rows' labels), ``split``
+    it in halves (the time limit stopped an earlier delivery), or ``score`` it."""
 
-    action: Literal["skip", "cancelled", "poison", "score"]
+    action: Literal["skip", "cancelled", "poison", "split", "score"]
     batch: RecordedBatch | None = None
     why: str = ""
     classes: tuple[str, ...] = ()
@@ -132,6 +137,8 @@ def claim_batch(
                      f"more than {defaults.MAX_BATCH_IMAGES_ENV}={max_images}")
     if batch.failed_deliveries >= max_deliveries:
         return Claim("poison", batch, classes=poison_classes(engine, batch.model_id))
+    if batch.time_limited and len(batch.paths) > SPLIT_FLOOR:
+        return Claim("split", batch)
     return Claim("score", batch)
 
 

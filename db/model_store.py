@@ -7,10 +7,16 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from core.classifier import Classifier, tensor_from_bytes, tensor_to_bytes
+from core.classifier import (
+    Classifier,
+    classes_from_json,
+    classes_to_json,
+    read_stored,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from core.curve import EpochStats, curve_from_json
 from core.errors import ModelNotFound
-from core.storage import classes_from_json, classes_to_json, read_stored
 from db.models import models, utcnow
 
 LOSS_NAME = "softmax_cross_entropy"

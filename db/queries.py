@@ -60,7 +60,8 @@ def create_run(
 
 
 def requeue_failed_batches(engine: Engine, run_id: int) -> int:
-    """Make the run's failed batches queued again, their delivery counts reset, so that a
+    """Make the run's failed batches queued again, their delivery counts reset (the time
+    limit's too: requeued whole, a batch is scored whole, not split), so that a
     re-send scores them (``producer resume --retry-failed``), and the run unfinished until
     they are stored (then :func:`settle_run` settles it again); their rows and counts stay
     until then, and the delivery that stores one replaces them
@@ -71,7 +72,8 @@ def requeue_failed_batches(engine: Engine, run_id: int) -> int:
             .where(batches.c.run_id == run_id, batches.c.status == "failed",
                    batches.c.run_id.in_(select(runs.c.id).where(
                        runs.c.id == run_id, runs.c.status != "cancelled")))
-            .values(status="queued", deliveries=0, last_failure=None, finished_at=None)
+            .values(status="queued", deliveries=0, time_limited=0, last_failure=None,
+                    finished_at=None)
         ).rowcount
         if requeued:
             conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "done")

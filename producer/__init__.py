@@ -1,9 +1,12 @@
 """The ``producer`` CLI.
 
-Run as the ``producer`` console script, a Ctrl-C while the command's libraries are still
-being imported (its first few tenths of a second) ends it quietly with status 130: nothing
-has been done yet. ``producer.cli.main`` hands Ctrl-C back to Python (KeyboardInterrupt) as
-soon as it starts, and each command says what its interruption left.
+Run as the ``producer`` console script, a Ctrl-C from the moment this package is imported
+(the first line of digitscore that runs) until the command begins, while its libraries are
+imported and its arguments parsed, ends it quietly with status 130: nothing has been done
+yet. ``producer.cli.ProducerGroup`` hands Ctrl-C back to Python (KeyboardInterrupt) as the
+command begins, and each command says what its interruption left. Before this package is
+imported, the interpreter starts, its ``site`` runs and the console script imports ``re``: a
+Ctrl-C then is Python's own (docs/faults.md).
 """
 
 from __future__ import annotations

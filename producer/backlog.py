@@ -21,6 +21,7 @@ from typing import Any
 
 from core import wire
 from core.queued import batch_of
+from core.text import agree, plural
 from db.backlog import WaitingRun, stored_lately, waiting_runs
 from producer.progress import RATE_WINDOW
 
@@ -138,12 +139,18 @@ def eta_text(seconds: float | None) -> str:
     return "?" if seconds is None else f"{seconds:,.0f} s"
 
 
+def _ahead(r: RunInQueue) -> int:
+    """The count the batches ahead of a run are told by (exact, or at least)."""
+    return int(r.batches_ahead if r.batches_ahead is not None else r.ahead_at_least or 0)
+
+
 def status_queue_line(r: RunInQueue) -> str:
     """The queue part of ``producer status RUN``."""
     ahead = ahead_text(r)
     where = ("" if r.batches_ahead is None and r.ahead_at_least is None
-             else f", {ahead} batch(es) ahead of it on the broker")
-    return (f"{r.batches_waiting:,} batch(es) of {r.images_waiting:,} images waiting{where}; "
+             else f", {ahead} {agree(_ahead(r), 'batch', 'batches')} ahead of it on the broker")
+    waiting = plural(r.batches_waiting, "batch", "batches")
+    return (f"{waiting} of {plural(r.images_waiting, 'image')} waiting{where}; "
             f"{r.rate:,.0f} images/s over the last {RATE_WINDOW:.0f} s; "
             f"estimated end in {eta_text(r.eta_seconds)}")
 

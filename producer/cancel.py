@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from core import defaults, wire
 from core.errors import BadInput
 from core.settings import Settings
-from core.text import first_line, mask_url
+from core.text import first_line, mask_url, plural
 from db.cancellation import Cancelled, cancel_run
 from db.deletion import Deleted, delete_run
 
@@ -36,7 +36,7 @@ class Removed:
             return f"its payloads left in Redis ({self.problem}; they expire by themselves)"
         if self.payloads is None:
             return f"no broker set ({defaults.BROKER_URL_ENV}): no payload looked for"
-        return f"{self.payloads:,} payload(s) deleted from Redis"
+        return f"{plural(self.payloads, 'payload')} deleted from Redis"
 
 
 @contextmanager
@@ -108,5 +108,6 @@ def describe_cancel(engine: Engine, cancelled: Cancelled, removed: Removed) -> s
     return (
         f"run {run_id} cancelled{again}: {stored:,}/{total} images stored "
         f"({run['n_scored']:,} scored, {run['n_failed']:,} failed) and kept; "
-        f"{len(cancelled.stopped):,} queued batch(es) stopped; {removed.describe()}"
+        f"{plural(len(cancelled.stopped), 'queued batch', 'queued batches')} stopped; "
+        f"{removed.describe()}"
     )

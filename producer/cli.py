@@ -11,6 +11,7 @@ import atexit
 import gc
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ class ProducerGroup(click.Group):
     and a pointer to ``--debug``, which shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # Until here a Ctrl-C ends the process quietly (producer/__init__.py); from here on it
+        # is a KeyboardInterrupt, which the command, or the handler below, turns into its line
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -296,10 +301,13 @@ for _command in (
 
 def main(argv: list[str] | None = None) -> None:
     """The ``producer`` console script (``argv``: its arguments, default ``sys.argv[1:]``)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # see producer/__init__.py
     # At exit the interpreter's last garbage collections walk every object the imported
     # libraries made (SQLAlchemy, Celery, kombu, redis), which live until the process ends
     # anyway: frozen as the last thing before exit (atexit runs handlers in reverse order),
     # they are skipped (docs/performance.md, "Simple code against tricks").
     atexit.register(gc.freeze)
-    cli(args=argv, prog_name="producer")
+    try:
+        cli(args=argv, prog_name="producer")
+    finally:
+        # a Ctrl-C once the command has ended changes nothing: its exit status says what it did
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

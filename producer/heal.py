@@ -36,7 +36,7 @@ from core.errors import DigitscoreError
 from core.files import read_batch
 from core.queued import Batch, BrokerBatches, read_broker_batches
 from core.settings import Settings
-from core.text import first_line
+from core.text import first_line, plural
 from core.wire import BatchMessage
 from db.healing import batch_to_send, take_resend, waiting_batches
 from db.models import utcnow
@@ -61,6 +61,11 @@ class Healed:
 
     def reasons(self, run_id: int) -> list[str]:
         return sorted({why for _, why in self.resent.get(run_id, [])})
+
+    def said(self, run_id: int) -> str:
+        """``re-sent 2 lost batches (why)``: what the sweep did for one run, as a line."""
+        lost = plural(self.count(run_id), "lost batch", "lost batches")
+        return f"re-sent {lost} ({'; '.join(self.reasons(run_id))})"
 
 
 class Healer:
@@ -135,9 +140,7 @@ def sweep_and_say(healer: Healer, run_id: int) -> str | None:
         return f"cannot look for lost batches now: {type(e).__name__}: {first_line(e)}"
     parts = []
     if healed.count(run_id):
-        parts.append(
-            f"re-sent {healed.count(run_id)} lost batch(es) ({'; '.join(healed.reasons(run_id))})"
-        )
+        parts.append(healed.said(run_id))
     parts.extend(f"cannot re-send {line}" for line in healed.failed)
     return "; ".join(parts) or None
 

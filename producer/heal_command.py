@@ -51,8 +51,7 @@ def heal_cmd(run: int | str | None, broker_url: str, engine: Any) -> None:
     time.sleep(settings.heal_every or 1.0)
     healed = healer.sweep()  # confirmed, taken and re-sent
     for run_id in sorted(healed.resent):
-        click.echo(f"run {run_id}: re-sent {healed.count(run_id)} lost batch(es) "
-                   f"({'; '.join(healed.reasons(run_id))})")
+        click.echo(f"run {run_id}: {healed.said(run_id)}")
     for line in healed.failed:
         click.echo(f"cannot re-send {line}", err=True)
     if not healed.count() and not healed.failed:

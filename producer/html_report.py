@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from core.curve import EpochStats
 from core.rows import PREDICTORS
-from core.text import printable
+from core.text import plural, printable
 from db.mistakes import confident_mistakes, least_confident
 from db.model_store import load_learning_curve
 from db.reads import ModelArrays, member_records, model_arrays
@@ -114,11 +114,11 @@ def _partial(report: dict[str, Any]) -> str:
     run, c = report["run"], report["counts"]
     if run["status"] not in ("queued", "running"):
         return ""
-    total = "?" if c["images"] is None else f"{c['images']:,}"
+    total = "images not all listed yet" if c["images"] is None else plural(c["images"], "image")
     return (
         f'<p class="partial"><strong>Partial results:</strong> run {esc(run["id"])} is still '
-        f"{esc(run['status'])}: {c['scored'] + c['failed']:,} of {total} images have rows so "
-        f"far; write the report again once it is done (`producer wait {esc(run['id'])}`).</p>"
+        f"{esc(run['status'])}: {total}, {c['scored'] + c['failed']:,} with rows so far; "
+        f"write the report again once it is done (`producer wait {esc(run['id'])}`).</p>"
     )
 
 

@@ -74,6 +74,12 @@ def queue_broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
         f, "The broker whose queue is read (redis://...); unset: the database's part only")
 
 
+def limit_option(text: str, minimum: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--limit N`` (default 50): how many rows a listing shows, ``text`` its help."""
+    return click.option("--limit", type=click.IntRange(min=minimum), default=50,
+                        show_default=True, help=text)
+
+
 def send_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--send bytes|paths`` / ``DIGITSCORE_SEND``: what a queued batch carries."""
     text = "; default: the run's own" if default is None else ""

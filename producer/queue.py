@@ -20,7 +20,7 @@ from core import defaults, wire
 from core.errors import BrokerUnavailable, BrokerURLError, RedisFull
 from core.files import FileBatch
 from core.settings import Settings
-from core.text import first_line, mask_url
+from core.text import agree, first_line, mask_url, plural
 
 #: Called while waiting, with the bytes queued and the bound.
 OnWait = Callable[[int, int], None]
@@ -97,13 +97,21 @@ class CelerySender:
         self._payload_store()
 
     def _payload_store(self) -> Any:
-        if self._connection is None:
-            self._connection = self.app.connection_for_write()
-            self._redis = wire.require_redis(self._connection, mask_url(self.url))
-            self.warning = wire.check_eviction_policy(
-                self._redis, mask_url(self.url), self.allow_eviction)
-            if self.max_queued is None:
-                self.max_queued = default_bound(self._redis)
+        """The Redis client for payloads, connected on first use, once its eviction policy
+        has passed: until a connection has, each call tries again, so a broker that was down
+        when this sender was made is checked before anything is sent to it."""
+        if self._redis is None:
+            connection = self.app.connection_for_write()
+            try:
+                client = wire.require_redis(connection, mask_url(self.url))
+                self.warning = wire.check_eviction_policy(
+                    client, mask_url(self.url), self.allow_eviction)
+                if self.max_queued is None:
+                    self.max_queued = default_bound(client)
+            except BaseException:
+                connection.release()
+                raise
+            self._connection, self._redis = connection, client
         return self._redis
 
     def batch_bytes(self, asked: int) -> int:
@@ -305,18 +313,23 @@ def why_idle(settings: Settings, engine: Any, run_id: int, healing: bool) -> str
     if elsewhere:
         then = ("they are being re-sent" if healing
                 else f"then run `producer resume {run_id}`")
+        workers = agree(len(elsewhere), "worker", "workers")
+        consume = agree(len(elsewhere), "consumes", "consume")
         return (
-            f"worker(s) {', '.join(elsewhere)} consume queue {queue} on broker {broker} but "
-            f"write to another database than this one, {database}: its batches were dropped "
-            f"by a worker on another database: {then}; restart those workers with {needed}"
+            f"{workers} {', '.join(elsewhere)} {consume} queue {queue} on broker {broker} but "
+            f"{agree(len(elsewhere), 'writes', 'write')} to another database than this one, "
+            f"{database}: its batches were dropped by a worker on another database: {then}; "
+            f"restart {agree(len(elsewhere), 'that worker', 'those workers')} with {needed}"
         )
     problem = signing_problem(queue, [writers[n] for n in nodes], settings.secret)
     if problem:
         return problem
+    n = len(nodes)
     return (
-        f"{len(nodes)} worker(s) consume queue {queue} on broker {broker} and write to "
-        f"{database} ({', '.join(nodes)}) but stored none of this run's batches for a while: "
-        "they may be busy with other runs"
+        f"{plural(n, 'worker')} {agree(n, 'consumes', 'consume')} queue {queue} on broker "
+        f"{broker} and {agree(n, 'writes', 'write')} to {database} ({', '.join(nodes)}) but "
+        f"stored none of this run's batches for a while: {agree(n, 'it', 'they')} may be busy "
+        "with other runs"
         + ("; lost batches are being looked for and re-sent" if healing
            else f"; if the broker lost them, run `producer resume {run_id}`")
     )

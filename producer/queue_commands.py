@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from core.settings import Settings
+from core.text import plural
 from producer.options import HELP, database_option, queue_broker_option
 
 
@@ -46,7 +47,8 @@ def queue_cmd(as_json: bool, broker_url: str | None, engine: Any) -> None:
         click.echo(json.dumps(queue_document(queue, shown), indent=2))
         return
     if queue is not None:
-        click.echo(f"queue {queue.name}: {sum(queue.depths):,} message(s) waiting on the broker")
+        waiting = plural(sum(queue.depths), "message")
+        click.echo(f"queue {queue.name}: {waiting} waiting on the broker")
     if not shown:
         click.echo("no run of this database has batches waiting")
         return

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from core.errors import BadInput
-from producer.options import HELP, database_option
+from core.text import plural
+from producer.options import HELP, database_option, limit_option
 from producer.run_commands import RunArg, resolve_run
 
 if TYPE_CHECKING:  # core.training imports torch: not for --help
@@ -64,13 +65,7 @@ def models_cmd(as_json: bool, engine: Any) -> None:
 
 
 @click.command("runs", context_settings=HELP)
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-    help="Most runs listed (the newest).",
-)
+@limit_option("Most runs listed (the newest).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
 @database_option
 def runs_cmd(limit: int, as_json: bool, engine: Any) -> None:
@@ -287,9 +282,9 @@ def show_model_cmd(model_id: int | None, png_file: Path | None, scale: int, engi
 def sgd_settings(info: dict[str, Any], epochs_run: int) -> str:
     """The SGD line of ``show-model``: settings, and for models with a learning curve the
     epochs run, the weight decay and the epoch kept."""
-    epochs = f"{info['epochs']} epochs"
+    epochs = plural(info["epochs"], "epoch")
     if epochs_run:
-        epochs = f"{epochs_run} of at most {info['epochs']} epochs"
+        epochs = f"{epochs_run} of at most {epochs}"
     text = (
         f"{epochs}, lr {info['lr']}, batch {info['batch_size']}, "
         f"seed {info['seed']}, loss {info['loss']}"
@@ -329,13 +324,7 @@ def format_curve(curve: tuple[EpochStats, ...], best_epoch: int | None) -> str:
 @click.command("compare", context_settings=HELP)
 @click.argument("run_a", type=RunArg())
 @click.argument("run_b", type=RunArg())
-@click.option(
-    "--limit",
-    type=click.IntRange(min=0),
-    default=50,
-    show_default=True,
-    help="Most changed images listed.",
-)
+@limit_option("Most changed images listed.", minimum=0)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 @database_option
 def compare_cmd(run_a: int | str, run_b: int | str, limit: int, as_json: bool, engine: Any) -> None:

@@ -101,7 +101,8 @@ class Counter:
         self.n += n
         if self.tty:
             rate = self.n / max(time.monotonic() - self.start, 1e-9)
-            click.echo(f"\r{self.label} {self.n:,} images ({rate:,.0f}/s)", err=True, nl=False)
+            line = f"\r{self.label} {plural(self.n, 'image')} ({rate:,.0f}/s)"
+            click.echo(line, err=True, nl=False)
 
     def close(self) -> None:
         """End the progress line (once)."""
@@ -397,7 +398,7 @@ def resume_cmd(
       producer resume 12 --send paths
       producer resume 12 --retry-failed --wait
     """
-    from db.queries import get_run, requeue_failed_batches
+    from db.queries import get_run
     from producer.submit import not_resumed, resume_run
 
     settings = Settings.from_env(broker_url=broker_url)
@@ -408,34 +409,34 @@ def resume_cmd(
         found = get_run(conn, run_id)
     if found["status"] == "cancelled":
         raise not_resumed(found)
-    if retry_failed:
-        echo_err(f"run {run_id}: {requeue_failed_batches(engine, run_id)} failed batch(es) "
-                 "to score again")
-    with engine.connect() as conn:
-        found = get_run(conn, run_id)
-    if found["status"] == "done":
+
+    def say_requeued(n: int) -> None:
+        echo_err(f"run {run_id}: {plural(n, 'failed batch', 'failed batches')} to score again")
+
+    resent, sub = 0, None
+    if found["status"] != "done" or retry_failed:
+        sender = _sender(engine, settings, found["model_id"])
+        if sender.backend == "celery":
+            batch_bytes = sender.batch_bytes(batch_bytes)
+        try:
+            resent, sub = resume_run(
+                engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
+                send_mode=_mode_for(sender, send_mode),
+                retry_failed=say_requeued if retry_failed else None,
+            )
+        except KeyboardInterrupt:
+            echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+            sys.exit(EXIT_INTERRUPTED)
+        except RunCancelled:
+            _cancel_since(engine, settings, run_id)
+            raise
+    if sub is None or (sub.status == "done" and not resent):
         click.echo(f"run {run_id} is done: nothing to re-send, nothing changed")
-        if wait:
-            _wait_and_report(engine, run_id, settings, timeout)
-        return
-    sender = _sender(engine, settings, found["model_id"])
-    if sender.backend == "celery":
-        batch_bytes = sender.batch_bytes(batch_bytes)
-    try:
-        resent, sub = resume_run(
-            engine, run_id, sender, batch_size=batch_size, batch_bytes=batch_bytes,
-            send_mode=_mode_for(sender, send_mode),
+    else:
+        click.echo(
+            f"run {run_id}: re-sent {plural(resent, 'batch', 'batches')}; "
+            f"{plural(sub.n_images, 'image')}, status {sub.status}"
         )
-    except KeyboardInterrupt:
-        echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
-        sys.exit(EXIT_INTERRUPTED)
-    except RunCancelled:
-        _cancel_since(engine, settings, run_id)
-        raise
-    click.echo(
-        f"run {run_id}: re-sent {plural(resent, 'batch', 'batches')}; "
-        f"{plural(sub.n_images, 'image')}, status {sub.status}"
-    )
     if wait:
         _wait_and_report(engine, run_id, settings, timeout)
 

@@ -262,24 +262,32 @@ def resume_run(
     batch_bytes: int = defaults.BATCH_BYTES,
     send_mode: str | None = None,
     on_batch: OnBatch | None = None,
+    retry_failed: Callable[[int], None] | None = None,
 ) -> tuple[int, Submission]:
     """Re-send every batch of a run that has no results yet, re-reading its files from the
     run's source directory; if the producer died mid-walk, walk again and send the rest.
     ``send_mode`` other than the run's own switches the run to it first (``None``: keep it).
-    Returns the number of batches re-sent and the submission as it now stands.
+    ``retry_failed`` given, the run's failed batches are made queued again first, once this
+    process holds the run's lease, and it is told how many. Returns the number of batches
+    re-sent and the submission as it now stands.
 
     A run that is done is left as it is (0 batches); a run another live process sends is
-    refused with :class:`RunBeingSent`, and left as it is too; a cancelled run with
-    :class:`RunCancelled`."""
+    refused with :class:`RunBeingSent`, and left as it is too, failed batches included; a
+    cancelled run with :class:`RunCancelled`."""
     with engine.connect() as conn:
         run = queries.get_run(conn, run_id)
     if run["status"] == "cancelled":
         raise not_resumed(run)
-    if run["status"] == "done":
-        sub = Submission(run_id, run["n_images"] or 0, run["n_skipped"],
-                         _batch_count(engine, run_id), "done")
-        return 0, sub
+    done = Submission(run_id, run["n_images"] or 0, run["n_skipped"],
+                      _batch_count(engine, run_id), "done")
+    if run["status"] == "done" and retry_failed is None:
+        return 0, done
     with holding(engine, run_id) as lease, kept_for_resume(engine, run_id, "resume"):
+        if retry_failed is not None:
+            requeued = queries.requeue_failed_batches(engine, run_id)
+            retry_failed(requeued)
+            if not requeued and run["status"] == "done":
+                return 0, done
         return _resume(engine, run_id, sender, batch_size, batch_bytes, send_mode, on_batch,
                        lease)
 

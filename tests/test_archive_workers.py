@@ -143,3 +143,38 @@ def test_every_member_is_stored_once_under_a_killed_worker_and_a_resumed_produce
     wait_done(sqlite_url, timeout=60)
     assert_exactly_once(sqlite_url, 200)
     assert run_row(sqlite_url)["n_failed"] == 0
+
+
+def test_a_shard_batch_stopped_by_the_time_limit_is_split_and_read_from_its_archive(
+    run_cli, sample_dir, model_db, broker_env, start_worker, tmp_path
+):
+    """A batch of 100 members of one tar, on a device too slow for the time limit (20 ms an
+    image, a limit of 1 s): split like a batch of loose files, each half keeping its part of
+    the archive's record, so that the worker reads its members from the archive: every image
+    once, labelled, none failed (before: the halves lost the record, and each of their
+    members was an error row, not found as a file)."""
+    loose = tmp_path / "loose"
+    rels = copy_digits(sample_dir, loose, per_class=50)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "digits.tar", "w") as tf:
+        for rel in rels:
+            tf.add(loose / rel, rel)
+    env = {**broker_env, "DIGITSCORE_DATABASE_URL": model_db, "DIGITSCORE_TEST_IMAGE_DELAY":
+           "0.02", "DIGITSCORE_VISIBILITY_TIMEOUT": "2"}  # a task time limit of 1 s
+    worker = start_worker(env, "--device", "cpu", *FAULTS)
+    wait_for_log(worker, "ready.")
+    r = submit(run_cli, data, model_db, "--send", "paths", "--batch-size", "100")
+    assert r.exit_code == 0, r.output
+    wait_done(model_db, timeout=120)
+    assert_exactly_once(model_db, 100)
+    assert run_row(model_db)["n_failed"] == 0
+    with get_engine(model_db).connect() as conn:
+        found = conn.execute(text("SELECT seq, status, n_images, members FROM batches "
+                                  "ORDER BY seq")).all()
+    assert (found[0].status, found[0].n_images) == ("split", 100)
+    assert {b.status for b in found} == {"split", "done"}
+    assert all(b.members is not None for b in found)
+    rows = predictions(model_db)
+    assert sorted(rows) == sorted(f"digits.tar/{rel}" for rel in rels)
+    assert all(row["label"] == path.split("/")[1] for path, row in rows.items())

@@ -5,9 +5,11 @@ a user can retry; nothing is acknowledged without one of them. Real Redis server
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+from datetime import datetime
 
 import pytest
 
@@ -78,6 +80,40 @@ def test_a_redis_that_may_evict_batches_is_refused_unless_allowed(
         worker = start_worker({**allowed, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
         wait_for_log(worker, f"warning: the broker {server.url}: {problem}")
         os.killpg(worker.pid, signal.SIGTERM)
+    finally:
+        server.kill()
+
+
+def test_a_broker_down_at_start_has_its_eviction_policy_checked_once_it_comes_up(
+    tmp_path, model_db, start_worker
+):
+    """The launcher cannot ask a broker that is down; the worker asks as it connects, before
+    it consumes anything, and stops (status 2) on an evicting Redis; a producer's sender made
+    while the broker was down asks before it first sends (before: neither asked again)."""
+    import redis
+
+    from core.errors import BrokerUnavailable, RedisPolicyError
+    from core.settings import Settings
+    from core.wire import BatchMessage
+    from producer.queue import CelerySender
+
+    server = redis_server_of_our_own(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    server.kill()  # its port is known: it comes up later
+    env = {"DIGITSCORE_BROKER_URL": server.url, "DIGITSCORE_QUEUE": "evicting-later"}
+    try:
+        worker = start_worker({**env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu")
+        wait_for_log(worker, "does not answer yet")
+        sender = CelerySender(Settings.from_env(env))
+        with pytest.raises(BrokerUnavailable):
+            sender.send(BatchMessage(1, 0, "token"), None)
+        server.start()
+        with pytest.raises(RedisPolicyError, match="its maxmemory-policy is allkeys-lru"):
+            sender.send(BatchMessage(1, 0, "token"), None)
+        assert redis.Redis.from_url(server.url).llen("evicting-later") == 0
+        assert worker.wait(90) == 2
+        log = open(worker.log_path).read()
+        assert "its maxmemory-policy is allkeys-lru" in log and "Stopping this worker" in log
+        assert " ready." not in log
     finally:
         server.kill()
 
@@ -260,7 +296,7 @@ def test_resume_retry_failed_scores_a_poison_batch_again_once_its_cause_is_gone(
     cause.unlink()
     r = run_cli("resume", "1", "--retry-failed", "--wait", "--database-url", model_db)
     assert r.exit_code == 0, r.output
-    assert "run 1: 1 failed batch(es) to score again" in r.stderr
+    assert "run 1: 1 failed batch to score again" in r.stderr
     assert_exactly_once(model_db, 201)
     run = query(model_db, "SELECT * FROM runs")[0]
     assert (run["status"], run["n_failed"], run["n_scored"]) == ("done", 0, 201)
@@ -324,7 +360,19 @@ def test_a_damaged_model_fails_its_batches_with_its_problem_then_retry_failed_sc
         "batch abandoned after 3 failed deliveries (poison batch): model 1 could not be "
         "loaded: ModelDamaged: model 1 is damaged: its sgd_weights cannot be read (buffer "
         "size must be a multiple of element size); it cannot score"), reason
-    assert len(open(worker.log_path).read()) < 200_000
+    log = open(worker.log_path).read()
+    assert len(log) < 200_000
+    # each failed delivery holds its batch 1, 2, then 4 s before it goes back (before: at
+    # once), and the load's traceback is logged once by the one pool process (Celery adds
+    # the rejection's own few lines to each)
+    for seq in (0, 1):
+        held = re.findall(rf"^\[([\d:, -]+):.*run 1 batch {seq}: model 1 could not be loaded: "
+                          r".*failed delivery (\d) of 3: the batch goes back to the queue in "
+                          r"(\d+) s$", log, re.MULTILINE)
+        assert [(n, s) for _, n, s in held] == [("1", "1"), ("2", "2"), ("3", "4")], log
+        at = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t, _, _ in held]
+        assert (at[2] - at[0]).total_seconds() >= 1 + 2, at
+    assert log.count("in cached_classifier") == 1, log
 
     with get_engine(model_db).begin() as conn:
         conn.execute(text("UPDATE models SET sgd_weights = :w"), {"w": weights["sgd_weights"]})

@@ -1,7 +1,8 @@
 """Ctrl-C at any moment of ``producer submit`` (the console script, a real process): exit 130
 and no traceback, with the run's id and `producer resume` once the run exists, or "nothing
-was submitted" before it does. The moments count from when Python has started (its site
-packages imported): a Ctrl-C before that, while no digitscore code runs, is Python's own."""
+was submitted" before it does. The early moments count from when the command's own code
+begins to run; a Ctrl-C inside Python's own start-up, before any digitscore code, is Python's
+(docs/faults.md)."""
 
 from __future__ import annotations
 

@@ -145,6 +145,12 @@ def test_out_of_memory_or_a_bug_is_the_batchs_failure_and_the_worker_goes_on(one
     assert claim.batch.failed_deliveries == 1
 
 
+def test_a_failed_batch_is_held_longer_after_each_failure_within_the_time_limit(one_batch):
+    tasks = one_batch[0]
+    assert [tasks.failure_backoff(n, 240) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+    assert [tasks.failure_backoff(n, 8) for n in (1, 2, 3)] == [1.0, 2.0, 2.0]
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_every_pool_process_runs_one_torch_thread(monkeypatch, device):
     monkeypatch.setenv(defaults.BROKER_URL_ENV, "memory://")

@@ -110,7 +110,7 @@ def test_queue_and_status_show_what_waits_and_what_is_ahead(
     first, second = r.stdout.splitlines()
     assert first.startswith("run 1 queued, priority normal: 0/100 done"), first
     assert second.startswith(
-        "run 1: 10 batch(es) of 100 images waiting, 8 batch(es) ahead of it on the broker; "
+        "run 1: 10 batches of 100 images waiting, 8 batches ahead of it on the broker; "
         "0 images/s over the last 20 s; estimated end in ?"), second
     r = run_cli("runs", "--database-url", db)
     assert [line.split()[4] for line in r.stdout.splitlines()[1:]] == ["high", "normal"]

@@ -279,12 +279,13 @@ def test_a_scoring_error_requeues_the_batch_and_the_run_completes(
     wait_for_log(worker, "ready.")
     r = run_cli("submit", str(src), "--batch-size", "20", "--database-url", sqlite_url)
     assert r.exit_code == 0, r.output
-    # back in the queue at once: far sooner than the visibility timeout (600 s) would bring it
+    # back in the queue after 1 s: far sooner than the visibility timeout (600 s) would bring it
     run = wait_done(sqlite_url, timeout=60)
     assert (tmp_path / "flaky-bug").exists()  # the fault did fire
     assert_exactly_once(sqlite_url, 201)
     assert run["n_failed"] == 0
-    log = wait_for_log(worker, "scoring failed: the batch goes back to the queue")
+    log = wait_for_log(worker, "failed delivery 1 of 3: the batch goes back to the queue in 1 s")
+    assert "scoring failed: " in log
     assert "injected scoring bug" in log
     assert worker.poll() is None  # not a device error: the worker goes on
 

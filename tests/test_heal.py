@@ -33,6 +33,25 @@ pytestmark = pytest.mark.integration
 HEAL = {"DIGITSCORE_HEAL_EVERY": "1"}
 
 
+def done_within_a_minute_of(worker, submit: Submit) -> str:
+    """Once ``worker`` is ready, the submit ends well within 60 s (the issue's goal); its
+    output."""
+    wait_for_log(worker, "ready.")
+    ready = time.monotonic()
+    status, output = submit.outcome()
+    assert status == 0, output
+    print(f"run done {submit.ended - ready:.1f} s after the new worker was ready")
+    assert submit.ended - ready < 60, output
+    return output
+
+
+def assert_resent_said(output: str, why: str) -> None:
+    """The sweep's line names the re-sent batches with the noun agreeing with their count."""
+    said = re.search(rf"re-sent ([\d,]+) lost (batch|batches) \({re.escape(why)}", output)
+    assert said, output
+    assert (said.group(1) == "1") == (said.group(2) == "batch"), said.group(0)
+
+
 class Submit(threading.Thread):
     """``producer submit SOURCE --wait`` in the background (test_wait_hints.submit_and_watch)."""
 
@@ -74,12 +93,7 @@ def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
     wrong.wait(30)
     right = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": model_db}, "--device", "cpu",
                          name="right")
-    wait_for_log(right, "ready.")
-    ready = time.monotonic()
-    status, output = submit.outcome()
-    assert status == 0, output
-    print(f"run done {submit.ended - ready:.1f} s after the right worker was ready")
-    assert submit.ended - ready < 60, output
+    output = done_within_a_minute_of(right, submit)
     assert "Traceback" not in output
     assert_exactly_once(model_db, 200)
     assert resends(model_db) >= 4
@@ -87,14 +101,14 @@ def test_batches_dropped_by_a_worker_on_another_database_are_re_sent(
     # busy to answer the control API within its second counts as none consuming the queue
     hint = next(line for line in output.splitlines()
                 if line.startswith("no batch of run 1 stored for"))
-    if "write to another database" in hint:
+    if "to another database than this one" in hint:
         assert ("its batches were dropped by a worker on another database: they are being "
                 "re-sent") in hint, hint
     else:
         assert "no worker consumes queue" in hint, hint
     assert f"DIGITSCORE_QUEUE={broker_env['DIGITSCORE_QUEUE']}" in output
     assert f"DIGITSCORE_DATABASE_URL={model_db}" in output
-    assert "lost batch(es) (no message for it on the broker)" in output
+    assert_resent_said(output, "no message for it on the broker")
 
 
 def test_a_batch_held_by_a_killed_celery_main_process_is_re_sent(
@@ -114,15 +128,10 @@ def test_a_batch_held_by_a_killed_celery_main_process_is_re_sent(
     os.kill(main_pid, signal.SIGKILL)
     fresh = start_worker({**broker_env, "DIGITSCORE_DATABASE_URL": postgres_url},
                          "--device", "cpu", name="fresh")
-    wait_for_log(fresh, "ready.")
-    ready = time.monotonic()
-    status, output = submit.outcome()
-    assert status == 0, output
-    print(f"run done {submit.ended - ready:.1f} s after the fresh worker was ready")
-    assert submit.ended - ready < 60, output
+    output = done_within_a_minute_of(fresh, submit)
     assert_exactly_once(postgres_url, 200)
     assert resends(postgres_url) >= 1, output
-    assert "lost batch(es) (its message held by no live worker)" in output, output
+    assert_resent_said(output, "its message held by no live worker")
 
 
 def test_producer_heal_re_sends_lost_batches_once_however_many_heal_at_once(

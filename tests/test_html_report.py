@@ -267,7 +267,7 @@ def test_a_running_runs_page_says_its_results_are_partial(
         assert r.exit_code == 0, r.output
         parsed = Page(page.read_text())
         return [a.get("class") or "" for a in parsed.classed("partial")] and [
-            t for t in parsed.text if "of 4 images have rows" in t]
+            t for t in parsed.text if "4 images, " in t]
 
     def store(seq: int) -> None:
         paths = names[2 * seq:2 * seq + 2]
@@ -275,7 +275,7 @@ def test_a_running_runs_page_says_its_results_are_partial(
                         [(root / p).read_bytes() for p in paths])
 
     store(0)
-    assert banner() == [" run 1 is still running: 2 of 4 images have rows so far; write the "
+    assert banner() == [" run 1 is still running: 4 images, 2 with rows so far; write the "
                         "report again once it is done (`producer wait 1`)."]
     store(1)
     assert banner() == []

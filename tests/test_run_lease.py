@@ -26,14 +26,21 @@ def dump(db_url: str) -> dict[str, list[tuple]]:
                 for t in ("runs", "batches")}
 
 
+def paused_submit(source, db_url: str):
+    """A real ``producer submit`` of ``source`` in batches of 2, paused once it has recorded
+    10 of them (holding its lease)."""
+    producer = start_producer(
+        "submit", str(source), "--batch-size", "2", "--database-url", db_url
+    )
+    pause_mid_submit(db_url, 10, producer)
+    return producer
+
+
 def test_resume_during_a_live_submit_is_refused_and_the_submit_completes(
     run_cli, sample_dir, model_db
 ):
     sqlite_url = model_db
-    producer = start_producer(
-        "submit", str(sample_dir / "valid"), "--batch-size", "2", "--database-url", sqlite_url
-    )
-    pause_mid_submit(sqlite_url, 10, producer)
+    producer = paused_submit(sample_dir / "valid", sqlite_url)
     try:
         where = f"pid {producer.pid} on {socket.gethostname()}"
         r = run_cli("status", "1", "--database-url", sqlite_url)
@@ -63,14 +70,36 @@ def test_resume_during_a_live_submit_is_refused_and_the_submit_completes(
     assert tuple(lease) == (None, None) and len(runs) == 1  # released at the end
 
 
+def test_resume_retry_failed_during_a_live_submit_requeues_nothing(run_cli, sample_dir, model_db):
+    """The lease is checked before any failed batch is made queued again (before: they were
+    requeued, then the resume refused, leaving them owed to no sender). The live sender is
+    this test's parent process, holding the run's lease."""
+    import os
+
+    from db.leases import take_lease
+
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "50",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    engine = get_engine(model_db)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE batches SET status = 'failed', deliveries = 3, "
+                          "time_limited = 1 WHERE seq = 0"))
+        conn.execute(text("UPDATE runs SET status = 'running'"))
+    assert take_lease(engine, 1, f"{os.getppid()}@{socket.gethostname()}", 60) is None
+    before = dump(model_db)
+    r = run_cli("resume", "1", "--retry-failed", "--database-url", model_db)
+    assert r.exit_code == 1, r.output
+    assert "run 1 is still being sent by" in r.stderr and "nothing was changed" in r.stderr
+    assert "to score again" not in r.stderr
+    assert dump(model_db) == before
+
+
 def test_a_killed_submit_is_interrupted_at_once_and_resume_takes_over(
     run_cli, sample_dir, model_db
 ):
     sqlite_url = model_db
-    producer = start_producer(
-        "submit", str(sample_dir / "valid"), "--batch-size", "2", "--database-url", sqlite_url
-    )
-    pause_mid_submit(sqlite_url, 10, producer)
+    producer = paused_submit(sample_dir / "valid", sqlite_url)
     producer.send_signal(signal.SIGKILL)
     producer.wait(30)
     r = run_cli("status", "1", "--database-url", sqlite_url)

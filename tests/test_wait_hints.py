@@ -61,8 +61,8 @@ def test_workers_on_the_queue_but_none_storing_are_named(
     assert status == 1, text
     hint = next(line for _, line in lines if line.startswith("no batch of run 1 stored for"))
     queue = broker_env["DIGITSCORE_QUEUE"]
-    assert f"worker(s) digitscore-cpu-{worker.pid}@" in hint, hint
-    assert f"consume queue {queue} on broker" in hint, hint
-    assert f"write to another database than this one, {sqlite_url}" in hint, hint
+    assert f"worker digitscore-cpu-{worker.pid}@" in hint, hint
+    assert f"consumes queue {queue} on broker" in hint, hint
+    assert f"writes to another database than this one, {sqlite_url}" in hint, hint
     assert "its batches were dropped by a worker on another database" in hint, hint
     assert "--timeout 8 s" in lines[-1][1]

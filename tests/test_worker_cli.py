@@ -227,6 +227,7 @@ def test_one_pinned_worker_per_visible_gpu_with_the_exact_command_line(launch):
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait() == 0
     assert w.signals("cuda0") == w.signals("cuda1") == ["SIGTERM"]
+    assert "2 pool processes per device" in w.stderr()
 
 
 @ON_A_HOST_WITHOUT_NVIDIA_GPUS
@@ -236,6 +237,7 @@ def test_no_gpu_means_one_worker_on_the_cpu(launch):
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait() == 0
     assert "started the worker on cpu" in w.stderr()
+    assert "1 pool process per device" in w.stderr()
 
 
 def test_two_launchers_on_one_host_name_their_cpu_workers_apart(launch):
@@ -284,7 +286,7 @@ def test_gpus_counted_where_cuda_does_not_start_exit_2_naming_the_error(launch):
     error = "The NVIDIA driver on your system is too old (found version 12040)."
     w = launch("--device", "cuda:0", gpus=2, FAKE_CUDA_INIT_ERROR=error)
     assert w.wait(60) == 2
-    assert error in w.stderr() and "counts 2 GPU(s) but cannot initialise CUDA" in w.stderr()
+    assert error in w.stderr() and "counts 2 GPUs but cannot initialise CUDA" in w.stderr()
     assert not list(w.out.glob("*.json"))
 
 

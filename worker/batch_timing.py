@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from core.text import plural
+
 log = logging.getLogger("digitscore.worker")
 
 #: Images in the sample the estimate is measured on.
@@ -62,7 +64,7 @@ def time_limit_warning(
     if expected <= time_limit / 2:
         return None
     return (
-        f"a batch of {batch_images} images takes about {expected:,.1f} s on this device "
+        f"a batch of {plural(batch_images, 'image')} takes about {expected:,.1f} s on this device "
         f"(measured on {SAMPLE}), more than half the task time limit of {time_limit} s "
         f"({defaults.VISIBILITY_TIMEOUT_ENV}={visibility_timeout}): such batches "
         f"are stopped and split; raise {defaults.VISIBILITY_TIMEOUT_ENV}, or submit with a "

@@ -23,6 +23,7 @@ import click
 from core import defaults
 from core.errors import BrokerURLError, DeviceError, DigitscoreError, GpuError
 from core.settings import Settings
+from core.text import plural
 from core.wire import check_broker_url
 from worker.devices import (
     DEVICE_FAILED_EXIT,
@@ -359,7 +360,7 @@ def main(
     for note in filter(None, notes):
         _echo(f"warning: {note}")
     per_device = settings.concurrency or default_concurrency(len(specs))
-    _echo(f"{per_device} pool process(es) per device")
+    _echo(f"{plural(per_device, 'pool process', 'pool processes')} per device")
     group = WorkerGroup(_echo)
     with metrics_served(settings) as metrics_env, group.relaying_signals():
         for spec in specs:

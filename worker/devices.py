@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from core import defaults
 from core.errors import DeviceError, GpuError
+from core.text import plural
 
 #: The device a worker process scores on, as torch names it inside that process.
 DEVICE_ENV = "DIGITSCORE_DEVICE"
@@ -221,7 +222,8 @@ def no_gpu_reason(torch_gpus: TorchGpus, evidence: str | None) -> str | None:
     if torch_gpus.count:  # counted through NVML, but CUDA does not start
         return (
             f"torch {torch_gpus.torch_version} (CUDA {torch_gpus.cuda_version}) counts "
-            f"{torch_gpus.count} GPU(s) but cannot initialise CUDA: {torch_gpus.error}. The "
+            f"{plural(torch_gpus.count, 'GPU')} but cannot initialise CUDA: {torch_gpus.error}. "
+            "The "
             f"NVIDIA driver is likely too old for CUDA {torch_gpus.cuda_version} (see "
             "docs/deployment.md, Run on a GPU cluster: install a torch build for your driver)"
         )

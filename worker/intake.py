@@ -11,7 +11,12 @@ main process, where Celery and kombu offer no public hook.
    Redis can push anything there, and kombu's own reader raises on an entry that is not
    such an envelope, inside the worker's event loop, and the worker exits. Here it is
    logged and dropped (BRPOP has already taken it off the list) and the worker goes on.
-2. The consumer (:class:`CheckedConsumer`) checks every delivery once, before Celery reads
+2. The consumer (:class:`CheckedConsumer`) checks the broker's ``maxmemory-policy`` each
+   time it connects, before it consumes anything (core/wire.check_eviction_policy): the
+   launcher checks it too, but cannot when the broker is down at start, and a Redis restarted
+   with another configuration is caught as it comes back. An evicting Redis stops the worker
+   with status 2 (``DIGITSCORE_ALLOW_EVICTION=1``: a warning). It checks every delivery once,
+   before Celery reads
    any of it (``core/wire.check_delivery``: headers, task name, size, body, signature); what
    does not fit is logged with its id, acknowledged (dropped: there is no dead-letter queue)
    and the worker goes on. Unchecked, a body Celery cannot unpack, or an unknown task without
@@ -46,9 +51,11 @@ import base64
 import binascii
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
+from celery.exceptions import WorkerShutdown
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
@@ -56,8 +63,8 @@ from kombu.transport import redis as kombu_redis
 from vine import promise
 
 from core import wire
-from core.errors import MessageError
-from core.text import mask_urls_in
+from core.errors import EXIT_BAD_INPUT, MessageError, RedisPolicyError
+from core.text import mask_url, mask_urls_in
 from db.batch_life import count_failed_delivery
 from db.session import get_engine
 from worker.tasks import SETTINGS
@@ -136,8 +143,23 @@ def message_id(message: Any) -> str:
 
 
 class CheckedConsumer(Consumer):
-    """Celery's consumer with every delivery checked once before Celery reads any of it (see
-    the module's docstring)."""
+    """Celery's consumer with its broker's eviction policy checked on each connection, and
+    every delivery checked once before Celery reads any of it (see the module's docstring)."""
+
+    def connect(self) -> Any:
+        connection = super().connect()
+        if urlsplit(str(SETTINGS.broker_url)).scheme in ("redis", "rediss"):
+            try:
+                warning = wire.check_eviction_policy(
+                    connection.default_channel.client, mask_url(str(SETTINGS.broker_url)),
+                    SETTINGS.allow_eviction,
+                )
+            except RedisPolicyError as e:
+                log.critical("%s. Stopping this worker (status %s)", e, EXIT_BAD_INPUT)
+                raise WorkerShutdown(EXIT_BAD_INPUT) from None
+            if warning:
+                log.warning("warning: %s", warning)
+        return connection
 
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)

@@ -1,9 +1,12 @@
-"""A batch the task time limit stopped comes back whole; its next delivery splits it in two
-(db/splits.py) instead of scoring it again, down to :data:`SPLIT_FLOOR` images, so a batch too
-large for this device's time limit is scored in halves rather than failed whole as poison.
+"""A batch the task time limit stopped comes back whole; its next delivery's claim says
+``split`` (db/batch_life.claim_batch) and it is split in two (db/splits.py) instead of scored
+again, down to :data:`db.batch_life.SPLIT_FLOOR` images, so a batch too large for this
+device's time limit is scored in halves rather than failed whole as poison.
 
 Each half is recorded (owed) before its message goes; in a ``--send bytes`` run its image
 bytes are cut from the batch's payload and written under the half's own payload key first.
+A batch of one archive's members is split alike, each half with its part of the archive's
+record (db/splits.py).
 """
 
 from __future__ import annotations
@@ -14,18 +17,11 @@ from typing import Any
 from core import wire
 from core.errors import MessageError
 from core.settings import Settings
+from core.text import plural
 from db.batch_life import RecordedBatch
 from db.splits import run_priority, split_batch
 
 log = logging.getLogger("digitscore.worker")
-
-#: A batch of this many images is not split: stopped by the time limit, it counts a death
-#: (three fail it as poison, naming the limit).
-SPLIT_FLOOR = 1
-
-
-def should_split(batch: RecordedBatch) -> bool:
-    return batch.time_limited > 0 and len(batch.paths) > SPLIT_FLOOR
 
 
 def split_and_resend(
@@ -73,6 +69,6 @@ def split_and_resend(
         log.warning(
             "run %s batch %s (%s images) was stopped by the task time limit (%s s): split into "
             "batches %s", batch.run_id, batch.seq, len(batch.paths), settings.task_time_limit,
-            " and ".join(f"{seq} ({len(paths)} images)" for seq, paths in halves),
+            " and ".join(f"{seq} ({plural(len(paths), 'image')})" for seq, paths in halves),
         )
     return [seq for seq, _ in halves]

@@ -52,7 +52,7 @@ from db.workers import count_batch, heartbeat, register_worker, stop_worker
 from worker import device_health, metrics
 from worker.batch_timing import seconds_per_image, time_limit_warning
 from worker.devices import DEVICE_FAILED_EXIT, current_device, describe_current_device
-from worker.splitting import should_split, split_and_resend
+from worker.splitting import split_and_resend
 
 T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
@@ -136,7 +136,10 @@ def count_failure_on_error(
     delivery of the batch, ``what`` failed and why kept as its last failure, so a batch that
     fails on every delivery is given up after ``MAX_DELIVERIES``, even one that breaks each
     device it reaches; an error of the device also stops this worker, for its supervisor to
-    start it again on a fresh CUDA context. A database error is left to the task's retries."""
+    start it again on a fresh CUDA context. Any other error holds the batch for
+    :func:`failure_backoff` seconds first, so that an unloadable model or a batch that fails
+    every time cannot flood the log: each pool process fails at most one batch a second, and
+    logs each error's traceback once. A database error is left to the task's retries."""
     global _device_failed
     if _device_failed:
         raise Reject("this process's device failed: the batch goes back", requeue=True)
@@ -145,6 +148,8 @@ def count_failure_on_error(
     except (OperationalError, DatabaseUnavailable):
         raise
     except Exception as e:
+        why = f"{what}: {type(e).__name__}: {mask_urls_in(str(e))[:300]}"
+        failed = count_failed_delivery(engine, message.run_id, message.seq, message.token, why)
         if device_health.is_device_error(e):
             _device_failed = True
             log.critical(
@@ -153,10 +158,29 @@ def count_failure_on_error(
             )
             device_health.stop_this_worker()
         else:
-            log.exception("%s: the batch goes back to the queue", what)
-        why = f"{what}: {type(e).__name__}: {mask_urls_in(str(e))[:300]}"
-        count_failed_delivery(engine, message.run_id, message.seq, message.token, why)
+            delay = failure_backoff(failed or 1, SETTINGS.task_time_limit)
+            log.error(
+                "run %s batch %s: %s; failed delivery %s of %s: the batch goes back to the "
+                "queue in %s s", message.run_id, message.seq, why, failed, defaults.MAX_DELIVERIES,
+                f"{delay:g}", exc_info=e if why not in _logged else None,
+            )
+            if len(_logged) > 1_000:  # errors that differ each time: keep the set small
+                _logged.clear()
+            _logged.add(why)
+            time.sleep(delay)
+            # Celery logs a rejection with its traceback: the cause's was logged above, once
+            raise Reject(f"{what}: {e!r}", requeue=True) from None
         raise Reject(f"{what}: {e!r}", requeue=True) from e
+
+
+#: The failures whose traceback this process has logged (each is logged once).
+_logged: set[str] = set()
+
+
+def failure_backoff(failed: int, time_limit: float) -> float:
+    """Seconds to hold a batch after its ``failed``-th failed delivery before it goes back:
+    ``FAILURE_BACKOFF`` doubled per earlier failure, at most a quarter of the time limit."""
+    return min(defaults.FAILURE_BACKOFF * 2 ** (failed - 1), time_limit / 4)
 
 
 #: The node name this main process registered under.
@@ -231,13 +255,13 @@ def source_root(batch: RecordedBatch) -> str:
 
 def handle_batch(task: Any, message: wire.BatchMessage) -> int:
     """Claim the batch a message names (db/batch_life.py) and do what the claim says: skip
-    it, give it up as poison, or score and store it; then delete its payload. Returns the
-    number of rows stored."""
+    it, give it up as poison, split it, or score and store it; then delete its payload.
+    Returns the number of rows stored."""
     engine = get_engine(SETTINGS.database_url)
     claim = claim_batch(engine, message.run_id, message.seq, message.token,
                         SETTINGS.max_batch_images)
-    if claim.action == "score" and claim.batch is not None and should_split(claim.batch):
-        # the time limit stopped its last delivery: score it in halves
+    if claim.action == "split":  # the time limit stopped an earlier delivery: score in halves
+        assert claim.batch is not None
         split_and_resend(engine, payload_store(), app, SETTINGS, claim.batch, message,
                          payload_digest(task))
         n_new = 0
