@@ -169,6 +169,10 @@ def finish_submission(engine: Engine, run_id: int, n_images: int, n_skipped: int
             .values(n_images=n_images, n_skipped=n_skipped,
                     submitted_at=func.coalesce(runs.c.submitted_at, now))
         )
+    # settled in a transaction of its own, begun after that commit: a writer whose batch
+    # committed before it saw no n_images (its lock-free may_finish says no), and this
+    # transaction's snapshot holds that batch; one that commits after it sees n_images
+    with engine.begin() as conn:
         settle_run(conn, run_id)
         return str(conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one())
 
