@@ -82,9 +82,13 @@ def main(redis_url: str) -> None:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    envelope = json.loads(client.rpop(queue))
-    body = base64.b64decode(envelope["body"])
     from core import wire
+
+    # the message sits on one of the queue's priority lists (since issue 26), or on the queue
+    lists = wire.queue_lists(queue) if hasattr(wire, "queue_lists") else [queue]
+    entry = next(e for e in (client.rpop(name) for name in lists) if e is not None)
+    envelope = json.loads(entry)
+    body = base64.b64decode(envelope["body"])
 
     try:
         from worker.intake import envelope_problem
