@@ -109,12 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=300_000)
     p.add_argument("--after", type=float, default=15, help="seconds of scoring before it")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(tempfile.gettempdir()) / "digitscore-bench")
     p.add_argument("--broker-url", default="redis://127.0.0.1:6379/0")
-    p.add_argument("--postgres-url",
-                   default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                   help="an admin URL: a fresh database is created and dropped")
+    common.add_data_options(p)
     args = p.parse_args(argv)
     root = dataset.image_set(args.data_dir, args.images, 10_000)
     clf = common.train_classifier()

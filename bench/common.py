@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,19 @@ from producer.sample_data import load_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS, LR, BATCH, SEED = 5, 0.5, 256, 42
+
+
+#: The admin URL of the machine's PostgreSQL (a bench creates a fresh database and drops it).
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The options every database bench takes: where its image sets are cached, and
+    PostgreSQL's admin URL."""
+    p.add_argument("--data-dir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "digitscore-bench")
+    p.add_argument("--postgres-url", default=POSTGRES_ADMIN_URL,
+                   help="an admin URL: a fresh database is created and dropped")
 
 
 def train_classifier() -> Classifier:

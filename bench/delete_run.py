@@ -117,11 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000, help="rows of the run deleted")
     p.add_argument("--repeat", type=int, default=1, help="rounds (median)")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(tempfile.gettempdir()) / "digitscore-bench")
-    p.add_argument("--postgres-url",
-                   default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                   help="an admin URL: a fresh database is created and dropped")
+    common.add_data_options(p)
     args = p.parse_args(argv)
     copies = max(1, args.rows // SEED_IMAGES)
     seed_root = dataset.image_set(args.data_dir, SEED_IMAGES, SEED_IMAGES)

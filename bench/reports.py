@@ -248,11 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000", help="rows of the runs measured")
     p.add_argument("--repeat", type=int, default=3, help="runs of each command (median)")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(tempfile.gettempdir()) / "digitscore-bench")
-    p.add_argument("--postgres-url",
-                   default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                   help="an admin URL: a fresh database is created and dropped")
+    common.add_data_options(p)
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
