@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+import producer
 from core import defaults
 from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DigitscoreError
 from core.text import first_line, plural
@@ -29,25 +30,34 @@ class ProducerGroup(click.Group):
     or input, 1 for a failure at run time); anything unexpected exits 1 with its first line
     and a pointer to ``--debug``, which shows the traceback instead."""
 
+    def _stopped(self, ctx: click.Context) -> None:
+        command = self.commands.get(ctx.invoked_subcommand or "")
+        echo_err("\n" + getattr(command, "interrupted_early", "stopped (Ctrl-C)"))
+        ctx.exit(EXIT_INTERRUPTED)
+
     def invoke(self, ctx: click.Context) -> Any:
         # Until here a Ctrl-C ends the process quietly (producer/__init__.py); from here on it
         # is a KeyboardInterrupt, which the command, or the handler below, turns into its line
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if ctx.invoked_subcommand in ("submit", "resume"):
+                # numpy, which they load anyway, loaded while a Ctrl-C still ends the process
+                # quietly: a Ctrl-C inside its import would leave it half loaded
+                import numpy  # noqa: F401
+            signal.signal(signal.SIGINT, producer.raise_interrupt)
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:  # a command that has more to say about it catches it first
-            command = self.commands.get(ctx.invoked_subcommand or "")
-            echo_err("\n" + getattr(command, "interrupted_early", "stopped (Ctrl-C)"))
-            ctx.exit(EXIT_INTERRUPTED)
+            self._stopped(ctx)
         except DigitscoreError as e:
             if debug_enabled(ctx):
                 raise
             echo_err(f"Error: {e}")
             ctx.exit(e.exit_code)
         except Exception as e:
+            if producer.interrupted(e):  # an import a Ctrl-C broke
+                self._stopped(ctx)
             if debug_enabled(ctx):
                 raise
             echo_err(f"Error: {describe_unexpected(e)} (run again with --debug for the traceback)")
