@@ -191,16 +191,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         """:class:`SettingError` unless the settings agree with each other: checked once, as
-        the settings are made."""
-        timeout = self.visibility_timeout
-        for what, value in (("task time limit", self.task_time_limit),
-                            ("longest database retry wait", self.db_retry_max)):
-            if value >= timeout:
-                raise SettingError(
-                    f"DIGITSCORE_VISIBILITY_TIMEOUT={timeout} s leaves the {what} ({value} s) "
-                    "no room below it: a batch would be handed to a second worker while the "
-                    "first still holds it; use at least 2 s (600 s unless batches are tiny)"
-                )
+        the settings are made. The task time limit and the longest database retry wait are
+        at least 1 s, and below the visibility timeout from 2 s on."""
+        if self.visibility_timeout < 2:
+            raise SettingError(
+                f"DIGITSCORE_VISIBILITY_TIMEOUT={self.visibility_timeout} s leaves the task "
+                f"time limit ({self.task_time_limit} s) no room below it: a batch would be "
+                "handed to a second worker while the first still holds it; use at least 2 s "
+                "(600 s unless batches are tiny)"
+            )
         if self.send not in defaults.SEND_MODES:
             raise SettingError(f"send mode {self.send!r}: use one of {defaults.SEND_MODES}")
 
