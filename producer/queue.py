@@ -103,9 +103,8 @@ class CelerySender:
         if self._redis is None:
             connection = self.app.connection_for_write()
             try:
-                client = wire.require_redis(connection, mask_url(self.url))
-                self.warning = wire.check_eviction_policy(
-                    client, mask_url(self.url), self.allow_eviction)
+                client = wire.require_redis(connection, self.url)
+                self.warning = wire.check_eviction_policy(client, self.url, self.allow_eviction)
                 if self.max_queued is None:
                     self.max_queued = default_bound(client)
             except BaseException:

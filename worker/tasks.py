@@ -233,7 +233,7 @@ def _unregister(**_kwargs) -> None:
 def payload_store() -> Any:
     """The Redis client for payloads, through this process's own connection to the broker
     (opened on first use, after the fork) and its settings."""
-    return wire.require_redis(app.connection_for_read(), mask_url(app.conf.broker_url))
+    return wire.require_redis(app.connection_for_read(), str(app.conf.broker_url))
 
 
 def source_root(batch: RecordedBatch) -> str:
