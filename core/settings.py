@@ -2,11 +2,11 @@
 
 A command-line flag and its env var are one setting: Click reads the env var through
 ``envvar=`` and hands the value to :meth:`Settings.from_env`, which reads every other setting
-from the environment, checks them against each other and returns the one object code receives.
+from the environment, checking each as it parses it, and returns the one object code receives.
 The defaults, with their units, are the constants of :mod:`core.defaults`. What follows from
 another setting is derived, not a knob: the task time limit and the longest wait between two
 database retries both follow from the visibility timeout (:attr:`Settings.task_time_limit`,
-:attr:`Settings.db_retry_max`).
+:attr:`Settings.db_retry_max`), which is why that must be at least 2 s.
 """
 
 from __future__ import annotations
@@ -73,6 +73,19 @@ def _seconds(name: str, raw: str) -> int:
     return positive_whole(name, raw, "seconds")
 
 
+def _visibility_timeout(name: str, raw: str) -> int:
+    """Seconds, at least 2: the task time limit and the longest database retry wait, each at
+    least 1 s, must fit below it."""
+    value = positive_whole(name, raw, "seconds")
+    if value < 2:
+        raise SettingError(
+            f"{name}={value} s leaves the task time limit (1 s) no room below it: a batch would "
+            "be handed to a second worker while the first still holds it; use at least 2 s "
+            "(600 s unless batches are tiny)"
+        )
+    return value
+
+
 def _bytes(name: str, raw: str) -> int:
     return positive_whole(name, raw, "bytes")
 
@@ -119,7 +132,8 @@ class Settings:
         default=defaults.BROKER_URL, metadata=_env("BROKER_URL", None, "--broker-url"))
     queue: str = field(default=defaults.QUEUE, metadata=_env("QUEUE", None))
     visibility_timeout: int = field(
-        default=defaults.VISIBILITY_TIMEOUT, metadata=_env("VISIBILITY_TIMEOUT", _seconds))
+        default=defaults.VISIBILITY_TIMEOUT,
+        metadata=_env("VISIBILITY_TIMEOUT", _visibility_timeout))
     concurrency: int | None = field(
         default=defaults.WORKER_CONCURRENCY,
         metadata=_env("CONCURRENCY", _processes, "--concurrency"))
@@ -188,21 +202,6 @@ class Settings:
         """Seconds a batch waits after it was last sent before it can be suspected lost: two
         sweeps (a second when healing is off: ``producer heal`` by hand)."""
         return 2 * (self.heal_every or 0.5)
-
-    def __post_init__(self) -> None:
-        """:class:`SettingError` unless the settings agree with each other: checked once, as
-        the settings are made."""
-        timeout = self.visibility_timeout
-        for what, value in (("task time limit", self.task_time_limit),
-                            ("longest database retry wait", self.db_retry_max)):
-            if value >= timeout:
-                raise SettingError(
-                    f"DIGITSCORE_VISIBILITY_TIMEOUT={timeout} s leaves the {what} ({value} s) "
-                    "no room below it: a batch would be handed to a second worker while the "
-                    "first still holds it; use at least 2 s (600 s unless batches are tiny)"
-                )
-        if self.send not in defaults.SEND_MODES:
-            raise SettingError(f"send mode {self.send!r}: use one of {defaults.SEND_MODES}")
 
     def __repr__(self) -> str:  # a repr may reach a log: the URLs masked, the secret left out
         return f"Settings({self.describe()})"

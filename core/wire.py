@@ -302,23 +302,24 @@ def check_broker_url(url: str) -> None:
         ) from None
 
 
-def require_redis(connection: Any, broker_masked: str) -> Any:
+def require_redis(connection: Any, broker_url: str) -> Any:
     """The Redis client of a kombu connection to a Redis broker (its own URL, password,
-    database and TLS settings); :class:`BrokerURLError` for any other transport."""
+    database and TLS settings); :class:`BrokerURLError` for any other transport, naming
+    ``broker_url`` with its password masked."""
     if getattr(connection.transport, "driver_type", None) != "redis":
         raise BrokerURLError(
-            f"the broker {broker_masked} is not Redis: batches keep their image bytes in Redis "
-            "while queued, so use a redis:// (or rediss://) broker"
+            f"the broker {mask_url(broker_url)} is not Redis: batches keep their image bytes "
+            "in Redis while queued, so use a redis:// (or rediss://) broker"
         )
     return connection.default_channel.client
 
 
-def check_eviction_policy(client: Any, broker_masked: str, allow: bool = False) -> str | None:
-    """:class:`RedisPolicyError` unless the Redis behind ``client`` never evicts a key
-    (``maxmemory-policy noeviction``): an evicting Redis under memory pressure drops queued
-    batches, their image bytes and the queue itself, without a trace. With ``allow``
-    (``DIGITSCORE_ALLOW_EVICTION=1``) nothing is refused, and the risk is returned as a
-    warning (``None`` when there is none)."""
+def check_eviction_policy(client: Any, broker_url: str, allow: bool = False) -> str | None:
+    """:class:`RedisPolicyError` unless the Redis behind ``client`` (at ``broker_url``, named
+    with its password masked) never evicts a key (``maxmemory-policy noeviction``): an
+    evicting Redis under memory pressure drops queued batches, their image bytes and the
+    queue itself, without a trace. With ``allow`` (``DIGITSCORE_ALLOW_EVICTION=1``) nothing
+    is refused, and the risk is returned as a warning (``None`` when there is none)."""
     from redis.exceptions import ResponseError
 
     try:
@@ -333,8 +334,8 @@ def check_eviction_policy(client: Any, broker_masked: str, allow: bool = False) 
         problem = f"its maxmemory-policy is {policy}"
         fix = (f"set it with `redis-cli CONFIG SET maxmemory-policy noeviction` (and in "
                f"redis.conf), or set {defaults.ALLOW_EVICTION_ENV}=1 to run at that risk")
-    risk = (f"the broker {broker_masked}: {problem}, so under memory pressure Redis may drop "
-            "queued batches, their image bytes and the queue itself without a trace")
+    risk = (f"the broker {mask_url(broker_url)}: {problem}, so under memory pressure Redis may "
+            "drop queued batches, their image bytes and the queue itself without a trace")
     if allow:
         return f"{risk} ({defaults.ALLOW_EVICTION_ENV}=1)"
     raise RedisPolicyError(f"{risk}; {fix}")

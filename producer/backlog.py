@@ -165,7 +165,7 @@ def broker_queue(settings: Any) -> BrokerQueue:
     app = wire.make_app(settings)
     try:
         with app.connection_for_read() as conn:
-            return read_queue(wire.require_redis(conn, masked), settings.queue)
+            return read_queue(wire.require_redis(conn, settings.broker_url), settings.queue)
     except BrokerURLError:
         raise
     except Exception as e:

@@ -45,7 +45,7 @@ def payload_store(settings: Settings) -> Iterator[Any]:
     app = wire.make_app(settings)
     connection = app.connection_for_write()
     try:
-        yield wire.require_redis(connection, mask_url(settings.broker_url))
+        yield wire.require_redis(connection, str(settings.broker_url))
     finally:
         connection.release()
         app.close()

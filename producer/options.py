@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from core import defaults
-from core.settings import Settings
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -113,16 +112,6 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help=f"Most images in one batch; at most {defaults.MAX_BATCH_IMAGES_ENV} (default "
         f"{defaults.MAX_BATCH_IMAGES}), the most a worker scores.",
     )(f)
-
-
-def check_batch_size(settings: Settings, batch_size: int) -> None:
-    """``--batch-size`` is at most what a worker scores in one batch."""
-    limit = settings.max_batch_images
-    if batch_size > limit:
-        raise click.BadParameter(
-            f"{batch_size} is more than {defaults.MAX_BATCH_IMAGES_ENV}={limit}, the most "
-            "images a worker scores in one batch", param_hint="'--batch-size'",
-        )
 
 
 def echo_err(message: str) -> None:

@@ -103,9 +103,8 @@ class CelerySender:
         if self._redis is None:
             connection = self.app.connection_for_write()
             try:
-                client = wire.require_redis(connection, mask_url(self.url))
-                self.warning = wire.check_eviction_policy(
-                    client, mask_url(self.url), self.allow_eviction)
+                client = wire.require_redis(connection, self.url)
+                self.warning = wire.check_eviction_policy(client, self.url, self.allow_eviction)
                 if self.max_queued is None:
                     self.max_queued = default_bound(client)
             except BaseException:
@@ -217,25 +216,21 @@ class CelerySender:
         """Return once ``cost`` more bytes fit under the bound (or nothing of ours is queued:
         a batch larger than the bound goes alone)."""
         bound = self.max_queued or defaults.MAX_QUEUED_BYTES
-        delay = defaults.QUEUE_WAIT_FIRST
+        delay = 0.0  # the first turn asks Redis at once; each later one sleeps, longer each time
         reported = 0.0
-        while self._no_room(cost, bound):
+        while self._sent and (
+            self.queued_bytes + cost > bound or len(self._sent) >= defaults.MAX_TRACKED_BATCHES
+        ):
+            if delay:
+                now = time.monotonic()
+                if self.on_wait is not None and now - reported >= defaults.QUEUE_WAIT_REPORT_EVERY:
+                    self.on_wait(self.queued_bytes, bound)
+                    reported = now
+                time.sleep(delay)
             if self.while_waiting is not None:
                 self.while_waiting()
             self._forget_consumed()
-            if not self._no_room(cost, bound):
-                return
-            now = time.monotonic()
-            if self.on_wait is not None and now - reported >= defaults.QUEUE_WAIT_REPORT_EVERY:
-                self.on_wait(self.queued_bytes, bound)
-                reported = now
-            time.sleep(delay)
-            delay = min(delay * 2, defaults.QUEUE_WAIT_LONGEST)
-
-    def _no_room(self, cost: int, bound: int) -> bool:
-        return bool(self._sent) and (
-            self.queued_bytes + cost > bound or len(self._sent) >= defaults.MAX_TRACKED_BATCHES
-        )
+            delay = min(2 * delay or defaults.QUEUE_WAIT_FIRST, defaults.QUEUE_WAIT_LONGEST)
 
     def _forget_consumed(self) -> None:
         """Drop the sent batches whose payload is gone from Redis (stored by a worker)."""

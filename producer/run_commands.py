@@ -20,7 +20,6 @@ from producer.options import (
     HELP,
     batch_options,
     broker_option,
-    check_batch_size,
     database_option,
     echo_err,
     queue_broker_option,
@@ -129,9 +128,20 @@ def wait_options(f: Any) -> Any:
     )(f)
 
 
-def check_timeout(wait: bool, timeout: float | None) -> None:
+def check_send_options(
+    settings: Settings, wait: bool, timeout: float | None, batch_size: int
+) -> None:
+    """The options ``submit`` and ``resume`` share, checked before anything is opened:
+    ``--timeout`` needs ``--wait``, and ``--batch-size`` is at most what a worker scores in
+    one batch."""
     if timeout is not None and not wait:
         raise click.UsageError("--timeout is how long --wait waits: give --wait too")
+    limit = settings.max_batch_images
+    if batch_size > limit:
+        raise click.BadParameter(
+            f"{batch_size} is more than {defaults.MAX_BATCH_IMAGES_ENV}={limit}, the most "
+            "images a worker scores in one batch", param_hint="'--batch-size'",
+        )
 
 
 @click.command("submit", context_settings=HELP)
@@ -191,8 +201,7 @@ def submit_cmd(
       DIGITSCORE_BROKER_URL=redis://queue:6379/0 producer submit /nfs/images --send paths
     """
     settings = Settings.from_env(broker_url=broker_url, send=send_mode)
-    check_timeout(wait, timeout)
-    check_batch_size(settings, batch_size)
+    check_send_options(settings, wait, timeout, batch_size)
     created: list[int] = []
     try:
         sub = _submit(directory, model_id, priority, settings, batch_size, batch_bytes, engine,
@@ -405,8 +414,7 @@ def resume_cmd(
     from producer.submit import not_resumed, resume_run
 
     settings = Settings.from_env(broker_url=broker_url)
-    check_timeout(wait, timeout)
-    check_batch_size(settings, batch_size)
+    check_send_options(settings, wait, timeout, batch_size)
     with engine.connect() as conn:
         run_id = resolve_run(conn, run)
         found = get_run(conn, run_id)

@@ -157,7 +157,7 @@ def test_every_pool_process_runs_one_torch_thread(monkeypatch, device):
     from worker import tasks
 
     threads: list[int] = []
-    monkeypatch.setattr(tasks, "current_device", lambda: device)
+    monkeypatch.setattr(tasks, "DEVICE", device)
     monkeypatch.setattr(device_health, "prepare_device", lambda _device: None)  # no CUDA here
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     tasks._on_process_start()

@@ -94,6 +94,8 @@ def test_the_time_limit_and_retry_cap_follow_from_the_visibility_timeout():
         assert (s.task_time_limit, s.db_retry_max) == (limit, retry)
         assert s.task_time_limit < timeout and s.db_retry_max < timeout
     assert Settings().task_time_limit == defaults.TASK_TIME_LIMIT
+    # 2 s is the shortest timeout its env var takes (1 s: see the test above)
+    assert Settings.from_env({"DIGITSCORE_VISIBILITY_TIMEOUT": "2"}).task_time_limit == 1
 
 
 def test_describe_masks_urls_and_never_shows_the_secret():

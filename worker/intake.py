@@ -64,7 +64,7 @@ from vine import promise
 
 from core import wire
 from core.errors import EXIT_BAD_INPUT, MessageError, RedisPolicyError
-from core.text import mask_url, mask_urls_in
+from core.text import mask_urls_in
 from db.batch_life import count_failed_delivery
 from db.session import get_engine
 from worker.tasks import SETTINGS
@@ -151,7 +151,7 @@ class CheckedConsumer(Consumer):
         if urlsplit(str(SETTINGS.broker_url)).scheme in ("redis", "rediss"):
             try:
                 warning = wire.check_eviction_policy(
-                    connection.default_channel.client, mask_url(str(SETTINGS.broker_url)),
+                    connection.default_channel.client, str(SETTINGS.broker_url),
                     SETTINGS.allow_eviction,
                 )
             except RedisPolicyError as e:

@@ -58,6 +58,8 @@ T = TypeVar("T")
 log = logging.getLogger("digitscore.worker")
 #: This worker's settings, read once from the environment its launcher checked them in.
 SETTINGS = Settings.from_env()
+#: The device this worker's processes score on, set by its launcher (worker/devices.py).
+DEVICE = current_device()
 app = wire.make_app(SETTINGS)
 app.conf.worker_consumer = "worker.intake:CheckedConsumer"
 #: Set: every message must be signed with it (core/wire.py).
@@ -85,12 +87,11 @@ def _on_process_start(**_kwargs) -> None:
     # open for it); CUDA is first touched here, in the pool process.
     dispose_engines(close=False)
     payload_store.cache_clear()
-    device = current_device()
     # one pool process a core: torch's own threads (decoding, the CPU side of a GPU batch)
     # would only contend with the other pool processes'
     torch.set_num_threads(1)
     try:
-        device_health.prepare_device(device)
+        device_health.prepare_device(DEVICE)
     except Exception as e:
         # Celery logs and ignores what a worker_process_init receiver raises. This process
         # stays up, taking no batch (each goes back to the queue), while the main process
@@ -104,7 +105,7 @@ def _on_process_start(**_kwargs) -> None:
         device_health.stop_this_worker()
         return
     log.info("worker process %s scores on %s", os.getpid(), describe_current_device())
-    warn_of_slow_batches(device)
+    warn_of_slow_batches(DEVICE)
 
 
 def warn_of_slow_batches(device: str) -> None:
@@ -233,7 +234,7 @@ def _unregister(**_kwargs) -> None:
 def payload_store() -> Any:
     """The Redis client for payloads, through this process's own connection to the broker
     (opened on first use, after the fork) and its settings."""
-    return wire.require_redis(app.connection_for_read(), mask_url(app.conf.broker_url))
+    return wire.require_redis(app.connection_for_read(), str(app.conf.broker_url))
 
 
 def source_root(batch: RecordedBatch) -> str:
@@ -317,7 +318,7 @@ def score_and_store(
 ) -> int:
     """Load the batch's model, read its images, score them and store the rows; a failure to
     load or to score counts as a failed delivery (:func:`count_failure_on_error`)."""
-    device = current_device()
+    device = DEVICE
     clf = count_failure_on_error(
         lambda: cached_classifier(SETTINGS.database_url, batch.model_id, device),
         engine, message, f"model {batch.model_id} could not be loaded",
