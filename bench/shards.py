@@ -5,7 +5,8 @@
   the fraction of the shards' rows equal to the loose files' bit for bit (and the largest
   ``prob_sgd`` difference of the others);
 - the hand-out with no worker (``--send paths``, and ``--send bytes`` on the main set) of the
-  main set and of a large one (its shards hard-linked into ten folders), shards against loose;
+  main set and of a large one (its shards hard-linked into ten folders), shards against loose,
+  and of the same shards without their index (tars another tool wrote: listed by a scan);
 - the worker's read of a batch per image (a shard batch's members against the same loose
   files, in this process), how many times it opens the archive, and how many bytes the
   producer reads listing the shards in paths mode against the images' bytes.
@@ -30,35 +31,58 @@ from core.tar_scan import FileSource
 from db.session import dispose_engines, get_engine
 
 PER_SHARD = 10_000
+#: What a shard set's marker holds: its shards have the index ``producer pack`` writes.
+PACKED = "indexed 1"
 COMPARED = "label, pred_l1, pred_l2, pred_sgd, dist_l1, dist_l2, prob_sgd, error"
 
 
 def shard_set(data_dir: Path, loose: Path) -> Path:
     """``loose`` packed into tar shards of :data:`PER_SHARD` (made once, then reused)."""
     root = data_dir / f"shards-of-{loose.name}"
-    if not (root / ".complete").exists():
+    marker = root / ".complete"
+    if not marker.exists() or marker.read_text() != PACKED:
         if root.exists():
             for p in root.iterdir():
                 p.unlink()
             root.rmdir()
         pack_directory(loose, root, PER_SHARD)
-        (root / ".complete").write_text("")
+        marker.write_text(PACKED)
+    return root
+
+
+def unindexed_shards(data_dir: Path, shards: Path) -> Path:
+    """The shards of ``shards`` without their index member: the tars another tool would
+    write, which the producer lists by reading every header."""
+    root = data_dir / f"{shards.name}-unindexed"
+    marker = root / ".complete"
+    if marker.exists() and marker.read_text() == PACKED:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(shards.glob("*.tar")):
+        with open(shard, "rb") as f:
+            header = f.read(512)
+            size = int(header[124:136].split(b"\0", 1)[0] or b"0", 8)
+            f.seek(512 + (size + 511) // 512 * 512)
+            (root / shard.name).write_bytes(f.read())
+    marker.write_text(PACKED)
     return root
 
 
 def linked_shards(data_dir: Path, shards: Path, copies: int) -> Path:
     """``copies`` folders each holding hard links to every shard of ``shards``."""
     root = data_dir / f"{shards.name}-x{copies}"
-    if (root / ".complete").exists():
+    marker = root / ".complete"
+    if marker.exists() and marker.read_text() == PACKED:
         return root
     root.mkdir(parents=True, exist_ok=True)
     for i in range(copies):
         folder = root / f"part{i:03d}"
         folder.mkdir(exist_ok=True)
         for shard in sorted(shards.glob("*.tar")):
-            if not (folder / shard.name).exists():
-                os.link(shard, folder / shard.name)
-    (root / ".complete").write_text("")
+            if (folder / shard.name).exists():
+                (folder / shard.name).unlink()
+            os.link(shard, folder / shard.name)
+    marker.write_text(PACKED)
     return root
 
 
@@ -103,7 +127,7 @@ def handouts(
     """Hand-out rates (images/s, whole process, no worker) of each named set."""
     out: dict[str, float] = {}
     for name, directory in sets.items():
-        modes = ("paths", "bytes") if "large" not in name else ("paths",)
+        modes = ("paths", "bytes") if name in ("loose", "shards") else ("paths",)
         for mode in modes:
             h = fleet.handout(directory, mode, broker_url, db_url, work, extra)
             out[f"handout_{mode}_{name}"] = h.rate

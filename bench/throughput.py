@@ -287,7 +287,8 @@ def measure_shards(
     main_set, large_set = sets
     shard_dir = shards.shard_set(args.data_dir, main_set)
     large_shards = shards.linked_shards(args.data_dir, shard_dir, 10)
-    log(f"shards ready: {shard_dir}, {large_shards}")
+    unindexed = shards.unindexed_shards(args.data_dir, shard_dir)
+    log(f"shards ready: {shard_dir}, {large_shards}, {unindexed}")
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     out: dict[str, list[float]] = {}
     db = common.sqlite_url(work / "shards.db")
@@ -296,7 +297,8 @@ def measure_shards(
             figures = shards.read_costs(main_set, shard_dir)
             figures |= shards.handouts(
                 {"loose": main_set, "shards": shard_dir, "loose_large": large_set,
-                 "shards_large": large_shards}, args.broker_url, db, work, extra)
+                 "shards_large": large_shards, "shards_unindexed": unindexed},
+                args.broker_url, db, work, extra)
             figures |= shards.whole_process(main_set, shard_dir, env, work, extra)
             for name, value in figures.items():
                 out.setdefault(name, []).append(value)
@@ -319,6 +321,7 @@ def shards_main(args: argparse.Namespace) -> None:
                  ("submit_bytes_shards_wall", "submit_bytes_loose_wall"),
                  ("handout_paths_shards", "handout_paths_loose"),
                  ("handout_paths_shards_large", "handout_paths_loose_large"),
+                 ("handout_paths_shards_unindexed", "handout_paths_loose"),
                  ("read_us_loose", "read_us_shard")):
         ratios = [x / y for x, y in zip(figures[a], figures[b], strict=True)]
         summary[f"{a} / {b}"] = common.median(ratios)

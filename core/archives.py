@@ -30,6 +30,7 @@ from typing import Any
 
 from core import defaults
 from core.files import is_image_name, safe_name
+from core.shard_index import INDEX_NAME, ShardIndex, read_index
 from core.tar_scan import FileSource, Source, StreamSource, TarBreak, TarMember, scan_tar
 
 #: Archive name endings and their formats (the longest ending first).
@@ -144,7 +145,13 @@ def list_items(
 ) -> Iterator[Item]:
     """The rows of the archive ``rel``, in its order: an image member's bytes read only when
     ``read_images`` and the archive is a stream (a compressed tar, read once); non-image
-    members are counted in ``skipped[0]``."""
+    members are counted in ``skipped[0]``. A plain tar with an index that agrees with it
+    (core/shard_index.py) is listed from its index, any other one by reading its headers."""
+    if archive.fmt == "tar":
+        indexed = _indexed_items(FileSource(archive.fd), rel, skipped, max_bytes)
+        if indexed is not None:
+            yield from indexed
+            return
     if archive.fmt == "zip":
         entries = _zip_entries(archive, max_bytes)
     else:
@@ -156,10 +163,56 @@ def list_items(
         for entry in group:
             item = _item(entry, rel, seen, max_bytes)
             if item is None:
-                skipped[0] += 0 if _is_class_member(entry) else 1
+                skipped[0] += 0 if _is_class_member(entry) or _is_index(entry) else 1
             else:
                 item.label = label
                 yield item
+
+
+def _indexed_items(source: FileSource, rel: str, skipped: list[int], max_bytes: int,
+                   ) -> list[Item] | None:
+    """The rows the archive's index lists (the rows a scan gives), or ``None`` when it has
+    no index that agrees with it, or two of its names are stored alike."""
+    assert source.length is not None
+    index = read_index(source, source.length)
+    if index is None:
+        return None
+    items: list[Item] = []
+    too_large = f"file is larger than {max_bytes} bytes"
+    for name, offset, size, label in zip(
+        index.names, index.data, index.sizes, index.labels, strict=True
+    ):
+        if name[-4:].lower() == ".cls":
+            continue
+        stored = _escaped(name)
+        if not is_image_name(_base(stored)):
+            skipped[0] += 1
+            continue
+        path = f"{rel}/{stored}"
+        items.append(Item(path, [offset, size] if size <= max_bytes else too_large,
+                          None, label))
+    if len({item.path for item in items}) != len(items):
+        return None
+    return items
+
+
+def shard_columns(source: FileSource) -> ShardIndex:
+    """What a tar's index says of it (``producer pack`` writes one), from a scan: every
+    member's name, data offset and size, and the class name an image takes from its
+    ``.cls`` member, as :func:`list_items` finds them (``ValueError`` for a tar that is not
+    whole)."""
+    columns = ShardIndex([], [], [], [])
+    for group in _grouped(_tar_entries(source, False, defaults.MAX_FILE_BYTES)):
+        label = _class_name(group)
+        for entry in group:
+            if isinstance(entry, _Break) or isinstance(entry.where, str) or entry.kind:
+                raise ValueError("a shard being indexed is not a whole tar of files")
+            columns.names.append(entry.text)
+            columns.data.append(entry.where[0])
+            columns.sizes.append(entry.size)
+            image = not entry.is_class and is_image_name(_base(_escaped(entry.text)))
+            columns.labels.append(label if image else None)
+    return columns
 
 
 def _tar_entries(source: Source, read_images: bool, max_bytes: int) -> Iterator[_Entry | _Break]:
@@ -263,12 +316,23 @@ def _is_class_member(entry: _Entry | _Break) -> bool:
     return isinstance(entry, _Entry) and entry.is_class
 
 
+def _is_index(entry: _Entry | _Break) -> bool:
+    """Whether the entry is the index ``producer pack`` writes first (not an image, and
+    not a file the user put there either: not counted as skipped)."""
+    return isinstance(entry, _Entry) and entry.index == 0 and entry.text == INDEX_NAME
+
+
 def _class_name(group: list[_Entry | _Break]) -> str | None:
     """The text of the group's ``.cls`` member (read while listing), if it has one."""
     for entry in group:
         if _is_class_member(entry) and isinstance(entry, _Entry) and entry.data is not None:
-            return entry.data[:MAX_CLASS_BYTES].decode("utf-8", "replace").strip() or None
+            return class_text(entry.data)
     return None
+
+
+def class_text(data: bytes) -> str | None:
+    """The class name a ``.cls`` member's bytes give (``None`` if blank)."""
+    return data[:MAX_CLASS_BYTES].decode("utf-8", "replace").strip() or None
 
 
 def _item(entry: _Entry | _Break, rel: str, seen: set[str], max_bytes: int) -> Item | None:

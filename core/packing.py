@@ -4,23 +4,30 @@ Each shard is a plain tar that ``producer submit`` scores and WebDataset reads: 
 keeps its relative path as its member name (``7/img0421.png``, so its class folder labels
 it), and after it comes a ``.cls`` member under its WebDataset key (``7/img0421.cls``,
 holding ``7``), written once for images that share a key. Images of one folder are written
-in name order, so the members of a key are adjacent, as WebDataset requires. A shard is
-written under a ``.part`` name and renamed when complete, so a shard name always means a
-whole shard.
+in name order, so the members of a key are adjacent, as WebDataset requires. Each shard
+starts with an index of its members (core/shard_index.py), which WebDataset skips and which
+lets ``submit`` list the shard without reading its headers one by one. A shard's members are
+written to a ``.body`` file first, then the index and that body to a ``.part`` file, which is
+renamed when complete, so a shard name always means a whole shard.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import defaults
+from core.archives import shard_columns
 from core.errors import DirectoryError
 from core.files import DirectoryWalk, check_directory, read_file
+from core.shard_index import index_member
+from core.tar_scan import FileSource
 
 #: Images per shard unless asked otherwise (WebDataset's usual few thousand).
 IMAGES_PER_SHARD = 10_000
@@ -95,16 +102,24 @@ def _in_folder_order(walk: Iterable[tuple[str, str]]) -> Iterator[str]:
 
 
 def _open_shard(out: Path, index: int) -> tarfile.TarFile:
-    part = out / f"shard-{index:06d}.tar.part"
-    return tarfile.open(part, "x", format=tarfile.PAX_FORMAT)
+    body = out / f"shard-{index:06d}.tar.body"
+    return tarfile.open(body, "x", format=tarfile.PAX_FORMAT)
 
 
 def _close(shard: tarfile.TarFile | None, packed: Packed) -> None:
+    """The shard's body complete: its index and the body written as the shard."""
     if shard is None:
         return
     shard.close()
-    part = Path(str(shard.name))
-    whole = part.with_suffix("")  # drops ".part"
+    body = Path(str(shard.name))
+    whole = body.with_suffix("")  # drops ".body"
+    part = whole.with_name(whole.name + ".part")
+    with open(body, "rb") as src, open(part, "xb") as dst:
+        columns = shard_columns(FileSource(src.fileno()))
+        length = os.fstat(src.fileno()).st_size
+        dst.write(index_member(columns, length, int(time.time())))
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.unlink(body)
     os.rename(part, whole)
     packed.shards.append(whole)
 

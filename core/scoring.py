@@ -3,6 +3,7 @@ model, and the prediction of each. The arithmetic only: no files, no database, n
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -91,9 +92,53 @@ def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torc
     return l1, l2.sqrt_()
 
 
+#: The grey levels and the weights' parts are whole numbers, and a float32 sum of whole
+#: numbers is exact while it stays below this.
+_EXACT_FLOAT32 = 2**24
+
+
+@lru_cache(maxsize=8)
+def weight_parts(weights: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The ``D x K`` weights as whole numbers (``W = round(weights / q)``, ``q`` a power of
+    two per column that keeps 24 bits of its largest weight, as float32 does) cut into parts
+    of ``b`` bits: ``D x (P*K)`` float32 columns, part ``i`` of ``W`` being ``W``'s bits
+    ``b*i`` to ``b*i + b`` with its sign. ``b`` is the most bits for which a sum over ``D``
+    grey levels (0-255) times a part stays below 2**24. Returns the parts, ``b`` and
+    ``q / 255`` (float64, per column)."""
+    with torch.inference_mode(False):
+        w = weights.double()
+        top = w.abs().amax(0).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.exp2(torch.floor(torch.log2(top)) - 23)
+        whole = torch.round(w / q)
+        bits = max(1, int(math.log2(_EXACT_FLOAT32 / (255 * w.shape[0]) + 1)))
+        mag, sign = whole.abs(), whole.sign()
+        parts = [sign * torch.remainder(torch.floor(mag / 2.0 ** (bits * i)), 2.0**bits)
+                 for i in range(math.ceil(24 / bits))]
+        return torch.cat(parts, 1).float(), bits, q / 255
+
+
 def linear(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The SGD model's logits: ``x @ weights + bias``."""
+    """The SGD model's logits: ``x @ weights + bias`` (training; scoring uses
+    :func:`exact_logits`)."""
     return x @ weights + bias
+
+
+def exact_logits(levels: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor,
+                 ) -> torch.Tensor:
+    """The SGD model's logits, ``(levels / 255) @ weights + bias``, from ``N x D`` grey levels
+    (0-255, float32), a row's bits the same wherever the row sits in whichever batch.
+
+    A float32 matrix product gives a row other last bits at another position in its block
+    (MKL's kernels), so the same image scored beside other images would get another
+    ``prob_sgd``. Here the product is of whole numbers only (:func:`weight_parts`), every
+    partial sum exact in float32 whatever the order, so one matrix product gives each part's
+    exact sums; they are joined exactly in float64, scaled once and rounded to float32."""
+    parts, bits, scale = weight_parts(weights)
+    sums = (levels @ parts).double().view(levels.shape[0], -1, weights.shape[1])
+    whole = sums[:, -1]
+    for i in range(sums.shape[1] - 2, -1, -1):
+        whole = whole * 2.0**bits + sums[:, i]
+    return (whole * scale + bias.double()).float()
 
 
 @dataclass(frozen=True)
@@ -118,12 +163,16 @@ class Scores:
 @torch.inference_mode()
 def score_tensor(classifier: Classifier, stacked: torch.Tensor) -> Scores:
     """Score a ``N x H x W`` uint8 stack (on the classifier's device); results on the CPU."""
-    x = scaled_pixels(stacked)
+    flat = stacked.reshape(stacked.shape[0], -1)
+    levels = flat.float()
+    logits = exact_logits(levels, classifier.weights, classifier.bias)
+    # as scaled_pixels: the levels divided in place on the CPU, looked up elsewhere
+    x = levels.div_(255) if stacked.device.type == "cpu" else looked_up_pixels(flat)
     ideals = classifier.ideals.reshape(classifier.ideals.shape[0], -1)
     l1, l2 = distances(x, ideals)
     dist_l1, pred_l1 = l1.min(1)
     dist_l2, pred_l2 = l2.min(1)
-    probs = torch.softmax(linear(x, classifier.weights, classifier.bias), dim=1)
+    probs = torch.softmax(logits, dim=1)
     prob_sgd, pred_sgd = probs.max(1)
     return Scores(
         pred_l1.cpu(), pred_l2.cpu(), pred_sgd.cpu(), dist_l1.cpu(), dist_l2.cpu(), prob_sgd.cpu()

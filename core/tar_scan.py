@@ -144,8 +144,18 @@ def _cut(member: TarMember, offset: int, length: int | None) -> bool:
     return offset < end or (length is not None and length < end)
 
 
-def _headers(source: Source, wanted: Wanted, max_bytes: int) -> Iterator[TarMember | TarBreak]:
-    offset, index = 0, 0
+def member_at(source: Source, offset: int) -> TarMember | None:
+    """The member whose headers start at ``offset`` (its pax or GNU long-name header, if it
+    has one, then its own), read without its data; ``None`` if no valid header is there."""
+    for item in _headers(source, lambda name, size: False, 0, offset):
+        return item if isinstance(item, TarMember) else None
+    return None
+
+
+def _headers(
+    source: Source, wanted: Wanted, max_bytes: int, offset: int = 0,
+) -> Iterator[TarMember | TarBreak]:
+    index = 0
     name: bytes | None = None
     pax: dict[bytes, bytes] = {}
     while True:
@@ -158,7 +168,7 @@ def _headers(source: Source, wanted: Wanted, max_bytes: int) -> Iterator[TarMemb
             if len(header) < BLOCK:
                 yield _short_break(offset, len(header))
             return
-        fields = _parse(header)
+        fields = parse_header(header)
         if fields is None:
             yield TarBreak(offset, "not a tar archive: its first block is not a tar header"
                            if offset == 0 else
@@ -218,7 +228,7 @@ def _short_break(offset: int, got: int) -> TarBreak:
     return TarBreak(offset, f"archive is truncated at byte {offset + got}, inside a header")
 
 
-def _parse(header: bytes) -> tuple[bytes, int] | None:
+def parse_header(header: bytes) -> tuple[bytes, int] | None:
     """The header's type and size, or ``None`` when its checksum or size field is not valid."""
     field = header[148:156]
     try:

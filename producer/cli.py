@@ -147,7 +147,9 @@ def pack_cmd(src: Path, out: Path, images_per_shard: int) -> None:
 
     Each shard is readable by `producer submit` and by WebDataset: members keep their
     relative paths (7/img0421.png) and each key has a .cls member holding its class folder.
-    OUT must not exist or be empty: pack never overwrites.
+    A first member, __digitscore_index__ (WebDataset skips it), lists where every member is,
+    so that submit lists a shard without reading each header. OUT must not exist or be
+    empty: pack never overwrites.
 
     \b
     Example:

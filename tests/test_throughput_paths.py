@@ -32,6 +32,16 @@ from tests.support import RECOMPUTE, save_model, score_and_store
 FIELDS = ("pred_l1", "pred_l2", "pred_sgd", "dist_l1", "dist_l2", "prob_sgd")
 
 
+def plain_logits(stack: np.ndarray, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The SGD logits as core/scoring.py defines them, written out in float64, where the sums
+    of grey levels times whole-number weights are exact: each column's weights rounded to
+    24 bits of its largest, the sums scaled by that step / 255, plus the bias, to float32."""
+    w = weights.double()
+    step = torch.exp2(torch.floor(torch.log2(w.abs().amax(0))) - 23)
+    levels = torch.from_numpy(stack).reshape(len(stack), -1).double()
+    return (levels @ torch.round(w / step) * (step / 255) + bias.double()).float()
+
+
 def plain_scores(classifier, stack: np.ndarray) -> dict[str, torch.Tensor]:
     """The scoring arithmetic written out plainly, 500 images at a time, no buffers kept."""
     x = torch.from_numpy(stack).reshape(len(stack), -1).float() / 255
@@ -39,7 +49,7 @@ def plain_scores(classifier, stack: np.ndarray) -> dict[str, torch.Tensor]:
     parts = [x[i : i + 500, None, :] - ideals[None] for i in range(0, len(x), 500)]
     l1 = torch.cat([d.abs().mean(-1) for d in parts])
     l2 = torch.cat([(d * d).mean(-1).sqrt() for d in parts])
-    probs = torch.softmax(x @ classifier.weights + classifier.bias, dim=1)
+    probs = torch.softmax(plain_logits(stack, classifier.weights, classifier.bias), dim=1)
     (d1, p1), (d2, p2), (pr, ps) = l1.min(1), l2.min(1), probs.max(1)
     return {"pred_l1": p1, "pred_l2": p2, "pred_sgd": ps, "dist_l1": d1, "dist_l2": d2,
             "prob_sgd": pr}
