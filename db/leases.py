@@ -49,8 +49,17 @@ def take_lease(
 ) -> Sender | None:
     """Hold run ``run_id``'s lease for ``seconds`` as ``holder`` (also from ``dead``, a
     holder known to be gone); returns ``None`` when it is held now, or the live sender that
-    holds it instead (nothing changed)."""
+    holds it instead (nothing changed).
+
+    A live sender is found by a read first, so that the refusal waits on no writer: on
+    SQLite a sender stopped mid-transaction (Ctrl-Z) holds the write lock, and the
+    ``UPDATE`` alone would wait out the busy timeout and fail "database is locked"; on
+    PostgreSQL it would wait on the run's row. The ``UPDATE`` still decides the take."""
     now = utcnow()
+    with engine.connect() as conn:
+        other = holder_of(_lease(conn, run_id), now)
+    if other is not None and other.alive and other.holder not in (holder, dead):
+        return other
     takeover = [runs.c.lease_holder == dead] if dead else []
     with engine.begin() as conn:
         taken = conn.execute(

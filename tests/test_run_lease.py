@@ -95,6 +95,39 @@ def test_resume_retry_failed_during_a_live_submit_requeues_nothing(run_cli, samp
     assert dump(model_db) == before
 
 
+def test_resume_is_refused_at_once_while_the_live_sender_holds_the_write_lock(
+    run_cli, sample_dir, model_db
+):
+    """A live sender stopped inside a transaction (Ctrl-Z, or the SIGSTOP of the test above)
+    holds SQLite's write lock: the refusal reads the lease and waits on no writer (before:
+    the lease's UPDATE waited out the 30 s busy timeout, then "database is locked")."""
+    import os
+    import sqlite3
+    import time
+
+    from db.leases import take_lease
+
+    r = run_cli("submit", str(sample_dir / "valid"), "--batch-size", "100",
+                "--database-url", model_db)
+    assert r.exit_code == 0, r.output
+    engine = get_engine(model_db)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET status = 'running'"))
+    assert take_lease(engine, 1, f"{os.getppid()}@{socket.gethostname()}", 60) is None
+    writer = sqlite3.connect(model_db.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        r = run_cli("resume", "1", "--database-url", model_db)
+        took = time.monotonic() - start
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert r.exit_code == 1, r.output
+    assert "run 1 is still being sent by" in r.stderr and "nothing was changed" in r.stderr
+    assert took < 10, took
+
+
 def test_a_killed_submit_is_interrupted_at_once_and_resume_takes_over(
     run_cli, sample_dir, model_db
 ):
