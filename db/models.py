@@ -147,7 +147,9 @@ batches = Table(
 
 #: One row per submitted image: its predictions, or the reason it could not be scored. Rows
 #: are written only with their batch's ``done``/``failed`` mark (db/batch_life.py), so it keeps
-#: no surrogate key and no foreign key (migration 0010): each costs every row of a COPY.
+#: no surrogate key and no foreign key (migration 0010): each costs every row of a COPY. On
+#: PostgreSQL it is partitioned by run, and a run's unique (run_id, path) index is its
+#: partition's, built when the run is finished (migration 0018, db/queries.index_run_rows).
 predictions = Table(
     "predictions",
     metadata,
@@ -163,12 +165,13 @@ predictions = Table(
     Column("prob_sgd", Float),
     Column("error", Text),
     Column("scored_at", DateTime(timezone=True), nullable=False, default=utcnow),
-    UniqueConstraint("run_id", "path", name="uq_predictions_run_path"),
+    UniqueConstraint("run_id", "path", name="uq_predictions_run_path").ddl_if(dialect="sqlite"),
     # the failed rows of a run in path order (migration 0006)
     Index(
         "ix_predictions_failures", "run_id", "path",
         sqlite_where=text("error IS NOT NULL"), postgresql_where=text("error IS NOT NULL"),
     ),
+    postgresql_partition_by="LIST (run_id)",
 )
 
 #: A Celery worker (one device's process group) that writes to this database: registered

@@ -8,6 +8,7 @@ from those sums when the run's last batch is stored (:func:`settle_run`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,12 +16,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from core.errors import RunNotFound
 from core.rows import PREDICTORS
 from db.mistakes import trim_kept
 from db.models import batches, predictions, runs, utcnow
 
+log = logging.getLogger(__name__)
 
 def create_run(
     conn: Connection,
@@ -56,7 +59,36 @@ def create_run(
         )
         .returning(runs.c.id)
     ).scalar_one()
+    if conn.dialect.name == "postgresql":
+        # made apart and attached: ATTACH locks ``predictions`` against other DDL only,
+        # where CREATE TABLE ... PARTITION OF would lock out its readers and writers
+        name = partition_of(run_id)
+        conn.exec_driver_sql(f"CREATE TABLE {name} (LIKE predictions INCLUDING DEFAULTS)")
+        conn.exec_driver_sql(
+            f"ALTER TABLE predictions ATTACH PARTITION {name} FOR VALUES IN ({int(run_id)})")
     return int(run_id), token
+
+
+def partition_of(run_id: int) -> str:
+    """The PostgreSQL table of run ``run_id``'s ``predictions`` rows (migration 0018)."""
+    return f"predictions_run_{int(run_id)}"
+
+
+def index_run_rows(conn: Connection, run_id: int) -> None:
+    """On PostgreSQL, build the unique (run_id, path) index of a finished run's partition,
+    if it has none yet: one sort of its rows, where an index kept while the run's writers
+    COPY would cost each row several times that (docs/performance.md). Rows with a path
+    twice, which the producer never sends, leave the run without it, logged."""
+    if conn.dialect.name != "postgresql":
+        return
+    name = partition_of(run_id)
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(
+                f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_path ON {name} (run_id, path)")
+    except IntegrityError as e:
+        log.error("run %d holds a path twice, so its rows have no unique index: %s",
+                  run_id, e.orig)
 
 
 def requeue_failed_batches(engine: Engine, run_id: int) -> int:
@@ -140,6 +172,7 @@ def settle_run(conn: Connection, run_id: int, queued: bool = True) -> bool:
     done = conn.execute(_FINISH, at).rowcount > 0
     if done:
         trim_kept(conn, run_id)
+        index_run_rows(conn, run_id)
     return done
 
 
@@ -148,6 +181,7 @@ def count_stored(conn: Connection, run_id: int) -> None:
     its end: a cancelled run's settling, with nothing more to come."""
     conn.execute(_COUNT_STORED, {"r": run_id, "now": utcnow()})
     trim_kept(conn, run_id)
+    index_run_rows(conn, run_id)
 
 
 def may_finish(conn: Connection, run_id: int) -> bool:
@@ -310,6 +344,12 @@ def progress(conn: Connection, run_id: int) -> Progress:
 
 
 def delete_run_rows(conn: Connection, run_id: int) -> int:
-    """Delete run ``run_id``'s rows from ``predictions`` in one statement (its counts,
-    batches and kept lists are left to the caller); return how many went."""
-    return int(conn.execute(predictions.delete().where(predictions.c.run_id == run_id)).rowcount)
+    """Delete run ``run_id``'s rows from ``predictions`` (its counts, batches and kept lists
+    are left to the caller): on PostgreSQL by dropping its partition; return how many went."""
+    if conn.dialect.name != "postgresql":
+        return int(
+            conn.execute(predictions.delete().where(predictions.c.run_id == run_id)).rowcount)
+    name = partition_of(run_id)
+    n = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {name}").scalar_one()
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    return int(n)

@@ -50,8 +50,10 @@ def test_copy_data_stores_what_psycopg_stores_row_by_row(postgres_url, n):
         rows[0] = {**rows[0], "dist_l1": float("nan"), "dist_l2": None}  # a half-scored row
     at = datetime(2026, 12, 2, 5, 6, 7, 891011, tzinfo=UTC)
     engine = get_engine(postgres_url)
-    sql = f"COPY predictions ({', '.join(FIELDS)}) FROM STDIN (FORMAT BINARY)"
+    # into a table of predictions' columns: on PostgreSQL a run's rows need its partition
+    sql = f"COPY copied ({', '.join(FIELDS)}) FROM STDIN (FORMAT BINARY)"
     with engine.begin() as conn:
+        conn.execute(text("CREATE TEMP TABLE copied (LIKE predictions) ON COMMIT DROP"))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(sql) as copy:
             copy.write(copy_data(1, 3, batch_columns(rows), at))
@@ -61,7 +63,7 @@ def test_copy_data_stores_what_psycopg_stores_row_by_row(postgres_url, n):
                 copy.write_row((2, 3, *r.values(), at))
         stored = {
             run: conn.execute(text(
-                f"SELECT {', '.join(FIELDS[1:])} FROM predictions WHERE run_id = :r "
+                f"SELECT {', '.join(FIELDS[1:])} FROM copied WHERE run_id = :r "
                 "ORDER BY path"), {"r": run}).all()
             for run in (1, 2)
         }

@@ -18,8 +18,18 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 
 def test_migrations_build_exactly_the_models_schema(any_db_url):
     engine = get_engine(any_db_url)  # first use: alembic upgrade head
+    postgres = engine.dialect.name == "postgresql"
+
+    def compared(obj, name, kind, _reflected, _other) -> bool:
+        # on PostgreSQL the unique (run_id, path) index is each run's partition's, built when
+        # the run is finished (tests/test_partitions.py), and the partitions are no models
+        if postgres and kind == "unique_constraint" and name == "uq_predictions_run_path":
+            return False
+        return not (postgres and kind == "table" and str(name).startswith("predictions_run_"))
+
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        context = MigrationContext.configure(conn, opts={"include_object": compared})
+        diff = compare_metadata(context, metadata)
     assert diff == []
 
 
