@@ -44,13 +44,19 @@ def _views_0002():
     return module
 
 
+def _views_dropped():
+    """Drop the views over ``predictions``; return migration 0002's module, to rebuild them."""
+    views = _views_0002()
+    for name in views.VIEWS:
+        op.execute(f"DROP VIEW {name}")
+    return views
+
+
 def upgrade() -> None:
     conn = op.get_bind()
     if conn.dialect.name != "postgresql":
         return
-    views = _views_0002()
-    for name in views.VIEWS:
-        op.execute(f"DROP VIEW {name}")
+    views = _views_dropped()
     op.execute("ALTER TABLE predictions RENAME TO predictions_0017")
     op.execute("ALTER TABLE predictions_0017 DROP CONSTRAINT uq_predictions_run_path")
     op.execute("DROP INDEX ix_predictions_failures")
@@ -75,9 +81,7 @@ def downgrade() -> None:
     conn = op.get_bind()
     if conn.dialect.name != "postgresql":
         return
-    views = _views_0002()
-    for name in views.VIEWS:
-        op.execute(f"DROP VIEW {name}")
+    views = _views_dropped()
     op.execute(TABLE.format(name="predictions_0018", tail=""))
     op.execute(f"INSERT INTO predictions_0018 ({COLUMNS}) SELECT {COLUMNS} FROM predictions")
     op.execute("DROP TABLE predictions")  # and every partition with it
