@@ -28,6 +28,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from core.columns import batch_columns
+
 if __package__ in (None, ""):  # run as a script: the project root is the parent folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -68,7 +70,7 @@ def seed_run(engine: Engine, clf: Any, model_id: int, root: Path) -> int:
             "UPDATE runs SET status = 'running', n_images = n_images + :n WHERE id = :r"
         ), {"n": len(paths), "r": sub.run_id})
     batch_life.store_batch(
-        engine, sub.run_id, seq, poison_rows(paths, clf.classes, 3), "failed"
+        engine, sub.run_id, seq, batch_columns(poison_rows(paths, clf.classes, 3)), "failed"
     )
     return sub.run_id
 

@@ -4,14 +4,14 @@
         [--sqlite [--sqlite-against COMMIT]]
 
 In each round, in turn: 1 and 4 writer processes storing batches of one run with
-``db.batch_life.store_batch`` (ready-made rows: no decoding, no scoring), 4 writers of 4
-different runs, and the same numbers of processes COPYing the same rows, a batch a
-transaction, into ``bare_predictions``: a logged table of the same columns with no key, no
-index and no foreign key (binary COPY of tuples made beforehand, psycopg's ``write_row``: as
-a plain script writes it); then into the same table with the indexes of ``predictions``,
-the floor those set with no project code. Each figure is the median of the rounds, and each
-ratio is a rate over the bare rate of the same number of writers in the same round, so that
-the machine's load falls on both.
+``db.batch_life.store_batch`` (ready-made columns, as scoring hands them over: no decoding,
+no scoring), 4 writers of 4 different runs, and the same numbers of processes COPYing the
+same rows, a batch a transaction, into ``bare_predictions``: a logged table of the same
+columns with no key, no index and no foreign key (binary COPY of tuples made beforehand,
+psycopg's ``write_row``: as a plain script writes it); then into the same table with the
+indexes of ``predictions``, the floor those set with no project code. Each figure is the
+median of the rounds, and each ratio is a rate over the bare rate of the same number of
+writers in the same round, so that the machine's load falls on both.
 
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import text
 
 from bench.common import ROOT, postgres_database, sqlite_url, store_model, train_classifier
+from core.columns import batch_columns
 from core.rows import ROW_KEYS, PredictionRow
 from core.text import plural
 from db.batch_life import record_batch, store_batch
@@ -78,15 +79,16 @@ def _write(url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: 
     """Store each (run, batch) of ``jobs`` with the project's code; put the wall-clock
     times of the first write's start and the last commit's end in ``times``, and the CPU
     seconds this process and its server process spent between them."""
-    prepared = [(run_id, seq, batch_rows(seq, size)) for run_id, seq in jobs]
+    # as scoring hands them over (core.batch.score_images): columns
+    prepared = [(run_id, seq, batch_columns(batch_rows(seq, size))) for run_id, seq in jobs]
     engine = get_engine(url)
     with engine.connect() as conn:  # connected, schema checked: only the writes are timed
         backend = (conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
                    if conn.dialect.name == "postgresql" else None)
     ready.wait()  # every writer begins at once
     start, cpu = time.time(), _cpu_seconds(backend)
-    for run_id, seq, rows in prepared:
-        store_batch(engine, run_id, seq, rows)  # on the pool's one connection, in turn
+    for run_id, seq, columns in prepared:
+        store_batch(engine, run_id, seq, columns)  # on the pool's one connection, in turn
     end = _cpu_seconds(backend)
     times.put((start, time.time(), end[0] - cpu[0], end[1] - cpu[1]))
     dispose_engines()

@@ -1,17 +1,17 @@
 """Scoring one batch of files: from the producer's bytes (or read errors) to one prediction
-row per file. Both the producer's in-process path and the worker's task call
-:func:`score_images`; storing the rows is db/'s job."""
+row per file, as columns (core/columns.py). Both the producer's in-process path and the
+worker's task call :func:`score_images`; storing the rows is db/'s job."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 
 from core.classifier import Classifier
+from core.columns import SCORES, BatchColumns, scored_columns
 from core.fast_decode import decode_images
-from core.rows import PredictionRow, label_for, unscored_row
+from core.rows import PREDICTORS, label_for
 from core.scoring import score_stack
 from core.text import plural
 
@@ -39,8 +39,8 @@ def score_images(
     read_errors: Sequence[str | None] | None = None,
     device: torch.device | None = None,
     class_names: Sequence[str | None] | None = None,
-) -> list[PredictionRow]:
-    """One prediction row per path, in order: decode, stack and score a batch.
+) -> BatchColumns:
+    """One prediction row per path, in order, as columns: decode, stack and score a batch.
 
     ``blobs[i]`` is the encoded file; where the producer could not read it, ``blobs[i]`` is
     ``None`` and ``read_errors[i]`` says why. The classifier must already be on ``device``.
@@ -52,36 +52,30 @@ def score_images(
             f"{plural(len(paths), 'path')} but {plural(len(blobs), 'image')} in one batch"
         )
     device = device or torch.device("cpu")
-    classes = classifier.classes
-    blank = unscored_row("", None)
+    classes = tuple(classifier.classes)
     labels = labels_for(paths, classes)
     if class_names is not None:
         labels = [label if name is None else name if name in classes else None
                   for label, name in zip(labels, class_names, strict=True)]
-    rows = cast(list[PredictionRow], [  # copies of one blank row
-        {**blank, "path": p, "label": label} for p, label in zip(paths, labels, strict=True)
-    ])
+    errors: list[str | None] = [None] * len(paths)
     readable = [i for i, b in enumerate(blobs) if b is not None]
     for i, b in enumerate(blobs):
         if b is None:
-            reason = read_errors[i] if read_errors and read_errors[i] else "file could not be read"
-            rows[i]["error"] = reason
-    stack, ok, errors = decode_images(
+            errors[i] = read_errors[i] if read_errors and read_errors[i] else (
+                "file could not be read")
+    stack, ok, decode_errors = decode_images(
         [b for b in blobs if b is not None], classifier.height, classifier.width
     )
-    for j, reason in errors.items():
-        rows[readable[j]]["error"] = reason
+    for j, reason in decode_errors.items():
+        errors[readable[j]] = reason
+    answer_codes = torch.full((len(PREDICTORS), len(paths)), -1, dtype=torch.int64)
+    scores = torch.zeros((len(SCORES), len(paths)), dtype=torch.float64)
+    scored = torch.zeros(len(paths), dtype=torch.bool)
     if ok:
-        scores = score_stack(classifier, stack, device)
-        l1, l2, sgd = (
-            [classes[k] for k in s.tolist()]
-            for s in (scores.pred_l1, scores.pred_l2, scores.pred_sgd)
-        )
-        d1, d2, pr = (s.tolist() for s in (scores.dist_l1, scores.dist_l2, scores.prob_sgd))
-        where = readable if len(ok) == len(readable) else [readable[j] for j in ok]
-        for i, a, b, c, x, y, z in zip(where, l1, l2, sgd, d1, d2, pr, strict=True):
-            row = rows[i]
-            row["pred_l1"], row["pred_l2"], row["pred_sgd"] = a, b, c
-            row["dist_l1"], row["dist_l2"], row["prob_sgd"] = x, y, z
-    return rows
-
+        s = score_stack(classifier, stack, device)
+        where = torch.tensor(readable if len(ok) == len(readable) else [readable[j] for j in ok])
+        answer_codes[:, where] = torch.stack((s.pred_l1, s.pred_l2, s.pred_sgd)).long()
+        scores[:, where] = torch.stack((s.dist_l1, s.dist_l2, s.prob_sgd)).double()
+        scored[where] = True
+    return scored_columns(list(paths), labels, errors, classes, answer_codes.numpy(),
+                          scores.numpy(), scored.numpy())

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
@@ -37,10 +36,10 @@ from sqlalchemy.exc import IntegrityError
 
 from core import defaults
 from core.classifier import classes_from_json
+from core.columns import BatchColumns, batch_columns
 from core.errors import MessageError, RunNotFound
 from core.rows import PredictionRow, label_for, unscored_row
 from db.bulk import stored_paths, write_predictions
-from db.columns import batch_columns
 from db.counts import count_rows
 from db.mistakes import refill_kept
 from db.models import (
@@ -240,18 +239,18 @@ def give_up(engine: Engine, claim: Claim) -> int:
     batch = claim.batch
     assert batch is not None and claim.action == "poison"
     rows = poison_rows(batch.paths, claim.classes, batch.failed_deliveries, batch.last_failure)
-    return store_batch(engine, batch.run_id, batch.seq, rows, "failed", 1)
+    return store_batch(engine, batch.run_id, batch.seq, batch_columns(rows), "failed", 1)
 
 
 def store_batch(
     engine: Engine,
     run_id: int,
     batch_seq: int,
-    rows: Sequence[PredictionRow],
+    columns: BatchColumns,
     batch_status: str = "done",
     deliveries: int = 0,
 ) -> int:
-    """Store a batch's prediction rows (the first of a path repeated in ``rows``) and mark
+    """Store a batch's prediction rows (``columns``; the first of a path repeated) and mark
     the batch ``batch_status``, adding ``deliveries`` to its delivery count; return how many
     rows were written: 0 when the batch was stored already.
 
@@ -260,14 +259,14 @@ def store_batch(
     never sends), the transaction is tried again writing only the paths the run lacks. Then
     the run is settled (:func:`settle_run`) if this batch may be its first or its last, or
     was stored already."""
-    rows = _first_of_each_path(rows)
+    columns = _first_of_each_path(columns)
     look_up = False
     with engine.connect() as conn:  # one check-out of the pool for both transactions
         while True:
             try:
                 with conn.begin():
                     stored = write_batch(
-                        conn, run_id, batch_seq, rows, batch_status, deliveries, look_up
+                        conn, run_id, batch_seq, columns, batch_status, deliveries, look_up
                     )
                     settle = _settle_as(stored)
                     if settle is not None and conn.dialect.name == "sqlite":
@@ -309,20 +308,20 @@ def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:
     return None
 
 
-def _first_of_each_path(rows: Sequence[PredictionRow]) -> Sequence[PredictionRow]:
-    if len(set(map(itemgetter("path"), rows))) == len(rows):
-        return rows
-    first: dict[str, PredictionRow] = {}
-    for r in rows:
-        first.setdefault(r["path"], r)
-    return list(first.values())
+def _first_of_each_path(columns: BatchColumns) -> BatchColumns:
+    if len(set(columns.paths)) == len(columns):
+        return columns
+    first: dict[str, int] = {}
+    for i, path in enumerate(columns.paths):
+        first.setdefault(path, i)
+    return columns.take(list(first.values()))
 
 
 def write_batch(
     conn: Connection,
     run_id: int,
     seq: int,
-    rows: Sequence[PredictionRow],
+    columns: BatchColumns,
     batch_status: str = "done",
     deliveries: int = 0,
     look_up: bool = False,
@@ -332,7 +331,6 @@ def write_batch(
     n_images)``, or ``None`` if the batch is stored already."""
     now = utcnow()
     this = (batches.c.run_id == run_id, batches.c.seq == seq)
-    columns = batch_columns(rows)
     counts = count_rows(columns)
     claim = (  # the batch's row alone is locked, to the commit
         update(batches)
@@ -349,14 +347,13 @@ def write_batch(
             return None
         forget_rows(conn, run_id, seq, paths)
     if look_up:
-        held = stored_paths(conn, run_id, [r["path"] for r in rows])
-        rows = [r for r in rows if r["path"] not in held]
-        columns = batch_columns(rows)
+        held = stored_paths(conn, run_id, columns.paths)
+        columns = columns.take([i for i, p in enumerate(columns.paths) if p not in held])
         counts = count_rows(columns)
         conn.execute(update(batches).where(*this).values(**counts.batch_values()))
     write_predictions(conn, run_id, seq, columns, now)
     status, n_images = write_tallies(conn, run_id, seq, counts, columns)
-    return len(rows), status, n_images
+    return len(columns), status, n_images
 
 
 def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from db.columns import BatchColumns
+from core.columns import BatchColumns
 from db.models import predictions
 from db.pg_copy import FIELDS, copy_data
 

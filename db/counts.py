@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.columns import BatchColumns
 from core.rows import PREDICTORS
 from db.bulk import insert_rows
-from db.columns import BatchColumns
 
 #: Bins of the ``prob_sgd`` histogram: bin i holds i/10 <= p < (i+1)/10, and 1.0 the last.
 PROB_BINS = 10

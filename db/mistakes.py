@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Select, select, text
 
 from core import defaults
+from core.columns import SCORES, BatchColumns, batch_columns
 from core.rows import PREDICTORS
 from db.bulk import insert_rows
-from db.columns import SCORES, BatchColumns, batch_columns
 from db.models import predictions, run_mistakes, run_unsure
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """A batch's rows as the data of one PostgreSQL binary ``COPY predictions FROM STDIN``, made
-from its columns (db/columns.py) rather than row by row: every field of a column is made by
+from its columns (core/columns.py) rather than row by row: every field of a column is made by
 one C-level pass (a table look-up for the few distinct labels and answers, NumPy for the
 scores), and the rows are one ``bytes.join`` of the fields taken column by column.
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import cast
 
-from db.columns import BatchColumns
+from core.columns import BatchColumns
 
 #: The order of the fields, as the COPY statement names them (db/bulk.py).
 FIELDS = ("run_id", "batch_seq", "path", "label", "pred_l1", "pred_l2", "pred_sgd",

@@ -17,8 +17,8 @@ from __future__ import annotations
 from sqlalchemy import Connection, select
 
 from core import defaults
+from core.columns import BatchColumns
 from core.rows import PREDICTORS
-from db.columns import BatchColumns
 from db.counts import RowCounts, write_counts
 from db.mistakes import batch_candidates, keep_mistakes
 from db.models import runs

@@ -85,10 +85,10 @@ class EmbeddedSender:
 
         if batch is None:
             raise ValueError("scoring in this process needs the batch's files read")
-        rows = score_images(
+        columns = score_images(
             self.classifier, batch.paths, batch.blobs, batch.errors, class_names=batch.labels
         )
-        batch_life.store_batch(self.engine, message.run_id, message.seq, rows)
+        batch_life.store_batch(self.engine, message.run_id, message.seq, columns)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""A batch's rows as columns (db/columns.py): the binary COPY data made from them stores on
-PostgreSQL exactly what psycopg's ``write_row`` stores row by row, and the counts and
-kept-list candidates made from them equal a plain loop over the rows (unit tests)."""
+"""A batch's rows as columns (core/columns.py): scoring's columns are those of the rows
+they stand for; the binary COPY data made from them stores on PostgreSQL exactly what
+psycopg's ``write_row`` stores row by row, and the counts and kept-list candidates made from
+them equal a plain loop over the rows (unit tests)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import pytest
 from sqlalchemy import text
 
 from core import defaults
+from core.batch import score_images
+from core.columns import batch_columns
 from core.rows import PREDICTORS, PredictionRow, unscored_row
-from db.columns import batch_columns
 from db.counts import PROB_BINS, count_rows
 from db.mistakes import batch_candidates
 from db.pg_copy import FIELDS, copy_data
 from db.session import get_engine
+from tests.support import digit_files
 
 CLASSES = ["0", "1", "7", "ü"]
 #: the PostgreSQL type of each field of ``COPY predictions`` (db/pg_copy.FIELDS)
@@ -106,3 +109,37 @@ def test_a_batchs_candidates_are_its_first_mistakes_and_least_confident_by_a_sor
     assert sorted(mistakes) == sorted(expected)  # in any order
     assert sorted(unsure) == sorted((path, key) for key, path in sorted(
         (r["prob_sgd"], r["path"]) for r in rows if r["prob_sgd"] is not None)[:kept])
+
+
+def test_scorings_columns_are_the_columns_of_their_rows(classifier, sample_dir):
+    """What score_images makes straight from its arrays (answer codes into the model's
+    classes, one mask for the scores) says what the columns of its rows say: the same
+    texts, scores, counts and COPY data, with unreadable and undecodable files among them."""
+    threes = [f.read_bytes() for f in digit_files(sample_dir, "3", 3)]
+    sevens = [f.read_bytes() for f in digit_files(sample_dir, "7", 2)]
+    paths = ["3/a.png", "gone/b.png", "7/c.png", "3/d.png", "x/e.png", "7/f.png", "3/g.png"]
+    blobs = [threes[0], None, sevens[0], b"not a png", threes[1], sevens[1], threes[2]]
+    made = score_images(classifier, paths, blobs, [None, "file vanished", *[None] * 5])
+    rows = made.rows()
+    assert [r["error"] is None for r in rows] == [True, False, True, False, True, True, True]
+    assert rows[1]["error"] == "file vanished" and rows[1]["label"] is None
+    assert [r["label"] for r in rows] == ["3", None, "7", "3", None, "7", "3"]
+    assert {r["pred_sgd"] for r in rows} - {None} <= {"3", "7"}
+    again = batch_columns(rows)
+    for name in ("paths", "labels", "answers", "errors"):
+        assert getattr(made, name) == getattr(again, name), name
+    assert made.score_lists() == again.score_lists()
+    assert count_rows(made) == count_rows(again)
+    assert batch_candidates(made) == batch_candidates(again)
+    at = datetime(2026, 12, 3, tzinfo=UTC)
+    assert copy_data(2, 5, made, at) == copy_data(2, 5, again, at)
+
+
+def test_taken_columns_are_the_rows_taken():
+    rows = made_up_rows(random.Random(7), 40)
+    columns = batch_columns(rows)
+    keep = [39, 3, 0, 17]
+    taken = columns.take(keep)
+    assert taken.rows() == [rows[i] for i in keep]
+    assert count_rows(taken) == count_rows(batch_columns([rows[i] for i in keep]))
+    assert len(columns.take([])) == 0 and count_rows(columns.take([])).scored == 0

@@ -14,6 +14,7 @@ import time
 import pytest
 import redis
 
+from core.columns import batch_columns
 from db import batch_life, queries
 from db.session import get_engine
 from tests.support import (
@@ -147,7 +148,8 @@ def test_delete_and_prune_remove_everything_of_a_run_and_nothing_else(
         running, _ = queries.create_run(conn, 1, "/elsewhere", "celery")
         for seq in (0, 1):
             batch_life.record_batch(conn, running, seq, [f"3/{seq}.png"], 1)
-    batch_life.store_batch(engine, running, 0, batch_life.poison_rows(["3/0.png"], ["3"], 0))
+    poisoned = batch_columns(batch_life.poison_rows(["3/0.png"], ["3"], 0))
+    batch_life.store_batch(engine, running, 0, poisoned)
     token = run_row(db, 1)["token"]
     redis.Redis.from_url(broker).set(f"digitscore:payload:1:{token}:0", b"left over")
     before = {run_id: rows_by_table(db, run_id) for run_id in (1, 2, running)}

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from core.columns import batch_columns
 from core.errors import RunCancelled, RunUnfinished
 from db import batch_life, queries
 from db.cancellation import cancel_run
@@ -32,7 +33,7 @@ def a_run(engine, model_id: int, n_batches: int) -> tuple[int, str]:
 
 def store(engine, run_id: int, seq: int) -> int:
     rows = batch_life.poison_rows([f"3/{run_id}-{seq}.png"], ["3"], 0)
-    return batch_life.store_batch(engine, run_id, seq, rows, "failed", 1)
+    return batch_life.store_batch(engine, run_id, seq, batch_columns(rows), "failed", 1)
 
 
 def test_a_batch_stored_after_the_cancel_writes_nothing(memory_engine, classifier):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from core.columns import batch_columns
 from db import batch_life, cancellation, queries
 from db.models import RUN_STATUSES
 
@@ -101,7 +102,7 @@ def test_every_run_status_is_one_the_code_writes(memory_engine):
     written = {status()}
     for seq in (0, 1):
         rows = batch_life.poison_rows([f"3/{seq}.png"], ["3"], 3)
-        batch_life.store_batch(engine, run_id, seq, rows, "failed", 1)
+        batch_life.store_batch(engine, run_id, seq, batch_columns(rows), "failed", 1)
         written.add(status())
     written.add(queries.finish_submission(engine, run_id, 2, 0))
     with engine.begin() as conn:

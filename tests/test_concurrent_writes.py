@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from core.columns import batch_columns
 from core.rows import PredictionRow
 from db import batch_life, queries
 from db.session import dispose_engines, get_engine
@@ -44,7 +45,7 @@ def store(url: str, run_id: int, seqs: list[int], start: Any) -> None:
     engine = get_engine(url)
     start.wait(30)
     for seq in seqs:
-        batch_life.store_batch(engine, run_id, seq, batch_rows(seq), deliveries=1)
+        batch_life.store_batch(engine, run_id, seq, batch_columns(batch_rows(seq)), deliveries=1)
 
 
 @pytest.mark.integration
@@ -127,7 +128,7 @@ def test_a_sqlite_read_in_progress_does_not_hold_up_a_writer(sqlite_url, classif
     try:
         assert queries.progress(reader, run_id).done == 0  # its transaction stays open
         start = time.monotonic()
-        assert batch_life.store_batch(engine, run_id, 0, batch_rows(0)) == ROWS
+        assert batch_life.store_batch(engine, run_id, 0, batch_columns(batch_rows(0))) == ROWS
         assert time.monotonic() - start < 5  # the busy timeout is 30 s
         assert queries.progress(reader, run_id).done == 0  # its snapshot, as first read
     finally:

@@ -12,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, text
 
+from core.columns import batch_columns
 from core.rows import unscored_row
 from db import batch_life, deletion, queries
 from db.session import MIGRATIONS, get_engine
@@ -43,7 +44,7 @@ def store(engine: Engine, run_id: int, seq: int, paths: list[str]) -> None:
     with engine.begin() as conn:
         batch_life.record_batch(conn, run_id, seq, paths, 0)
     rows = [unscored_row(p, "3") for p in paths]
-    assert batch_life.store_batch(engine, run_id, seq, rows, "failed") == len(paths)
+    assert batch_life.store_batch(engine, run_id, seq, batch_columns(rows), "failed") == len(paths)
 
 
 def test_a_runs_rows_are_its_own_table_indexed_when_it_is_finished(postgres_url):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from core.columns import batch_columns
 from core.rows import label_for
 from db import batch_life, queries
 from db.model_store import load_classifier
@@ -136,7 +137,7 @@ def test_a_server_lost_while_settling_is_an_outage_and_the_redelivery_settles(
         batch_life.record_batch(conn, run_id, 0, ["3/a.png"], 1)
         batch_life.record_batch(conn, run_id, 1, ["3/b.png"], 1)
     queries.finish_submission(engine, run_id, 2, 0)
-    batch_life.store_batch(engine, run_id, 0, [unscored_row("3/a.png", "3", "gone")])
+    batch_life.store_batch(engine, run_id, 0, batch_columns([unscored_row("3/a.png", "3", "gone")]))
     read = batch_life.may_finish
 
     def lose_the_server(conn, run):
@@ -149,9 +150,9 @@ def test_a_server_lost_while_settling_is_an_outage_and_the_redelivery_settles(
     monkeypatch.setattr(batch_life, "may_finish", lose_the_server)
     row = unscored_row("3/b.png", "3", "empty file (0 bytes)")
     with pytest.raises(OperationalError):  # the run's last batch, stored
-        batch_life.store_batch(engine, run_id, 1, [row])
+        batch_life.store_batch(engine, run_id, 1, batch_columns([row]))
     monkeypatch.setattr(batch_life, "may_finish", read)
-    assert batch_life.store_batch(engine, run_id, 1, [row]) == 0
+    assert batch_life.store_batch(engine, run_id, 1, batch_columns([row])) == 0
     with engine.connect() as conn:
         status, failed = conn.execute(text(
             "SELECT status, n_failed FROM runs WHERE id = :r"), {"r": run_id}).one()

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from core import defaults
+from core.columns import batch_columns
 from core.rows import PREDICTORS, PredictionRow, label_for, unscored_row
 from db import batch_life, mistakes, queries, reads, views
 from db.batch_life import poison_rows
@@ -90,7 +91,7 @@ def test_kept_counts_equal_the_views_after_any_batches(any_db_url, seed, monkeyp
             rows, status = poison_rows(paths, CLASSES, 3), "failed"
         else:
             rows, status = made_up_rows(rng, paths), "done"
-        n_new = batch_life.store_batch(engine, run_id, seq, rows, status)
+        n_new = batch_life.store_batch(engine, run_id, seq, batch_columns(rows), status)
         if kind == "redelivered":
             assert n_new == 0
         for r in runs:
@@ -135,9 +136,8 @@ def test_kept_counts_of_real_batches_with_errors_redeliveries_and_poison(
                            errors[:half]) == 0
     assert assert_counts_agree(engine, run_id) == before
     score_and_store(engine, classifier, run_id, 1, paths[half:], blobs[half:], errors[half:])
-    batch_life.store_batch(
-        engine, run_id, 2, poison_rows(["3/p.png", "7/q.png", "x/r.png"], classes, 3), "failed"
-    )
+    poisoned = poison_rows(["3/p.png", "7/q.png", "x/r.png"], classes, 3)
+    batch_life.store_batch(engine, run_id, 2, batch_columns(poisoned), "failed")
     counts = assert_counts_agree(engine, run_id)
     with engine.connect() as conn:
         reasons = {r["error"]: r["n"] for r in reads.failure_reasons(conn, run_id)}
@@ -242,7 +242,7 @@ def mistakes_run(any_db_url, monkeypatch) -> tuple[Engine, int, list[PredictionR
         with engine.begin() as conn:
             batch_life.record_batch(conn, run_id, seq, paths, 0)
         rows = made_up_rows(rng, paths)
-        batch_life.store_batch(engine, run_id, seq, rows)
+        batch_life.store_batch(engine, run_id, seq, batch_columns(rows))
         stored += rows
     with engine.connect() as conn:  # while running, each list holds a superset of its top
         assert conn.execute(text("SELECT COUNT(*) FROM run_mistakes WHERE run_id = :r"),
@@ -351,9 +351,10 @@ def test_a_failed_batch_retried_has_its_rows_and_counts_replaced_exactly(any_db_
     with engine.begin() as conn:
         for seq, paths in enumerate(batches):
             batch_life.record_batch(conn, run_id, seq, paths, 0)
-    batch_life.store_batch(engine, run_id, 0, made_up_rows(rng, batches[0]))
-    batch_life.store_batch(engine, run_id, 1, poison_rows(batches[1], CLASSES, 3), "failed")
-    batch_life.store_batch(engine, run_id, 2, made_up_rows(rng, batches[2]))
+    batch_life.store_batch(engine, run_id, 0, batch_columns(made_up_rows(rng, batches[0])))
+    poisoned = batch_columns(poison_rows(batches[1], CLASSES, 3))
+    batch_life.store_batch(engine, run_id, 1, poisoned, "failed")
+    batch_life.store_batch(engine, run_id, 2, batch_columns(made_up_rows(rng, batches[2])))
     queries.finish_submission(engine, run_id, 90, 0)
     with engine.begin() as conn:
         conn.execute(text("UPDATE batches SET status = 'failed' WHERE seq = 2"))
@@ -363,7 +364,7 @@ def test_a_failed_batch_retried_has_its_rows_and_counts_replaced_exactly(any_db_
     assert (run["status"], run["finished_at"]) == ("running", None) and run["n_failed"] >= 30
     for seq in (1, 2):
         assert batch_life.store_batch(engine, run_id, seq,
-                                           made_up_rows(rng, batches[seq])) == 30
+                                           batch_columns(made_up_rows(rng, batches[seq]))) == 30
         assert_counts_agree(engine, run_id)
         with engine.connect() as conn:
             run = queries.get_run(conn, run_id)
@@ -372,5 +373,6 @@ def test_a_failed_batch_retried_has_its_rows_and_counts_replaced_exactly(any_db_
     with engine.connect() as conn:
         reasons = [r["error"] for r in reads.failure_reasons(conn, run_id)]
     assert not any("poison batch" in e for e in reasons), reasons
-    assert batch_life.store_batch(engine, run_id, 1, made_up_rows(rng, batches[1])) == 0
+    again = batch_columns(made_up_rows(rng, batches[1]))
+    assert batch_life.store_batch(engine, run_id, 1, again) == 0
     assert_counts_agree(engine, run_id)

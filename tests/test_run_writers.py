@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bench.run_writers import batch_rows
+from core.columns import batch_columns
 from db.batch_life import record_batch, store_batch, write_batch
 from db.queries import create_run, finish_submission
 from db.session import get_engine, normalize_url
@@ -56,17 +57,17 @@ def test_a_writer_mid_batch_does_not_hold_up_another_writer_of_the_run(
     try:
         with first.begin():
             # the first writer has written its batch's rows and counts, not yet committed
-            assert write_batch(first, run_id, 0, batch_rows(0, SIZE)) is not None
+            assert write_batch(first, run_id, 0, batch_columns(batch_rows(0, SIZE))) is not None
             second = impatient_engine(postgres_url)
             try:
-                assert store_batch(second, run_id, 1, batch_rows(1, SIZE)) == SIZE
+                assert store_batch(second, run_id, 1, batch_columns(batch_rows(1, SIZE))) == SIZE
             finally:
                 second.dispose()
             assert stored(postgres_url, run_id) == (SIZE, SIZE, "running")
     finally:
         first.close()
     assert stored(postgres_url, run_id) == (2 * SIZE, 2 * SIZE, "running")
-    assert store_batch(get_engine(postgres_url), run_id, 0, batch_rows(0, SIZE)) == 0
+    assert store_batch(get_engine(postgres_url), run_id, 0, batch_columns(batch_rows(0, SIZE))) == 0
     assert stored(postgres_url, run_id) == (2 * SIZE, 2 * SIZE, "done")  # settled by a retry
 
 
@@ -78,10 +79,11 @@ def test_two_deliveries_of_a_batch_at_once_store_it_once(postgres_url, run_of_tw
 
     def second_delivery() -> None:
         started.set()
-        results.append(store_batch(engine, run_id, 0, batch_rows(0, SIZE)))
+        results.append(store_batch(engine, run_id, 0, batch_columns(batch_rows(0, SIZE))))
 
     with engine.connect() as first, first.begin():
-        assert write_batch(first, run_id, 0, batch_rows(0, SIZE)) == (SIZE, "queued", None)
+        written = write_batch(first, run_id, 0, batch_columns(batch_rows(0, SIZE)))
+        assert written == (SIZE, "queued", None)
         thread = threading.Thread(target=second_delivery)
         thread.start()
         started.wait()

@@ -277,7 +277,8 @@ def test_a_folder_swapped_for_a_link_out_mid_read_never_yields_an_outside_row(
     r = submit(run_cli, src, model_db, "--send", "paths", "--batch-size", "250")
     assert r.exit_code == 0, r.output
     # the distances each image scores (floats as the database gives them back)
-    (three_row, seven_row) = score_images(classifier, ["3/a.png", "3/b.png"], [threes, seven])
+    scored = score_images(classifier, ["3/a.png", "3/b.png"], [threes, seven])
+    (three_row, seven_row) = scored.rows()
     three_l1, seven_l1 = float(three_row["dist_l1"]), float(seven_row["dist_l1"])
     assert three_l1 != seven_l1
 

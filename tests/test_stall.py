@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from core.columns import batch_columns
 from db import batch_life, queries
 from db.models import runs, utcnow
 from db.session import get_engine
@@ -33,6 +34,6 @@ def test_a_run_waiting_past_the_stall_hint_time_is_called_stalled(run_cli, model
     with engine.connect() as conn:
         assert queries.stall(conn, queries.get_run(conn, run_id)).queued_batches == 2
     # a batch stored just now: not stalled any more
-    batch_life.store_batch(engine, run_id, 0, [])
+    batch_life.store_batch(engine, run_id, 0, batch_columns([]))
     r = run_cli("status", str(run_id), "--database-url", model_db, env=env)
     assert "stalled" not in r.output, r.output

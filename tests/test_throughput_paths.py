@@ -18,12 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from bench.dataset import encoded_digits
 from core import scoring
 from core.batch import labels_for, score_images
+from core.columns import batch_columns
 from core.fast_decode import decode_images
 from core.rows import label_for
 from core.scoring import Scores, score_stack, to_device
 from db import batch_life, queries
 from db.bulk import write_predictions
-from db.columns import batch_columns
 from db.models import predictions
 from db.session import get_engine
 from producer.sample_data import load_digits
@@ -67,9 +67,10 @@ def test_the_5000_shipped_digits_decode_and_score_as_the_plain_arithmetic(classi
         want = plain_scores(classifier, digits)
     for f in FIELDS:
         assert torch.equal(getattr(got, f), want[f]), f
-    rows = score_images(classifier, [f"{i % 10}/{i}.png" for i in range(5000)], blobs)
+    columns = score_images(classifier, [f"{i % 10}/{i}.png" for i in range(5000)], blobs)
     classes = classifier.classes
-    assert [r["pred_sgd"] for r in rows] == [classes[k] for k in want["pred_sgd"].tolist()]
+    assert columns.answers[2] == [classes[k] for k in want["pred_sgd"].tolist()]
+    assert columns.scores[0].tolist() == want["dist_l1"].tolist()
 
 
 def test_scoring_in_difference_chunks_is_the_plain_arithmetic_at_every_size(classifier):
@@ -236,7 +237,7 @@ def test_a_commit_reads_no_other_rows_of_the_run(memory_engine, classifier):
         rows = [{"path": p, "label": "7", "pred_l1": "7", "pred_l2": "3" if seq else "7",
                  "pred_sgd": "7", "dist_l1": 0.1, "dist_l2": 0.2, "prob_sgd": 0.9,
                  "error": None} for p in paths]
-        batch_life.store_batch(engine, run_id, seq, rows)
+        batch_life.store_batch(engine, run_id, seq, batch_columns(rows))
     assert seen and aggregates_over_predictions(seen) == []
     run = assert_run_agrees_with_its_rows(engine, run_id)
     assert (run["status"], run["n_scored"], run["accuracy_l2"]) == ("done", 1000, 0.01)
@@ -256,10 +257,10 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     run_id = new_run(engine, model_id, [["3/a.png", "3/b.png"], ["3/b.png", "3/c.png"]])
     index_now(engine, run_id)
     first = [row("3/a.png"), row("3/b.png", "empty file (0 bytes)")]
-    assert batch_life.store_batch(engine, run_id, 0, first) == 2
+    assert batch_life.store_batch(engine, run_id, 0, batch_columns(first)) == 2
     # b is there already (its row stays as it was); c is new, and repeated in the batch
     again = [row("3/b.png"), row("3/c.png"), row("3/c.png", "second copy")]
-    assert batch_life.store_batch(engine, run_id, 1, again) == 1
+    assert batch_life.store_batch(engine, run_id, 1, batch_columns(again)) == 1
     with engine.connect() as conn:
         stored = dict(conn.execute(text(
             "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
@@ -271,7 +272,7 @@ def test_only_new_paths_are_written_and_counted(any_db_url, classifier):
     with engine.begin() as conn:
         batch_life.record_batch(conn, run_id, 2, ["3/a.png", "3/d.png"], 0)
     later = [row("3/a.png", "changed"), row("3/d.png", "empty file (0 bytes)")]
-    assert batch_life.store_batch(engine, run_id, 2, later) == 1
+    assert batch_life.store_batch(engine, run_id, 2, batch_columns(later)) == 1
     with engine.connect() as conn:
         stored = dict(conn.execute(text(
             "SELECT path, error FROM predictions WHERE run_id = :r"), {"r": run_id}).all())
@@ -310,8 +311,8 @@ def test_a_bad_bulk_row_raises_as_sqlalchemy_raises(any_db_url, classifier):
     run_id = new_run(engine, model_id, [["3/a.png"]])
     broken = {**row("3/a.png"), "path": None}  # predictions.path is NOT NULL
     with pytest.raises(IntegrityError):
-        batch_life.store_batch(engine, run_id, 0, [broken])
-    assert batch_life.store_batch(engine, run_id, 0, [row("3/a.png")]) == 1
+        batch_life.store_batch(engine, run_id, 0, batch_columns([broken]))
+    assert batch_life.store_batch(engine, run_id, 0, batch_columns([row("3/a.png")])) == 1
 
 
 def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_url, classifier):
@@ -329,7 +330,7 @@ def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_u
                                      "seq = :s"), {"r": run_id, "s": seq}).scalar_one()
 
     # batch 0: delivered once, stored; a late death report for it changes nothing
-    batch_life.store_batch(engine, run_id, 0, [row("3/a.png")], deliveries=1)
+    batch_life.store_batch(engine, run_id, 0, batch_columns([row("3/a.png")]), deliveries=1)
     assert batch_life.count_failed_delivery(engine, run_id, 0, token, "died") is None
     assert deliveries(0) == 1
     # batch 1: two deaths, then a delivery that stores its rows
@@ -338,7 +339,7 @@ def test_deliveries_are_counted_with_the_rows_and_worker_deaths_at_once(any_db_u
     assert counts == [1, 2]
     batch = batch_life.recorded_batch(engine, run_id, 1, token)
     assert (batch.failed_deliveries, batch.paths, batch.last_failure) == (2, ["3/b.png"], "died 1")
-    batch_life.store_batch(engine, run_id, 1, [row("3/b.png")], deliveries=1)
+    batch_life.store_batch(engine, run_id, 1, batch_columns([row("3/b.png")]), deliveries=1)
     assert deliveries(1) == 3
     # batch 2: a death reported with another token, or for no such batch, counts nothing
     assert batch_life.count_failed_delivery(engine, run_id, 2, "0" * 32, "died") is None
@@ -357,7 +358,7 @@ def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_d
     index_now(engine, run_id)
     rows = [{**row(p, None if i % 7 else f"bad {i}"), "dist_l1": i / 1000} for i, p in
             enumerate(paths)]
-    assert batch_life.store_batch(engine, run_id, 0, rows) == 600
+    assert batch_life.store_batch(engine, run_id, 0, batch_columns(rows)) == 600
     select = text("SELECT path, error, dist_l1 FROM predictions WHERE run_id = :r")
     with engine.connect() as conn:
         stored = [tuple(r) for r in conn.execute(select, {"r": run_id})]
@@ -367,7 +368,7 @@ def test_a_batch_of_several_insert_statements_is_stored_whole_and_in_order(any_d
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM predictions WHERE run_id = :r AND path IN "
                           "('0/0000.png', '3/0593.png')"), {"r": run_id})
-    assert batch_life.store_batch(engine, run_id, 1, rows) == 2
+    assert batch_life.store_batch(engine, run_id, 1, batch_columns(rows)) == 2
     with engine.connect() as conn:
         again = {tuple(r) for r in conn.execute(select, {"r": run_id})}
     assert again == set(stored)

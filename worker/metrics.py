@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
 from core import wire
+from core.columns import BatchColumns
 
 log = logging.getLogger("digitscore.worker")
 
@@ -48,12 +49,12 @@ SCORING_SECONDS = Histogram(
 )
 
 
-def count_stored(rows: Sequence[Any], n_new: int, seconds: float) -> None:
-    """Count a scored batch whose ``rows`` this delivery stored ``n_new`` of (0: it was
-    stored already, and counts nothing)."""
+def count_stored(columns: BatchColumns, n_new: int, seconds: float) -> None:
+    """Count a scored batch whose rows (``columns``) this delivery stored ``n_new`` of (0:
+    it was stored already, and counts nothing)."""
     if not n_new:
         return
-    failed = min(n_new, sum(1 for r in rows if r["error"] is not None))
+    failed = min(n_new, columns.n_errors())
     IMAGES_SCORED.inc(n_new - failed)
     FAILED_ROWS.inc(failed)
     BATCHES_SCORED.inc()

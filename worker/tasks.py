@@ -331,7 +331,7 @@ def score_and_store(
             log_cancelled(message, "dropped unscored")
             return 0
         raise
-    rows = count_failure_on_error(
+    columns = count_failure_on_error(
         lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device),
                              labels_of(batch.members)),
         engine, message, "scoring failed",
@@ -342,17 +342,17 @@ def score_and_store(
     # an error the database keeps giving (not an outage) fails the batch at the delivery
     # limit instead of sending it round for ever
     n_new = count_failure_on_error(
-        lambda: store_batch(engine, batch.run_id, batch.seq, rows, deliveries=deliveries),
+        lambda: store_batch(engine, batch.run_id, batch.seq, columns, deliveries=deliveries),
         engine, message, "storing failed",
     )
-    if not n_new and rows and was_cancelled(engine, batch.run_id, batch.seq):
+    if not n_new and len(columns) and was_cancelled(engine, batch.run_id, batch.seq):
         # cancelled while it was scored: its claim was gone at the store, nothing written
-        log_cancelled(message, f"{len(rows)} scored rows dropped")
+        log_cancelled(message, f"{len(columns)} scored rows dropped")
         return 0
-    metrics.count_stored(rows, n_new, time.monotonic() - start)
+    metrics.count_stored(columns, n_new, time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
-        count_batch(engine, node, len(rows))
+        count_batch(engine, node, len(columns))
     return n_new
 
 

@@ -1,6 +1,6 @@
-"""A batch's prediction rows as columns, made in one pass over the rows: what counting
-(db/counts.py), the kept lists (db/mistakes.py) and the binary COPY (db/pg_copy.py) read, so
-that each is a few NumPy operations over the batch instead of a Python loop over its rows.
+"""A batch's prediction rows as columns: what scoring makes (core/batch.py) and what
+storing reads (db/: the counts, the kept lists and the binary COPY), so that each is a few
+NumPy operations over the batch instead of a Python loop over its rows.
 
 NumPy is imported by the functions that need it: submitting a run imports this module and
 needs none.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from core.rows import PREDICTORS
+from core.rows import PREDICTORS, ROW_KEYS, PredictionRow
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +42,31 @@ class BatchColumns:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def n_errors(self) -> int:
+        """The rows that hold an error instead of predictions."""
+        return len(self.errors) - self.errors.count(None)
+
+    def take(self, keep: Sequence[int]) -> BatchColumns:
+        """The rows at the indices ``keep``, in that order."""
+        import numpy as np
+
+        at = np.asarray(keep, dtype=np.int64)
+        pick = [*keep]
+        return BatchColumns(
+            [self.paths[i] for i in pick], [self.labels[i] for i in pick],
+            tuple([a[i] for i in pick] for a in self.answers), [self.errors[i] for i in pick],
+            tuple(s[at] for s in self.scores), tuple(h[at] for h in self.has_score),
+            self.classes, self.label_codes[at], self.answer_codes[:, at],
+        )
+
+    def rows(self) -> list[PredictionRow]:
+        """The rows as :class:`~core.rows.PredictionRow` mappings."""
+        return [
+            PredictionRow(**dict(zip(ROW_KEYS, values, strict=True)))  # type: ignore[typeddict-item]
+            for values in zip(self.paths, self.labels, *self.answers, *self.score_lists(),
+                              self.errors, strict=True)
+        ]
 
     def score_lists(self) -> list[list[float | None]]:
         """The score columns as lists, ``None`` where a row has no score."""
@@ -84,4 +109,31 @@ def batch_columns(rows: Sequence[Any]) -> BatchColumns:
     return BatchColumns(
         paths, labels, answers, errors, tuple(scores), tuple(has), classes,
         np.fromiter(map(code, labels), dtype=np.int64, count=n), answer_codes,
+    )
+
+
+def scored_columns(
+    paths: list[str],
+    labels: list[str | None],
+    errors: list[str | None],
+    classes: tuple[str, ...],
+    answer_codes: np.ndarray,
+    scores: np.ndarray,
+    scored: np.ndarray,
+) -> BatchColumns:
+    """The columns scoring makes: ``answer_codes`` (predictors x rows, -1 for none) index
+    ``classes``, which hold every label; ``scores`` (3 x rows, in the order of
+    :data:`SCORES`) hold a value where ``scored``, and 0.0 elsewhere."""
+    import numpy as np
+
+    names: list[str | None] = [*classes, None]  # code -1 is the last
+    codes: dict[str | None, int] = {None: -1, **{c: i for i, c in enumerate(classes)}}
+    n = len(paths)
+    return BatchColumns(
+        paths, labels,
+        tuple(list(map(names.__getitem__, row)) for row in answer_codes.tolist()),
+        errors, tuple(np.ascontiguousarray(s, dtype=np.float64) for s in scores),
+        (scored,) * len(SCORES), classes,
+        np.fromiter(map(codes.__getitem__, labels), dtype=np.int64, count=n),
+        answer_codes,
     )
