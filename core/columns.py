@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from core.rows import PREDICTORS, ROW_KEYS, PredictionRow
+from core.rows import PREDICTORS, PredictionRow
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,9 +63,11 @@ class BatchColumns:
     def rows(self) -> list[PredictionRow]:
         """The rows as :class:`~core.rows.PredictionRow` mappings."""
         return [
-            PredictionRow(**dict(zip(ROW_KEYS, values, strict=True)))  # type: ignore[typeddict-item]
-            for values in zip(self.paths, self.labels, *self.answers, *self.score_lists(),
-                              self.errors, strict=True)
+            PredictionRow(path=p, label=lab, pred_l1=a1, pred_l2=a2, pred_sgd=a3, dist_l1=d1,
+                          dist_l2=d2, prob_sgd=pr, error=e)
+            for p, lab, a1, a2, a3, d1, d2, pr, e in zip(
+                self.paths, self.labels, *self.answers, *self.score_lists(), self.errors,
+                strict=True)
         ]
 
     def score_lists(self) -> list[list[float | None]]:
