@@ -39,10 +39,6 @@ class ProducerGroup(click.Group):
         # Until here a Ctrl-C ends the process quietly (producer/__init__.py); from here on it
         # is a KeyboardInterrupt, which the command, or the handler below, turns into its line
         if threading.current_thread() is threading.main_thread():
-            if ctx.invoked_subcommand in ("submit", "resume"):
-                # numpy, which they load anyway, loaded while a Ctrl-C still ends the process
-                # quietly: a Ctrl-C inside its import would leave it half loaded
-                import numpy  # noqa: F401
             signal.signal(signal.SIGINT, producer.raise_interrupt)
         try:
             return super().invoke(ctx)
@@ -56,8 +52,6 @@ class ProducerGroup(click.Group):
             echo_err(f"Error: {e}")
             ctx.exit(e.exit_code)
         except Exception as e:
-            if producer.interrupted(e):  # an import a Ctrl-C broke
-                self._stopped(ctx)
             if debug_enabled(ctx):
                 raise
             echo_err(f"Error: {describe_unexpected(e)} (run again with --debug for the traceback)")

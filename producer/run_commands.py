@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-import producer
 from core import defaults, wire
 from core.errors import EXIT_INTERRUPTED, BadInput, RunCancelled
 from core.settings import Settings
@@ -209,9 +208,7 @@ def submit_cmd(
     except RunCancelled:
         _cancel_since(engine, settings, created[0])
         raise
-    except (KeyboardInterrupt, ImportError) as e:
-        if not producer.interrupted(e):
-            raise
+    except KeyboardInterrupt:
         if not created:
             echo_err("\nstopped before the run was created: nothing was submitted")
         else:

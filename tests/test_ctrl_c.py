@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import producer
 from tests.support import ROOT, batches_recorded
 
 pytestmark = pytest.mark.integration
@@ -59,6 +60,50 @@ def running_its_code(pid: int) -> bool:
     site = sysconfig.get_path("platlib") + "/"
     return any(line.split()[-1].startswith(site) and line.endswith(".so")
                for line in maps.splitlines() if "/" in line)
+
+
+def test_a_ctrl_c_inside_an_import_is_raised_once_the_import_has_ended(tmp_path, monkeypatch):
+    """A module that gets a Ctrl-C in the middle of its import (as numpy's or torch's can)
+    is loaded whole, and the KeyboardInterrupt comes right after the import."""
+    (tmp_path / "interrupted_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)  # the handler runs here, inside the import\n"
+        "loaded_whole = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "interrupted_module", raising=False)
+    previous = signal.signal(signal.SIGINT, producer.raise_interrupt)
+    try:
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            import interrupted_module  # noqa: F401
+            time.sleep(10)  # the held Ctrl-C ends this
+        waited = time.monotonic() - start
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sys.modules["interrupted_module"].loaded_whole
+    assert 0.2 <= waited < 5, waited
+
+
+def test_ctrl_c_inside_torchs_import_exits_130(sample_dir, model_db):
+    """Scoring in the process imports torch, which takes a second or more here: a Ctrl-C
+    sent as soon as its library is mapped lands inside that import."""
+    args = ["submit", str(sample_dir), "--batch-size", "1", "--database-url", model_db]
+
+    def torch_loading(pid: int, _t: float) -> bool:
+        try:
+            return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return False
+
+    status, out = interrupt(args, torch_loading)
+    assert status == 130, out
+    assert "Traceback" not in out and "Error" not in out, out
+    assert out.strip().splitlines()[-1] in (
+        "stopped before the run was created: nothing was submitted",
+        "stopped; run 1 is kept: `producer resume 1` sends the rest",
+    ), out
 
 
 @pytest.mark.parametrize("seconds", [0.2, 1.0])
