@@ -40,7 +40,7 @@ from core.columns import BatchColumns, batch_columns
 from core.errors import MessageError, RunNotFound
 from core.rows import PredictionRow, label_for, unscored_row
 from db.bulk import stored_paths, write_predictions
-from db.counts import count_rows
+from db.counts import count_rows, write_tallies
 from db.mistakes import refill_kept
 from db.models import (
     batch_counts,
@@ -54,7 +54,6 @@ from db.models import (
     utcnow,
 )
 from db.queries import may_finish, settle_run
-from db.tallies import write_tallies
 
 #: A batch of this many images is not split: stopped by the time limit, it counts a failed
 #: delivery (three fail it as poison, naming the limit).

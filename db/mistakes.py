@@ -112,7 +112,7 @@ def batch_candidates(
     """A batch's own first ``MISTAKES_KEPT`` mistakes per predictor, as ``(predictor, path,
     rank_key)``, and least confident images, as ``(path, prob_sgd)``: what it may add to
     the run's lists, for a statement that applies each list's cut itself
-    (db/tallies.py)."""
+    (db/counts.write_tallies)."""
     mistakes = [(p, path, key) for p in PREDICTORS for key, path in _mistakes(columns, p, None)]
     unsure = _first_kept(columns, columns.has_score[2], columns.scores[2], None)
     return mistakes, [(path, key) for key, path in unsure]
