@@ -28,8 +28,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from core.columns import batch_columns
-
 if __package__ in (None, ""):  # run as a script: the project root is the parent folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,6 +35,7 @@ from sqlalchemy import Engine, text  # noqa: E402
 
 from bench import common, dataset  # noqa: E402
 from core import defaults  # noqa: E402
+from core.columns import batch_columns  # noqa: E402
 from core.rows import PREDICTORS  # noqa: E402
 from db import batch_life, mistakes, queries, reads, views  # noqa: E402
 from db.batch_life import poison_rows  # noqa: E402

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from core.classifier import Classifier
@@ -52,7 +53,7 @@ def score_images(
             f"{plural(len(paths), 'path')} but {plural(len(blobs), 'image')} in one batch"
         )
     device = device or torch.device("cpu")
-    classes = tuple(classifier.classes)
+    classes = classifier.classes
     labels = labels_for(paths, classes)
     if class_names is not None:
         labels = [label if name is None else name if name in classes else None
@@ -68,14 +69,13 @@ def score_images(
     )
     for j, reason in decode_errors.items():
         errors[readable[j]] = reason
-    answer_codes = torch.full((len(PREDICTORS), len(paths)), -1, dtype=torch.int64)
-    scores = torch.zeros((len(SCORES), len(paths)), dtype=torch.float64)
-    scored = torch.zeros(len(paths), dtype=torch.bool)
+    answer_codes = np.full((len(PREDICTORS), len(paths)), -1, dtype=np.int64)
+    scores = np.zeros((len(SCORES), len(paths)), dtype=np.float64)
+    scored = np.zeros(len(paths), dtype=bool)
     if ok:
-        s = score_stack(classifier, stack, device)
-        where = torch.tensor(readable if len(ok) == len(readable) else [readable[j] for j in ok])
-        answer_codes[:, where] = torch.stack((s.pred_l1, s.pred_l2, s.pred_sgd)).long()
-        scores[:, where] = torch.stack((s.dist_l1, s.dist_l2, s.prob_sgd)).double()
+        s = score_stack(classifier, stack, device)  # on the CPU
+        where = [readable[j] for j in ok]
+        answer_codes[:, where] = torch.stack((s.pred_l1, s.pred_l2, s.pred_sgd)).numpy()
+        scores[:, where] = torch.stack((s.dist_l1, s.dist_l2, s.prob_sgd)).numpy()
         scored[where] = True
-    return scored_columns(list(paths), labels, errors, classes, answer_codes.numpy(),
-                          scores.numpy(), scored.numpy())
+    return scored_columns(list(paths), labels, errors, classes, answer_codes, scores, scored)

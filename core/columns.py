@@ -36,7 +36,7 @@ class BatchColumns:
     errors: list[str | None]
     scores: tuple[np.ndarray, ...]  # dist_l1, dist_l2, prob_sgd; 0.0 where absent
     has_score: tuple[np.ndarray, ...]  # bool, per score column
-    classes: tuple[str, ...]  # the distinct labels and answers, sorted
+    classes: tuple[str, ...]  # every label and answer among them (and perhaps more)
     label_codes: np.ndarray  # int64, -1 for no label
     answer_codes: np.ndarray  # int64, shape (predictors, rows), -1 for no answer
 
@@ -93,7 +93,7 @@ def batch_columns(rows: Sequence[Any]) -> BatchColumns:
     answers = tuple(list(map(itemgetter(f"pred_{p}"), rows)) for p in PREDICTORS)
     errors = list(map(itemgetter("error"), rows))
     classes = tuple(sorted(set(labels).union(*answers) - {None}))
-    code = {None: -1, **{c: i for i, c in enumerate(classes)}}.__getitem__
+    code = _codes(classes).__getitem__
     n = len(paths)
     scores, has = [], []
     for name in SCORES:
@@ -129,13 +129,17 @@ def scored_columns(
     import numpy as np
 
     names: list[str | None] = [*classes, None]  # code -1 is the last
-    codes: dict[str | None, int] = {None: -1, **{c: i for i, c in enumerate(classes)}}
     n = len(paths)
     return BatchColumns(
         paths, labels,
         tuple(list(map(names.__getitem__, row)) for row in answer_codes.tolist()),
-        errors, tuple(np.ascontiguousarray(s, dtype=np.float64) for s in scores),
+        errors, tuple(scores),
         (scored,) * len(SCORES), classes,
-        np.fromiter(map(codes.__getitem__, labels), dtype=np.int64, count=n),
+        np.fromiter(map(_codes(classes).__getitem__, labels), dtype=np.int64, count=n),
         answer_codes,
     )
+
+
+def _codes(classes: tuple[str, ...]) -> dict[str | None, int]:
+    """Each class's code, its index; ``None``'s is -1."""
+    return {None: -1, **{c: i for i, c in enumerate(classes)}}

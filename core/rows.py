@@ -1,4 +1,5 @@
-"""A ``predictions`` row as scoring makes it and the database stores it, defined once."""
+"""A ``predictions`` row as the database stores it, defined once (a batch of them as
+columns: core/columns.py)."""
 
 from __future__ import annotations
 

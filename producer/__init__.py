@@ -4,20 +4,21 @@ Run as the ``producer`` console script, a Ctrl-C from the moment this package is
 (the first line of digitscore that runs) until the command begins, while its libraries are
 imported and its arguments parsed, ends it quietly with status 130: nothing has been done
 yet. ``producer.cli.ProducerGroup`` hands Ctrl-C back to Python (KeyboardInterrupt) as the
-command begins (:func:`raise_interrupt`, which holds one that lands inside an import until
-the import ends), and each command says what its interruption left. Before this package is
+command begins (:func:`take_ctrl_c`; one that lands inside an import is held until the import
+ends), and each command says what its interruption left. Before this package is
 imported, the interpreter starts, its ``site`` runs and the console script imports ``re``: a
 Ctrl-C then is Python's own (docs/faults.md).
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
 import sys
 import threading
-import time
 from types import FrameType
+from typing import Any
 
 
 def _stopped_before_start(_signum: int, _frame: object) -> None:
@@ -25,38 +26,45 @@ def _stopped_before_start(_signum: int, _frame: object) -> None:
     os._exit(130)
 
 
-#: Set while a Ctrl-C that landed inside an import waits for the import to end.
-_held = threading.Event()
+_import = builtins.__import__
+_MAIN = threading.main_thread().ident
+_depth = 0  # imports under way in the main thread
+_held = False  # a Ctrl-C that landed inside one
 
 
-def raise_interrupt(_signum: int, frame: FrameType | None) -> None:
-    """The command's SIGINT handler: Python's own (a KeyboardInterrupt), except inside an
-    import. An import stopped midway leaves its module half loaded, and numpy and torch
-    cannot be imported again in the process, so there the Ctrl-C is held and sent again to
-    the main thread once the import has ended."""
-    if not _importing(frame):
-        raise KeyboardInterrupt
-    if not _held.is_set():
-        _held.set()
-        threading.Thread(target=_send_after_import, args=(threading.get_ident(),),
-                         daemon=True).start()
+def take_ctrl_c() -> None:
+    """Hand Ctrl-C to the command: SIGINT raises KeyboardInterrupt (:func:`raise_interrupt`),
+    and imports are counted so that one landing inside an import waits for its end."""
+    if builtins.__import__ is not _counted_import:
+        builtins.__import__ = _counted_import
+    signal.signal(signal.SIGINT, raise_interrupt)
 
 
-def _importing(frame: FrameType | None) -> bool:
-    """Whether ``frame`` runs inside an import: importlib's frames are on its stack."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
+def raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """The command's SIGINT handler: a KeyboardInterrupt, held while the main thread imports
+    a module and raised as the import ends. An import stopped midway leaves its module half
+    loaded, and numpy and torch cannot be imported again in the process. A second Ctrl-C is
+    raised at once, so that an import that hangs can still be stopped."""
+    global _held
+    if _depth and not _held:
+        _held = True
+        return
+    raise KeyboardInterrupt
 
 
-def _send_after_import(main: int) -> None:
-    # sys._current_frames is the one way to see another thread's stack (documented in sys)
-    while _importing(sys._current_frames().get(main)):
-        time.sleep(0.02)
-    _held.clear()
-    signal.pthread_kill(main, signal.SIGINT)
+def _counted_import(*args: Any, **kwargs: Any) -> Any:
+    # by hand: no import hook runs when an import ends
+    global _depth, _held
+    if threading.get_ident() != _MAIN:
+        return _import(*args, **kwargs)
+    _depth += 1
+    try:
+        return _import(*args, **kwargs)
+    finally:
+        _depth -= 1
+        if _held and not _depth:
+            _held = False
+            raise KeyboardInterrupt
 
 
 if os.path.basename(sys.argv[0] if sys.argv else "") == "producer":

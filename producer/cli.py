@@ -39,7 +39,7 @@ class ProducerGroup(click.Group):
         # Until here a Ctrl-C ends the process quietly (producer/__init__.py); from here on it
         # is a KeyboardInterrupt, which the command, or the handler below, turns into its line
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, producer.raise_interrupt)
+            producer.take_ctrl_c()
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
