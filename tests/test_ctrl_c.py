@@ -63,51 +63,44 @@ def running_its_code(pid: int) -> bool:
                for line in maps.splitlines() if "/" in line)
 
 
-def test_a_ctrl_c_inside_an_import_is_raised_once_the_import_has_ended(tmp_path, monkeypatch):
-    """A module that gets a Ctrl-C in the middle of its import (as numpy's or torch's can)
-    is loaded whole, and the KeyboardInterrupt comes right after the import."""
-    (tmp_path / "interrupted_module.py").write_text(
-        "import os, signal, time\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "time.sleep(0.2)  # the handler runs here, inside the import\n"
-        "loaded_whole = True\n"
-    )
+def import_with_ctrl_c(tmp_path, monkeypatch, name: str, body: str) -> float:
+    """Import a module ``name`` of ``body`` (which sends this process SIGINT) with the
+    command's Ctrl-C handling; the seconds until the KeyboardInterrupt it must raise."""
+    (tmp_path / f"{name}.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "interrupted_module", raising=False)
+    monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(builtins, "__import__", builtins.__import__)  # put back afterwards
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        producer.take_ctrl_c()
-        with pytest.raises(KeyboardInterrupt):
-            import interrupted_module  # noqa: F401
-            raise AssertionError("the held Ctrl-C is raised by the import statement")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert sys.modules["interrupted_module"].loaded_whole
-
-
-def test_a_second_ctrl_c_inside_an_import_is_raised_at_once(tmp_path, monkeypatch):
-    """An import that hangs (a file system that stopped answering) can still be stopped."""
-    (tmp_path / "hanging_module.py").write_text(
-        "import os, signal, time\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "time.sleep(0.1)\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "time.sleep(10)\n"
-        "loaded_whole = True\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "hanging_module", raising=False)
-    monkeypatch.setattr(builtins, "__import__", builtins.__import__)
     previous = signal.getsignal(signal.SIGINT)
     try:
         producer.take_ctrl_c()
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            import hanging_module  # noqa: F401
-        waited = time.monotonic() - start
+            __import__(name)  # through builtins.__import__, as an import statement goes
+        return time.monotonic() - start
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_inside_an_import_is_raised_once_the_import_has_ended(tmp_path, monkeypatch):
+    """A module that gets a Ctrl-C in the middle of its import (as numpy's or torch's can)
+    is loaded whole, and the KeyboardInterrupt is raised by the import as it ends."""
+    import_with_ctrl_c(tmp_path, monkeypatch, "interrupted_module",
+                       "import os, signal, time\n"
+                       "os.kill(os.getpid(), signal.SIGINT)\n"
+                       "time.sleep(0.2)  # the handler runs here, inside the import\n"
+                       "loaded_whole = True\n")
+    assert sys.modules["interrupted_module"].loaded_whole
+
+
+def test_a_second_ctrl_c_inside_an_import_is_raised_at_once(tmp_path, monkeypatch):
+    """An import that hangs (a file system that stopped answering) can still be stopped."""
+    waited = import_with_ctrl_c(tmp_path, monkeypatch, "hanging_module",
+                                "import os, signal, time\n"
+                                "os.kill(os.getpid(), signal.SIGINT)\n"
+                                "time.sleep(0.1)\n"
+                                "os.kill(os.getpid(), signal.SIGINT)\n"
+                                "time.sleep(10)\n"
+                                "loaded_whole = True\n")
     assert waited < 5, waited
     assert "hanging_module" not in sys.modules
 
