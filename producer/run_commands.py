@@ -546,8 +546,7 @@ def sending_note(r: dict[str, Any]) -> str | None:
     """For a run not wholly sent (``submitted_at`` unset): ``still being sent (pid, host)``
     while its sender's lease is renewed (db/leases.py), else that it was interrupted and
     ``producer resume RUN`` sends the rest; ``None`` for a run wholly sent."""
-    from db.leases import holder_of
-    from producer.lease import is_alive
+    from db.leases import holder_of, is_alive
 
     if r["submitted_at"] is not None or r["status"] not in ("queued", "running"):
         return None

@@ -51,8 +51,8 @@ from core.text import first_line, mask_url
 from core.wire import BatchMessage
 from db import batch_life, queries
 from db.healing import mark_sent
+from db.leases import Lease, holding, this_process
 from db.session import driver_reason, read_then_write
-from producer.lease import Lease, holding, this_process
 
 
 class Sender(Protocol):
