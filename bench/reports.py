@@ -35,8 +35,10 @@ from sqlalchemy import Engine, text  # noqa: E402
 
 from bench import common, dataset  # noqa: E402
 from core import defaults  # noqa: E402
-from core.columns import batch_columns  # noqa: E402
-from core.rows import PREDICTORS  # noqa: E402
+from core.columns import (
+    PREDICTORS,  # noqa: E402
+    batch_columns,  # noqa: E402
+)
 from db import batch_life, mistakes, queries, reads, views  # noqa: E402
 from db.batch_life import poison_rows  # noqa: E402
 from db.session import dispose_engines, get_engine  # noqa: E402

@@ -41,8 +41,7 @@ from typing import Any
 from sqlalchemy import text
 
 from bench.common import ROOT, postgres_database, sqlite_url, store_model, train_classifier
-from core.columns import batch_columns
-from core.rows import ROW_KEYS, PredictionRow
+from core.columns import ROW_KEYS, PredictionRow, batch_columns
 from core.text import plural
 from db.batch_life import record_batch, store_batch
 from db.queries import create_run, finish_submission

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from core.classifier import Classifier
-from core.columns import SCORES, BatchColumns, scored_columns
+from core.columns import PREDICTORS, SCORES, BatchColumns, label_for, scored_columns
 from core.fast_decode import decode_images
-from core.rows import PREDICTORS, label_for
 from core.scoring import score_stack
 from core.text import plural
 

@@ -1,6 +1,7 @@
-"""A batch's prediction rows as columns: what scoring makes (core/batch.py) and what
-storing reads (db/: the counts, the kept lists and the binary COPY), so that each is a few
-NumPy operations over the batch instead of a Python loop over its rows.
+"""A ``predictions`` row as the database stores it, defined once, and a batch of them as
+columns: what scoring makes (core/batch.py) and what storing reads (db/: the counts, the
+kept lists and the binary COPY), so that each is a few NumPy operations over the batch
+instead of a Python loop over its rows.
 
 NumPy is imported by the functions that need it: submitting a run imports this module and
 needs none.
@@ -11,12 +12,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
-
-from core.rows import PREDICTORS, PredictionRow
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     import numpy as np
+
+#: The predictors, in the order every report lists them; ``pred_<p>`` is each one's column.
+PREDICTORS = ("l1", "l2", "sgd")
+
+
+class PredictionRow(TypedDict):
+    """One image's result: its predictions, or the reason it could not be scored."""
+
+    path: str
+    label: str | None
+    pred_l1: str | None
+    pred_l2: str | None
+    pred_sgd: str | None
+    dist_l1: float | None
+    dist_l2: float | None
+    prob_sgd: float | None
+    error: str | None
+
+
+#: The keys of a row, in the order they are written.
+ROW_KEYS: tuple[str, ...] = tuple(PredictionRow.__annotations__)
+
+
+def unscored_row(path: str, label: str | None, error: str | None = None) -> PredictionRow:
+    """A row with no predictions (yet), and, if given, the reason why not."""
+    return PredictionRow(
+        path=path, label=label, pred_l1=None, pred_l2=None, pred_sgd=None,
+        dist_l1=None, dist_l2=None, prob_sgd=None, error=error,
+    )
+
+
+def label_for(path: str, classes: Sequence[str]) -> str | None:
+    """The parent folder's name when it is one of the model's classes, else ``None``."""
+    parent = PurePosixPath(path).parent.name
+    return parent if parent in classes else None
+
 
 #: The score columns, in the order of :attr:`BatchColumns.scores`.
 SCORES = ("dist_l1", "dist_l2", "prob_sgd")
@@ -61,7 +97,7 @@ class BatchColumns:
         )
 
     def rows(self) -> list[PredictionRow]:
-        """The rows as :class:`~core.rows.PredictionRow` mappings."""
+        """The rows as :class:`PredictionRow` mappings."""
         return [
             PredictionRow(path=p, label=lab, pred_l1=a1, pred_l2=a2, pred_sgd=a3, dist_l1=d1,
                           dist_l2=d2, prob_sgd=pr, error=e)
@@ -84,7 +120,7 @@ class BatchColumns:
 
 
 def batch_columns(rows: Sequence[Any]) -> BatchColumns:
-    """The columns of ``rows`` (:class:`~core.rows.PredictionRow` or any mapping with its
+    """The columns of ``rows`` (:class:`PredictionRow` or any mapping with its
     keys)."""
     import numpy as np
 

@@ -36,9 +36,8 @@ from sqlalchemy.exc import IntegrityError
 
 from core import defaults
 from core.classifier import classes_from_json
-from core.columns import BatchColumns, batch_columns
+from core.columns import BatchColumns, PredictionRow, batch_columns, label_for, unscored_row
 from core.errors import MessageError, RunNotFound
-from core.rows import PredictionRow, label_for, unscored_row
 from db.bulk import stored_paths, write_predictions
 from db.counts import count_rows, write_tallies
 from db.mistakes import refill_kept

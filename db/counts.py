@@ -28,8 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from core import defaults
-from core.columns import BatchColumns
-from core.rows import PREDICTORS
+from core.columns import PREDICTORS, BatchColumns
 from db.bulk import insert_rows
 from db.mistakes import batch_candidates, keep_mistakes
 from db.models import runs
@@ -72,7 +71,7 @@ class RowCounts:
 
 def count_rows(columns: BatchColumns) -> RowCounts:
     """The counts of a batch's rows (``columns``). A row is scored when it has no error, and
-    then has every prediction; an unscored row has none (see core/rows.py). The failure
+    then has every prediction; an unscored row has none (see core/columns.py). The failure
     reasons are a ``Counter`` of the error column (a loop in C); everything else is NumPy
     over the label and answer codes: one ``bincount`` of (label, answer) per predictor."""
     import numpy as np

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Select, select, text
 
 from core import defaults
-from core.columns import SCORES, BatchColumns, batch_columns
-from core.rows import PREDICTORS
+from core.columns import PREDICTORS, SCORES, BatchColumns, batch_columns
 from db.bulk import insert_rows
 from db.models import predictions, run_mistakes, run_unsure
 

@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from core.columns import PREDICTORS
 from core.errors import RunNotFound
-from core.rows import PREDICTORS
 from db.mistakes import trim_kept
 from db.models import batches, predictions, runs, utcnow
 

@@ -14,8 +14,8 @@ import numpy as np
 from sqlalchemy import Connection, func, select
 
 from core.classifier import ImageSize, array_from_bytes, classes_from_json, read_stored
+from core.columns import PREDICTORS
 from core.errors import ModelNotFound
-from core.rows import PREDICTORS
 from db.counts import PAIRS, PROB_BINS
 from db.models import batch_counts, batch_failures, batches, models, predictions
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, case, column, func, or_, select, table, text
 
-from core.rows import PREDICTORS
+from core.columns import PREDICTORS
 from db.models import predictions
 
 run_accuracy_view = table(

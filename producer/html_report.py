@@ -19,8 +19,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.columns import PREDICTORS
 from core.curve import EpochStats
-from core.rows import PREDICTORS
 from core.text import plural, printable
 from db.mistakes import confident_mistakes, least_confident
 from db.model_store import load_learning_curve

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from core.rows import PREDICTORS
+from core.columns import PREDICTORS
 from core.text import plural
 from db import reads
 from producer.tables import format_table, pct

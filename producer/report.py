@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from core.columns import PREDICTORS
 from core.errors import DigitscoreError
-from core.rows import PREDICTORS
 from core.text import printable
 from db import queries, reads
 from producer.predictions import NAMES, build_predictions, format_predictions

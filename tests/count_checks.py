@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from core import defaults
-from core.rows import PREDICTORS
+from core.columns import PREDICTORS
 from db import mistakes, queries, reads, views
 from db.counts import PAIRS, PROB_BINS
 

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from core.columns import batch_columns
-from core.rows import PredictionRow
+from core.columns import PredictionRow, batch_columns
 from db import batch_life, queries
 from db.session import dispose_engines, get_engine
 from tests.support import RECOMPUTE, save_model

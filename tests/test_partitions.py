@@ -12,8 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, text
 
-from core.columns import batch_columns
-from core.rows import unscored_row
+from core.columns import batch_columns, unscored_row
 from db import batch_life, deletion, queries
 from db.session import MIGRATIONS, get_engine
 from tests.support import add_model, new_run

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from core.columns import batch_columns
-from core.rows import label_for
+from core.columns import batch_columns, label_for
 from db import batch_life, queries
 from db.model_store import load_classifier
 from db.session import get_engine
@@ -128,7 +127,7 @@ def test_a_server_lost_while_settling_is_an_outage_and_the_redelivery_settles(
     import pytest
     from sqlalchemy.exc import OperationalError
 
-    from core.rows import unscored_row
+    from core.columns import unscored_row
 
     engine = get_engine(postgres_url)
     model_id = save_model(engine, classifier)

@@ -13,8 +13,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from core import defaults
-from core.columns import batch_columns
-from core.rows import PREDICTORS, PredictionRow, label_for, unscored_row
+from core.columns import PREDICTORS, PredictionRow, batch_columns, label_for, unscored_row
 from db import batch_life, mistakes, queries, reads, views
 from db.batch_life import poison_rows
 from db.session import get_engine
