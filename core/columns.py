@@ -88,10 +88,9 @@ class BatchColumns:
         import numpy as np
 
         at = np.asarray(keep, dtype=np.int64)
-        pick = [*keep]
         return BatchColumns(
-            [self.paths[i] for i in pick], [self.labels[i] for i in pick],
-            tuple([a[i] for i in pick] for a in self.answers), [self.errors[i] for i in pick],
+            [self.paths[i] for i in keep], [self.labels[i] for i in keep],
+            tuple([a[i] for i in keep] for a in self.answers), [self.errors[i] for i in keep],
             tuple(s[at] for s in self.scores), tuple(h[at] for h in self.has_score),
             self.classes, self.label_codes[at], self.answer_codes[:, at],
         )
