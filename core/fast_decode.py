@@ -43,6 +43,8 @@ _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _CHUNK_HEAD = struct.Struct(">I4s")
 _CRC = struct.Struct(">I")
 _NONE, _SUB, _UP, _AVERAGE, _PAETH = range(5)
+#: zlib-ng's exception class (its type stub declares an instance)
+_INFLATE_ERROR: type[Exception] = zlib_ng.error  # type: ignore[assignment]
 
 
 @lru_cache(maxsize=16)
@@ -68,7 +70,7 @@ def filtered_rows(data: bytes, height: int, width: int) -> bytes | None:
         if kind == b"IDAT" and start + 12 + length == end:  # one IDAT chunk, as most encoders
             try:  # never more than one byte too many: a stream that inflates further is not plain
                 rows = inflater.decompress(data[start + 8 : end - 4], size + 1)
-            except zlib_ng.error:
+            except _INFLATE_ERROR:
                 return None
             if inflater.eof and not inflater.unused_data and len(rows) == size:
                 return rows
@@ -91,7 +93,7 @@ def _inflate_chunks(
             return None
         try:
             rows += inflater.decompress(view[pos + 8 : stop], size + 1 - len(rows))
-        except zlib_ng.error:
+        except _INFLATE_ERROR:
             return None
         if inflater.unconsumed_tail:
             return None

@@ -18,23 +18,27 @@ from core.defaults import CPU_DIFFERENCE_ELEMENTS, GPU_DIFFERENCE_ELEMENTS
 #: (``core.defaults``); any other device type gets ``GPU_DIFFERENCE_ELEMENTS``.
 DIFFERENCE_ELEMENTS = {"cpu": CPU_DIFFERENCE_ELEMENTS}
 
-#: Per thread, the difference tensor of the last call, reused while the shapes allow, so the
-#: allocator does not map and fault in a fresh one for every slice.
+#: Per thread, the large tensors of the last call (the difference tensor, the grey levels as
+#: floats), reused while the shapes allow: a fresh one each batch would be mapped and faulted
+#: in again, and freeing them between batches lets the heap fragment and grow with the run.
 _scratch = threading.local()
 
 
-def _difference_buffer(rows: int, k: int, d: int, like: torch.Tensor) -> torch.Tensor:
-    buf: torch.Tensor | None = getattr(_scratch, "diff", None)
+def _buffer(name: str, rows: int, rest: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """A ``rows x *rest`` tensor of this thread's scratch ``name``: the one of the last call
+    when it is large enough and alike, else a new one kept for the next."""
+    buf: torch.Tensor | None = getattr(_scratch, name, None)
     if (
         buf is None
         or buf.shape[0] < rows
-        or buf.shape[1:] != (k, d)
-        or buf.dtype != like.dtype
-        or buf.device != like.device
+        or buf.shape[1:] != rest
+        or buf.dtype != dtype
+        or buf.device != device
         or buf.is_inference() != torch.is_inference_mode_enabled()  # made in the other mode
     ):
-        buf = torch.empty((rows, k, d), dtype=like.dtype, device=like.device)
-        _scratch.diff = buf
+        buf = torch.empty((rows, *rest), dtype=dtype, device=device)
+        setattr(_scratch, name, buf)
     return buf[:rows]
 
 
@@ -83,7 +87,7 @@ def distances(x: torch.Tensor, ideals: torch.Tensor) -> tuple[torch.Tensor, torc
     l2 = torch.empty((n, k), dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        diff = _difference_buffer(min(chunk, n - start), k, d, x)
+        diff = _buffer("diff", min(chunk, n - start), (k, d), x.dtype, x.device)
         torch.sub(x[rows, None, :], ideals[None, :, :], out=diff)
         diff.abs_()
         torch.mean(diff, -1, out=l1[rows])
@@ -164,7 +168,8 @@ class Scores:
 def score_tensor(classifier: Classifier, stacked: torch.Tensor) -> Scores:
     """Score a ``N x H x W`` uint8 stack (on the classifier's device); results on the CPU."""
     flat = stacked.reshape(stacked.shape[0], -1)
-    levels = flat.float()
+    levels = _buffer("levels", flat.shape[0], tuple(flat.shape[1:]), torch.float32, flat.device)
+    levels.copy_(flat)
     logits = exact_logits(levels, classifier.weights, classifier.bias)
     # as scaled_pixels: the levels divided in place on the CPU, looked up elsewhere
     x = levels.div_(255) if stacked.device.type == "cpu" else looked_up_pixels(flat)

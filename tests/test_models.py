@@ -6,7 +6,7 @@ import torch
 
 from core.classifier import tensor_from_bytes, tensor_to_bytes
 from core.labelled import load_labelled
-from core.scoring import _difference_buffer, distances, score_tensor
+from core.scoring import _buffer, distances, score_tensor
 from core.training import accuracies, fit, ideal_image
 
 
@@ -48,9 +48,9 @@ def test_distances_equal_the_plain_broadcast_bit_for_bit(valid_data, classifier)
     # the difference buffer is kept and reused by the next call of the same or smaller size,
     # in inference mode (as the worker scores) as well as outside it
     with torch.inference_mode():
-        first = _difference_buffer(7, *diff.shape[1:], x)
+        first = _buffer("diff", 7, diff.shape[1:], x.dtype, x.device)
         distances(x[:7], ideals)
-        assert _difference_buffer(7, *diff.shape[1:], x).data_ptr() == first.data_ptr()
+        assert _buffer("diff", 7, diff.shape[1:], x.dtype, x.device).data_ptr() == first.data_ptr()
         inf_l1, inf_l2 = distances(x, ideals)
     assert torch.equal(inf_l1, l1) and torch.equal(inf_l2, l2)
 

@@ -85,13 +85,19 @@ def test_scoring_in_difference_chunks_is_the_plain_arithmetic_at_every_size(clas
             assert torch.equal(getattr(got, f), want[f]), (n, f)
 
 
-def test_the_difference_buffer_is_kept_and_sized_for_the_cache(classifier):
+def test_the_scratch_tensors_are_kept_and_the_difference_sized_for_the_cache(classifier):
+    """The difference tensor and the grey levels as floats are made once and reused by a
+    smaller batch, which gets the scores it gets alone."""
     images = load_digits()[0][:1000]
     score_stack(classifier, images, torch.device("cpu"))
-    kept = scoring._scratch.diff
-    score_stack(classifier, images[:700], torch.device("cpu"))
-    assert scoring._scratch.diff is kept  # reused, not made again
+    kept, levels = scoring._scratch.diff, scoring._scratch.levels
+    smaller = score_stack(classifier, images[300:700], torch.device("cpu"))
+    assert scoring._scratch.diff is kept and scoring._scratch.levels is levels  # not made again
     assert kept.numel() <= scoring.DIFFERENCE_ELEMENTS["cpu"] < 1000 * kept[0].numel()
+    assert levels.shape[0] >= 1000 and levels.shape[1:] == (28 * 28,)
+    want = plain_scores(classifier, images[300:700])
+    for f in FIELDS:
+        assert torch.equal(getattr(smaller, f), want[f]), f
 
 
 def test_a_gpu_batch_is_looked_up_through_int32_indices(monkeypatch):
