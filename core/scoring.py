@@ -52,12 +52,13 @@ def pixel_table(device: torch.device) -> torch.Tensor:
         return torch.arange(256, dtype=torch.float32).div_(255).to(device)
 
 
-def scaled_pixels(stacked: torch.Tensor) -> torch.Tensor:
+def scaled_pixels(stacked: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
     """A ``N x H x W`` uint8 stack as ``N x (H*W)`` floats in 0-1, the same bits on every
-    device: on the CPU by division (one temporary), elsewhere through :func:`pixel_table`."""
+    device: on the CPU by division, of ``levels`` in place when given (the stack's grey
+    levels as ``N x (H*W)`` floats) or else of a copy; elsewhere through :func:`pixel_table`."""
     flat = stacked.reshape(stacked.shape[0], -1)
     if stacked.device.type == "cpu":
-        return flat.float().div_(255)
+        return (flat.float() if levels is None else levels).div_(255)
     return looked_up_pixels(flat)
 
 
@@ -171,8 +172,7 @@ def score_tensor(classifier: Classifier, stacked: torch.Tensor) -> Scores:
     levels = _buffer("levels", flat.shape[0], tuple(flat.shape[1:]), torch.float32, flat.device)
     levels.copy_(flat)
     logits = exact_logits(levels, classifier.weights, classifier.bias)
-    # as scaled_pixels: the levels divided in place on the CPU, looked up elsewhere
-    x = levels.div_(255) if stacked.device.type == "cpu" else looked_up_pixels(flat)
+    x = scaled_pixels(stacked, levels)  # the logits are made: the levels may be divided
     ideals = classifier.ideals.reshape(classifier.ideals.shape[0], -1)
     l1, l2 = distances(x, ideals)
     dist_l1, pred_l1 = l1.min(1)
