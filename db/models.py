@@ -114,6 +114,9 @@ runs = Table(
     sqlite_autoincrement=True,
 )
 
+#: A path, compared by its bytes on PostgreSQL too (migration 0019), as on SQLite and in Python.
+PATH = Text().with_variant(Text(collation="C"), "postgresql")
+
 #: A batch of images as the producer sent it; what ``producer resume`` re-sends.
 batches = Table(
     "batches",
@@ -155,7 +158,7 @@ predictions = Table(
     metadata,
     Column("run_id", Integer, nullable=False),
     Column("batch_seq", Integer, nullable=False),
-    Column("path", Text, nullable=False),
+    Column("path", PATH, nullable=False),
     Column("label", Text),
     Column("pred_l1", Text),
     Column("pred_l2", Text),
@@ -233,7 +236,7 @@ run_mistakes = Table(
     metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("predictor", String(10), primary_key=True),
-    Column("path", Text, primary_key=True),
+    Column("path", PATH, primary_key=True),
     # dist_l1, dist_l2 or -prob_sgd of the row: smaller is surer
     Column("rank_key", Float, nullable=False),
     Index("ix_run_mistakes_rank", "run_id", "predictor", "rank_key", "path"),
@@ -245,7 +248,7 @@ run_unsure = Table(
     "run_unsure",
     metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("path", Text, primary_key=True),
+    Column("path", PATH, primary_key=True),
     Column("prob_sgd", Float, nullable=False),
     Index("ix_run_unsure_rank", "run_id", "prob_sgd", "path"),
 )

@@ -177,3 +177,32 @@ def test_migrating_logs_one_line_and_no_migration_docstrings(sqlite_url, caplog)
     assert [m for m in messages if "is at revision" in m] == [
         f"database schema {sqlite_url} is at revision {head_revision()}"
     ]
+
+
+def test_paths_sort_by_their_bytes_on_every_database(any_db_url):
+    """``ORDER BY path`` gives Python's order on SQLite and on PostgreSQL (migration 0019),
+    whatever the server's locale, and so do the kept lists' path columns."""
+    from core.columns import batch_columns, unscored_row
+    from db import batch_life
+    from tests.support import add_model, new_run
+
+    engine = get_engine(any_db_url)
+    run_id = new_run(engine, add_model(engine, ["3"]))
+    paths = ["b.png", "B.png", "_x.png", "a b.png", "é.png", "Z/1.png", "z.png", "10.png"]
+    with engine.begin() as conn:
+        batch_life.record_batch(conn, run_id, 0, paths, 0)
+    rows = batch_columns([unscored_row(p, "3") for p in paths])
+    assert batch_life.store_batch(engine, run_id, 0, rows, "failed") == len(paths)
+    with engine.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT path FROM predictions WHERE run_id = :r ORDER BY path"), {"r": run_id})
+        assert stored.scalars().all() == sorted(paths)
+        if engine.dialect.name == "postgresql":
+            collations = conn.execute(text(
+                "SELECT table_name, collation_name FROM information_schema.columns "
+                "WHERE column_name = 'path' AND table_name IN "
+                "('predictions', :partition, 'run_mistakes', 'run_unsure')"),
+                {"partition": f"predictions_run_{run_id}"}).all()
+            assert sorted(collations) == [
+                ("predictions", "C"), (f"predictions_run_{run_id}", "C"),
+                ("run_mistakes", "C"), ("run_unsure", "C")]
