@@ -330,28 +330,34 @@ def write_batch(
     now = utcnow()
     this = (batches.c.run_id == run_id, batches.c.seq == seq)
     counts = count_rows(columns)
-    claim = (  # the batch's row alone is locked, to the commit
-        update(batches)
-        .where(*this, batches.c.status == "queued")
-        .values(status=batch_status, finished_at=now,
-                deliveries=batches.c.deliveries + deliveries, **counts.batch_values())
-    )
-    # a batch never stored has no histogram; one that has (requeued by resume
-    # --retry-failed) has rows and counts, which the second claim replaces
-    if not conn.execute(claim.where(batches.c.prob_sgd_bins.is_(None))).rowcount:
-        paths = conn.execute(claim.returning(batches.c.paths)).scalar_one_or_none()
-        if paths is None:
-            _check_recorded(conn, run_id, seq)
-            return None
-        forget_rows(conn, run_id, seq, paths)
-    if look_up:
-        held = stored_paths(conn, run_id, columns.paths)
-        columns = columns.take([i for i, p in enumerate(columns.paths) if p not in held])
-        counts = count_rows(columns)
-        conn.execute(update(batches).where(*this).values(**counts.batch_values()))
+    run = None
+    if conn.dialect.name == "postgresql" and not look_up:  # the claim and tallies at once
+        run = write_tallies(conn, run_id, seq, counts, columns, claim={
+            "status": batch_status, "now": now, "deliveries": deliveries})
+    if run is None:  # SQLite, a look-up, or a batch stored already or claimed by another
+        claim = (  # the batch's row alone is locked, to the commit
+            update(batches)
+            .where(*this, batches.c.status == "queued")
+            .values(status=batch_status, finished_at=now,
+                    deliveries=batches.c.deliveries + deliveries, **counts.batch_values())
+        )
+        # a batch never stored has no histogram; one that has (requeued by resume
+        # --retry-failed) has rows and counts, which the second claim replaces
+        if not conn.execute(claim.where(batches.c.prob_sgd_bins.is_(None))).rowcount:
+            paths = conn.execute(claim.returning(batches.c.paths)).scalar_one_or_none()
+            if paths is None:
+                _check_recorded(conn, run_id, seq)
+                return None
+            forget_rows(conn, run_id, seq, paths)
+        if look_up:
+            held = stored_paths(conn, run_id, columns.paths)
+            columns = columns.take([i for i, p in enumerate(columns.paths) if p not in held])
+            counts = count_rows(columns)
+            conn.execute(update(batches).where(*this).values(**counts.batch_values()))
+        run = write_tallies(conn, run_id, seq, counts, columns)
+        assert run is not None
     write_predictions(conn, run_id, seq, columns, now)
-    status, n_images = write_tallies(conn, run_id, seq, counts, columns)
-    return len(columns), status, n_images
+    return len(columns), *run
 
 
 def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:

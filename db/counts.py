@@ -12,8 +12,9 @@ run never wait for each other here; a run's counts are their sums (the views ``r
 (``run_mistakes``, ``run_unsure``; db/mistakes.py) and reads the run's state back (which
 says whether to settle it). On PostgreSQL all of it is one statement of fixed text
 (data-modifying ``WITH`` clauses over arrays, prepared once by the driver, its parameters
-sent in binary, which the driver makes in half the time of text): one round trip to the
-server instead of six, which is what those small writes cost a writer on a busy server.
+sent in binary, which the driver makes in half the time of text), which claims the batch
+too (db/batch_life.write_batch) and is sent before its rows' COPY: one round trip to the
+server instead of seven, which is what those small writes cost a writer on a busy server.
 Each kept list's cut is read by the same statement, before its inserts, as the statements
 it replaces read it. On SQLite, where a statement costs no round trip, they are separate
 statements (:func:`write_counts`, :func:`db.mistakes.keep_mistakes`).
@@ -21,6 +22,7 @@ statements (:func:`write_counts`, :func:`db.mistakes.keep_mistakes`).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,35 +132,55 @@ def write_counts(conn: Connection, run_id: int, batch_seq: int, counts: RowCount
     )
 
 
+#: The batch's claim, as db/batch_life.write_batch makes it on SQLite: its row alone locked
+#: to the commit, if it is queued and was never stored, its counts written; ``go`` holds one
+#: row if the statement is to write the rest (it claimed, or was not to claim).
+_CLAIM = (
+    "claimed AS (UPDATE batches SET status = %(status)b, finished_at = %(now)b, "
+    "deliveries = deliveries + %(deliveries)b::int, prob_sgd_bins = %(prob_sgd_bins)s::json, "
+    + ", ".join(f"{name} = %({name})b::int"
+                for name in RowCounts().batch_values() if name != "prob_sgd_bins")
+    + " WHERE run_id = %(r)b AND seq = %(s)b AND status = 'queued' "
+    "AND prob_sgd_bins IS NULL AND %(claim)b RETURNING 1), "
+    "go AS (SELECT FROM claimed UNION ALL SELECT WHERE NOT %(claim)b), "
+)
 _ALL = (
-    "WITH cells AS (INSERT INTO batch_counts (run_id, batch_seq, predictor, label, predicted, n) "
+    "WITH " + _CLAIM
+    + "cells AS (INSERT INTO batch_counts (run_id, batch_seq, predictor, label, predicted, n) "
     "SELECT %(r)b, %(s)b, * FROM unnest(%(cell_p)b::text[], %(cell_label)b::text[], "
-    "%(cell_pred)b::text[], %(cell_n)b::int[])), "
+    "%(cell_pred)b::text[], %(cell_n)b::int[]) WHERE EXISTS (SELECT FROM go)), "
     "failures AS (INSERT INTO batch_failures (run_id, batch_seq, error, n) "
-    "SELECT %(r)b, %(s)b, * FROM unnest(%(fail_error)b::text[], %(fail_n)b::int[])), "
+    "SELECT %(r)b, %(s)b, * FROM unnest(%(fail_error)b::text[], %(fail_n)b::int[]) "
+    "WHERE EXISTS (SELECT FROM go)), "
     "cuts AS MATERIALIZED (SELECT p AS predictor, (SELECT k.rank_key FROM run_mistakes k "
     "WHERE k.run_id = %(r)b AND k.predictor = p ORDER BY k.rank_key LIMIT 1 OFFSET %(last)b) "
     "AS cut FROM unnest(%(predictors)b::text[]) AS p), "
     "mistakes AS (INSERT INTO run_mistakes (run_id, predictor, path, rank_key) "
     "SELECT %(r)b, v.predictor, v.path, v.rank_key FROM unnest(%(m_p)b::text[], "
     "%(m_path)b::text[], %(m_key)b::float8[]) AS v(predictor, path, rank_key) "
-    "JOIN cuts USING (predictor) WHERE cuts.cut IS NULL OR v.rank_key <= cuts.cut "
-    "ON CONFLICT DO NOTHING), "
+    "JOIN cuts USING (predictor) WHERE (cuts.cut IS NULL OR v.rank_key <= cuts.cut) "
+    "AND EXISTS (SELECT FROM go) ON CONFLICT DO NOTHING), "
     "unsure AS (INSERT INTO run_unsure (run_id, path, prob_sgd) "
     "SELECT %(r)b, v.path, v.prob FROM unnest(%(u_path)b::text[], %(u_prob)b::float8[]) "
     "AS v(path, prob) WHERE v.prob <= COALESCE((SELECT k.prob_sgd FROM run_unsure k "
     "WHERE k.run_id = %(r)b ORDER BY k.prob_sgd LIMIT 1 OFFSET %(last)b), 'Infinity') "
-    "ON CONFLICT DO NOTHING) "
-    "SELECT status, n_images FROM runs WHERE id = %(r)b"
+    "AND EXISTS (SELECT FROM go) ON CONFLICT DO NOTHING) "
+    "SELECT EXISTS (SELECT FROM go), status, n_images FROM runs WHERE id = %(r)b"
 )
 
 
 def write_tallies(
-    conn: Connection, run_id: int, seq: int, counts: RowCounts, columns: BatchColumns
-) -> tuple[str, int | None]:
+    conn: Connection, run_id: int, seq: int, counts: RowCounts, columns: BatchColumns,
+    claim: dict[str, Any] | None = None,
+) -> tuple[str, int | None] | None:
     """Write batch ``seq``'s counts and kept-list entries in the caller's transaction;
-    return the run's status and ``n_images`` as that transaction sees them."""
+    return the run's status and ``n_images`` as that transaction sees them.
+
+    With ``claim`` (the batch's new ``status``, its ``now`` and the ``deliveries`` to add;
+    PostgreSQL only), the same statement first claims the batch with these counts, if it is
+    queued and was never stored, and writes nothing, returning ``None``, if it is not."""
     if conn.dialect.name != "postgresql":
+        assert claim is None, "SQLite's claim is write_batch's"
         write_counts(conn, run_id, seq, counts)
         keep_mistakes(conn, run_id, columns)
         run = conn.execute(
@@ -166,8 +188,11 @@ def write_tallies(
         return str(run.status), run.n_images
     cells = list(counts.cells.items())
     mistakes, unsure = batch_candidates(columns)
-    status, n_images = conn.exec_driver_sql(_ALL, {
+    values = counts.batch_values()
+    claimed, status, n_images = conn.exec_driver_sql(_ALL, {
         "r": run_id, "s": seq, "last": defaults.MISTAKES_KEPT - 1,
+        "claim": claim is not None, **(claim or {"status": "", "now": None, "deliveries": 0}),
+        "prob_sgd_bins": json.dumps(values.pop("prob_sgd_bins")), **values,
         "predictors": list(PREDICTORS),
         "cell_p": [p for (p, _, _), _ in cells], "cell_label": [lab for (_, lab, _), _ in cells],
         "cell_pred": [q for (_, _, q), _ in cells], "cell_n": [n for _, n in cells],
@@ -176,4 +201,4 @@ def write_tallies(
         "m_key": [key for _, _, key in mistakes],
         "u_path": [path for path, _ in unsure], "u_prob": [key for _, key in unsure],
     }).one()
-    return str(status), n_images
+    return (str(status), n_images) if claimed else None
