@@ -104,20 +104,22 @@ def same_predictions(db_url: str, loose_run: int, shard_run: int) -> tuple[int, 
 
 def whole_process(
     loose: Path, shards: Path, env: dict[str, str], work: Path, extra: list[str],
+    modes: tuple[str, ...] = ("paths", "bytes"), tail: str = "",
 ) -> dict[str, float]:
-    """One round of ``submit --wait`` of both sets in both modes: images/s of the whole
-    process, and 1.0 where the shards' predictions equal the loose files'."""
+    """One round of ``submit --wait`` of both sets in each of ``modes``: images/s of the
+    whole process, and 1.0 where the shards' predictions equal the loose files' (each
+    figure's name ending in ``tail``)."""
     out: dict[str, float] = {}
-    for mode in ("paths", "bytes"):
+    for mode in modes:
         runs = {}
         for name, directory in (("loose", loose), ("shards", shards)):
             r = system.submit_and_wait(directory, env, work, ["--send", mode, *extra])
             runs[name] = r.run_id
-            out[f"submit_{mode}_{name}_wall"] = r.n_images / (r.wall_seconds or r.seconds)
+            out[f"submit_{mode}_{name}_wall{tail}"] = r.n_images / (r.wall_seconds or r.seconds)
         same, n, worst = same_predictions(
             env["DIGITSCORE_DATABASE_URL"], runs["loose"], runs["shards"])
-        out[f"identical_{mode}_fraction"] = same / n if n else 0.0
-        out[f"prob_sgd_max_difference_{mode}"] = worst
+        out[f"identical_{mode}_fraction{tail}"] = same / n if n else 0.0
+        out[f"prob_sgd_max_difference_{mode}{tail}"] = worst
     return out
 
 

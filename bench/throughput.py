@@ -47,6 +47,7 @@ from bench import (  # noqa: E402
     report,
     runners,
     shards,
+    slow_fs,
     system,
 )
 from core import defaults, fast_decode, images, scoring  # noqa: E402
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--shards-only", action="store_true",
                    help="only the shards-against-loose-files figures (bench/shards.py)")
+    p.add_argument("--open-latency-ms", type=float,
+                   help="with --shards-only: also run submit --send paths --wait on both sets "
+                   "seen through bench/slow_fs.py, whose every open waits this long (needs FUSE)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else SIZES
     args.repeat = args.repeat or sizes["repeat"]
@@ -300,6 +304,12 @@ def measure_shards(
                  "shards_large": large_shards, "shards_unindexed": unindexed},
                 args.broker_url, db, work, extra)
             figures |= shards.whole_process(main_set, shard_dir, env, work, extra)
+            if args.open_latency_ms is not None:
+                with slow_fs.mounted(args.data_dir, work / "slow",
+                                     args.open_latency_ms / 1000) as slow:
+                    figures |= shards.whole_process(
+                        slow / main_set.name, slow / shard_dir.name, env, work, extra,
+                        ("paths",), "_slow_opens")
             for name, value in figures.items():
                 out.setdefault(name, []).append(value)
                 log(f"round {r + 1}/{args.repeat}: {name:32s} {value:14,.2f}")
@@ -322,7 +332,10 @@ def shards_main(args: argparse.Namespace) -> None:
                  ("handout_paths_shards", "handout_paths_loose"),
                  ("handout_paths_shards_large", "handout_paths_loose_large"),
                  ("handout_paths_shards_unindexed", "handout_paths_loose"),
-                 ("read_us_loose", "read_us_shard")):
+                 ("read_us_loose", "read_us_shard"),
+                 ("submit_paths_shards_wall_slow_opens", "submit_paths_loose_wall_slow_opens")):
+        if a not in figures:
+            continue
         ratios = [x / y for x, y in zip(figures[a], figures[b], strict=True)]
         summary[f"{a} / {b}"] = common.median(ratios)
     print(json.dumps(summary, indent=2))
