@@ -20,7 +20,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -129,13 +129,13 @@ def this_process() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+@dataclass(frozen=True)
 class Lease:
-    """A run's lease as this process holds it: :meth:`check` raises :class:`RunCancelled`
-    once a renewal found the run cancelled."""
+    """A run's lease as this process holds it: once a renewal finds the run cancelled it
+    sets ``cancelled``, and :meth:`check` raises :class:`RunCancelled` from then on."""
 
-    def __init__(self, run_id: int) -> None:
-        self.run_id = run_id
-        self.cancelled = threading.Event()
+    run_id: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def check(self) -> None:
         if self.cancelled.is_set():
@@ -164,7 +164,10 @@ def holding(engine: Engine, run_id: int, *, taken: bool = False) -> Iterator[Lea
     stop = threading.Event()
     lease = Lease(run_id)
     renewer = None
-    if not _private(engine):
+    url = engine.url
+    # an in-memory SQLite database is seen by no other process, and its one shared
+    # connection must not be used from a second thread: no renewer
+    if not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")):
         renewer = threading.Thread(
             target=_renew, args=(engine, lease, holder, stop), name="digitscore-lease",
             daemon=True,
@@ -207,10 +210,3 @@ def _renew(engine: Engine, lease: Lease, holder: str, stop: threading.Event) -> 
             continue
         if status == "cancelled":
             lease.cancelled.set()
-
-
-def _private(engine: Engine) -> bool:
-    """An in-memory SQLite database: no other process can see the run, and its one shared
-    connection must not be used from a second thread."""
-    return engine.url.get_backend_name() == "sqlite" and engine.url.database in (
-        None, "", ":memory:")
