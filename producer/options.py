@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -13,21 +14,19 @@ from core import defaults
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+@dataclass(frozen=True)
 class LazyEngine:
     """The engine of a database URL, opened and migrated on first use: a command checks all
     its arguments before it touches any database, since nothing opens one before."""
 
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._engine: Any = None
+    database_url: str  # not ``url``: that is the engine's own
 
     def open(self) -> Any:
-        """The engine, opened and migrated now."""
-        if self._engine is None:
-            from db.session import get_engine
+        """The engine, opened and migrated now (the first time: db.session keeps one engine
+        per URL)."""
+        from db.session import get_engine
 
-            self._engine = get_engine(self._url)
-        return self._engine
+        return get_engine(self.database_url)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.open(), name)

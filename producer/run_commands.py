@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,14 @@ def _mode_for(sender: Any, send_mode: str | None) -> str | None:
     return "bytes"
 
 
+@dataclass
 class Counter:
     """Counts images sent and, on a terminal, shows it on one line of stderr."""
 
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.n = 0
-        self.start = time.monotonic()
-        self.tty = sys.stderr.isatty()
+    label: str
+    n: int = 0
+    start: float = field(default_factory=time.monotonic)
+    tty: bool = field(default_factory=lambda: sys.stderr.isatty())  # stderr as it is now
 
     def __call__(self, n: int) -> None:
         self.n += n
