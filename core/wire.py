@@ -92,14 +92,6 @@ def queue_lists(queue: str) -> list[str]:
     return [f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue for step in PRIORITY_STEPS]
 
 
-def check_priority(value: Any) -> None:
-    """:class:`MessageError` unless a message's ``priority`` property is one of
-    :data:`PRIORITY_STEPS` (kombu would clamp any number, and read what is no number as 0,
-    the first list; a producer of ours sends only these)."""
-    if value is not None and (type(value) is not int or value not in PRIORITY_STEPS):
-        raise MessageError(f"priority {str(value)[:40]!r} is not one of {list(PRIORITY_STEPS)}")
-
-
 @dataclass(frozen=True)
 class BatchMessage:
     """Score batch ``seq`` of run ``run_id``, whose token is ``token``."""
@@ -125,19 +117,6 @@ class BatchMessage:
         if not isinstance(token, str) or not TOKEN.fullmatch(token):
             raise MessageError("token must be 32 lowercase hex digits")
         return cls(run_id, seq, token)
-
-
-def check_body(body: Any) -> BatchMessage:
-    """The message of a Celery protocol-2 body ``(args, kwargs, embed)``, or
-    :class:`MessageError`."""
-    if not isinstance(body, (list, tuple)) or len(body) != 3:
-        raise MessageError("body is not [args, kwargs, embed]")
-    args, kwargs, embed = body
-    if not isinstance(embed, dict) or (kwargs is not None and not isinstance(kwargs, dict)):
-        raise MessageError("body is not [args, kwargs, embed]")
-    if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
-        raise MessageError("callbacks, chains and chords are not accepted")
-    return BatchMessage.from_args(args, kwargs)
 
 
 def check_headers(headers: Any) -> None:
@@ -177,7 +156,8 @@ def check_delivery(
     """The message of a delivery whose headers are ``headers`` and whose encoded body has
     ``size`` bytes and decodes with ``decode()`` (only once the rest fits), signed with
     ``secret`` when one is given; or :class:`MessageError` saying what is wrong. Each part
-    is checked once, here, in this order: headers, task name, size, body, signature."""
+    is checked once, here, in this order: headers, task name, size, body (Celery protocol
+    2's ``(args, kwargs, embed)``), signature."""
     check_headers(headers)
     task_name = headers["task"]
     if task_name != TASK_NAME:
@@ -190,7 +170,13 @@ def check_delivery(
         raise MessageError(
             f"body cannot be decoded: {type(e).__name__}: {str(e)[:200]}"
         ) from None
-    message = check_body(body)
+    if not (isinstance(body, (list, tuple)) and len(body) == 3 and isinstance(body[2], dict)
+            and (body[1] is None or isinstance(body[1], dict))):
+        raise MessageError("body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
+        raise MessageError("callbacks, chains and chords are not accepted")
+    message = BatchMessage.from_args(args, kwargs)
     if secret is not None:
         check_signature(secret, headers, message)
     return message

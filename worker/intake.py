@@ -86,10 +86,12 @@ def envelope_problem(entry: Any) -> str | None:
     if not (isinstance(info, dict) and isinstance(info.get("exchange"), str)
             and isinstance(info.get("routing_key"), str)):
         return "no delivery info"
-    try:
-        wire.check_priority(properties.get("priority"))
-    except MessageError as e:
-        return str(e)
+    # kombu would clamp any number, and read what is no number as 0, the first list; a
+    # producer of ours sends only the steps
+    priority = properties.get("priority")
+    if priority is not None and (type(priority) is not int
+                                 or priority not in wire.PRIORITY_STEPS):
+        return f"priority {str(priority)[:40]!r} is not one of {list(wire.PRIORITY_STEPS)}"
     if not isinstance(entry.get("headers") or {}, dict):
         return "headers are not a map"
     for name in ("content-type", "content-encoding"):
