@@ -135,7 +135,7 @@ def decode_score_split(
     try:
         for i in range(0, len(blobs), batch):
             start = time.perf_counter()
-            stack, ok, _ = decoder(blobs[i : i + batch], classifier.height, classifier.width)
+            stack, ok, _ = decoder(blobs[i : i + batch], *classifier.ideals.shape[1:])
             decoded = time.perf_counter()
             if ok:
                 scorer(classifier, stack, dev)

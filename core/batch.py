@@ -63,9 +63,8 @@ def score_images(
         if b is None:
             errors[i] = read_errors[i] if read_errors and read_errors[i] else (
                 "file could not be read")
-    stack, ok, decode_errors = decode_images(
-        [b for b in blobs if b is not None], classifier.height, classifier.width
-    )
+    _, height, width = classifier.ideals.shape
+    stack, ok, decode_errors = decode_images([b for b in blobs if b is not None], height, width)
     for j, reason in decode_errors.items():
         errors[readable[j]] = reason
     answer_codes = np.full((len(PREDICTORS), len(paths)), -1, dtype=np.int64)

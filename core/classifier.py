@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from core.errors import ModelDamaged
 
@@ -20,26 +20,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class ImageSize:
-    """The image size of a model whose ``ideals`` are ``K x H x W``, tensors or arrays."""
-
-    ideals: Any
-
-    @property
-    def height(self) -> int:
-        return int(self.ideals.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.ideals.shape[2])
-
-
 @dataclass(frozen=True)
-class Classifier(ImageSize):
+class Classifier:
     """Everything needed to score a batch.
 
-    ``classes[k]`` names row ``k`` of ``ideals`` (``K x H x W``, pixel values 0-1) and column
-    ``k`` of ``weights`` (``H*W x K``); ``bias`` has ``K`` entries.
+    ``classes[k]`` names row ``k`` of ``ideals`` (``K x H x W``, pixel values 0-1: images of
+    ``H x W`` are scored) and column ``k`` of ``weights`` (``H*W x K``); ``bias`` has ``K``
+    entries.
     """
 
     classes: tuple[str, ...]

@@ -41,13 +41,14 @@ class TrainingRecord:
 
 
 def save_classifier(conn: Connection, clf: Classifier, record: TrainingRecord) -> int:
+    _, height, width = clf.ideals.shape
     return conn.execute(
         insert(models)
         .values(
             created_at=utcnow(),
             classes=classes_to_json(clf.classes),
-            height=clf.height,
-            width=clf.width,
+            height=height,
+            width=width,
             loss=LOSS_NAME,
             ideal_images=tensor_to_bytes(clf.ideals),
             sgd_weights=tensor_to_bytes(clf.weights),

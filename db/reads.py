@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, func, select
 
-from core.classifier import ImageSize, array_from_bytes, classes_from_json, read_stored
+from core.classifier import array_from_bytes, classes_from_json, read_stored
 from core.columns import PREDICTORS
 from core.errors import ModelNotFound
 from db.counts import PAIRS, PROB_BINS
@@ -35,13 +35,21 @@ def model_classes(conn: Connection, model_id: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ModelArrays(ImageSize):
+class ModelArrays:
     """A stored model's class names, ideal images (``K x H x W``) and SGD weights
     (``H*W x K``) as NumPy arrays: what its pictures need, read without torch."""
 
     classes: tuple[str, ...]
     ideals: np.ndarray
     weights: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return int(self.ideals.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.ideals.shape[2])
 
 
 def model_arrays(conn: Connection, model_id: int) -> ModelArrays:

@@ -33,6 +33,7 @@ from core.training import (
 )
 from db.model_store import load_classifier
 from db.models import models
+from db.reads import model_arrays
 from db.session import MIGRATIONS, get_engine, make_engine
 from producer.pictures import ACCURACY_INK, model_sheet
 from producer.sample_data import write_sample
@@ -289,7 +290,8 @@ def test_png_and_html_report_draw_the_learning_curve(run_cli, sample_dir, sqlite
     picture = np.asarray(Image.open(png).convert("RGB"))
     with get_engine(sqlite_url).connect() as conn:
         clf = load_classifier(conn, 1)
-    sheet_height = model_sheet(clf, 1, title="model 1").height
+        arrays = model_arrays(conn, 1)  # as show-model reads the model
+    sheet_height = model_sheet(arrays, 1, title="model 1").height
     below = picture[sheet_height:]
     assert below.shape[0] > 100  # the chart is under the sheet
     assert (below == ACCURACY_INK).all(axis=2).sum() > 50  # with the accuracy line in it
