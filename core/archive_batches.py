@@ -173,8 +173,3 @@ def _open_below(root: str, rel: str, fmt: str) -> Archive | str:
         return f"archive could not be read: {_why(e)}"
     except ValueError:  # a NUL byte: no file is called that
         return "archive could not be read: the name holds a NUL byte"
-
-
-def labels_of(record: dict[str, Any] | None) -> list[str | None] | None:
-    """The ``.cls`` class names a batch's record holds, if any."""
-    return None if record is None else record.get("labels")

@@ -79,10 +79,6 @@ class BatchColumns:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def n_errors(self) -> int:
-        """The rows that hold an error instead of predictions."""
-        return len(self.errors) - self.errors.count(None)
-
     def take(self, keep: Sequence[int]) -> BatchColumns:
         """The rows at the indices ``keep``, in that order."""
         import numpy as np

@@ -54,7 +54,7 @@ def count_stored(columns: BatchColumns, n_new: int, seconds: float) -> None:
     it was stored already, and counts nothing)."""
     if not n_new:
         return
-    failed = min(n_new, columns.n_errors())
+    failed = min(n_new, len(columns.errors) - columns.errors.count(None))  # rows of errors
     IMAGES_SCORED.inc(n_new - failed)
     FAILED_ROWS.inc(failed)
     BATCHES_SCORED.inc()

@@ -30,7 +30,7 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from sqlalchemy.exc import OperationalError
 
 from core import defaults, wire
-from core.archive_batches import labels_of, read_recorded
+from core.archive_batches import read_recorded
 from core.batch import score_images
 from core.classifier import Classifier
 from core.errors import DatabaseUnavailable, MessageError
@@ -333,7 +333,7 @@ def score_and_store(
         raise
     columns = count_failure_on_error(
         lambda: score_images(clf, batch.paths, blobs, errors, torch.device(device),
-                             labels_of(batch.members)),
+                             (batch.members or {}).get("labels")),  # an archive's .cls names
         engine, message, "scoring failed",
     )
     # this delivery, and one per earlier try that ended in a database error (a retry; the
