@@ -47,12 +47,6 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
 
 
-def tensor_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    import torch
-
-    return torch.from_numpy(array_from_bytes(data, shape))
-
-
 def read_stored(model_id: int, column: str, decode: Callable[[], T]) -> T:
     """``decode()`` of one stored column of a model, or :class:`ModelDamaged` naming the
     model, the column and what is wrong with it, in one line."""

@@ -9,10 +9,10 @@ from sqlalchemy import Connection, func, insert, select
 
 from core.classifier import (
     Classifier,
+    array_from_bytes,
     classes_from_json,
     classes_to_json,
     read_stored,
-    tensor_from_bytes,
     tensor_to_bytes,
 )
 from core.curve import EpochStats, curve_from_json
@@ -74,7 +74,10 @@ def resolve_model_id(conn: Connection, model_id: int | None) -> int:
     return model_id
 
 
-def load_classifier(conn: Connection, model_id: int) -> Classifier:
+def load_classifier(conn: Connection, model_id: int, device: Any = "cpu") -> Classifier:
+    """Model ``model_id``, its tensors on ``device`` (a ``torch.device`` or its name)."""
+    import torch
+
     row = conn.execute(select(models).where(models.c.id == model_id)).mappings().first()
     if row is None:
         raise ModelNotFound(
@@ -84,7 +87,8 @@ def load_classifier(conn: Connection, model_id: int) -> Classifier:
     k, h, w = len(classes), row["height"], row["width"]
 
     def tensor(column: str, shape: tuple[int, ...]) -> Any:
-        return read_stored(model_id, column, lambda: tensor_from_bytes(row[column], shape))
+        array = read_stored(model_id, column, lambda: array_from_bytes(row[column], shape))
+        return torch.from_numpy(array).to(device)
 
     return Classifier(
         classes=classes,

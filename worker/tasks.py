@@ -72,9 +72,9 @@ if urlsplit(str(app.conf.broker_url)).scheme == "redis":
 def cached_classifier(url: str, model_id: int, device: str) -> Classifier:
     """Each process loads a model once, on first use, and keeps it by id."""
     with get_engine(url).connect() as conn:
-        clf = load_classifier(conn, model_id)
+        clf = load_classifier(conn, model_id, device)
     log.info("loaded model %s onto %s", model_id, device)
-    return clf.to(device)
+    return clf
 
 
 #: Set in a pool process once its device has failed: it scores nothing more.
