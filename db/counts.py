@@ -17,7 +17,7 @@ too (db/batch_life.write_batch) and is sent before its rows' COPY: one round tri
 server instead of seven, which is what those small writes cost a writer on a busy server.
 Each kept list's cut is read by the same statement, before its inserts, as the statements
 it replaces read it. On SQLite, where a statement costs no round trip, they are separate
-statements (:func:`write_counts`, :func:`db.mistakes.keep_mistakes`).
+statements (the cells, the failure reasons, then :func:`db.mistakes.keep_mistakes`).
 """
 
 from __future__ import annotations
@@ -118,20 +118,6 @@ _CELL_COLUMNS = {
 _FAILURE_COLUMNS = {"run_id": "int", "batch_seq": "int", "error": "text", "n": "int"}
 
 
-def write_counts(conn: Connection, run_id: int, batch_seq: int, counts: RowCounts) -> None:
-    """Insert a batch's cells and failure reasons: one statement per table (a batch of ten
-    classes has at most 330 cells), rows no other batch writes."""
-    insert_rows(
-        conn, "batch_counts", _CELL_COLUMNS,
-        [(run_id, batch_seq, p, label, pred, n)
-         for (p, label, pred), n in counts.cells.items()],
-    )
-    insert_rows(
-        conn, "batch_failures", _FAILURE_COLUMNS,
-        [(run_id, batch_seq, error, n) for error, n in counts.failures.items()],
-    )
-
-
 #: The batch's claim, as db/batch_life.write_batch makes it on SQLite: its row alone locked
 #: to the commit, if it is queued and was never stored, its counts written; ``go`` holds one
 #: row if the statement is to write the rest (it claimed, or was not to claim).
@@ -181,7 +167,11 @@ def write_tallies(
     queued and was never stored, and writes nothing, returning ``None``, if it is not."""
     if conn.dialect.name != "postgresql":
         assert claim is None, "SQLite's claim is write_batch's"
-        write_counts(conn, run_id, seq, counts)
+        # one statement per table (a batch of ten classes has at most 330 cells)
+        insert_rows(conn, "batch_counts", _CELL_COLUMNS,
+                    [(run_id, seq, *cell, n) for cell, n in counts.cells.items()])
+        insert_rows(conn, "batch_failures", _FAILURE_COLUMNS,
+                    [(run_id, seq, error, n) for error, n in counts.failures.items()])
         keep_mistakes(conn, run_id, columns)
         run = conn.execute(
             select(runs.c.status, runs.c.n_images).where(runs.c.id == run_id)).one()
