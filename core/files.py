@@ -195,9 +195,6 @@ class FileBatch:
     labels: list[str | None] | None = None
     members: dict[str, Any] | None = None
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def add(self, rel: str, data: bytes | None, error: str | None) -> None:
         self.paths.append(rel)
         self.blobs.append(data)
@@ -300,11 +297,11 @@ def batches(
     for path, rel in files:
         data, error = read_file(path)
         size = len(data or b"")
-        if batch and (len(batch) >= max_images or batch.n_bytes + size > max_bytes):
+        if batch.paths and (len(batch.paths) >= max_images or batch.n_bytes + size > max_bytes):
             yield batch
             batch = FileBatch()
         batch.add(rel, data, error)
-    if batch:
+    if batch.paths:
         yield batch
 
 

@@ -219,7 +219,7 @@ def _send_all(
         sender.send(BatchMessage(run_id, seq, token), None if send_mode == "paths" else batch,
                     priority)
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(batch.paths))
         seq, n_batches = seq + 1, n_batches + 1
     return n_batches
 

@@ -171,7 +171,7 @@ def _peak_of_walking_and_batching(root: Path) -> tuple[int, int, int]:
     tracemalloc.start()
     try:
         for batch in batches(DirectoryWalk(root)):
-            n_images += len(batch)
+            n_images += len(batch.paths)
             n_bytes += batch.n_bytes
             assert None not in batch.blobs
         _, peak = tracemalloc.get_traced_memory()
