@@ -32,9 +32,8 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgpack
@@ -92,16 +91,13 @@ def queue_lists(queue: str) -> list[str]:
     return [f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue for step in PRIORITY_STEPS]
 
 
-@dataclass(frozen=True)
-class BatchMessage:
-    """Score batch ``seq`` of run ``run_id``, whose token is ``token``."""
+class BatchMessage(NamedTuple):
+    """Score batch ``seq`` of run ``run_id``, whose token is ``token``: the task's three
+    positional arguments, in order (``list(message)``)."""
 
     run_id: int
     seq: int
     token: str
-
-    def args(self) -> list[Any]:
-        return [self.run_id, self.seq, self.token]
 
     @classmethod
     def from_args(cls, args: Any, kwargs: Any = None) -> BatchMessage:
@@ -183,7 +179,7 @@ def check_delivery(
 
 
 def _mac(secret: bytes, message: BatchMessage, payload_digest: str) -> str:
-    signed = msgpack.packb([TASK_NAME, message.args(), payload_digest], use_bin_type=True)
+    signed = msgpack.packb([TASK_NAME, list(message), payload_digest], use_bin_type=True)
     return hmac.new(secret, signed, hashlib.sha256).hexdigest()
 
 

@@ -167,7 +167,7 @@ class CelerySender:
             if self.secret else None
         )
         self.app.send_task(
-            wire.TASK_NAME, args=message.args(), queue=self.queue, serializer="msgpack",
+            wire.TASK_NAME, args=list(message), queue=self.queue, serializer="msgpack",
             headers=headers, priority=wire.message_priority(priority, message.seq),
         )
 

@@ -22,7 +22,7 @@ TOKEN = "0123456789abcdef" * 2
 
 def test_message_arguments_are_checked():
     assert wire.BatchMessage.from_args([1, 2, TOKEN]) == wire.BatchMessage(1, 2, TOKEN)
-    assert wire.BatchMessage(1, 2, TOKEN).args() == [1, 2, TOKEN]
+    assert list(wire.BatchMessage(1, 2, TOKEN)) == [1, 2, TOKEN]
     bad = [
         ({"not": "a list"}, "run_id, seq, token"),
         (5, "run_id, seq, token"),
@@ -111,7 +111,7 @@ def test_signed_messages_and_payloads_are_checked():
     payload = wire.pack_payload([b"png"], [None])
     signed = {"task": wire.TASK_NAME, "id": "x",
               **wire.signature_headers(secret, message, payload)}
-    body = [message.args(), {}, {}]
+    body = [list(message), {}, {}]
     assert wire.check_delivery(signed, 60, lambda: body, secret) == message
     wire.check_payload_digest(signed[wire.PAYLOAD_DIGEST_HEADER], payload)
     other = [[1, 3, TOKEN], {}, {}]

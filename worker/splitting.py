@@ -61,7 +61,7 @@ def split_and_resend(
                    else None)
         # no time limit in the message (Celery would copy the registered task's, and
         # workers refuse a message that sets one: the receiving worker's own applies)
-        app.send_task(wire.TASK_NAME, args=half.args(), queue=settings.queue,
+        app.send_task(wire.TASK_NAME, args=list(half), queue=settings.queue,
                       serializer="msgpack", headers=headers, time_limit=None,
                       soft_time_limit=None, priority=wire.message_priority(priority, seq))
     if halves:
