@@ -306,7 +306,7 @@ def test_in_paths_mode_the_producer_reads_no_image_byte_and_a_worker_opens_once_
     walk = DirectoryWalk(root)
     assert list(walk) == []
     batches = list(archive_batches(walk, "paths", max_images=16))
-    assert [len(b) for b in batches] == [16, 16, 8, 16, 16, 8]
+    assert [len(b.paths) for b in batches] == [16, 16, 8, 16, 16, 8]
     assert all(b.blobs == [] for b in batches)
     # every read was a tar header, a .cls member (1 byte) or a zip local header (30 bytes)
     tar_reads = [(at, n) for _source, at, n in tar_reads]
@@ -324,8 +324,8 @@ def test_in_paths_mode_the_producer_reads_no_image_byte_and_a_worker_opens_once_
         # the root folder (core/below.py walks from it), then the archive, once
         assert [os.fsdecode(c[0]) for c in opens[before:]] == [str(root.resolve()),
                                                                b.members["archive"]]
-        assert got.errors == [None] * len(b) and got.blobs[0] in digits
-        assert got.labels == (["3"] * len(b) if b.members["format"] == "tar" else None)
+        assert got.errors == [None] * len(b.paths) and got.blobs[0] in digits
+        assert got.labels == (["3"] * len(b.paths) if b.members["format"] == "tar" else None)
 
 
 def walked(root: Path) -> DirectoryWalk:
