@@ -13,10 +13,7 @@ Revises: 0018
 Create Date: 2026-12-03
 """
 
-import importlib.util
-from pathlib import Path
-
-from alembic import op
+from alembic import context, op
 
 revision = "0019"
 down_revision = "0018"
@@ -26,19 +23,10 @@ depends_on = None
 TABLES = ("predictions", "run_mistakes", "run_unsure")
 
 
-def _views_0002():
-    """Migration 0002's module, whose views over ``predictions`` are rebuilt with it."""
-    path = Path(__file__).with_name("0002_views.py")
-    spec = importlib.util.spec_from_file_location("digitscore_migration_0002", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _collate(collation: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    views = _views_0002()
+    views = context.script.get_revision("0002").module  # its views, as it made them
     for name in views.VIEWS:
         op.execute(f"DROP VIEW {name}")
     for table in TABLES:  # a partitioned table's partitions and indexes follow it
