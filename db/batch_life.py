@@ -266,8 +266,9 @@ def store_batch(
                     stored = write_batch(
                         conn, run_id, batch_seq, columns, batch_status, deliveries, look_up
                     )
-                    settle = _settle_as(stored)
-                    if settle is not None and conn.dialect.name == "sqlite":
+                    sqlite = conn.dialect.name == "sqlite"
+                    settle = _settle_as(stored, locked=sqlite)
+                    if settle is not None and sqlite:
                         # SQLite's writers take turns: this one holds the write lock, so
                         # it sees every other batch's commit, and settles in its own
                         settle_run(conn, run_id, queued=settle)
@@ -296,12 +297,19 @@ def _may_finish(conn: Connection, run_id: int) -> bool:
             conn.execution_options(isolation_level=conn.default_isolation_level)
 
 
-def _settle_as(stored: tuple[int, str, int | None] | None) -> bool | None:
+def _settle_as(
+    stored: tuple[int, str, int | None] | None, locked: bool
+) -> bool | None:
     """Whether the run is to be settled after a store that returned ``stored``, and if so
     whether it may be queued still; ``None`` when it is not to be. A batch stored already
-    settles it: perhaps its writer died between its commit and the settling."""
+    settles it: perhaps its writer died between its commit and the settling.
+
+    ``locked``: the store read the run's ``n_images`` holding the write lock (SQLite), so
+    it is the run's as the store commits. On PostgreSQL it was read before the COPY, and the
+    producer may fix it before the commit, settling too soon to see this batch stored: a
+    running run is read again after the commit, whatever ``n_images`` said."""
     _, status, n_images = stored or (0, "queued", 0)
-    if status == "queued" or (n_images is not None and status != "done"):
+    if status == "queued" or (status != "done" and (n_images is not None or not locked)):
         return status == "queued"
     return None
 

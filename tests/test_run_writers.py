@@ -92,3 +92,26 @@ def test_two_deliveries_of_a_batch_at_once_store_it_once(postgres_url, run_of_tw
     thread.join(30)
     assert results == [0]
     assert stored(postgres_url, run_id) == (SIZE, SIZE, "running")  # settled by the second
+
+
+def test_the_producer_finishing_while_the_last_batch_is_written_leaves_the_run_done(
+    postgres_url, run_of_two_batches, monkeypatch
+):
+    """The producer fixes the run's size and settles it after the last batch's writer read
+    the run (no size yet) and before that writer commits: its settling cannot see the batch
+    stored, so the writer must settle the run after its commit."""
+    from db import batch_life
+
+    run_id = run_of_two_batches
+    engine = get_engine(postgres_url)
+    assert store_batch(engine, run_id, 0, batch_columns(batch_rows(0, SIZE))) == SIZE
+    write_rows = batch_life.write_predictions
+
+    def producer_finishes_first(*args, **kwargs):
+        # on another connection: the writer's transaction is open, its batch not committed
+        assert finish_submission(engine, run_id, 2 * SIZE, 0) == "running"
+        return write_rows(*args, **kwargs)
+
+    monkeypatch.setattr(batch_life, "write_predictions", producer_finishes_first)
+    assert store_batch(engine, run_id, 1, batch_columns(batch_rows(1, SIZE))) == SIZE
+    assert stored(postgres_url, run_id) == (2 * SIZE, 2 * SIZE, "done")
