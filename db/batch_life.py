@@ -339,7 +339,8 @@ def write_batch(
     this = (batches.c.run_id == run_id, batches.c.seq == seq)
     counts = count_rows(columns)
     run = None
-    if conn.dialect.name == "postgresql" and not look_up:  # the claim and tallies at once
+    merged = conn.dialect.name == "postgresql" and not look_up  # claim and tallies at once
+    if merged:
         run = write_tallies(conn, run_id, seq, counts, columns, claim={
             "status": batch_status, "now": now, "deliveries": deliveries})
     if run is None:  # SQLite, a look-up, or a batch stored already or claimed by another
@@ -350,8 +351,9 @@ def write_batch(
                     deliveries=batches.c.deliveries + deliveries, **counts.batch_values())
         )
         # a batch never stored has no histogram; one that has (requeued by resume
-        # --retry-failed) has rows and counts, which the second claim replaces
-        if not conn.execute(claim.where(batches.c.prob_sgd_bins.is_(None))).rowcount:
+        # --retry-failed) has rows and counts, which the second claim replaces (the merged
+        # statement tried the first already)
+        if merged or not conn.execute(claim.where(batches.c.prob_sgd_bins.is_(None))).rowcount:
             paths = conn.execute(claim.returning(batches.c.paths)).scalar_one_or_none()
             if paths is None:
                 _check_recorded(conn, run_id, seq)

@@ -181,6 +181,7 @@ def write_tallies(
     values = counts.batch_values()
     claimed, status, n_images = conn.exec_driver_sql(_ALL, {
         "r": run_id, "s": seq, "last": defaults.MISTAKES_KEPT - 1,
+        # without a claim its parameters are still sent (the text is fixed), and unused
         "claim": claim is not None, **(claim or {"status": "", "now": None, "deliveries": 0}),
         "prob_sgd_bins": json.dumps(values.pop("prob_sgd_bins")), **values,
         "predictors": list(PREDICTORS),

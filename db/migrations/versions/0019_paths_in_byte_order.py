@@ -3,8 +3,8 @@
 text and Python's ``sorted`` do: ``ORDER BY path`` lists the same paths in the same order on
 both databases, whatever the server's locale, and the kept lists' ties, which Python cuts
 first (db/mistakes.py), fall as the server cuts them. Bytes also compare faster than a
-locale's rules: a finished run's unique index (db/queries.index_run_rows) is built in about
-two thirds of the time (docs/performance.md). SQLite is unchanged.
+locale's rules, which a finished run's unique index (db/queries.index_run_rows) is sorted by
+(docs/performance.md). SQLite is unchanged.
 
 The views over ``predictions`` (migration 0002) depend on its ``path`` and are rebuilt.
 
