@@ -2,8 +2,9 @@
 
 Such a file is inflated once, by zlib-ng (a fork of zlib with zlib's API and stream format
 whose inflate is faster on these small streams: docs/performance.md), and the rows of every
-such file of a batch are unfiltered together in NumPy; every other file goes to
-:func:`core.images.decode_each`, so it gets exactly the pixels or the error it gets there.
+such file of a batch are unfiltered together, by Pillow's C code in one call; every other file
+goes to :func:`core.images.decode_each`, so it gets exactly the pixels or the error it gets
+there.
 
 "Plain" is checked from the bytes, and is deliberately narrow:
 
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 from zlib_ng import zlib_ng
 
 from core import images
@@ -42,7 +44,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _CHUNK_HEAD = struct.Struct(">I4s")
 _CRC = struct.Struct(">I")
-_NONE, _SUB, _UP, _AVERAGE, _PAETH = range(5)
+_PAETH = 4  #: the highest PNG filter type
 #: zlib-ng's exception class (its type stub declares an instance)
 _INFLATE_ERROR: type[Exception] = zlib_ng.error  # type: ignore[assignment]
 
@@ -103,98 +105,18 @@ def _inflate_chunks(
     return rows
 
 
-@lru_cache(maxsize=1)
-def _paeth_table() -> np.ndarray:
-    """The Paeth predictor minus the pixel above-left, modulo 256, indexed by
-    ``(a - c) * 511 + (b - c) + 255 * 512`` (``a`` left, ``b`` above, ``c`` above-left): the
-    predictor's choice depends only on those two differences."""
-    p, q = np.meshgrid(np.arange(-255, 256), np.arange(-255, 256), indexing="ij")
-    pa, pb, pc = np.abs(q), np.abs(p), np.abs(p + q)
-    delta = np.where((pa <= pb) & (pa <= pc), p, np.where(pb <= pc, q, 0))
-    return (delta % 256).astype(np.uint8).ravel()
-
-
-_511 = np.intp(511)
-
-
-def _paeth_rows(above: np.ndarray, filtered: np.ndarray) -> np.ndarray:
-    """``m`` filtered rows (``m x w``) unfiltered with the Paeth filter, given the pixels of
-    the row above each: column by column for the ``m`` rows at once, four array operations a
-    column, through :func:`_paeth_table`."""
-    m, w = filtered.shape
-    table = _paeth_table()
-    key = above.astype(np.intp)  # b - 512 c + 255 * 512, c the pixel above-left
-    key += 255 * 512
-    key[:, 1:] -= above[:, :-1].astype(np.intp) << 9
-    base = filtered.copy()  # the filtered byte plus c, modulo 256
-    base[:, 1:] += above[:, :-1]
-    rows = np.empty((m, w), np.uint8)
-    left = np.zeros(m, np.uint8)
-    index = np.empty(m, np.intp)
-    delta = np.empty(m, np.uint8)
-    for j in range(w):
-        np.multiply(left, _511, out=index)
-        index += key[:, j]
-        table.take(index, out=delta)
-        left = np.add(base[:, j], delta, out=rows[:, j])
-    return rows
-
-
-def _average_rows(above: np.ndarray, filtered: np.ndarray) -> np.ndarray:
-    """As :func:`_paeth_rows`, with the Average filter."""
-    m, w = filtered.shape
-    rows = np.empty((m, w), np.uint8)
-    left = np.zeros(m, np.uint8)
-    for j in range(w):
-        mean = np.add(left, above[:, j], dtype=np.uint16)
-        mean >>= 1
-        left = np.add(mean, filtered[:, j], out=rows[:, j], casting="unsafe")  # modulo 256
-    return rows
-
-
-def _rows_by_number(kinds: np.ndarray) -> dict[int, list[np.ndarray]]:
-    """For the filters Up, Average and Paeth, and each row number ``r``, the rows of the
-    batch (``image * h + r``) of that number with that filter."""
-    n, h = kinds.shape
-    by_row = np.ascontiguousarray(kinds.T)
-    none = np.empty(0, np.intp)
-    out: dict[int, list[np.ndarray]] = {}
-    for code in (_UP, _AVERAGE, _PAETH):
-        mask = by_row == code
-        present = mask.any(axis=1).tolist()
-        out[code] = [np.flatnonzero(mask[r]) * h + r if present[r] else none for r in range(h)]
-    return out
-
-
-def unfilter(filtered: np.ndarray, out: np.ndarray) -> None:
-    """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), to the ``n x h x w``
-    pixels in ``out``: the PNG filters undone for the ``n`` images at once, row by row (None
-    and Sub need no other row and are undone for the whole batch in one step)."""
-    kinds = filtered[:, :, 0]
-    out[...] = filtered[:, :, 1:]
-    rows = out.reshape(-1, out.shape[2])  # row r of image i is rows[i * h + r]
-    sub = np.flatnonzero(kinds == _SUB)
-    if len(sub):
-        rows[sub] = np.cumsum(rows.take(sub, axis=0), axis=1, dtype=np.uint8)
-    by_number = _rows_by_number(kinds)
-    undo_by_code = ((_AVERAGE, _average_rows), (_PAETH, _paeth_rows))
-    for r in range(out.shape[1]):
-        up = by_number[_UP][r]
-        if r and len(up):  # Up on the first row adds the zeros above it
-            rows[up] += rows.take(up - 1, axis=0)
-        for code, undo in undo_by_code:
-            which = by_number[code][r]
-            if len(which):
-                here = rows.take(which, axis=0)
-                above = rows.take(which - 1, axis=0) if r else np.zeros_like(here)
-                rows[which] = undo(above, here)
-
-
-def _unfiltered(filtered: np.ndarray) -> np.ndarray:
+def unfilter(filtered: np.ndarray) -> np.ndarray:
+    """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered: the
+    ``n x h x w`` pixels. Pillow's PNG decoder undoes the filters in C (NumPy's row-by-row
+    Paeth took 2-3 times as long: docs/performance.md), given the batch as one image in which
+    each image's rows follow a row of zeros with filter None, so that an image's first row
+    sees zeros above it as a PNG's first row does. Pillow takes only a zlib stream: this one
+    is stored (level 0), so it is copied through, not inflated a second time."""
     n, h, w1 = filtered.shape
-    out = np.empty((n, h, w1 - 1), np.uint8)
-    unfilter(filtered, out)
-    return out
+    framed = np.zeros((n, h + 1, w1), np.uint8)
+    framed[:, 1:] = filtered
+    batch = Image.frombytes("L", (w1 - 1, n * (h + 1)), zlib_ng.compress(framed, 0), "zip", "L")
+    return np.asarray(batch).reshape(n, h + 1, w1 - 1)[:, 1:]
 
 
 def decode_images(
@@ -216,12 +138,9 @@ def decode_images(
     if plain:
         filtered = np.frombuffer(b"".join(rows), np.uint8).reshape(len(plain), height, width + 1)
         valid = filtered[:, :, 0].max(axis=1) <= _PAETH  # any other filter byte: Pillow's error
-        if valid.all() and len(plain) == n:  # the common batch: straight into the stack
-            unfilter(filtered, stack)
-            decoded[:] = True
-        else:
+        if valid.any():
             at = np.asarray(plain)[valid]
-            stack[at] = _unfiltered(filtered[valid])
+            stack[at] = unfilter(filtered[valid])
             decoded[at] = True
     return decode_rest(blobs, stack, decoded)
 
