@@ -105,18 +105,29 @@ def _inflate_chunks(
     return rows
 
 
+#: Pixels that :func:`unfilter` hands Pillow at once: its copies of them (the framed rows,
+#: their zlib stream, Pillow's image) then stay a few MiB whatever the batch and the model.
+UNFILTER_PIXELS = 2**22
+
+
 def unfilter(filtered: np.ndarray) -> np.ndarray:
     """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered: the
     ``n x h x w`` pixels. Pillow's PNG decoder undoes the filters in C (NumPy's row-by-row
-    Paeth took 2-3 times as long: docs/performance.md), given the batch as one image in which
+    Paeth took 2-3 times as long: docs/performance.md), given the images as one image in which
     each image's rows follow a row of zeros with filter None, so that an image's first row
     sees zeros above it as a PNG's first row does. Pillow takes only a zlib stream: this one
     is stored (level 0), so it is copied through, not inflated a second time."""
     n, h, w1 = filtered.shape
-    framed = np.zeros((n, h + 1, w1), np.uint8)
-    framed[:, 1:] = filtered
-    batch = Image.frombytes("L", (w1 - 1, n * (h + 1)), zlib_ng.compress(framed, 0), "zip", "L")
-    return np.asarray(batch).reshape(n, h + 1, w1 - 1)[:, 1:]
+    out = np.empty((n, h, w1 - 1), np.uint8)
+    step = max(1, UNFILTER_PIXELS // (h * w1))
+    for start in range(0, n, step):
+        part = filtered[start : start + step]
+        framed = np.zeros((len(part), h + 1, w1), np.uint8)
+        framed[:, 1:] = part
+        image = Image.frombytes("L", (w1 - 1, len(part) * (h + 1)),
+                                zlib_ng.compress(framed, 0), "zip", "L")
+        out[start : start + step] = np.asarray(image).reshape(len(part), h + 1, w1 - 1)[:, 1:]
+    return out
 
 
 def decode_images(

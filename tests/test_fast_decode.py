@@ -340,6 +340,19 @@ def test_a_batch_of_mixed_filters_and_failures_keeps_each_image_in_place():
     assert len(errors) == 14 and len(ok) == len(blobs) - 14
 
 
+def test_a_batch_unfiltered_in_several_parts_gives_the_same_pixels(monkeypatch):
+    """A batch larger than what Pillow is handed at once (here 3 images a part, the last part
+    short) gives each image its own pixels, every filter on a first row included."""
+    rng = np.random.default_rng(11)
+    pictures = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(10)]
+    blobs = [png(filtered(p, [(i + r) % 5 for r in range(28)]), 28, 28)
+             for i, p in enumerate(pictures)]
+    monkeypatch.setattr(fast_decode, "UNFILTER_PIXELS", 3 * 28 * 29)
+    stack, ok, errors = fast_decode.decode_images(blobs, 28, 28)
+    assert ok == list(range(10)) and not errors
+    assert np.array_equal(stack, np.stack(pictures))
+
+
 def test_other_sizes_give_pillows_pixels_or_pillows_error():
     """The fast path serves a model of any size; a file of another size is Pillow's error."""
     rng = np.random.default_rng(3)
