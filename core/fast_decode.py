@@ -112,8 +112,8 @@ UNFILTER_PIXELS = 2**22
 
 def unfilter(filtered: np.ndarray) -> np.ndarray:
     """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered: the
-    ``n x h x w`` pixels. Pillow's PNG decoder undoes the filters in C (NumPy's row-by-row
-    Paeth took 2-3 times as long: docs/performance.md), given the images as one image in which
+    ``n x h x w`` pixels. Pillow's PNG decoder (``"zip"``) undoes the filters in C, faster than
+    NumPy can row by row (docs/performance.md), given the images as one image in which
     each image's rows follow a row of zeros with filter None, so that an image's first row
     sees zeros above it as a PNG's first row does. Pillow takes only a zlib stream: this one
     is stored (level 0), so it is copied through, not inflated a second time."""
