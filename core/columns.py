@@ -1,5 +1,5 @@
 """A ``predictions`` row as the database stores it, defined once, and a batch of them as
-columns: what scoring makes (core/batch.py) and what storing reads (db/: the counts, the
+columns: what scoring makes (core/scoring.py) and what storing reads (db/: the counts, the
 kept lists and the binary COPY), so that each is a few NumPy operations over the batch
 instead of a Python loop over its rows.
 

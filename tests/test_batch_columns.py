@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from core import defaults
-from core.batch import score_images
 from core.columns import PREDICTORS, PredictionRow, batch_columns, unscored_row
+from core.scoring import score_images
 from db.counts import PROB_BINS, count_rows
 from db.mistakes import batch_candidates
 from db.pg_copy import FIELDS, copy_data

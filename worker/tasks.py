@@ -31,10 +31,10 @@ from sqlalchemy.exc import OperationalError
 
 from core import defaults, wire
 from core.archive_batches import read_recorded
-from core.batch import score_images
 from core.classifier import Classifier
 from core.errors import DatabaseUnavailable, MessageError
 from core.files import map_prefix, read_batch_below
+from core.scoring import score_images
 from core.settings import Settings
 from core.text import first_line, mask_url, mask_urls_in
 from db.batch_life import (
