@@ -111,7 +111,3 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help=f"Most images in one batch; at most {defaults.MAX_BATCH_IMAGES_ENV} (default "
         f"{defaults.MAX_BATCH_IMAGES}), the most a worker scores.",
     )(f)
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)
