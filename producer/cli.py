@@ -260,6 +260,7 @@ def train_cmd(
       producer train ./mnist/train --epochs 40 --lr 2 --weight-decay 0.01
     """
     from core.training import SgdSettings
+    from db.session import get_engine
     from producer.training import train_and_store
 
     sgd = SgdSettings(
@@ -272,7 +273,7 @@ def train_cmd(
     )
     sgd.check()
     # opened before training, so that a database that cannot be used fails in seconds
-    train_and_store(engine.open(), directory, valid_dir, holdout, sgd)
+    train_and_store(get_engine(engine.database_url), directory, valid_dir, holdout, sgd)
 
 
 from producer.cancel_commands import cancel_cmd, delete_cmd, prune_cmd  # noqa: E402

@@ -21,15 +21,12 @@ class LazyEngine:
 
     database_url: str  # not ``url``: that is the engine's own
 
-    def open(self) -> Any:
-        """The engine, opened and migrated now (the first time: db.session keeps one engine
-        per URL)."""
+    def __getattr__(self, name: str) -> Any:
+        """The engine's own attribute: the engine opened and migrated now, the first time
+        (db.session keeps one engine per URL)."""
         from db.session import get_engine
 
-        return get_engine(self.database_url)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.open(), name)
+        return getattr(get_engine(self.database_url), name)
 
 
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
