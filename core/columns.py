@@ -76,9 +76,6 @@ class BatchColumns:
     label_codes: np.ndarray  # int64, -1 for no label
     answer_codes: np.ndarray  # int64, shape (predictors, rows), -1 for no answer
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def take(self, keep: Sequence[int]) -> BatchColumns:
         """The rows at the indices ``keep``, in that order."""
         import numpy as np

@@ -315,7 +315,7 @@ def _settle_as(
 
 
 def _first_of_each_path(columns: BatchColumns) -> BatchColumns:
-    if len(set(columns.paths)) == len(columns):
+    if len(set(columns.paths)) == len(columns.paths):
         return columns
     first: dict[str, int] = {}
     for i, path in enumerate(columns.paths):
@@ -367,7 +367,7 @@ def write_batch(
         run = write_tallies(conn, run_id, seq, counts, columns)
         assert run is not None
     write_predictions(conn, run_id, seq, columns, now)
-    return len(columns), *run
+    return len(columns.paths), *run
 
 
 def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:

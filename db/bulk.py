@@ -46,7 +46,7 @@ def write_predictions(
     """Insert a batch's rows (``columns``) into ``predictions`` in the caller's transaction.
     A path the run already holds makes the unique index refuse the statement
     (``IntegrityError``)."""
-    if not len(columns):
+    if not columns.paths:
         return
     if conn.dialect.name == "postgresql":
         _copy_rows(conn, copy_data(run_id, batch_seq, columns, scored_at))

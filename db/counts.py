@@ -94,7 +94,7 @@ def count_rows(columns: BatchColumns) -> RowCounts:
     right = [int(np.count_nonzero(a == labels)) for a in answers]
     pairs = [int(np.count_nonzero(a == b)) for a, b in ((l1, l2), (l1, sgd), (l2, sgd))]
     return RowCounts(
-        scored, len(columns) - scored, int(np.count_nonzero(labels >= 0)),
+        scored, len(columns.paths) - scored, int(np.count_nonzero(labels >= 0)),
         (right[0], right[1], right[2]), int(np.count_nonzero((l1 == l2) & (l2 == sgd))),
         (pairs[0], pairs[1], pairs[2]), prob_bins(columns), cells,
         {str(e): n for e, n in errors.items()},

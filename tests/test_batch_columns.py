@@ -141,4 +141,4 @@ def test_taken_columns_are_the_rows_taken():
     taken = columns.take(keep)
     assert taken.rows() == [rows[i] for i in keep]
     assert count_rows(taken) == count_rows(batch_columns([rows[i] for i in keep]))
-    assert len(columns.take([])) == 0 and count_rows(columns.take([])).scored == 0
+    assert columns.take([]).paths == [] and count_rows(columns.take([])).scored == 0

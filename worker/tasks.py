@@ -345,14 +345,14 @@ def score_and_store(
         lambda: store_batch(engine, batch.run_id, batch.seq, columns, deliveries=deliveries),
         engine, message, "storing failed",
     )
-    if not n_new and len(columns) and was_cancelled(engine, batch.run_id, batch.seq):
+    if not n_new and columns.paths and was_cancelled(engine, batch.run_id, batch.seq):
         # cancelled while it was scored: its claim was gone at the store, nothing written
-        log_cancelled(message, f"{len(columns)} scored rows dropped")
+        log_cancelled(message, f"{len(columns.paths)} scored rows dropped")
         return 0
     metrics.count_stored(columns, n_new, time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
-        count_batch(engine, node, len(columns))
+        count_batch(engine, node, len(columns.paths))
     return n_new
 
 
