@@ -104,12 +104,6 @@ class Counter:
             line = f"\r{self.label} {plural(self.n, 'image')} ({rate:,.0f}/s)"
             click.echo(line, err=True, nl=False)
 
-    def close(self) -> None:
-        """End the progress line (once)."""
-        if self.tty and self.n:
-            click.echo("", err=True)
-        self.tty = False
-
 
 def timeout_option(f: Any) -> Any:
     return click.option(
@@ -295,7 +289,8 @@ def _submit(
             on_batch=counter,
         )
     finally:
-        counter.close()
+        if counter.tty and counter.n:  # end the progress line
+            click.echo("", err=True)
 
 
 def _wait_and_report(
