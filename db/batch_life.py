@@ -257,7 +257,11 @@ def store_batch(
     never sends), the transaction is tried again writing only the paths the run lacks. Then
     the run is settled (:func:`settle_run`) if this batch may be its first or its last, or
     was stored already."""
-    columns = _first_of_each_path(columns)
+    if len(set(columns.paths)) < len(columns.paths):
+        first: dict[str, int] = {}
+        for i, path in enumerate(columns.paths):
+            first.setdefault(path, i)
+        columns = columns.take(list(first.values()))
     look_up = False
     with engine.connect() as conn:  # one check-out of the pool for both transactions
         while True:
@@ -312,15 +316,6 @@ def _settle_as(
     if status == "queued" or (status != "done" and (n_images is not None or not locked)):
         return status == "queued"
     return None
-
-
-def _first_of_each_path(columns: BatchColumns) -> BatchColumns:
-    if len(set(columns.paths)) == len(columns.paths):
-        return columns
-    first: dict[str, int] = {}
-    for i, path in enumerate(columns.paths):
-        first.setdefault(path, i)
-    return columns.take(list(first.values()))
 
 
 def write_batch(
