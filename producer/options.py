@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,21 +30,17 @@ class LazyEngine:
 
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--database-url`` / ``DIGITSCORE_DATABASE_URL``: one setting, shared by every command;
-    the command receives a :class:`LazyEngine`."""
-
-    @click.option(
+    the command receives it as ``engine``, the :class:`LazyEngine` Click makes of the URL."""
+    return click.option(
         "--database-url",
+        "engine",
+        type=LazyEngine,
         envvar=defaults.DATABASE_URL_ENV,
         default=defaults.DATABASE_URL,
         show_default=True,
         metavar="URL",
         help=f"SQLAlchemy URL of the results database [env {defaults.DATABASE_URL_ENV}].",
-    )
-    @functools.wraps(f)
-    def wrapper(*args: Any, database_url: str, **kwargs: Any) -> Any:
-        return f(*args, engine=LazyEngine(database_url), **kwargs)
-
-    return wrapper
+    )(f)
 
 
 def broker_option(
