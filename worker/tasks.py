@@ -309,7 +309,9 @@ def give_up_on(engine: Any, claim: Claim) -> int:
         batch.run_id, batch.seq, batch.failed_deliveries, batch.last_failure,
     )
     n_new = give_up(engine, claim)
-    metrics.count_poisoned(n_new)
+    if n_new:  # its error rows, if this delivery wrote them (worker/metrics.py)
+        metrics.FAILED_ROWS.inc(n_new)
+        metrics.BATCHES_POISONED.inc()
     return n_new
 
 
@@ -349,7 +351,12 @@ def score_and_store(
         # cancelled while it was scored: its claim was gone at the store, nothing written
         log_cancelled(message, f"{len(columns.paths)} scored rows dropped")
         return 0
-    metrics.count_stored(columns, n_new, time.monotonic() - start)
+    if n_new:  # the rows this delivery wrote (worker/metrics.py)
+        failed = min(n_new, len(columns.errors) - columns.errors.count(None))  # rows of errors
+        metrics.IMAGES_SCORED.inc(n_new - failed)
+        metrics.FAILED_ROWS.inc(failed)
+        metrics.BATCHES_SCORED.inc()
+        metrics.SCORING_SECONDS.observe(time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(columns.paths))
