@@ -78,7 +78,7 @@ def _write(url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: 
     """Store each (run, batch) of ``jobs`` with the project's code; put the wall-clock
     times of the first write's start and the last commit's end in ``times``, and the CPU
     seconds this process and its server process spent between them."""
-    # as scoring hands them over (core.batch.score_images): columns
+    # as scoring hands them over (core.scoring.score_images): columns
     prepared = [(run_id, seq, batch_columns(batch_rows(seq, size))) for run_id, seq in jobs]
     engine = get_engine(url)
     with engine.connect() as conn:  # connected, schema checked: only the writes are timed

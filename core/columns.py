@@ -1,5 +1,5 @@
 """A ``predictions`` row as the database stores it, defined once, and a batch of them as
-columns: what scoring makes (core/batch.py) and what storing reads (db/: the counts, the
+columns: what scoring makes (core/scoring.py) and what storing reads (db/: the counts, the
 kept lists and the binary COPY), so that each is a few NumPy operations over the batch
 instead of a Python loop over its rows.
 
@@ -75,9 +75,6 @@ class BatchColumns:
     classes: tuple[str, ...]  # every label and answer among them (and perhaps more)
     label_codes: np.ndarray  # int64, -1 for no label
     answer_codes: np.ndarray  # int64, shape (predictors, rows), -1 for no answer
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def take(self, keep: Sequence[int]) -> BatchColumns:
         """The rows at the indices ``keep``, in that order."""

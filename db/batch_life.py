@@ -257,7 +257,11 @@ def store_batch(
     never sends), the transaction is tried again writing only the paths the run lacks. Then
     the run is settled (:func:`settle_run`) if this batch may be its first or its last, or
     was stored already."""
-    columns = _first_of_each_path(columns)
+    if len(set(columns.paths)) < len(columns.paths):
+        first: dict[str, int] = {}
+        for i, path in enumerate(columns.paths):
+            first.setdefault(path, i)
+        columns = columns.take(list(first.values()))
     look_up = False
     with engine.connect() as conn:  # one check-out of the pool for both transactions
         while True:
@@ -314,15 +318,6 @@ def _settle_as(
     return None
 
 
-def _first_of_each_path(columns: BatchColumns) -> BatchColumns:
-    if len(set(columns.paths)) == len(columns):
-        return columns
-    first: dict[str, int] = {}
-    for i, path in enumerate(columns.paths):
-        first.setdefault(path, i)
-    return columns.take(list(first.values()))
-
-
 def write_batch(
     conn: Connection,
     run_id: int,
@@ -367,7 +362,7 @@ def write_batch(
         run = write_tallies(conn, run_id, seq, counts, columns)
         assert run is not None
     write_predictions(conn, run_id, seq, columns, now)
-    return len(columns), *run
+    return len(columns.paths), *run
 
 
 def forget_rows(conn: Connection, run_id: int, seq: int, paths: Sequence[str]) -> None:

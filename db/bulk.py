@@ -28,12 +28,9 @@ _COLUMN_LIST = ", ".join(FIELDS)
 _COPY = f"COPY predictions ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
 #: Parameters one SQLite statement may hold (SQLITE_MAX_VARIABLE_NUMBER since 3.32).
 SQLITE_MAX_PARAMETERS = 32_766
-
-
-def sqlite_rows_per_statement(n_columns: int) -> int:
-    """Rows of ``n_columns`` values that fit one SQLite statement, at most 500: the one
-    chunk size of every multi-row statement here."""
-    return min(500, SQLITE_MAX_PARAMETERS // n_columns)
+#: Rows in one multi-row SQLite statement: the one chunk size of every such statement here,
+#: fewer only where their values would pass :data:`SQLITE_MAX_PARAMETERS`.
+SQLITE_ROWS = 500
 
 
 def write_predictions(
@@ -46,7 +43,7 @@ def write_predictions(
     """Insert a batch's rows (``columns``) into ``predictions`` in the caller's transaction.
     A path the run already holds makes the unique index refuse the statement
     (``IntegrityError``)."""
-    if not len(columns):
+    if not columns.paths:
         return
     if conn.dialect.name == "postgresql":
         _copy_rows(conn, copy_data(run_id, batch_seq, columns, scored_at))
@@ -91,7 +88,7 @@ def stored_paths(conn: Connection, run_id: int, paths: Sequence[str]) -> set[str
             (list(paths), run_id),
         ).scalars())
     found: set[str] = set()
-    step = sqlite_rows_per_statement(1) - 1
+    step = SQLITE_ROWS - 1  # a parameter per path, and one for the run's id
     for start in range(0, len(paths), step):
         chunk = list(paths[start : start + step])
         marks = ", ".join("?" * len(chunk))
@@ -117,7 +114,7 @@ def insert_rows(
     PostgreSQL type), ``tail`` (an ``ON CONFLICT`` clause) after the statement. On
     PostgreSQL one statement of fixed text, the rows as one array per column through
     ``unnest`` (prepared once by the driver); on SQLite multi-row ``VALUES`` statements of
-    :func:`sqlite_rows_per_statement` rows, which SQLite steps once per statement where
+    :data:`SQLITE_ROWS` rows, which SQLite steps once per statement where
     ``executemany`` steps once per row."""
     if not rows:
         return
@@ -129,7 +126,7 @@ def insert_rows(
             tuple(list(column) for column in zip(*rows, strict=True)),
         )
         return
-    step = sqlite_rows_per_statement(len(names))
+    step = min(SQLITE_ROWS, SQLITE_MAX_PARAMETERS // len(names))
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
         conn.exec_driver_sql(

@@ -75,7 +75,8 @@ def count_rows(columns: BatchColumns) -> RowCounts:
     """The counts of a batch's rows (``columns``). A row is scored when it has no error, and
     then has every prediction; an unscored row has none (see core/columns.py). The failure
     reasons are a ``Counter`` of the error column (a loop in C); everything else is NumPy
-    over the label and answer codes: one ``bincount`` of (label, answer) per predictor."""
+    over the label and answer codes, one ``bincount`` of (label, answer) per predictor, and
+    one of the ``prob_sgd`` column's tenths."""
     import numpy as np
 
     errors = Counter(columns.errors)
@@ -93,22 +94,15 @@ def count_rows(columns: BatchColumns) -> RowCounts:
     l1, l2, sgd = answers
     right = [int(np.count_nonzero(a == labels)) for a in answers]
     pairs = [int(np.count_nonzero(a == b)) for a, b in ((l1, l2), (l1, sgd), (l2, sgd))]
+    probs = columns.scores[2][columns.has_score[2]]  # bin i: floor(p * 10) = i, 1.0 the last
+    bins = np.bincount(np.minimum((probs * PROB_BINS).astype(np.int64), PROB_BINS - 1),
+                       minlength=PROB_BINS)
     return RowCounts(
-        scored, len(columns) - scored, int(np.count_nonzero(labels >= 0)),
+        scored, len(columns.paths) - scored, int(np.count_nonzero(labels >= 0)),
         (right[0], right[1], right[2]), int(np.count_nonzero((l1 == l2) & (l2 == sgd))),
-        (pairs[0], pairs[1], pairs[2]), prob_bins(columns), cells,
+        (pairs[0], pairs[1], pairs[2]), tuple(int(n) for n in bins), cells,
         {str(e): n for e, n in errors.items()},
     )
-
-
-def prob_bins(columns: BatchColumns) -> tuple[int, ...]:
-    """Rows with a ``prob_sgd`` per bin of it: bin i holds floor(p * 10) = i, 1.0 the
-    last."""
-    import numpy as np
-
-    probs = columns.scores[2][columns.has_score[2]]
-    bins = np.minimum((probs * PROB_BINS).astype(np.int64), PROB_BINS - 1)
-    return tuple(int(n) for n in np.bincount(bins, minlength=PROB_BINS))
 
 
 _CELL_COLUMNS = {

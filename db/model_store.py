@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
@@ -83,19 +84,14 @@ def load_classifier(conn: Connection, model_id: int, device: Any = "cpu") -> Cla
         raise ModelNotFound(
             f"model {model_id} does not exist: see `producer models`, or run `producer train DIR`"
         )
-    classes = read_stored(model_id, "classes", lambda: classes_from_json(row["classes"]))
+    classes = read_stored(model_id, "classes", partial(classes_from_json, row["classes"]))
     k, h, w = len(classes), row["height"], row["width"]
-
-    def tensor(column: str, shape: tuple[int, ...]) -> Any:
-        array = read_stored(model_id, column, lambda: array_from_bytes(row[column], shape))
-        return torch.from_numpy(array).to(device)
-
-    return Classifier(
-        classes=classes,
-        ideals=tensor("ideal_images", (k, h, w)),
-        weights=tensor("sgd_weights", (h * w, k)),
-        bias=tensor("sgd_bias", (k,)),
-    )
+    tensors = []  # the ideals, the weights and the bias, in the Classifier's order
+    for column, shape in (("ideal_images", (k, h, w)), ("sgd_weights", (h * w, k)),
+                          ("sgd_bias", (k,))):
+        array = read_stored(model_id, column, partial(array_from_bytes, row[column], shape))
+        tensors.append(torch.from_numpy(array).to(device))
+    return Classifier(classes, *tensors)
 
 
 def load_learning_curve(

@@ -31,7 +31,7 @@ _LENGTHS = [struct.pack(">i", n) for n in range(1024)]
 
 def copy_data(run_id: int, batch_seq: int, columns: BatchColumns, scored_at: datetime) -> bytes:
     """The whole COPY data of the batch's rows, signature and trailer included."""
-    n = len(columns)
+    n = len(columns.paths)
     if n == 0:
         return _SIGNATURE + _TRAILER
     since = scored_at - _EPOCH
@@ -97,7 +97,7 @@ def _scores(columns: BatchColumns) -> list[bytes]:
     a row missing a score (an unscored row has none) is made apart."""
     import numpy as np
 
-    n = len(columns)
+    n = len(columns.paths)
     block = np.empty((n, 3), dtype=[("length", ">i4"), ("value", ">f8")])
     block["length"] = 8
     block["value"] = np.stack(columns.scores, axis=1)

@@ -10,7 +10,7 @@ import click
 
 from core import defaults
 from core.text import plural
-from producer.options import HELP, database_option, echo_err
+from producer.options import HELP, database_option
 from producer.run_commands import RunArg, resolve_run
 
 
@@ -162,4 +162,7 @@ def _delete_confirmed(
         mib = 1024 * 1024
         click.echo(f"VACUUM: {before / mib:,.1f} MiB -> {after / mib:,.1f} MiB")
     else:
-        echo_err("the SQLite file keeps its size until VACUUM: add --vacuum to shrink it")
+        click.echo(
+            "the SQLite file keeps its size until VACUUM: add --vacuum to shrink it",
+            err=True,
+        )

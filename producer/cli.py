@@ -21,7 +21,7 @@ import producer
 from core import defaults
 from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DigitscoreError
 from core.text import first_line, plural
-from producer.options import HELP, database_option, echo_err
+from producer.options import HELP, database_option
 
 
 class ProducerGroup(click.Group):
@@ -32,7 +32,7 @@ class ProducerGroup(click.Group):
 
     def _stopped(self, ctx: click.Context) -> None:
         command = self.commands.get(ctx.invoked_subcommand or "")
-        echo_err("\n" + getattr(command, "interrupted_early", "stopped (Ctrl-C)"))
+        click.echo("\n" + getattr(command, "interrupted_early", "stopped (Ctrl-C)"), err=True)
         ctx.exit(EXIT_INTERRUPTED)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -49,12 +49,15 @@ class ProducerGroup(click.Group):
         except DigitscoreError as e:
             if debug_enabled(ctx):
                 raise
-            echo_err(f"Error: {e}")
+            click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
         except Exception as e:
             if debug_enabled(ctx):
                 raise
-            echo_err(f"Error: {describe_unexpected(e)} (run again with --debug for the traceback)")
+            click.echo(
+                f"Error: {describe_unexpected(e)} (run again with --debug for the traceback)",
+                err=True,
+            )
             ctx.exit(EXIT_FAILURE)
 
 
@@ -157,7 +160,7 @@ def pack_cmd(src: Path, out: Path, images_per_shard: int) -> None:
     with click.progressbar(length=total, label="packing", file=sys.stderr) as bar:
         packed = pack_directory(src, out, images_per_shard, on_image=lambda: bar.update(1))
     for name, error in packed.unread:
-        echo_err(f"left out {name}: {error}")
+        click.echo(f"left out {name}: {error}", err=True)
     unread = len(packed.unread)
     click.echo(
         f"wrote {plural(packed.n_images, 'image')} in {plural(len(packed.shards), 'shard')} "
@@ -257,6 +260,7 @@ def train_cmd(
       producer train ./mnist/train --epochs 40 --lr 2 --weight-decay 0.01
     """
     from core.training import SgdSettings
+    from db.session import get_engine
     from producer.training import train_and_store
 
     sgd = SgdSettings(
@@ -269,7 +273,7 @@ def train_cmd(
     )
     sgd.check()
     # opened before training, so that a database that cannot be used fails in seconds
-    train_and_store(engine.open(), directory, valid_dir, holdout, sgd)
+    train_and_store(get_engine(engine.database_url), directory, valid_dir, holdout, sgd)
 
 
 from producer.cancel_commands import cancel_cmd, delete_cmd, prune_cmd  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,34 +20,27 @@ class LazyEngine:
 
     database_url: str  # not ``url``: that is the engine's own
 
-    def open(self) -> Any:
-        """The engine, opened and migrated now (the first time: db.session keeps one engine
-        per URL)."""
+    def __getattr__(self, name: str) -> Any:
+        """The engine's own attribute: the engine opened and migrated now, the first time
+        (db.session keeps one engine per URL)."""
         from db.session import get_engine
 
-        return get_engine(self.database_url)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.open(), name)
+        return getattr(get_engine(self.database_url), name)
 
 
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--database-url`` / ``DIGITSCORE_DATABASE_URL``: one setting, shared by every command;
-    the command receives a :class:`LazyEngine`."""
-
-    @click.option(
+    the command receives it as ``engine``, the :class:`LazyEngine` Click makes of the URL."""
+    return click.option(
         "--database-url",
+        "engine",
+        type=LazyEngine,
         envvar=defaults.DATABASE_URL_ENV,
         default=defaults.DATABASE_URL,
         show_default=True,
         metavar="URL",
         help=f"SQLAlchemy URL of the results database [env {defaults.DATABASE_URL_ENV}].",
-    )
-    @functools.wraps(f)
-    def wrapper(*args: Any, database_url: str, **kwargs: Any) -> Any:
-        return f(*args, engine=LazyEngine(database_url), **kwargs)
-
-    return wrapper
+    )(f)
 
 
 def broker_option(
@@ -111,7 +103,3 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help=f"Most images in one batch; at most {defaults.MAX_BATCH_IMAGES_ENV} (default "
         f"{defaults.MAX_BATCH_IMAGES}), the most a worker scores.",
     )(f)
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)

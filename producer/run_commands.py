@@ -21,7 +21,6 @@ from producer.options import (
     batch_options,
     broker_option,
     database_option,
-    echo_err,
     queue_broker_option,
     send_option,
 )
@@ -60,7 +59,7 @@ def _sender(engine: Any, settings: Settings, model_id: int) -> Any:
         sender = CelerySender(settings, on_wait=_report_wait)
         sender.check()
         if sender.warning:
-            echo_err(f"warning: {sender.warning}")
+            click.echo(f"warning: {sender.warning}", err=True)
         return sender
     from db.model_store import load_classifier
     from producer.submit import EmbeddedSender
@@ -72,9 +71,10 @@ def _sender(engine: Any, settings: Settings, model_id: int) -> Any:
 
 def _report_wait(queued: int, bound: int) -> None:
     mib = 1024 * 1024
-    echo_err(
+    click.echo(
         f"\r{queued / mib:,.1f} MiB queued in Redis (at most {bound / mib:,.1f} MiB, "
-        f"{defaults.MAX_QUEUED_BYTES_ENV}): waiting for workers to take batches"
+        f"{defaults.MAX_QUEUED_BYTES_ENV}): waiting for workers to take batches",
+        err=True,
     )
 
 
@@ -84,7 +84,7 @@ def _mode_for(sender: Any, send_mode: str | None) -> str | None:
     if sender.backend != "embedded":
         return send_mode
     if send_mode == "paths":
-        echo_err("--send paths needs workers: reading the files in this process")
+        click.echo("--send paths needs workers: reading the files in this process", err=True)
     return "bytes"
 
 
@@ -103,12 +103,6 @@ class Counter:
             rate = self.n / max(time.monotonic() - self.start, 1e-9)
             line = f"\r{self.label} {plural(self.n, 'image')} ({rate:,.0f}/s)"
             click.echo(line, err=True, nl=False)
-
-    def close(self) -> None:
-        """End the progress line (once)."""
-        if self.tty and self.n:
-            click.echo("", err=True)
-        self.tty = False
 
 
 def timeout_option(f: Any) -> Any:
@@ -211,10 +205,13 @@ def submit_cmd(
         raise
     except KeyboardInterrupt:
         if not created:
-            echo_err("\nstopped before the run was created: nothing was submitted")
+            click.echo("\nstopped before the run was created: nothing was submitted", err=True)
         else:
             run_id = created[0]
-            echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+            click.echo(
+                f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest",
+                err=True,
+            )
         sys.exit(EXIT_INTERRUPTED)
     try:
         click.echo(
@@ -225,7 +222,10 @@ def submit_cmd(
     except KeyboardInterrupt:  # the run is wholly sent
         if wait:
             _stopped_waiting(engine, sub.run_id, settings)
-        echo_err(f"\nstopped; run {sub.run_id} was sent: `producer status {sub.run_id}`")
+        click.echo(
+            f"\nstopped; run {sub.run_id} was sent: `producer status {sub.run_id}`",
+            err=True,
+        )
         sys.exit(EXIT_INTERRUPTED)
     if wait:
         _wait_and_report(engine, sub.run_id, settings, timeout)
@@ -265,7 +265,7 @@ def _submit(
         model_id = resolve_model_id(conn, model_id)
     sender = _sender(engine, settings, model_id)
     if sender.backend == "embedded":
-        echo_err(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process")
+        click.echo(f"no broker set ({defaults.BROKER_URL_ENV}): scoring in this process", err=True)
     send_mode = _mode_for(sender, settings.send) or defaults.SEND
     if sender.backend == "celery":
         batch_bytes = sender.batch_bytes(batch_bytes)
@@ -273,7 +273,7 @@ def _submit(
 
     def on_run(run_id: int) -> None:
         created.append(run_id)
-        echo_err(f"run {run_id} created")
+        click.echo(f"run {run_id} created", err=True)
 
     try:
         return submit_directory(
@@ -289,7 +289,8 @@ def _submit(
             on_batch=counter,
         )
     finally:
-        counter.close()
+        if counter.tty and counter.n:  # end the progress line
+            click.echo("", err=True)
 
 
 def _wait_and_report(
@@ -337,7 +338,7 @@ def _stopped_waiting(engine: Any, run_id: int, settings: Settings) -> None:
     declines); elsewhere say how to. Exits 130 either way."""
     goes_on = f"stopped waiting; run {run_id} goes on: `producer status {run_id}`"
     if not sys.stdin.isatty():
-        echo_err(f"\n{goes_on}, `producer cancel {run_id}` stops it")
+        click.echo(f"\n{goes_on}, `producer cancel {run_id}` stops it", err=True)
         sys.exit(EXIT_INTERRUPTED)
     try:
         stop = click.confirm(f"\ncancel run {run_id}?", default=False, err=True)
@@ -346,9 +347,9 @@ def _stopped_waiting(engine: Any, run_id: int, settings: Settings) -> None:
     if stop:
         from producer.cancel import cancel, describe_cancel
 
-        echo_err(describe_cancel(engine, *cancel(engine, settings, run_id)))
+        click.echo(describe_cancel(engine, *cancel(engine, settings, run_id)), err=True)
     else:
-        echo_err(f"\n{goes_on}")
+        click.echo(f"\n{goes_on}", err=True)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -420,7 +421,10 @@ def resume_cmd(
         raise not_resumed(found)
 
     def say_requeued(n: int) -> None:
-        echo_err(f"run {run_id}: {plural(n, 'failed batch', 'failed batches')} to score again")
+        click.echo(
+            f"run {run_id}: {plural(n, 'failed batch', 'failed batches')} to score again",
+            err=True,
+        )
 
     resent, sub = 0, None
     if found["status"] != "done" or retry_failed:
@@ -434,7 +438,10 @@ def resume_cmd(
                 retry_failed=say_requeued if retry_failed else None,
             )
         except KeyboardInterrupt:
-            echo_err(f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest")
+            click.echo(
+                f"\nstopped; run {run_id} is kept: `producer resume {run_id}` sends the rest",
+                err=True,
+            )
             sys.exit(EXIT_INTERRUPTED)
         except RunCancelled:
             _cancel_since(engine, settings, run_id)

@@ -1,7 +1,7 @@
 """Submitting a directory as a run: walk, batch, record each batch, hand it to a sender.
 
 A sender either scores the batch in this process (the embedded default) or enqueues it for
-the Celery workers; both score with ``core.batch.score_images`` and store with
+the Celery workers; both score with ``core.scoring.score_images`` and store with
 ``db.batch_life.store_batch``.
 
 Each batch is recorded in the database before it is sent, so ``resume_run`` can always tell
@@ -81,7 +81,7 @@ class EmbeddedSender:
     ) -> None:
         """Score and store the batch now (``priority`` orders nothing here)."""
         # imported here: a producer that only enqueues never loads torch
-        from core.batch import score_images
+        from core.scoring import score_images
 
         if batch is None:
             raise ValueError("scoring in this process needs the batch's files read")

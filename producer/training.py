@@ -24,7 +24,6 @@ from core.labelled import (
 from core.text import plural
 from core.training import SgdSettings, accuracies, train_model
 from db.model_store import TrainingRecord, save_classifier
-from producer.options import echo_err
 from producer.progress import bar
 
 
@@ -77,9 +76,10 @@ def train_and_store(
     settings.check()
     train, valid, n_unreadable = split_data(directory, valid_dir, holdout, settings.seed)
     if n_unreadable:
-        echo_err(
+        click.echo(
             f"warning: {plural(n_unreadable, 'file')} could not be read or decoded and "
-            f"{'was' if n_unreadable == 1 else 'were'} left out"
+            f"{'was' if n_unreadable == 1 else 'were'} left out",
+            err=True,
         )
     n_valid = plural(len(valid.labels), "image")
     source = (
@@ -87,25 +87,26 @@ def train_and_store(
         if valid_dir is not None
         else f"{n_valid} held out of {directory} (--holdout {holdout})"
     )
-    echo_err(
+    click.echo(
         f"training on {plural(len(train.labels), 'image')} of classes "
-        f"{', '.join(train.classes)}; validating on {source}"
+        f"{', '.join(train.classes)}; validating on {source}",
+        err=True,
     )
     warning = few_images_warning(valid)
     if warning:
-        echo_err(warning)
+        click.echo(warning, err=True)
     best: list[EpochStats] = []
 
     def on_epoch(stats: EpochStats) -> None:
         better = not best or stats.rank() > best[0].rank()  # the rule train_sgd keeps by
         if better:
             best[:] = [stats]
-        echo_err(epoch_line(stats, settings.epochs, better))
+        click.echo(epoch_line(stats, settings.epochs, better), err=True)
 
     trained = train_model(train, settings, valid=valid, on_epoch=on_epoch)
     if len(trained.curve) < settings.epochs:
         epochs = plural(settings.patience or 0, "epoch")
-        echo_err(f"stopped early: no better validation accuracy in {epochs}")
+        click.echo(f"stopped early: no better validation accuracy in {epochs}", err=True)
     acc = accuracies(trained.classifier, valid)
     record = TrainingRecord(
         train_dir=str(directory.resolve()),
@@ -124,9 +125,10 @@ def train_and_store(
     )
     with engine.begin() as conn:
         model_id = save_classifier(conn, trained.classifier, record)
-    echo_err(
+    click.echo(
         f"kept the SGD weights of epoch {trained.best_epoch} (weight decay "
-        f"{trained.weight_decay:g}, batch size {trained.batch_size}): the best on validation"
+        f"{trained.weight_decay:g}, batch size {trained.batch_size}): the best on validation",
+        err=True,
     )
     click.echo(f"model {model_id}")
     click.echo(

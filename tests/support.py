@@ -92,7 +92,7 @@ def save_model(db: Engine | str, classifier: Classifier, train_dir: str = "train
 
 def score_and_store(engine, classifier, run_id, seq, paths, blobs, errors=None) -> int:
     """Score a batch in this process and store its rows, as the embedded producer does."""
-    from core.batch import score_images
+    from core.scoring import score_images
     from db.batch_life import store_batch
 
     return store_batch(engine, run_id, seq, score_images(classifier, paths, blobs, errors))

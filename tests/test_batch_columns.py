@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from core import defaults
-from core.batch import score_images
 from core.columns import PREDICTORS, PredictionRow, batch_columns, unscored_row
+from core.scoring import score_images
 from db.counts import PROB_BINS, count_rows
 from db.mistakes import batch_candidates
 from db.pg_copy import FIELDS, copy_data
@@ -141,4 +141,4 @@ def test_taken_columns_are_the_rows_taken():
     taken = columns.take(keep)
     assert taken.rows() == [rows[i] for i in keep]
     assert count_rows(taken) == count_rows(batch_columns([rows[i] for i in keep]))
-    assert len(columns.take([])) == 0 and count_rows(columns.take([])).scored == 0
+    assert columns.take([]).paths == [] and count_rows(columns.take([])).scored == 0

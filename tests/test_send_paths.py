@@ -16,8 +16,8 @@ import redis
 from sqlalchemy import text
 
 from core import defaults
-from core.batch import score_images
 from core.files import OUTSIDE_ROOT, map_prefix, read_batch_below, read_below, read_file
+from core.scoring import score_images
 from core.settings import SettingError, Settings
 from db.session import get_engine
 from tests.support import (

@@ -17,10 +17,9 @@ from sqlalchemy.exc import IntegrityError
 
 from bench.dataset import encoded_digits
 from core import scoring
-from core.batch import labels_for, score_images
 from core.columns import batch_columns, label_for
 from core.fast_decode import decode_images
-from core.scoring import Scores, score_stack, to_device
+from core.scoring import Scores, labels_for, score_images, score_stack, to_device
 from db import batch_life, queries
 from db.bulk import write_predictions
 from db.models import predictions

@@ -40,7 +40,7 @@ def sample_batch(n: int = SAMPLE) -> tuple[Any, list[str], list[bytes | None]]:
 
 
 def seconds_per_image(score: Callable[..., Any], device: str) -> float:
-    """Seconds ``score`` (``core.batch.score_images``'s signature) takes per image on
+    """Seconds ``score`` (``core.scoring.score_images``'s signature) takes per image on
     ``device``, on :data:`SAMPLE` images after one warm-up."""
     import torch
 

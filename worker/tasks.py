@@ -31,10 +31,10 @@ from sqlalchemy.exc import OperationalError
 
 from core import defaults, wire
 from core.archive_batches import read_recorded
-from core.batch import score_images
 from core.classifier import Classifier
 from core.errors import DatabaseUnavailable, MessageError
 from core.files import map_prefix, read_batch_below
+from core.scoring import score_images
 from core.settings import Settings
 from core.text import first_line, mask_url, mask_urls_in
 from db.batch_life import (
@@ -309,7 +309,9 @@ def give_up_on(engine: Any, claim: Claim) -> int:
         batch.run_id, batch.seq, batch.failed_deliveries, batch.last_failure,
     )
     n_new = give_up(engine, claim)
-    metrics.count_poisoned(n_new)
+    if n_new:  # its error rows, if this delivery wrote them (worker/metrics.py)
+        metrics.FAILED_ROWS.inc(n_new)
+        metrics.BATCHES_POISONED.inc()
     return n_new
 
 
@@ -345,14 +347,19 @@ def score_and_store(
         lambda: store_batch(engine, batch.run_id, batch.seq, columns, deliveries=deliveries),
         engine, message, "storing failed",
     )
-    if not n_new and len(columns) and was_cancelled(engine, batch.run_id, batch.seq):
+    if not n_new and columns.paths and was_cancelled(engine, batch.run_id, batch.seq):
         # cancelled while it was scored: its claim was gone at the store, nothing written
-        log_cancelled(message, f"{len(columns)} scored rows dropped")
+        log_cancelled(message, f"{len(columns.paths)} scored rows dropped")
         return 0
-    metrics.count_stored(columns, n_new, time.monotonic() - start)
+    if n_new:  # the rows this delivery wrote (worker/metrics.py)
+        failed = min(n_new, len(columns.errors) - columns.errors.count(None))  # rows of errors
+        metrics.IMAGES_SCORED.inc(n_new - failed)
+        metrics.FAILED_ROWS.inc(failed)
+        metrics.BATCHES_SCORED.inc()
+        metrics.SCORING_SECONDS.observe(time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
-        count_batch(engine, node, len(columns))
+        count_batch(engine, node, len(columns.paths))
     return n_new
 
 
