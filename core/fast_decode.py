@@ -106,14 +106,16 @@ def _inflate_chunks(
 
 
 #: Pixels that :func:`unfilter` hands Pillow at once: its copies of them (the framed rows,
-#: their zlib stream, Pillow's image) then stay a few MiB whatever the batch and the model.
-UNFILTER_PIXELS = 2**22
+#: their zlib stream, Pillow's image) then stay in a core's cache whatever the batch and the
+#: model (the whole batch of 4,096 digits at once was a fifth slower: docs/performance.md).
+UNFILTER_PIXELS = 2**19
 
 
 def unfilter(filtered: np.ndarray) -> np.ndarray:
     """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered: the
-    ``n x h x w`` pixels. Pillow's PNG decoder (``"zip"``) undoes the filters in C, faster than
-    NumPy can row by row (docs/performance.md), given the images as one image in which
+    ``n x h x w`` pixels. Pillow's PNG decoder (``"zip"``) undoes the filters in C, about as
+    fast as NumPy row by row and in a tenth of the code (docs/performance.md), given the
+    images as one image in which
     each image's rows follow a row of zeros with filter None, so that an image's first row
     sees zeros above it as a PNG's first row does. Pillow takes only a zlib stream: this one
     is stored (level 0), so it is copied through, not inflated a second time."""
