@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an admin URL: a fresh database is created and dropped")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--shards-only", action="store_true",
-                   help="only the shards-against-loose-files figures (bench/shards.py)")
+                   help="only the shards-against-loose-files figures (bench/shards.py), "
+                   "with the lean plain script on the loose files beside them")
     p.add_argument("--open-latency-ms", type=float,
                    help="with --shards-only: also run submit --send paths --wait on both sets "
                    "seen through bench/slow_fs.py, whose every open waits this long (needs FUSE)")
@@ -286,8 +287,8 @@ def measure_shards(
     args: argparse.Namespace, work: Path, sets: tuple[Path, Path], clf: Any
 ) -> dict[str, list[float]]:
     """bench/shards.py's figures, ``args.repeat`` rounds interleaved: the main set as shards
-    of 10,000 against its loose files, and the large set's hand-out against shards hard-linked
-    ten times."""
+    of 10,000 against its loose files and against the lean plain script on the loose files,
+    and the large set's hand-out against shards hard-linked ten times."""
     main_set, large_set = sets
     shard_dir = shards.shard_set(args.data_dir, main_set)
     large_shards = shards.linked_shards(args.data_dir, shard_dir, 10)
@@ -304,6 +305,7 @@ def measure_shards(
                  "shards_large": large_shards, "shards_unindexed": unindexed},
                 args.broker_url, db, work, extra)
             figures |= shards.whole_process(main_set, shard_dir, env, work, extra)
+            figures |= _plain_rates(main_set, common.export_model(clf, work / "model.npz"), work)
             if args.open_latency_ms is not None:
                 with slow_fs.mounted(args.data_dir, work / "slow",
                                      args.open_latency_ms / 1000) as slow:
@@ -333,7 +335,10 @@ def shards_main(args: argparse.Namespace) -> None:
                  ("handout_paths_shards_large", "handout_paths_loose_large"),
                  ("handout_paths_shards_unindexed", "handout_paths_loose"),
                  ("read_us_loose", "read_us_shard"),
-                 ("submit_paths_shards_wall_slow_opens", "submit_paths_loose_wall_slow_opens")):
+                 ("submit_paths_shards_wall_slow_opens", "submit_paths_loose_wall_slow_opens"),
+                 ("submit_paths_shards_wall", "plain_script_wall"),
+                 ("submit_bytes_shards_wall", "plain_script_wall"),
+                 ("submit_paths_loose_wall", "plain_script_wall")):
         if a not in figures:
             continue
         ratios = [x / y for x, y in zip(figures[a], figures[b], strict=True)]
