@@ -2,9 +2,9 @@
 
 Such a file is inflated once, by zlib-ng (a fork of zlib with zlib's API and stream format
 whose inflate is faster on these small streams: docs/performance.md), and the rows of every
-such file of a batch are unfiltered together, by Pillow's C code in one call; every other file
-goes to :func:`core.images.decode_each`, so it gets exactly the pixels or the error it gets
-there.
+such file of a batch are unfiltered together, a few hundred at a time by Pillow's C code; every
+other file goes to :func:`core.images.decode_each`, so it gets exactly the pixels or the error
+it gets there.
 
 "Plain" is checked from the bytes, and is deliberately narrow:
 
@@ -105,22 +105,20 @@ def _inflate_chunks(
     return rows
 
 
-#: Pixels that :func:`unfilter` hands Pillow at once: its copies of them (the framed rows,
-#: their zlib stream, Pillow's image) then stay in a core's cache whatever the batch and the
-#: model (the whole batch of 4,096 digits at once was a fifth slower: docs/performance.md).
+#: Pixels that :func:`unfilter` hands Pillow at once, so that its copies of them (the framed
+#: rows, their zlib stream, Pillow's image) stay in a core's cache whatever the batch and the
+#: model (docs/performance.md).
 UNFILTER_PIXELS = 2**19
 
 
-def unfilter(filtered: np.ndarray) -> np.ndarray:
-    """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered: the
-    ``n x h x w`` pixels. Pillow's PNG decoder (``"zip"``) undoes the filters in C, about as
-    fast as NumPy row by row and in a tenth of the code (docs/performance.md), given the
-    images as one image in which
-    each image's rows follow a row of zeros with filter None, so that an image's first row
-    sees zeros above it as a PNG's first row does. Pillow takes only a zlib stream: this one
-    is stored (level 0), so it is copied through, not inflated a second time."""
+def unfilter(filtered: np.ndarray, stack: np.ndarray, at: np.ndarray) -> None:
+    """``n x h x (w+1)`` filtered rows, each led by its filter type (0-4), unfiltered into
+    ``stack[at[i]]`` for image ``i``. Pillow's PNG decoder (``"zip"``) undoes the filters in
+    C, as fast as NumPy can row by row in a tenth of the code (docs/performance.md). It is
+    given the images as one image, each image's rows below a row of zeros with filter None,
+    so that an image's first row sees zeros above it as a PNG's first row does; and, since
+    it takes only a zlib stream, a stored one (level 0): nothing is inflated a second time."""
     n, h, w1 = filtered.shape
-    out = np.empty((n, h, w1 - 1), np.uint8)
     step = max(1, UNFILTER_PIXELS // (h * w1))
     for start in range(0, n, step):
         part = filtered[start : start + step]
@@ -128,8 +126,8 @@ def unfilter(filtered: np.ndarray) -> np.ndarray:
         framed[:, 1:] = part
         image = Image.frombytes("L", (w1 - 1, len(part) * (h + 1)),
                                 zlib_ng.compress(framed, 0), "zip", "L")
-        out[start : start + step] = np.asarray(image).reshape(len(part), h + 1, w1 - 1)[:, 1:]
-    return out
+        pixels = np.asarray(image).reshape(len(part), h + 1, w1 - 1)
+        stack[at[start : start + step]] = pixels[:, 1:]
 
 
 def decode_images(
@@ -151,10 +149,11 @@ def decode_images(
     if plain:
         filtered = np.frombuffer(b"".join(rows), np.uint8).reshape(len(plain), height, width + 1)
         valid = filtered[:, :, 0].max(axis=1) <= _PAETH  # any other filter byte: Pillow's error
-        if valid.any():
-            at = np.asarray(plain)[valid]
-            stack[at] = unfilter(filtered[valid])
-            decoded[at] = True
+        at = np.asarray(plain)
+        if not valid.all():
+            filtered, at = filtered[valid], at[valid]
+        unfilter(filtered, stack, at)
+        decoded[at] = True
     return decode_rest(blobs, stack, decoded)
 
 
