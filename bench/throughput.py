@@ -297,6 +297,7 @@ def measure_shards(
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     out: dict[str, list[float]] = {}
     db = common.sqlite_url(work / "shards.db")
+    model_npz = common.export_model(clf, work / "model.npz")  # for the plain script
     with workers(2, db, clf, args, work) as (_ws, env):
         for r in range(args.repeat):
             figures = shards.read_costs(main_set, shard_dir)
@@ -305,7 +306,7 @@ def measure_shards(
                  "shards_large": large_shards, "shards_unindexed": unindexed},
                 args.broker_url, db, work, extra)
             figures |= shards.whole_process(main_set, shard_dir, env, work, extra)
-            figures |= _plain_rates(main_set, common.export_model(clf, work / "model.npz"), work)
+            figures |= _plain_rates(main_set, model_npz, work)
             if args.open_latency_ms is not None:
                 with slow_fs.mounted(args.data_dir, work / "slow",
                                      args.open_latency_ms / 1000) as slow:

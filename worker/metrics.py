@@ -10,10 +10,9 @@ a pool process that died or was replaced still counts, and every device of the l
 one set of counters. The queue's depth is read from Redis at the scrape (LLEN of each
 priority list), in the launcher, so it is never stale.
 
-The task counts where it stores (worker/tasks.py), and a count goes up only for rows this
-delivery wrote (``store_batch`` returns them): a batch stored twice counts once, so the
-counters equal SQL over the ``predictions`` rows the launcher's workers wrote since it
-started.
+A count goes up only for rows this delivery wrote (``store_batch`` returns them): a batch
+stored twice counts once, so the counters equal SQL over the ``predictions`` rows the
+launcher's workers wrote since it started.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from core import wire
+from core.columns import BatchColumns
 
 log = logging.getLogger("digitscore.worker")
 
@@ -47,6 +47,25 @@ SCORING_SECONDS = Histogram(
     "Seconds a pool process took to read, score and store one batch.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+def count_stored(columns: BatchColumns, n_new: int, seconds: float) -> None:
+    """Count a scored batch whose rows (``columns``) this delivery stored ``n_new`` of (0:
+    it was stored already, and counts nothing)."""
+    if not n_new:
+        return
+    failed = min(n_new, len(columns.errors) - columns.errors.count(None))  # rows of errors
+    IMAGES_SCORED.inc(n_new - failed)
+    FAILED_ROWS.inc(failed)
+    BATCHES_SCORED.inc()
+    SCORING_SECONDS.observe(seconds)
+
+
+def count_poisoned(n_new: int) -> None:
+    """Count a batch given up whose ``n_new`` error rows this delivery stored."""
+    if n_new:
+        FAILED_ROWS.inc(n_new)
+        BATCHES_POISONED.inc()
 
 
 class QueueCollector:

@@ -309,9 +309,7 @@ def give_up_on(engine: Any, claim: Claim) -> int:
         batch.run_id, batch.seq, batch.failed_deliveries, batch.last_failure,
     )
     n_new = give_up(engine, claim)
-    if n_new:  # its error rows, if this delivery wrote them (worker/metrics.py)
-        metrics.FAILED_ROWS.inc(n_new)
-        metrics.BATCHES_POISONED.inc()
+    metrics.count_poisoned(n_new)
     return n_new
 
 
@@ -351,12 +349,7 @@ def score_and_store(
         # cancelled while it was scored: its claim was gone at the store, nothing written
         log_cancelled(message, f"{len(columns.paths)} scored rows dropped")
         return 0
-    if n_new:  # the rows this delivery wrote (worker/metrics.py)
-        failed = min(n_new, len(columns.errors) - columns.errors.count(None))  # rows of errors
-        metrics.IMAGES_SCORED.inc(n_new - failed)
-        metrics.FAILED_ROWS.inc(failed)
-        metrics.BATCHES_SCORED.inc()
-        metrics.SCORING_SECONDS.observe(time.monotonic() - start)
+    metrics.count_stored(columns, n_new, time.monotonic() - start)
     node = getattr(task.request, "hostname", None)
     if node:
         count_batch(engine, node, len(columns.paths))
