@@ -213,7 +213,7 @@ def test_path_map_lets_workers_read_a_directory_mounted_elsewhere(
     log = wait_for_log(unmapped, "not a directory on this host", count=3)
     assert "producer resume 1" in log
     os.killpg(unmapped.pid, signal.SIGTERM)
-    unmapped.wait(60)  # a warm shutdown; under CI's load it once took over 30 s (docs/testing.md)
+    unmapped.wait(60)  # a warm shutdown, which can take over 30 s under CI's load (docs/testing.md)
     assert query(model_db, "SELECT COUNT(*) AS n FROM predictions")[0]["n"] == 0
 
     mapped = start_worker({**env, defaults.PATH_MAP_ENV: f"{producer_prefix}={there}"},
