@@ -15,7 +15,9 @@ writers in the same round, so that the machine's load falls on both.
 
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
-``pg_stat_activity``) that found one waiting for a lock. ``--sqlite`` also times one writer
+``pg_stat_activity``) that found one waiting for a lock. The CPU a batch is the writers'
+processes' and the whole server's (every process of its postmaster, the sampler's session
+included), read from ``/proc`` when the server runs on this host. ``--sqlite`` also times one writer
 on a fresh SQLite file, and ``--sqlite-against COMMIT`` one writer of that commit's tree
 (``git archive``; its own schema and ``db.queries.store_batch_results``, as at 18189bd, in a
 process of its own) on the same rows, in the same round. Needs the PostgreSQL of
@@ -28,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import resource
 import subprocess
 import sys
@@ -60,36 +63,65 @@ def batch_rows(seq: int, size: int) -> list[PredictionRow]:
     return rows
 
 
-def _cpu_seconds(backend: int | None) -> tuple[float, float]:
-    """CPU seconds (user + system) of this process and of the server's process ``backend``
-    (read from ``/proc``: a server on this host; 0 when it cannot be read)."""
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    server = 0.0
+    return usage.ru_utime + usage.ru_stime
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat``'s fields after the command's name (``[0]`` is the state)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _postmaster(url: str) -> int | None:
+    """The pid of the PostgreSQL server's postmaster, if it runs on this host (the parent of
+    a session's process), else ``None``."""
+    with get_engine(url).connect() as conn:
+        backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     try:
-        with open(f"/proc/{backend}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(_stat(int(backend))[1])
     except (OSError, IndexError, ValueError):
-        pass
-    return usage.ru_utime + usage.ru_stime, server
+        return None
+
+
+def _server_seconds(postmaster: int | None, leave_out: int | None) -> float:
+    """CPU seconds the whole PostgreSQL server has spent: its postmaster's own and what its
+    exited children spent (the postmaster waits for them: an index build's parallel workers),
+    and every live child's (the writers' sessions, the WAL writer, the checkpointer) but the
+    session ``leave_out`` (the lock-wait sampler's: the benchmark's, not the writers'); 0 for
+    a server that is not on this host."""
+    if postmaster is None:
+        return 0.0
+    try:
+        ticks = sum(map(int, _stat(postmaster)[11:15]))
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    for name in os.listdir("/proc"):
+        try:
+            fields = _stat(int(name)) if name.isdigit() else []
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile: its time is the postmaster's children's now
+        if len(fields) > 12 and fields[1] == str(postmaster) and name != str(leave_out):
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _write(url: str, jobs: list[tuple[int, int]], size: int, ready: Any, times: Any) -> None:
     """Store each (run, batch) of ``jobs`` with the project's code; put the wall-clock
     times of the first write's start and the last commit's end in ``times``, and the CPU
-    seconds this process and its server process spent between them."""
+    seconds this process spent between them."""
     # as scoring hands them over (core.scoring.score_images): columns
     prepared = [(run_id, seq, batch_columns(batch_rows(seq, size))) for run_id, seq in jobs]
     engine = get_engine(url)
-    with engine.connect() as conn:  # connected, schema checked: only the writes are timed
-        backend = (conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-                   if conn.dialect.name == "postgresql" else None)
+    with engine.connect():  # connected, schema checked: only the writes are timed
+        pass
     ready.wait()  # every writer begins at once
-    start, cpu = time.time(), _cpu_seconds(backend)
+    start, cpu = time.time(), _cpu_seconds()
     for run_id, seq, columns in prepared:
         store_batch(engine, run_id, seq, columns)  # on the pool's one connection, in turn
-    end = _cpu_seconds(backend)
-    times.put((start, time.time(), end[0] - cpu[0], end[1] - cpu[1]))
+    times.put((start, time.time(), _cpu_seconds() - cpu))
     dispose_engines()
 
 
@@ -123,9 +155,8 @@ def _copy_bare(
     ]
     dsn = normalize_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(dsn) as conn:
-        backend = conn.info.backend_pid
         ready.wait()
-        start, cpu = time.time(), _cpu_seconds(backend)
+        start, cpu = time.time(), _cpu_seconds()
         for rows in prepared:
             with conn.cursor() as cursor, cursor.copy(
                 "COPY bare_predictions FROM STDIN (FORMAT BINARY)"
@@ -134,11 +165,11 @@ def _copy_bare(
                 for row in rows:
                     copy.write_row(row)
             conn.commit()
-        end = _cpu_seconds(backend)
-        times.put((start, time.time(), end[0] - cpu[0], end[1] - cpu[1]))
+        times.put((start, time.time(), _cpu_seconds() - cpu))
 
 
-#: lock waits, extend waits (shares of samples), client and server CPU ms a batch
+#: lock waits, extend waits (shares of samples), the writers' and the whole server's CPU ms
+#: a batch
 Waits = tuple[float, float, float, float]
 
 _SAMPLE = text(
@@ -148,11 +179,15 @@ _SAMPLE = text(
 )
 
 
-def _sample_lock_waits(url: str, stop: threading.Event, counts: list[int]) -> None:
+def _sample_lock_waits(
+    url: str, stop: threading.Event, counts: list[int], pid: queue.Queue[int]
+) -> None:
     """Every 10 ms until ``stop``: add to ``counts`` the writers' sessions waiting for a lock
     on a row or transaction, those waiting to extend a table (which a bare COPY of several
-    writers into one table waits for too), and the writers' sessions at work."""
+    writers into one table waits for too), and the writers' sessions at work. Puts its own
+    session's pid in ``pid`` first."""
     with get_engine(url).connect() as conn:
+        pid.put(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
         while not stop.is_set():
             for lock, extend in conn.execute(_SAMPLE):
                 counts[0] += bool(lock)
@@ -186,7 +221,8 @@ def measure(
     first write's start to the last commit (each process's own clock readings: a process's
     exit is not timed); the share of samples of working writers that found one waiting
     for a lock or to extend the table; and the CPU milliseconds a batch of the writers'
-    processes and of their server processes (steadier than rates on a loaded machine)."""
+    processes and of the whole database server (steadier than rates on a loaded machine)."""
+    postmaster = _postmaster(url) if url.startswith("postgresql") else None
     dispose_engines()
     ctx = multiprocessing.get_context("fork")  # the children start with the imports made
     ready = ctx.Barrier(len(jobs) + 1)
@@ -195,12 +231,16 @@ def measure(
              for share in jobs]
     for p in procs:
         p.start()
-    stop, counts = threading.Event(), [0, 0, 0]
-    sampler = threading.Thread(target=_sample_lock_waits, args=(url, stop, counts))
+    stop, counts, sampler_pid = threading.Event(), [0, 0, 0], queue.Queue[int]()
+    sampler = threading.Thread(target=_sample_lock_waits, args=(url, stop, counts, sampler_pid))
+    sampling = None
     if url.startswith("postgresql"):
         sampler.start()
+        sampling = sampler_pid.get(timeout=60)
     ready.wait()  # every writer has its rows and its connection
+    server = _server_seconds(postmaster, sampling)
     spans = [times.get(timeout=600) for _ in procs]
+    server = _server_seconds(postmaster, sampling) - server
     stop.set()
     for p in procs:
         p.join()
@@ -213,7 +253,7 @@ def measure(
     active = max(1, counts[2])
     return n_batches * size / elapsed, (
         counts[0] / active, counts[1] / active,
-        sum(s[2] for s in spans) / n_batches * 1000, sum(s[3] for s in spans) / n_batches * 1000,
+        sum(s[2] for s in spans) / n_batches * 1000, server / n_batches * 1000,
     )
 
 
