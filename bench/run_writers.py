@@ -16,9 +16,9 @@ writers in the same round, so that the machine's load falls on both.
 How much the writers wait on each other is shown apart from it, as it does not depend on the
 machine's cores: the share of PostgreSQL's samples of the writers' sessions (every 10 ms, from
 ``pg_stat_activity``) that found one waiting for a lock. The CPU a batch is the writers'
-processes' and the whole server's (every process of its postmaster, the sampler's session
-included), read from ``/proc`` when the server runs on this host. ``--sqlite`` also times one writer
-on a fresh SQLite file, and ``--sqlite-against COMMIT`` one writer of that commit's tree
+processes' and the whole server's (every process of its postmaster but the sampler's
+session), read from ``/proc`` when the server runs on this host. ``--sqlite`` also times one
+writer on a fresh SQLite file, and ``--sqlite-against COMMIT`` one writer of that commit's tree
 (``git archive``; its own schema and ``db.queries.store_batch_results``, as at 18189bd, in a
 process of its own) on the same rows, in the same round. Needs the PostgreSQL of
 ``--postgres-url``; a database of its own is created and dropped.
@@ -81,7 +81,7 @@ def _postmaster(url: str) -> int | None:
     with get_engine(url).connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     try:
-        return int(_stat(int(backend))[1])
+        return int(_stat(backend)[1])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -99,11 +99,13 @@ def _server_seconds(postmaster: int | None, leave_out: int | None) -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == leave_out:
+            continue
         try:
-            fields = _stat(int(name)) if name.isdigit() else []
-        except (OSError, IndexError, ValueError):
+            fields = _stat(int(name))
+        except OSError:
             continue  # gone meanwhile: its time is the postmaster's children's now
-        if len(fields) > 12 and fields[1] == str(postmaster) and name != str(leave_out):
+        if fields[1] == str(postmaster):
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
